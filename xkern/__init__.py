@@ -1,0 +1,7 @@
+"""xkern: fused NF4 + multi-adapter LoRA kernels and the cross-domain recommenders built on them."""
+
+from xkern.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+
+__version__ = "0.1.0"
+
+__all__ = ["NF4Tensor", "dequantize_nf4", "quantize_nf4", "__version__"]

@@ -1,0 +1,1 @@
+"""Triton kernels only: no model or module logic lives here."""

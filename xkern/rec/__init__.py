@@ -1,0 +1,1 @@
+"""Recommendation data, splits, negatives, prompts, metrics and evaluation."""
