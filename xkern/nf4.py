@@ -90,8 +90,8 @@ def _nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """Index of the nearest entry of a sorted code; a value on a midpoint takes the lower entry.
 
     This is the rule of bitsandbytes' torch and CUDA kernels. Its native CPU library searches the
-    8-bit code with a bucketed search that, for about 0.3% of double-quantized absmax values lying
-    within ~1% of a midpoint, picks the neighbouring code (see docs/formats.md).
+    8-bit code with a bucketed search that, for about 0.1-0.3% of double-quantized absmax values lying
+    close to a midpoint (within 10% of the gap), picks the neighbouring code (see docs/formats.md).
     """
     midpoints = (code[:-1] + code[1:]) / 2
     return torch.bucketize(scaled, midpoints, out_int32=True).to(torch.uint8)
@@ -299,6 +299,12 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     absmax2, scaled2 = _blockwise_absmax_and_scaled(absmax - offset, NESTED_BLOCKSIZE)
     code2 = dynamic_code(flat.device)
     qabsmax = _nearest_code(scaled2, code2)
+    # A nested block whose values all equal the mean (a single block, say) has scale 0: bitsandbytes
+    # stores scale 0 and code 0 there, and dequantizes it to exactly ``offset``. Do the same.
+    nested_block = torch.arange(qabsmax.numel(), device=flat.device) // NESTED_BLOCKSIZE
+    degenerate = absmax2 <= 1e-38
+    absmax2 = torch.where(degenerate, torch.zeros_like(absmax2), absmax2)
+    qabsmax = torch.where(degenerate[nested_block], torch.zeros_like(qabsmax), qabsmax)
     return NF4Tensor(packed=packed, absmax=qabsmax, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize,
                      absmax2=absmax2, code2=code2, offset=offset)
 

@@ -13,6 +13,7 @@ import triton
 
 from xkern.kernels.nf4_lora import nf4_dequantize_kernel, nf4_lora_kernel
 from xkern.nf4 import NF4Tensor, nf4_code
+from xkern.ops.dispatch import triton_interpreter_enabled
 
 
 @dataclass(frozen=True)
@@ -47,13 +48,20 @@ def _weight_args(weight: NF4Tensor) -> tuple[torch.Tensor, ...]:
     return weight.packed, weight.absmax, dummy, dummy, dummy
 
 
+def _store_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The CPU interpreter truncates float32 -> bfloat16 casts; there, store float32 and let torch round."""
+    if device.type == "cpu" and dtype == torch.bfloat16 and triton_interpreter_enabled():
+        return torch.float32
+    return dtype
+
+
 def dequantize(weight: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
-    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    out = torch.empty(weight.shape, dtype=_store_dtype(dtype, weight.device), device=weight.device)
     block = 1024
     grid = (triton.cdiv(weight.numel, block),)
     nf4_dequantize_kernel[grid](*_weight_args(weight), nf4_code(weight.device), out, weight.numel,
                                 BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, BLOCK=block)
-    return out
+    return out.to(dtype)
 
 
 def _block_r(rank: int) -> int:
@@ -75,7 +83,7 @@ def _fused(x: torch.Tensor, weight: NF4Tensor, ids: torch.Tensor, shrink: torch.
     if cfg.split_k > 1:
         out = torch.zeros(m, n_out, dtype=torch.float32, device=x.device)
     else:
-        out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
+        out = torch.empty(m, n_out, dtype=_store_dtype(x.dtype, x.device), device=x.device)
     xa = torch.zeros(m, block_r, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n_out, cfg.block_n), cfg.split_k)
     w_stride_out, w_stride_red = (1, k_w) if transpose_w else (k_w, 1)
@@ -94,9 +102,7 @@ def _fused(x: torch.Tensor, weight: NF4Tensor, ids: torch.Tensor, shrink: torch.
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if cfg.split_k > 1:
-        out = out.to(x.dtype)
-    return out, xa[:, :rank]
+    return out.to(x.dtype), xa[:, :rank]
 
 
 def lora_linear_forward(x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
