@@ -62,6 +62,13 @@ def _dynamic_code_cpu() -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
+@cache
+def _nf4_byte_table_cpu() -> torch.Tensor:
+    """float32 ``[256, 2]``: packed byte b -> (code[b >> 4], code[b & 15]), so one gather decodes two weights."""
+    code = _nf4_code_cpu()
+    return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
+
+
 def dynamic_code(device: torch.device | str = "cpu") -> torch.Tensor:
     """The 256-entry signed dynamic code used for double-quantized absmax (float32), a fresh copy."""
     return _dynamic_code_cpu().to(device, copy=True)
@@ -313,13 +320,15 @@ def dequantize_nf4(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     """Torch reference dequantization: ``code[q] * absmax[block]`` in float32, then cast to ``dtype``."""
     if not isinstance(t, NF4Tensor):
         raise TypeError(f"expected an NF4Tensor, got {type(t).__name__}")
-    values = nf4_code(t.device)[t.codes()]
+    values = torch.nn.functional.embedding(t.packed.int(), _nf4_byte_table_cpu().to(t.device)).view(-1)
     scales = t.block_scales()
     n, bs = t.numel, t.blocksize
     rem = n % bs
     full = n - rem
-    out = torch.empty(n, dtype=torch.float32, device=t.device)
-    out[:full] = (values[:full].view(-1, bs) * scales[: full // bs, None]).reshape(-1)
     if rem:
-        out[full:] = values[full:] * scales[-1]
+        out = torch.empty(n, dtype=torch.float32, device=t.device)
+        out[:full] = (values[:full].view(-1, bs) * scales[: full // bs, None]).view(-1)
+        out[full:] = values[full:n] * scales[-1]
+    else:
+        out = (values.view(-1, bs) * scales[:, None]).view(-1)
     return out.view(t.shape).to(dtype or t.dtype)
