@@ -1,0 +1,232 @@
+"""The `xkern` command on tiny configurations (fast): demo, data, eval, plot, --help everywhere."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from xkern.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+PNG_MAGIC = b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["demo"], ["data"], ["data", "stats"], ["data", "convert"], ["data", "synth"], ["eval"], ["plot"]],
+)
+def test_help_everywhere(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    assert "usage: xkern" in capsys.readouterr().out
+
+
+def test_no_model_runtime_stubs(capsys):
+    with pytest.raises(SystemExit):
+        main(["train-lora"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_demo_prints_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--users", "60", "--fractions", "0.5,1", "--out", str(out), "--no-progress", "--plot"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    header = next(line for line in text.splitlines() if line.startswith("method"))
+    assert header.split() == ["method", "fraction", "HR@1", "HR@3", "HR@10", "NDCG@3", "NDCG@10", "MRR"]
+    assert "item-markov" in text and "token-markov-src" in text
+    res = json.loads((out / "results.json").read_text())
+    assert res["kind"] == "xkern-demo" and res["config"]["synthetic"]["n_users"] == 60
+    assert res["rows"][0]["n_users"] == 12  # 20% of 60 test users
+    assert (out / "metrics.png").read_bytes()[:4] == PNG_MAGIC
+
+
+def test_eval_synthetic_writes_report(tmp_path, capsys):
+    out = tmp_path / "e.json"
+    rc = main(
+        [
+            "eval",
+            "--data",
+            "synthetic",
+            "--domain",
+            "Tools",
+            "--scorer",
+            "popularity",
+            "random",
+            "--max-users",
+            "50",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--seed",
+            "4",
+        ]
+    )
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    assert [r["scorer"] for r in rep["results"]] == ["popularity", "random"]
+    assert rep["seed"] == 4 and rep["results"][0]["n_users"] == 50
+    assert rep["environment"]["xkern"] and rep["environment"]["python"]
+    assert "popularity" in capsys.readouterr().out
+
+
+def _raw_files(tmp: Path) -> tuple[Path, Path]:
+    rev, meta = tmp / "Cat.jsonl.gz", tmp / "meta_Cat.jsonl"
+    lines = [
+        json.dumps({"user_id": f"u{u}", "parent_asin": f"p{(u + k) % 6}", "timestamp": 1000 * (u * 10 + k)})
+        for u in range(12)
+        for k in range(4)
+    ]
+    with gzip.open(rev, "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    meta.write_text(
+        "\n".join(json.dumps({"parent_asin": f"p{i}", "title": f"Thing {i}"}) for i in range(6)) + "\n"
+    )
+    return rev, meta
+
+
+def test_data_convert_stats_eval_plot(tmp_path, capsys):
+    rev, meta = _raw_files(tmp_path)
+    root = tmp_path / "proc"
+    assert (
+        main(
+            [
+                "data",
+                "convert",
+                "--release",
+                "2023",
+                "--reviews",
+                str(rev),
+                "--meta",
+                str(meta),
+                "--out",
+                str(root / "Cat"),
+                "--k-core",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert main(["data", "stats", "--data", str(root), "--json"]) == 0
+    out = capsys.readouterr().out
+    stats = json.loads(out[out.index("[") :])
+    assert stats[0]["domain"] == "Cat" and stats[0]["items"] == 6
+    assert stats[0]["users_train"] + stats[0]["users_val"] + stats[0]["users_test"] == 12
+    report = tmp_path / "cat.json"
+    assert (
+        main(
+            [
+                "eval",
+                "--data",
+                str(root),
+                "--domain",
+                "Cat",
+                "--n-neg",
+                "1",
+                "--ks",
+                "1",
+                "--out",
+                str(report),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert main(["plot", str(report), "--out", str(tmp_path / "png")]) == 0
+    assert (tmp_path / "png" / "cat.png").read_bytes()[:4] == PNG_MAGIC
+
+
+def test_data_convert_reports_bad_line(tmp_path, capsys):
+    rev, meta = _raw_files(tmp_path)
+    with gzip.open(rev, "at", encoding="utf-8") as f:
+        f.write("{broken\n")
+    rc = main(
+        [
+            "data",
+            "convert",
+            "--release",
+            "2023",
+            "--reviews",
+            str(rev),
+            "--meta",
+            str(meta),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
+    assert rc == 2
+    assert f"{rev}:49" in capsys.readouterr().err
+
+
+def test_data_synth(tmp_path, capsys):
+    assert main(["data", "synth", "--out", str(tmp_path), "--users", "30", "--domains", "Toys,Tools"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Tools", "Toys"]
+    assert main(["data", "stats", "--data", str(tmp_path), "--domain", "Toys"]) == 0
+    assert "Toys" in capsys.readouterr().out
+
+
+def test_plot_bench_records_tolerantly(tmp_path):
+    bench = tmp_path / "bench.json"
+    bench.write_text(
+        json.dumps(
+            [
+                {
+                    "name": "nf4_lora",
+                    "shape": [4096, 4096],
+                    "M": 1,
+                    "n_adapters": 4,
+                    "ms": 0.05,
+                    "bnb_peft_ms": 0.2,
+                },
+                {"name": "nf4_lora", "M": 16, "ms": 0.07, "baseline_loop": 0.4, "note": "x"},
+                {"name": "broken", "ms": None},
+                "not a record",
+            ]
+        )
+    )
+    assert main(["plot", str(bench), "--out", str(tmp_path / "png")]) == 0
+    assert (tmp_path / "png" / "bench.png").read_bytes()[:4] == PNG_MAGIC
+    (tmp_path / "junk.json").write_text(json.dumps({"a": 1}))
+    assert main(["plot", str(tmp_path / "junk.json"), "--out", str(tmp_path)]) == 2
+
+
+def test_module_entry_point():
+    r = subprocess.run(
+        [sys.executable, "-m", "xkern.cli", "--help"], cwd=REPO, capture_output=True, text=True
+    )
+    assert r.returncode == 0 and "demo" in r.stdout and "eval" in r.stdout
+
+
+def test_eval_real_tools(real_data_root, tmp_path):
+    out = tmp_path / "tools.json"
+    assert (
+        main(
+            [
+                "eval",
+                "--data",
+                str(real_data_root),
+                "--domain",
+                "Tools",
+                "--scorer",
+                "popularity",
+                "random",
+                "--max-users",
+                "400",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    res = {r["scorer"]: r for r in json.loads(out.read_text())["results"]}
+    assert res["popularity"]["HR@10"] > res["random"]["HR@10"]
+    assert 0.2 < res["random"]["HR@10"] < 0.47  # 10/30 expected; 400 users

@@ -1,0 +1,391 @@
+"""The `xkern` command: demo (quickstart), data (stats / convert / synth), eval, plot.
+
+Subcommands import their modules lazily so `xkern --help` stays fast. Commands needing the model
+runtime (train-lora, train-xcross, weave, bench) arrive with the issues that build that runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _default_data_root() -> str:
+    from xkern.rec.data import DEFAULT_DATA_ROOT
+
+    return str(DEFAULT_DATA_ROOT.resolve())
+
+
+def _synthetic_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("synthetic data")
+    g.add_argument(
+        "--domains",
+        type=_names,
+        default=("Toys", "Sports", "Tools"),
+        help="comma-separated synthetic domains (Toys,Sports,Tools,Kitchen,Books,Garden)",
+    )
+    g.add_argument("--users", type=int, default=1000, help="users per domain before the split (default 1000)")
+    g.add_argument("--themes", type=int, default=8, help="latent themes shared by all domains (<= 10)")
+    g.add_argument("--tiers", type=int, default=4, help="tiers per theme (<= 5)")
+    g.add_argument("--items-per-cell", type=int, default=8, help="products per (theme, tier), <= 8")
+
+
+def _synthetic_config(args: argparse.Namespace):
+    from xkern.rec.synthetic import SyntheticConfig
+
+    return SyntheticConfig(
+        domains=args.domains,
+        n_users=args.users,
+        n_themes=args.themes,
+        n_tiers=args.tiers,
+        items_per_cell=args.items_per_cell,
+        seed=args.seed,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from xkern.rec.demo import DemoConfig, demo_table, run_demo
+    from xkern.rec.evaluate import write_report
+
+    cfg = DemoConfig(
+        synthetic=_synthetic_config(args),
+        target=args.target,
+        fractions=args.fractions,
+        n_neg=args.n_neg,
+        seed=args.seed,
+        max_eval_users=args.max_eval_users,
+    )
+    result = run_demo(cfg, progress=not args.no_progress)
+    print(demo_table(result))
+    out = Path(args.out)
+    path = write_report(out / "results.json", result)
+    print(f"\nwrote {path}  ({result['seconds']:.1f} s)")
+    if args.plot:
+        from xkern.plot import metric_rows, plot_metrics
+
+        png = plot_metrics(metric_rows(result), out / "metrics.png", title=f"demo: target {result['target']}")
+        print(f"wrote {png}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def _load_domain(args: argparse.Namespace, domain: str):
+    from xkern.rec.data import load_processed
+
+    if args.data == "synthetic":  # the demo's default domains, same seed
+        from xkern.rec.synthetic import DOMAIN_NOUNS, SyntheticConfig, make_synthetic
+
+        if domain not in DOMAIN_NOUNS:
+            raise ValueError(f"unknown synthetic domain {domain!r} ({', '.join(DOMAIN_NOUNS)})")
+        domains = tuple(dict.fromkeys([*SyntheticConfig().domains, domain]))
+        return make_synthetic(SyntheticConfig(domains=domains, seed=args.seed))[domain]
+    return load_processed(args.data, domain, val_frac=args.val_frac, seed=args.seed, mode=args.mode)
+
+
+def _domains_in(root: str) -> list[str]:
+    if root == "synthetic":
+        return ["Toys", "Sports", "Tools"]
+    folder = Path(root)
+    if not folder.is_dir():
+        raise SystemExit(f"xkern: data folder not found: {folder}")
+    return sorted(p.name for p in folder.iterdir() if (p / "train.json").exists())
+
+
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from xkern.rec.evaluate import format_table
+
+    domains = list(args.domain) or _domains_in(args.data)
+    if not domains:
+        raise SystemExit(f"xkern: no domain folders (with train.json) under {args.data}")
+    rows = [_load_domain(args, d).stats() for d in domains]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        cols = [
+            "domain",
+            "users_train",
+            "users_val",
+            "users_test",
+            "items",
+            "interactions",
+            "mean_seq_len",
+            "min_seq_len",
+            "max_seq_len",
+            "density",
+            "titled_items",
+        ]
+        print(format_table(rows, cols, floatfmt="{:.4g}"))
+    return 0
+
+
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    import json
+
+    from xkern.rec.amazon import load_release, write_domain_folder
+
+    raw = load_release(
+        args.reviews,
+        args.meta,
+        args.release,
+        k_core=args.k_core,
+        dedup=args.dedup,
+        require_title=not args.keep_untitled,
+        max_words=args.max_words,
+        max_len=args.max_len,
+        on_error="skip" if args.skip_bad_lines else "raise",
+        progress=not args.no_progress,
+    )
+    if not raw.sequences:
+        raise SystemExit("xkern: nothing left after filtering (try a smaller --k-core)")
+    out = write_domain_folder(raw, args.out, test_frac=args.test_frac, seed=args.seed)
+    print(json.dumps(raw.stats))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from xkern.rec.synthetic import write_synthetic
+
+    for p in write_synthetic(args.out, _synthetic_config(args)):
+        print(f"wrote {p}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- eval
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from xkern.rec.baselines import make_scorer
+    from xkern.rec.evaluate import evaluate_scorer, format_table, write_report
+    from xkern.rec.negatives import build_candidates
+
+    data = _load_domain(args, args.domain)
+    sources = [_load_domain(args, d) for d in args.sources]
+    cands = build_candidates(data, args.split, args.n_neg, args.negatives, args.seed, args.max_users)
+    results = []
+    for name in args.scorer:
+        scorer = make_scorer(name, data, seed=args.seed, sources=sources)
+        m = evaluate_scorer(scorer, cands, args.ks, args.batch_size, progress=not args.no_progress, desc=name)
+        results.append({"scorer": name, **m})
+    cols = ["scorer", *(f"HR@{k}" for k in args.ks), *(f"NDCG@{k}" for k in args.ks), "MRR", "n_users"]
+    print(f"{data.name} / {args.split}: {len(cands)} users x {args.n_neg + 1} candidates ({args.negatives})")
+    print(format_table(results, cols))
+    out = Path(args.out) if args.out else Path("runs") / "eval" / f"{data.name}-{args.split}.json"
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "no_progress")}
+    payload = {
+        "kind": "xkern-eval",
+        "domain": data.name,
+        "split": args.split,
+        "seed": args.seed,
+        "config": config,
+        "data_stats": data.stats(),
+        "results": results,
+    }
+    print(f"\nwrote {write_report(out, payload)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- plot
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from xkern.plot import plot_files
+
+    paths = list(args.files)
+    if not paths:
+        paths = [p for p in [Path("runs/demo/results.json")] if p.exists()]
+        paths += sorted(Path("bench/results").glob("*.json")) if Path("bench/results").is_dir() else []
+    if not paths:
+        raise SystemExit("xkern: nothing to plot (give JSON files, or run `xkern demo` first)")
+    for png in plot_files(paths, args.out, args.metrics):
+        print(f"wrote {png}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xkern", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--seed", type=int, default=0, help="seed for splits, negatives and data (default 0)")
+    common.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    p = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="quickstart: synthetic domains -> baselines -> table",
+        description="Generate the synthetic domains, evaluate every method on the target domain's "
+        "test candidates for each target-data fraction, print the table, write JSON.",
+    )
+    _synthetic_args(p)
+    p.add_argument("--target", default=None, help="target domain (default: the last of --domains)")
+    p.add_argument(
+        "--fractions",
+        type=_floats,
+        default=(0.25, 1.0),
+        help="comma-separated fractions of target training users (default 0.25,1.0)",
+    )
+    p.add_argument("--n-neg", type=int, default=29, help="negatives per user (default 29: 30 candidates)")
+    p.add_argument("--max-eval-users", type=int, default=None, help="evaluate only the first N test users")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--plot", action="store_true", help="also write metrics.png")
+    p.set_defaults(func=cmd_demo)
+
+    data_common = argparse.ArgumentParser(add_help=False)
+    data_common.add_argument(
+        "--data",
+        default=_default_data_root(),
+        help="root of processed domain folders, or 'synthetic' (default: %(default)s)",
+    )
+    data_common.add_argument(
+        "--mode",
+        choices=("by-user", "loo"),
+        default="by-user",
+        help="split: the folder's by-user split (default) or leave-one-out",
+    )
+    data_common.add_argument(
+        "--val-frac",
+        type=float,
+        default=0.1,
+        help="by-user: fraction of train users held out for validation (default 0.1)",
+    )
+
+    p = sub.add_parser("data", help="inspect or convert datasets", description="Inspect or convert datasets.")
+    dsub = p.add_subparsers(dest="action", metavar="ACTION")
+    dsub.required = True
+    q = dsub.add_parser(
+        "stats",
+        parents=[common, data_common],
+        help="statistics of processed domain folders",
+        description="Statistics of processed domain folders (all domains under --data by default).",
+    )
+    q.add_argument("--domain", action="append", default=[], help="domain folder name (repeatable)")
+    q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    q.set_defaults(func=cmd_data_stats)
+    q = dsub.add_parser(
+        "convert",
+        parents=[common],
+        help="raw Amazon release files -> processed folder",
+        description="Convert one category of a raw Amazon release (2014, 2018, 2023; gzip or "
+        "plain) into the processed per-domain folder format (split by user).",
+    )
+    q.add_argument("--release", required=True, choices=("2014", "2018", "2023"))
+    q.add_argument(
+        "--reviews",
+        required=True,
+        help="review file (reviews_<Cat>_5.json.gz, <Cat>_5.json.gz, <Cat>.jsonl.gz)",
+    )
+    q.add_argument("--meta", default=None, help="metadata file with titles (meta_<Cat>.json(l).gz)")
+    q.add_argument("--out", required=True, help="output domain folder")
+    q.add_argument("--k-core", type=int, default=5, help="iterative k-core on users and items (default 5)")
+    q.add_argument(
+        "--dedup",
+        choices=("pair", "exact", "none"),
+        default="pair",
+        help="pair: first interaction per (user, item); exact: drop identical records (default pair)",
+    )
+    q.add_argument("--max-words", type=int, default=8, help="truncate titles to N words (default 8)")
+    q.add_argument("--max-len", type=int, default=None, help="keep each user's N most recent items")
+    q.add_argument(
+        "--test-frac", type=float, default=0.2, help="fraction of users in test.json (default 0.2)"
+    )
+    q.add_argument("--keep-untitled", action="store_true", help="keep items without a title (default: drop)")
+    q.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines instead of failing")
+    q.set_defaults(func=cmd_data_convert)
+    q = dsub.add_parser(
+        "synth",
+        parents=[common],
+        help="write the synthetic domains as processed folders",
+        description="Write the embedded synthetic domains as processed folders.",
+    )
+    _synthetic_args(q)
+    q.add_argument("--out", required=True, help="output root (one folder per domain)")
+    q.set_defaults(func=cmd_data_synth)
+
+    from xkern.rec.baselines import SCORERS
+
+    p = sub.add_parser(
+        "eval",
+        parents=[common, data_common],
+        help="evaluate baseline scorers on a domain",
+        description="Evaluate scorers on a domain's candidates (target + negatives) and write JSON.",
+    )
+    p.add_argument("--domain", required=True, help="domain folder name, e.g. Tools")
+    p.add_argument(
+        "--scorer",
+        nargs="+",
+        choices=SCORERS,
+        default=["popularity", "random"],
+        help="one or more scorers (default: popularity random)",
+    )
+    p.add_argument(
+        "--sources",
+        type=_names,
+        default=(),
+        help="comma-separated source domains whose training data token-markov also learns from",
+    )
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--negatives", choices=("uniform", "popularity"), default="uniform")
+    p.add_argument("--n-neg", type=int, default=29, help="negatives per user (default 29)")
+    p.add_argument("--ks", type=_ints, default=(1, 3, 10), help="cut-offs (default 1,3,10)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--max-users", type=int, default=None, help="evaluate only the first N users")
+    p.add_argument("--out", default=None, help="output JSON (default runs/eval/<domain>-<split>.json)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "plot",
+        help="plot demo/eval metrics and benchmark JSON as PNG",
+        description="Plot demo/eval results (metrics across methods and data fractions) and "
+        "benchmark JSON (bench/results/*.json) as PNG files.",
+    )
+    p.add_argument(
+        "files", nargs="*", help="JSON files (default: runs/demo/results.json and bench/results/*.json)"
+    )
+    p.add_argument("--out", default="runs/plots", help="output directory (default runs/plots)")
+    p.add_argument("--metrics", type=_names, default=("HR@10", "NDCG@10"), help="metrics to plot")
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"xkern {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
