@@ -43,7 +43,7 @@ ADAPTERS = [1, 4, 16]
 RANK = 16
 
 
-def _time_cpu(fn, rotations: int, warmup: int = 2, repeats: int = 7) -> float:
+def _time_cpu(fn, rotations: int, warmup: int = 3, repeats: int = 15) -> float:
     """Median wall time in ms over ``repeats`` timed calls (each call cycles the weight copies)."""
     for i in range(warmup):
         fn(i % rotations)
