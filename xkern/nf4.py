@@ -207,13 +207,6 @@ class NF4Tensor:
             out[full:] = values[full:] * self.absmax2[-1]
         return out + self.offset
 
-    def codes(self) -> torch.Tensor:
-        """The unpacked 4-bit code indices, int64 ``[numel]``."""
-        idx = torch.empty(self.packed.numel() * 2, dtype=torch.int64, device=self.device)
-        idx[0::2] = (self.packed >> 4).long()
-        idx[1::2] = (self.packed & 0xF).long()
-        return idx[: self.numel]
-
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight, ``code[q] * absmax[block]`` computed in float32 and cast to ``dtype``."""
         return dequantize_nf4(self, dtype)
