@@ -1,0 +1,189 @@
+"""``NF4LoRALinear``: a frozen NF4 linear layer with a bank of LoRA adapters, run by the core op.
+
+Every adapter of the layer lives in it as a pair of parameters (``A [r, K]``, ``B [N, r]``) plus a
+scale. At forward time the adapters that the current batch uses are stacked (zero-padded to the
+largest rank) into the ``[n, r, K]`` / ``[n, N, r]`` bank the core op takes, and each row gets the
+id of its sample's adapter, so a mixed batch is ONE launch of ``xkern.ops.lora_linear``. The stacked
+bank is cached while the adapters do not change (inference); with gradients on it is rebuilt every
+call so that gradients flow back to the parameters.
+
+Which adapter each sample uses comes from an :class:`AdapterRouting` shared by all layers of a
+model; the model sets it before calling the wrapped ``transformers`` model. It stays set after the
+call so that activation checkpointing recomputes the same thing during backward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xkern.nf4 import NF4Tensor
+from xkern.ops import lora_linear
+
+BASE = "__base__"
+
+
+class AdapterRouting:
+    """Which adapter each sample of the current batch uses (shared by all layers of one model)."""
+
+    def __init__(self) -> None:
+        self.names: tuple[str, ...] | None = None
+
+    def set(self, names: Sequence[str] | None) -> None:
+        self.names = None if names is None else tuple(names)
+
+
+class NF4LoRALinear(nn.Module):
+    """``y = x W^T + b + s_a (x A_a^T) B_a^T`` with W frozen in NF4 and ``a`` the sample's adapter."""
+
+    def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None = None,
+                 routing: AdapterRouting | None = None, module_name: str = "") -> None:
+        super().__init__()
+        self.module_name = module_name
+        if len(weight.shape) != 2:
+            raise ValueError(f"NF4LoRALinear needs a 2-D weight, got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = (int(s) for s in weight.shape)
+        self.blocksize = weight.blocksize
+        self.weight_dtype = weight.dtype
+        self.register_buffer("weight_packed", weight.packed)
+        self.register_buffer("weight_absmax", weight.absmax)
+        self.register_buffer("weight_absmax2", weight.absmax2)
+        self.register_buffer("weight_code2", weight.code2)
+        self.register_buffer("weight_offset", weight.offset)
+        if bias is not None and bias.shape != (self.out_features,):
+            raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.scales: dict[str, float] = {}
+        self.routing = routing
+        self._bank_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._ids_cache: tuple[tuple, torch.Tensor] | None = None
+
+    # ---- weight ---------------------------------------------------------------------------------
+
+    @property
+    def nf4_weight(self) -> NF4Tensor:
+        """The frozen base weight as an ``NF4Tensor`` (views of this module's buffers)."""
+        return NF4Tensor(packed=self.weight_packed, absmax=self.weight_absmax,
+                         shape=torch.Size((self.out_features, self.in_features)), dtype=self.weight_dtype,
+                         blocksize=self.blocksize, absmax2=self.weight_absmax2, code2=self.weight_code2,
+                         offset=self.weight_offset)
+
+    def set_nf4_weight(self, weight: NF4Tensor) -> None:
+        """Replace the base weight (same shape), e.g. with a merged-and-requantized one."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight shape {tuple(weight.shape)} != {(self.out_features, self.in_features)}")
+        device = self.weight_packed.device
+        weight = weight.to(device)
+        self.weight_packed, self.weight_absmax = weight.packed, weight.absmax
+        self.weight_absmax2, self.weight_code2, self.weight_offset = weight.absmax2, weight.code2, weight.offset
+        self.blocksize, self.weight_dtype = weight.blocksize, weight.dtype
+
+    # ---- adapters -------------------------------------------------------------------------------
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def rank(self, name: str) -> int:
+        return int(self.lora_A[name].shape[0])
+
+    def add_adapter(self, name: str, A: torch.Tensor, B: torch.Tensor, scale: float,
+                    dtype: torch.dtype = torch.float32) -> None:
+        """Attach adapter ``name`` (``A [r, K]``, ``B [N, r]``); shapes are checked first."""
+        self.check_adapter_shapes(name, A, B)
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists in this layer")
+        device = self.weight_packed.device
+        self.lora_A[name] = nn.Parameter(A.detach().to(device, dtype).clone(), requires_grad=False)
+        self.lora_B[name] = nn.Parameter(B.detach().to(device, dtype).clone(), requires_grad=False)
+        self.scales[name] = float(scale)
+        self._bank_cache = None
+
+    def check_adapter_shapes(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or A.shape[0] == 0:
+            raise ValueError(f"adapter {name!r}: A {tuple(A.shape)} and B {tuple(B.shape)} are not [r, K] and [N, r]")
+        if A.shape[1] != self.in_features or B.shape[0] != self.out_features:
+            raise ValueError(f"adapter {name!r}: A {tuple(A.shape)} / B {tuple(B.shape)} do not fit this layer "
+                             f"(in_features={self.in_features}, out_features={self.out_features})")
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.lora_A:
+            del self.lora_A[name]
+            del self.lora_B[name]
+            del self.scales[name]
+            self._bank_cache = None
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``scale * B @ A`` for one adapter, float32 ``[N, K]``."""
+        return (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scales[name]
+
+    # ---- forward --------------------------------------------------------------------------------
+
+    def _bank(self, active: tuple[str, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stack the active adapters into the core op's bank, zero-padding ranks."""
+        params = [self.lora_A[n] for n in active] + [self.lora_B[n] for n in active]
+        needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        key = (active, device, tuple(p._version for p in params), tuple(id(p) for p in params))
+        if not needs_graph and self._bank_cache is not None and self._bank_cache[0] == key:
+            return self._bank_cache[1]
+        if not active:  # base only: a one-slot zero bank that no row selects
+            a = torch.zeros(1, 1, self.in_features, device=device)
+            b = torch.zeros(1, self.out_features, 1, device=device)
+            bank = (a, b, torch.zeros(1, device=device))
+        else:
+            r_max = max(self.lora_A[n].shape[0] for n in active)
+            a = torch.stack([F.pad(self.lora_A[n], (0, 0, 0, r_max - self.lora_A[n].shape[0])) for n in active])
+            b = torch.stack([F.pad(self.lora_B[n], (0, r_max - self.lora_B[n].shape[1])) for n in active])
+            s = torch.tensor([self.scales[n] for n in active], dtype=torch.float32, device=device)
+            bank = (a, b, s)
+        if not needs_graph:
+            self._bank_cache = (key, bank)
+        return bank
+
+    def _sample_ids(self, names: tuple[str, ...], active: tuple[str, ...], n_samples: int,
+                    rows_per_sample: int, device: torch.device) -> torch.Tensor:
+        key = (names, active, n_samples, rows_per_sample, device)
+        if self._ids_cache is not None and self._ids_cache[0] == key:
+            return self._ids_cache[1]
+        slot = {n: i for i, n in enumerate(active)}
+        per_name = [slot.get(n, -1) for n in names]
+        repeat = n_samples // len(names)  # generate() expands each prompt (beams, num_return_sequences)
+        ids = torch.tensor(per_name, dtype=torch.int32).repeat_interleave(repeat * rows_per_sample).to(device)
+        self._ids_cache = (key, ids)
+        return ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        names = self.routing.names if self.routing is not None else None
+        active: tuple[str, ...] = ()
+        ids = None
+        if names is not None and self.lora_A:
+            active = tuple(sorted(set(names) & set(self.lora_A.keys())))
+        if active:
+            n_samples = x.shape[0] if x.dim() > 1 else 1
+            if n_samples == 1 and len(names) > 1:
+                # an input shared by the whole batch (DeBERTa's relative-position embeddings go through
+                # query/key projections with batch 1): it can carry one adapter only
+                if len(set(names)) > 1:
+                    raise ValueError(f"layer {self.module_name or '?'} got one input shared by all {len(names)} "
+                                     f"samples, so the batch must use one adapter, got {sorted(set(names))}")
+                names = names[:1]
+            if n_samples % len(names) != 0:
+                raise ValueError(f"batch of {n_samples} samples but {len(names)} adapter names were given")
+            rows_per_sample = math.prod(x.shape[1:-1]) if x.dim() > 1 else 1
+            ids = self._sample_ids(names, active, n_samples, rows_per_sample, x.device)
+        a, b, s = self._bank(active, x.device)
+        y = lora_linear(x, self.nf4_weight, a, b, s, ids)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        ranks = {n: self.rank(n) for n in self.adapter_names}
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nf4 blocksize={self.blocksize}, "
+                f"double_quant={self.weight_absmax2 is not None}, bias={self.bias is not None}, adapters={ranks}")

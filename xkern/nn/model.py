@@ -1,0 +1,359 @@
+"""``xkern.load_model``: a ``transformers`` model on an NF4 base with many LoRA adapters.
+
+The wrapper keeps the ``transformers`` model intact (its attention, KV cache and ``generate``) and
+only swaps linear layers for :class:`NF4LoRALinear`. Adapters are read and written in PEFT's format.
+A forward takes one adapter name per sample, so a batch mixing adapters is one launch of the core
+op per linear layer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from xkern.adapters.peft_format import (
+    AdapterError,
+    LoraAdapter,
+    LoraWeights,
+    check_config,
+    default_config,
+    is_target,
+    module_rank_alpha,
+    module_scale,
+)
+from xkern.adapters.peft_format import load_adapter as read_adapter
+from xkern.adapters.peft_format import save_adapter as write_adapter
+from xkern.nn.linear import BASE, AdapterRouting, NF4LoRALinear
+from xkern.nn.patch import linear_layers, quantize_linears
+
+_ATTN_DEFAULT = "sdpa"
+
+
+class XkernModel(nn.Module):
+    """A ``transformers`` model whose linear layers run NF4 + a bank of LoRA adapters."""
+
+    def __init__(self, model: nn.Module, routing: AdapterRouting, layers: dict[str, NF4LoRALinear]) -> None:
+        super().__init__()
+        self.model = model
+        self.routing = routing
+        self.adapter_configs: dict[str, dict[str, Any]] = {}
+        self._layers = layers  # module name (inside self.model) -> layer; not registered twice
+
+    # ---- plumbing -------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self._layers.values())).weight_packed.device
+
+    @property
+    def nf4_layers(self) -> dict[str, NF4LoRALinear]:
+        return dict(self._layers)
+
+    def _route(self, adapter_names: str | Sequence[str] | None, batch: int | None) -> None:
+        if adapter_names is None:
+            self.routing.set(None)
+            return
+        if isinstance(adapter_names, str):
+            if batch is None:
+                raise ValueError("a single adapter name needs input_ids (or inputs_embeds) to know the batch size")
+            adapter_names = [adapter_names] * batch
+        names = list(adapter_names)
+        unknown = sorted({n for n in names if n != BASE and n not in self.adapter_configs})
+        if unknown:
+            raise KeyError(f"unknown adapter(s) {unknown}; loaded: {self.list_adapters()} (use {BASE!r} for none)")
+        if batch is not None and len(names) != batch:
+            raise ValueError(f"adapter_names has {len(names)} entries for a batch of {batch}")
+        self.routing.set(None if all(n == BASE for n in names) else names)
+
+    @staticmethod
+    def _batch_size(args: tuple, kwargs: dict) -> int | None:
+        for t in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+            if isinstance(t, torch.Tensor):
+                return int(t.shape[0])
+        return None
+
+    def forward(self, *args: Any, adapter_names: str | Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's forward; ``adapter_names``: one per sample (``"__base__"``: none) or one for all."""
+        self._route(adapter_names, self._batch_size(args, kwargs))
+        return self.model(*args, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, *args: Any, adapter_names: str | Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """``transformers`` ``generate`` (KV cache included), each prompt with its own adapter."""
+        self._route(adapter_names, self._batch_size(args, kwargs))
+        return self.model.generate(*args, **kwargs)
+
+    # ---- adapters -------------------------------------------------------------------------------
+
+    def list_adapters(self) -> list[str]:
+        return list(self.adapter_configs)
+
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not name or "." in name or name == BASE:
+            raise ValueError(f"invalid adapter name {name!r} (non-empty, no '.', not {BASE!r})")
+        if name in self.adapter_configs:
+            raise ValueError(f"adapter {name!r} already loaded; delete_adapter({name!r}) first")
+
+    def add_lora(self, name: str, adapter: LoraAdapter, dtype: torch.dtype = torch.float32) -> None:
+        """Attach an in-memory adapter. Every module and shape is checked before any layer changes."""
+        self._check_new_name(name)
+        check_config(adapter.config)
+        for module, w in adapter.modules.items():
+            layer = self._layers.get(module)
+            if layer is None:
+                hint = " (it is not a linear layer of this model)" if module not in linear_layers(self.model) else (
+                    " (load_model's target_modules left it unquantized)")
+                raise AdapterError(f"adapter {name!r} targets module {module!r}, which is not an NF4 layer{hint}")
+            try:
+                layer.check_adapter_shapes(name, w.A, w.B)
+            except ValueError as e:
+                raise AdapterError(f"module {module!r}: {e}") from None
+        for module, w in adapter.modules.items():
+            self._layers[module].add_adapter(name, w.A, w.B, w.scale, dtype=dtype)
+        self.adapter_configs[name] = dict(adapter.config)
+
+    def load_adapter(self, path: str | os.PathLike, name: str, dtype: torch.dtype = torch.float32) -> None:
+        """Load a PEFT adapter directory as ``name``; on any error the model is left as it was."""
+        self._check_new_name(name)
+        self.add_lora(name, read_adapter(path), dtype=dtype)
+
+    def add_adapter(self, name: str, r: int = 8, lora_alpha: float | None = None,
+                    target_modules: str | Iterable[str] | None = None, *, use_rslora: bool = False,
+                    rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None,
+                    init_lora_weights: bool | str = True, seed: int | None = None,
+                    dtype: torch.dtype = torch.float32) -> None:
+        """Create a trainable adapter with PEFT's initialization (A Kaiming-uniform, B zero).
+
+        ``target_modules``: PEFT's rule (a regex string or module-name suffixes); default every NF4
+        layer. ``init_lora_weights``: ``True`` (B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0) or
+        ``False`` (B random too: a non-trivial adapter, for tests).
+        """
+        self._check_new_name(name)
+        if target_modules is None:
+            target_modules = sorted({n.rsplit(".", 1)[-1] for n in self._layers})
+        elif not isinstance(target_modules, str):
+            target_modules = sorted(set(target_modules))
+        modules = [n for n in self._layers if is_target(target_modules, n)]
+        if not modules:
+            raise AdapterError(f"target_modules={target_modules!r} matches no NF4 layer of this model")
+        others = [n for n in linear_layers(self.model) if is_target(target_modules, n)]
+        if others:  # PEFT would also wrap these plain linears: name the NF4 ones exactly instead
+            target_modules = sorted(modules)
+        config = default_config(r, r if lora_alpha is None else lora_alpha, target_modules, use_rslora=use_rslora,
+                                rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}),
+                                init_lora_weights=init_lora_weights,
+                                base_model_name_or_path=getattr(self.config, "_name_or_path", None) or None)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        adapter = LoraAdapter(config=config)
+        for module in modules:
+            layer = self._layers[module]
+            rank, _ = module_rank_alpha(config, module)
+            a = torch.empty(rank, layer.in_features)
+            b = torch.zeros(layer.out_features, rank)
+            if init_lora_weights == "gaussian":
+                a.normal_(0.0, 1.0 / rank, generator=gen)
+            elif init_lora_weights in (True, False):
+                bound = 1.0 / math.sqrt(layer.in_features)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear and PEFT
+                a.uniform_(-bound, bound, generator=gen)
+                if init_lora_weights is False:
+                    b_bound = 1.0 / math.sqrt(rank)
+                    b.uniform_(-b_bound, b_bound, generator=gen)
+            else:
+                raise ValueError(f"init_lora_weights={init_lora_weights!r}: expected True, False or 'gaussian'")
+            adapter.modules[module] = LoraWeights(a, b, module_scale(config, module))
+        self.add_lora(name, adapter, dtype=dtype)
+
+    def get_adapter(self, name: str) -> LoraAdapter:
+        """The adapter as a :class:`LoraAdapter` (detached CPU copies)."""
+        if name not in self.adapter_configs:
+            raise KeyError(f"unknown adapter {name!r}; loaded: {self.list_adapters()}")
+        out = LoraAdapter(config=dict(self.adapter_configs[name]))
+        for module, layer in self._layers.items():
+            if name in layer.lora_A:
+                out.modules[module] = LoraWeights(layer.lora_A[name].detach().cpu().clone(),
+                                                  layer.lora_B[name].detach().cpu().clone(), layer.scales[name])
+        return out
+
+    def save_adapter(self, name: str, path: str | os.PathLike) -> Path:
+        """Write adapter ``name`` in PEFT's format (``PeftModel.from_pretrained`` loads it)."""
+        return write_adapter(self.get_adapter(name), path)
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self.adapter_configs:
+            raise KeyError(f"unknown adapter {name!r}; loaded: {self.list_adapters()}")
+        for layer in self._layers.values():
+            layer.delete_adapter(name)
+        del self.adapter_configs[name]
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        if name not in self.adapter_configs:
+            raise KeyError(f"unknown adapter {name!r}; loaded: {self.list_adapters()}")
+        return [p for layer in self._layers.values() if name in layer.lora_A
+                for p in (layer.lora_A[name], layer.lora_B[name])]
+
+    def train_only(self, name: str) -> list[nn.Parameter]:
+        """Freeze every parameter except adapter ``name``'s; returns the trainable ones."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        params = self.adapter_parameters(name)
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    # ---- base checkpoint ------------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write the base as an NF4 checkpoint that ``transformers`` + bitsandbytes load (adapters excluded)."""
+        from safetensors.torch import save_file
+        from transformers import BitsAndBytesConfig
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        layers = list(self._layers.values())
+        double = {lay.weight_absmax2 is not None for lay in layers}
+        blocks = {lay.blocksize for lay in layers}
+        if len(double) != 1 or blocks != {64}:
+            raise ValueError("bitsandbytes checkpoints need blocksize 64 and one double-quant setting for all layers")
+        tensors: dict[str, torch.Tensor] = {}
+        for name, layer in self._layers.items():
+            for key, t in layer.nf4_weight.to_bnb_state_dict(f"{name}.weight").items():
+                tensors[key] = t.detach().cpu().contiguous()
+            if layer.bias is not None:
+                tensors[f"{name}.bias"] = layer.bias.detach().cpu().contiguous()
+        seen: set[int] = set()
+        for key, t in self.model.state_dict().items():
+            if any(key.startswith(f"{n}.") for n in self._layers):
+                continue
+            ptr = t.untyped_storage().data_ptr() if t.numel() else id(t)
+            if ptr in seen:  # tied weights (lm_head = embeddings) are stored once
+                continue
+            seen.add(ptr)
+            tensors[key] = t.detach().cpu().contiguous()
+        skip = sorted(linear_layers(self.model))  # everything still a plain linear (lm_head, heads)
+        compute_dtype = next((t.dtype for t in self.model.parameters() if t.is_floating_point()), torch.float32)
+        qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=double.pop(), bnb_4bit_compute_dtype=compute_dtype,
+                                  llm_int8_skip_modules=skip or None)
+        config = self.model.config.to_dict()
+        config["quantization_config"] = qcfg.to_dict()
+        config.pop("_name_or_path", None)
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+        gen_cfg = getattr(self.model, "generation_config", None)
+        if gen_cfg is not None and hasattr(gen_cfg, "save_pretrained"):
+            gen_cfg.save_pretrained(path)
+        return path
+
+    def extra_repr(self) -> str:
+        return f"nf4_layers={len(self._layers)}, adapters={self.list_adapters()}"
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+
+def _model_class(config: Any, model_class: Any) -> Any:
+    import transformers
+
+    if model_class is not None:
+        return model_class
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForCausalLM if getattr(config, "is_decoder", False) or config.model_type in (
+        "llama", "mistral", "qwen2", "gpt2") else transformers.AutoModel
+
+
+def _attn_kwargs(attn_implementation: str | None, device: torch.device | None) -> dict[str, Any]:
+    if attn_implementation is not None:
+        return {"attn_implementation": attn_implementation}
+    import importlib.util
+
+    if device is not None and device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return {"attn_implementation": "flash_attention_2"}
+    return {"attn_implementation": _ATTN_DEFAULT}
+
+
+def _load_hf(source: str | os.PathLike, dtype: torch.dtype, model_class: Any, attn: dict[str, Any]) -> nn.Module:
+    from transformers import AutoConfig
+
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} not found")
+    kwargs: dict[str, Any] = {"dtype": dtype, **attn}
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path}: expected a model directory or a .gguf file")
+        directory, kwargs["gguf_file"] = str(path.parent), path.name
+    else:
+        directory = str(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json (not a transformers model directory)")
+    config = AutoConfig.from_pretrained(directory, **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs
+                                                      else {}))
+    qcfg = getattr(config, "quantization_config", None)
+    if isinstance(qcfg, dict) and qcfg.get("quant_method") == "bitsandbytes":
+        if not qcfg.get("load_in_4bit") or qcfg.get("bnb_4bit_quant_type") != "nf4":
+            raise ValueError(f"{path}: only bitsandbytes 4-bit NF4 checkpoints are supported, got {qcfg}")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise ImportError("reading a bitsandbytes NF4 checkpoint needs `pip install bitsandbytes`") from e
+    model = _model_class(config, model_class).from_pretrained(directory, **kwargs)
+    cfg = model.config
+    if getattr(cfg, "quantization_config", None) is not None and "gguf_file" in kwargs:
+        del cfg.quantization_config  # GGUF weights were dequantized on load; xkern re-quantizes them to NF4
+    return model
+
+
+def load_model(model_or_path: nn.Module | str | os.PathLike, quantize: str = "nf4", dtype: torch.dtype = torch.bfloat16,
+               device: torch.device | str | None = None, target_modules: str | Iterable[str] | None = None, *,
+               model_class: Any = None, blocksize: int = 64, double_quant: bool = True,
+               attn_implementation: str | None = None, progress: bool = True) -> XkernModel:
+    """Wrap a ``transformers`` model with NF4 linear layers and an (empty) adapter bank.
+
+    ``model_or_path``: a model directory (safetensors; a bitsandbytes NF4 checkpoint keeps its
+    bytes), a ``.gguf`` file, or an ``nn.Module`` (converted in place). ``target_modules``: which
+    linears become NF4 (PEFT's matching rules; default every linear inside a transformer block,
+    leaving embeddings, ``lm_head`` and task heads in ``dtype``). ``dtype`` is the compute dtype.
+    """
+    if quantize != "nf4":
+        raise ValueError(f"quantize={quantize!r}: only 'nf4' is supported")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    device = torch.device(device) if device is not None else None
+    if isinstance(model_or_path, XkernModel):
+        raise TypeError("model is already an XkernModel")
+    if isinstance(model_or_path, nn.Module):
+        model = model_or_path
+        if any(isinstance(m, NF4LoRALinear) for m in model.modules()):
+            raise TypeError("model already holds NF4LoRALinear layers")
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        if attn_implementation is not None and hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(attn_implementation)
+    elif isinstance(model_or_path, (str, os.PathLike)):
+        model = _load_hf(model_or_path, dtype, model_class, _attn_kwargs(attn_implementation, device))
+    else:
+        raise TypeError(f"model_or_path must be a path or an nn.Module, got {type(model_or_path).__name__}")
+    routing = AdapterRouting()
+    layers = quantize_linears(model, routing, target_modules, blocksize=blocksize, double_quant=double_quant,
+                              device=device, progress=progress)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return XkernModel(model, routing, layers)
