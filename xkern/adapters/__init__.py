@@ -1,0 +1,13 @@
+"""LoRA adapters: PEFT-format I/O, the in-memory adapter, and merging on weight deltas."""
+
+from xkern.adapters.merge import fold, merge
+from xkern.adapters.peft_format import (
+    BASE_NAME,
+    AdapterError,
+    LoraAdapter,
+    LoraWeights,
+    load_adapter,
+    save_adapter,
+)
+
+__all__ = ["BASE_NAME", "AdapterError", "LoraAdapter", "LoraWeights", "fold", "load_adapter", "merge", "save_adapter"]
