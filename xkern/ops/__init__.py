@@ -2,5 +2,6 @@
 
 from xkern.ops.dispatch import select_backend
 from xkern.ops.lora_linear import dequantize, lora_linear
+from xkern.ops.xcross_integrate import xcross_integrate
 
-__all__ = ["dequantize", "lora_linear", "select_backend"]
+__all__ = ["dequantize", "lora_linear", "select_backend", "xcross_integrate"]
