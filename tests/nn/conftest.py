@@ -11,7 +11,15 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             max_position_embeddings=64)
 
 
-def tiny_config(family: str):
+def tiny_config(family: str, **overrides):
+
+    cfg = _tiny_config(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _tiny_config(family: str):
     import transformers as tf
 
     if family == "llama":
@@ -28,11 +36,11 @@ def tiny_config(family: str):
     raise ValueError(family)
 
 
-def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     import transformers as tf
 
     torch.manual_seed(seed)
-    cfg = tiny_config(family)
+    cfg = tiny_config(family, **overrides)
     cls = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "mistral": tf.MistralForCausalLM,
            "bert": tf.BertForMaskedLM, "deberta-v2": tf.DebertaV2ForMaskedLM}[family]
     return cls(cfg).eval()

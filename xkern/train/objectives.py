@@ -1,0 +1,110 @@
+"""Training objectives: how a batch of examples becomes tensors and a loss.
+
+An objective has a ``collate(examples, pad_id) -> dict`` and a ``loss(model, batch, adapter) -> Tensor``.
+
+- :class:`CausalLM`: examples ``{"input_ids": [...], "labels": [...] (optional, -100 = ignored)}``;
+  the usual shifted next-token cross-entropy averaged over the labelled tokens. Prompt tokens are
+  masked by giving them label -100 (see :func:`prompt_completion_example`).
+- :class:`CandidateScoring`: examples ``{"prompt_ids": [...], "candidates": [[...], ...], "target": i}``;
+  each candidate's score is the summed log-probability of its tokens after the prompt, and the
+  loss is the cross-entropy of the target among the candidates (the positive + sampled negatives).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+class Objective(Protocol):
+    def collate(self, examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]: ...
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], adapter: str) -> torch.Tensor: ...
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+    return out
+
+
+def prompt_completion_example(prompt_ids: Sequence[int], completion_ids: Sequence[int],
+                              max_len: int | None = None) -> dict[str, list[int]]:
+    """A causal-LM example that learns only the completion (prompt labels are -100); truncates the prompt's left."""
+    prompt, completion = list(prompt_ids), list(completion_ids)
+    if max_len is not None and len(prompt) + len(completion) > max_len:
+        keep = max(max_len - len(completion), 1)
+        prompt = prompt[-keep:]
+        completion = completion[: max_len - len(prompt)]
+    return {"input_ids": prompt + completion, "labels": [IGNORE] * len(prompt) + completion}
+
+
+def sequence_logprob(logits: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of the labelled tokens of each row (labels -100 are skipped)."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    target = labels[:, 1:]
+    mask = target != IGNORE
+    picked = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(dim=1)
+
+
+class CausalLM:
+    """Next-token cross-entropy over the labelled tokens (right padding)."""
+
+    def collate(self, examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("empty batch")
+        ids = [list(e["input_ids"]) for e in examples]
+        if any(len(r) < 2 for r in ids):
+            raise ValueError("every causal-LM example needs at least 2 tokens")
+        labels = [list(e.get("labels", e["input_ids"])) for e in examples]
+        if any(len(a) != len(b) for a, b in zip(ids, labels, strict=True)):
+            raise ValueError("labels must have the length of input_ids")
+        input_ids = _pad(ids, pad_id)
+        return {"input_ids": input_ids, "attention_mask": _pad([[1] * len(r) for r in ids], 0),
+                "labels": _pad(labels, IGNORE)}
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], adapter: str) -> torch.Tensor:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=adapter)
+        logits = out.logits[:, :-1].float()
+        target = batch["labels"][:, 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE)
+
+
+class CandidateScoring:
+    """Cross-entropy of the target candidate, candidates scored by their summed log-likelihood."""
+
+    def collate(self, examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("empty batch")
+        n_cand = {len(e["candidates"]) for e in examples}
+        if len(n_cand) != 1 or n_cand.pop() < 2:
+            raise ValueError("every example needs the same number (>= 2) of candidates")
+        rows, labels, targets = [], [], []
+        for e in examples:
+            if not 0 <= int(e["target"]) < len(e["candidates"]):
+                raise ValueError(f"target {e['target']} out of range for {len(e['candidates'])} candidates")
+            targets.append(int(e["target"]))
+            for cand in e["candidates"]:
+                ex = prompt_completion_example(e["prompt_ids"], cand)
+                rows.append(ex["input_ids"])
+                labels.append(ex["labels"])
+        return {"input_ids": _pad(rows, pad_id), "attention_mask": _pad([[1] * len(r) for r in rows], 0),
+                "labels": _pad(labels, IGNORE), "target": torch.tensor(targets),
+                "n_candidates": torch.tensor(len(examples[0]["candidates"]))}
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], adapter: str) -> torch.Tensor:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=adapter)
+        scores = sequence_logprob(out.logits, batch["input_ids"], batch["labels"])
+        scores = scores.view(-1, int(batch["n_candidates"]))
+        return F.cross_entropy(scores, batch["target"])
+
+
+OBJECTIVES: dict[str, type] = {"causal_lm": CausalLM, "candidates": CandidateScoring}
