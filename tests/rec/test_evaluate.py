@@ -128,7 +128,7 @@ def test_demo_methods_share_candidates_and_fractions():
 
 
 def test_default_demo_is_learnable():
-    res = run_demo(DemoConfig(synthetic=SyntheticConfig(n_users=200), fractions=(1.0,)), progress=False)
+    res = run_demo(DemoConfig(synthetic=SyntheticConfig(n_users=200), fractions=(1.0,), lm=False), progress=False)
     by = {r["method"]: r for r in res["rows"]}
     assert [m.name for m in default_methods()] == list(by)
     assert by["item-markov"]["HR@1"] > by["popularity"]["HR@1"] > 0

@@ -89,6 +89,15 @@ class DemoConfig:
     seed: int = 0
     ks: tuple[int, ...] = (1, 3, 10)
     max_eval_users: int | None = None
+    lm: bool = True  # add the model rows (LoRA on a tiny NF4 Llama; X-Cross; WeaveRec)
+    lm_config: Any = None  # xkern.rec.demo_lm.LMDemoConfig; None = its defaults
+
+
+def model_methods(source_names: Sequence[str]) -> list[Method]:
+    """Rows that run the model runtime: per-domain and target-only LoRA (more land with X-Cross, WeaveRec)."""
+    from xkern.rec.demo_lm import lora_methods
+
+    return lora_methods(source_names)
 
 
 def run_demo(
@@ -100,10 +109,6 @@ def run_demo(
     """Evaluate every method x fraction on the target domain; returns a JSON-ready dict with rows."""
     from tqdm import tqdm
 
-    methods = list(methods) if methods is not None else default_methods()
-    names = [m.name for m in methods]
-    if len(set(names)) != len(names):
-        raise ValueError(f"duplicate method names: {names}")
     t0 = time.perf_counter()
     domains = domains if domains is not None else make_synthetic(cfg.synthetic)
     target_name = cfg.target or list(domains)[-1]
@@ -111,13 +116,20 @@ def run_demo(
         raise ValueError(f"target {target_name!r} not among domains {list(domains)}")
     target = domains[target_name]
     sources = [d for n, d in domains.items() if n != target_name]
+    if methods is None:
+        methods = default_methods() + (model_methods([d.name for d in sources]) if cfg.lm else [])
+    methods = list(methods)
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate method names: {names}")
+    shared: dict[str, Any] = {"progress": progress, "lm_config": cfg.lm_config}
     cands = build_candidates(target, cfg.split, cfg.n_neg, "uniform", cfg.seed, cfg.max_eval_users)
     fractions = sorted(set(cfg.fractions))
     jobs = [(m, f) for m in methods for f in fractions if m.uses_target_train or f == fractions[-1]]
     rows = []
     for m, frac in tqdm(jobs, desc="demo", unit="method", disable=not progress):
         sub = replace(target, train=subsample_train(target.train, frac, cfg.seed))
-        ctx = DemoContext(sub, sources, frac, cfg.seed)
+        ctx = DemoContext(sub, sources, frac, cfg.seed, options=shared)
         t1 = time.perf_counter()
         scorer = m.build(ctx)
         fit_s = time.perf_counter() - t1
@@ -132,6 +144,7 @@ def run_demo(
         "stats": {n: d.stats() for n, d in domains.items()},
         "methods": {m.name: m.description for m in methods},
         "rows": rows,
+        "lm": shared["lm"].describe() if "lm" in shared else None,
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
