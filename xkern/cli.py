@@ -1,7 +1,6 @@
-"""The `xkern` command: demo (quickstart), data (stats / convert / synth), eval, plot.
+"""The `xkern` command: demo (quickstart), data (stats / convert / synth), eval, plot, train-lora.
 
-Subcommands import their modules lazily so `xkern --help` stays fast. Commands needing the model
-runtime (train-lora, train-xcross, weave, bench) arrive with the issues that build that runtime.
+Subcommands import their modules lazily so `xkern --help` stays fast.
 """
 
 from __future__ import annotations
@@ -88,6 +87,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         png = plot_metrics(metric_rows(result), out / "metrics.png", title=f"demo: target {result['target']}")
         print(f"wrote {png}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- train-lora
+
+
+def cmd_train_lora(args: argparse.Namespace) -> int:
+    from xkern.train.recipes import LoraRecipe, train_lora_on_domains
+
+    recipe = LoraRecipe(
+        model=args.model, r=args.r, lora_alpha=args.alpha if args.alpha is not None else 2.0 * args.r,
+        target_modules=args.target_modules or None, objective=args.objective, epochs=args.epochs,
+        max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        grad_checkpointing=args.grad_checkpointing, max_train_users=args.max_train_users,
+        max_val_users=args.max_val_users, max_per_user=args.per_user, max_history=args.max_history,
+        eval_users=args.eval_users, dtype=args.dtype, device=args.device, seed=args.seed,
+        progress=not args.no_progress)
+    target = _load_domain(args, args.domain)
+    train_names = args.train_domains or (args.domain,)
+    train_domains = [target if n == args.domain else _load_domain(args, n) for n in train_names]
+    summary = train_lora_on_domains(recipe, train_domains, target, args.out)
+    print(f"trained on {','.join(summary['train_domains'])}: {summary['train_examples']} examples, "
+          f"{summary['steps']} steps, {summary['trainable_parameters']:,} trainable parameters")
+    print(f"{summary['target']} validation loss ({summary['val_examples']} examples): "
+          f"{summary['val_loss_before']:.4f} -> {summary['val_loss_after']:.4f}")
+    for key in ("test_base", "test_lora"):
+        if key in summary:
+            m = summary[key]
+            print(f"{key}: HR@1 {m['HR@1']:.4f}  HR@10 {m['HR@10']:.4f}  NDCG@10 {m['NDCG@10']:.4f}  "
+                  f"({m['n_users']} users)")
+    print(f"adapter (PEFT format): {summary['adapter_dir']}\nsummary: {Path(args.out) / 'summary.json'}")
     return 0
 
 
@@ -362,6 +392,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-users", type=int, default=None, help="evaluate only the first N users")
     p.add_argument("--out", default=None, help="output JSON (default runs/eval/<domain>-<split>.json)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "train-lora",
+        parents=[common, data_common],
+        help="train a LoRA adapter on next-item prediction",
+        description="Train one LoRA (PEFT format) on the next-item task of one or more domains over an NF4 "
+        "base, report validation loss before/after and optionally ranking metrics on test users.",
+    )
+    p.add_argument("--model", default="tiny",
+                   help="model directory, .gguf file, 'smollm2' / 'minilm' (packaged weights) or 'tiny' "
+                   "(small random Llama over a word tokenizer; default)")
+    p.add_argument("--domain", required=True, help="target domain: validation (and test) users come from it")
+    p.add_argument("--train-domains", type=_names, default=None,
+                   help="comma-separated domains to train on (default: --domain)")
+    p.add_argument("--out", default="runs/train-lora", help="output directory (default runs/train-lora)")
+    p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 2 r)")
+    p.add_argument("--target-modules", type=_names, default=None,
+                   help="comma-separated module-name suffixes (default: every NF4 layer)")
+    p.add_argument("--objective", choices=("causal_lm", "candidates"), default="causal_lm")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--max-train-users", type=int, default=None, help="sample this many training users per domain")
+    p.add_argument("--max-val-users", type=int, default=200, help="validation users (default 200)")
+    p.add_argument("--per-user", type=int, default=1, help="training positions per user sequence (default 1)")
+    p.add_argument("--max-history", type=int, default=5, help="history titles in the prompt (default 5)")
+    p.add_argument("--eval-users", type=int, default=0, help="also rank 30 candidates for N test users")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: where the model loads)")
+    p.set_defaults(func=cmd_train_lora)
 
     p = sub.add_parser(
         "plot",

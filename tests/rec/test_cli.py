@@ -18,7 +18,8 @@ PNG_MAGIC = b"\x89PNG"
 
 @pytest.mark.parametrize(
     "argv",
-    [[], ["demo"], ["data"], ["data", "stats"], ["data", "convert"], ["data", "synth"], ["eval"], ["plot"]],
+    [[], ["demo"], ["data"], ["data", "stats"], ["data", "convert"], ["data", "synth"], ["eval"], ["plot"],
+     ["train-lora"]],
 )
 def test_help_everywhere(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -27,10 +28,25 @@ def test_help_everywhere(argv, capsys):
     assert "usage: xkern" in capsys.readouterr().out
 
 
-def test_no_model_runtime_stubs(capsys):
+def test_train_lora_needs_a_domain(capsys):
     with pytest.raises(SystemExit):
         main(["train-lora"])
-    assert "invalid choice" in capsys.readouterr().err
+    assert "--domain" in capsys.readouterr().err
+
+
+def test_train_lora_on_synthetic_lowers_validation_loss(tmp_path, capsys):
+    out = tmp_path / "lora"
+    rc = main(["train-lora", "--data", "synthetic", "--domain", "Tools", "--train-domains", "Tools,Toys",
+               "--model", "tiny", "--epochs", "1", "--lr", "1e-2", "--batch-size", "32", "--max-train-users", "300",
+               "--max-val-users", "60", "--eval-users", "20", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "validation loss" in text and "HR@10" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_domains"] == ["Tools", "Toys"] and summary["train_examples"] == 600
+    assert summary["val_loss_after"] < summary["val_loss_before"]
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "train_log.json").is_file()
+    assert summary["test_lora"]["n_users"] == 20
 
 
 def test_demo_prints_table_and_writes_json(tmp_path, capsys):

@@ -37,6 +37,8 @@ class LMDemoConfig:
     max_per_user: int = 2  # training positions per user sequence
     max_history: int = 5
     eval_batch_size: int = 240
+    pretrain_steps: int = 200  # base "pretraining" on catalog text (titles in random order, no user behaviour)
+    pretrain_lr: float = 3e-3
     seed: int = 0
 
 
@@ -71,8 +73,43 @@ class LMDemo:
             num_hidden_layers=c.layers, num_attention_heads=c.heads, num_key_value_heads=c.heads,
             max_position_embeddings=512, initializer_range=c.init_range, pad_token_id=self.tokenizer.pad_token_id,
             bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.tokenizer.eos_token_id)
-        self.model = load_model(transformers.LlamaForCausalLM(config), dtype=torch.float32, progress=False)
+        base = transformers.LlamaForCausalLM(config)
+        self.pretrain_loss = self._pretrain(base)
+        self.model = load_model(base, dtype=torch.float32, progress=False)
         self.trained: dict[str, dict[str, Any]] = {}
+
+    def _pretrain(self, base: torch.nn.Module) -> list[float]:
+        """Teach the random base the language of the catalog (prompt format and title words) but no
+        sequential behaviour: random titles of one domain in random order, full-weight training.
+        This stands in for the pretrained LLM the quickstart cannot download."""
+        c = self.cfg
+        if c.pretrain_steps <= 0:
+            return []
+        gen = torch.Generator().manual_seed(c.seed)
+        domains = list(self.domains.values())
+        opt = torch.optim.AdamW(base.parameters(), lr=c.pretrain_lr)
+        pad = self.tokenizer.pad_token_id
+        losses = []
+        base.train()
+        for _ in range(c.pretrain_steps):
+            rows = []
+            for _ in range(c.batch_size):
+                d = domains[int(torch.randint(len(domains), (1,), generator=gen))]
+                pick = torch.randint(d.n_items, (c.max_history + 1,), generator=gen).tolist()
+                titles = [d.titles[i] for i in pick]
+                rows.append(self.encoder(d.name).prompt(titles[:-1]) + self.encoder(d.name).title(titles[-1], eos=True))
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, : len(r)] = torch.tensor(r)
+            labels = ids.masked_fill(ids == pad, -100)
+            loss = base(input_ids=ids, attention_mask=(ids != pad).long(), labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        base.eval()
+        return losses
 
     def encoder(self, domain: str) -> PromptEncoder:
         return PromptEncoder(self.tokenizer, domain, max_history=self.cfg.max_history)
@@ -99,7 +136,8 @@ class LMDemo:
                                 batch_size=self.cfg.eval_batch_size)
 
     def describe(self) -> dict[str, Any]:
-        return {"config": asdict(self.cfg), "vocab": len(self.tokenizer), "adapters": self.trained}
+        return {"config": asdict(self.cfg), "vocab": len(self.tokenizer), "adapters": self.trained,
+                "pretrain_loss": {"first": self.pretrain_loss[:1], "last": self.pretrain_loss[-1:]}}
 
 
 def lm_demo(ctx: Any) -> LMDemo:
