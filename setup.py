@@ -29,16 +29,22 @@ def _cuda_extension_kwargs() -> dict:
     here = os.path.dirname(os.path.abspath(__file__))
     sources = [os.path.join("csrc", f) for f in sorted(os.listdir(os.path.join(here, "csrc")))
                if f.endswith((".cpp", ".cu"))]
-    arch_flags = os.environ.get("XKERN_CUDA_ARCH", "80;90a").split(";")
+    arch_flags = [a for a in os.environ.get("XKERN_CUDA_ARCH", "80;90a").split(";") if a]
+    # The kernels (csrc/*.cu) include no torch header and build as C++17; the torch-facing .cpp files
+    # get the C++ standard the installed torch asks for (C++20 for recent torch), so no -std for cxx.
     nvcc_flags = ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"]
     for arch in arch_flags:
         num = arch.rstrip("a")
         nvcc_flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}" if arch.endswith("a")
                        else f"arch=compute_{num},code=sm_{num}"]
+    macros = []
+    if os.path.join("csrc", "nf4_lora_decode.cu") in sources:
+        macros.append(("XKERN_WITH_DECODE_KERNEL", "1"))  # bindings.cpp lists "lora_linear" only then
     ext = CUDAExtension(
         name="xkern._C",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+        define_macros=macros,
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 

@@ -33,7 +33,8 @@ def _impl(backend: str):
         from xkern.ops import triton_impl
         return triton_impl
     if backend == "cuda":
-        raise RuntimeError("xkern._C does not implement lora_linear yet")
+        from xkern.ops import cuda_impl
+        return cuda_impl
     raise ValueError(f"unknown backend {backend!r}")
 
 

@@ -1,0 +1,111 @@
+// Launchers of the decode-regime NF4 + multi-adapter LoRA kernels (no torch: nvcc compiles this
+// file on its own, which is what tests/test_cuda_kernels.py checks on machines without a GPU).
+// The launch plan (variant, split-K) is made in nf4_lora_decode_plan.cpp.
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "nf4_lora_decode.cuh"
+#include "nf4_lora_decode.h"
+
+namespace xkern {
+
+using decode::kThreads;
+using decode::kWarps;
+using decode::kWindow;
+
+namespace {
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+int log2_exact(int v) {
+  int lg = 0;
+  while ((1 << lg) < v) ++lg;
+  return (1 << lg) == v ? lg : -1;
+}
+
+template <typename T, int MT, int RW, bool VEC>
+cudaError_t launch_gemv(const DecodeParams& p, const DecodePlan& plan, int lg_block, cudaStream_t stream) {
+  constexpr size_t kSmem = static_cast<size_t>(VEC ? 2 : 1) * MT * kWindow * sizeof(T);
+  auto kernel = decode::nf4_lora_gemv_kernel<T, MT, RW, VEC>;
+  if constexpr (kSmem > 48 * 1024) {
+    // Opt in to > 48 KiB of dynamic shared memory, once per device (kept out of graph capture).
+    static std::atomic<uint64_t> configured{0};
+    int dev = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err != cudaSuccess) return err;
+    const uint64_t bit = dev < 64 ? (uint64_t{1} << dev) : 0;
+    if (bit == 0 || !(configured.load() & bit)) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem));
+      if (err != cudaSuccess) return err;
+      configured.fetch_or(bit);
+    }
+  }
+  const dim3 grid(static_cast<unsigned>(plan.n_tiles), static_cast<unsigned>(plan.split_k));
+  kernel<<<grid, kThreads, kSmem, stream>>>(p, plan.k_slab, plan.split_k, lg_block);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_gemv_for(const DecodeParams& p, const DecodePlan& plan, int lg_block, cudaStream_t stream) {
+  if (!plan.vec) return launch_gemv<T, 16, decode::rows_per_warp(16, false), false>(p, plan, lg_block, stream);
+  switch (plan.mt) {
+    case 1: return launch_gemv<T, 1, decode::rows_per_warp(1, true), true>(p, plan, lg_block, stream);
+    case 2: return launch_gemv<T, 2, decode::rows_per_warp(2, true), true>(p, plan, lg_block, stream);
+    case 4: return launch_gemv<T, 4, decode::rows_per_warp(4, true), true>(p, plan, lg_block, stream);
+    case 8: return launch_gemv<T, 8, decode::rows_per_warp(8, true), true>(p, plan, lg_block, stream);
+    case 16: return launch_gemv<T, 16, decode::rows_per_warp(16, true), true>(p, plan, lg_block, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T, typename TA>
+cudaError_t launch_shrink(const DecodeParams& p, const DecodePlan& plan, cudaStream_t stream) {
+  const bool has_lora = p.n_adapters > 0 && p.rank > 0;
+  const dim3 grid(has_lora ? static_cast<unsigned>(ceil_div(p.rank, kWarps)) : 1u,
+                  has_lora ? static_cast<unsigned>(p.M) : 1u);
+  const bool vec = p.K % 8 == 0 && aligned16(p.x) && aligned16(p.lora_A);
+  const int n_counters = plan.split_k > 1 ? static_cast<int>(plan.counter_elems) : 0;
+  decode::lora_shrink_kernel<T, TA><<<grid, kThreads, 0, stream>>>(p, n_counters, vec);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_shrink_for(const DecodeParams& p, const DecodePlan& plan, cudaStream_t stream) {
+  switch (p.a_dtype) {
+    case DType::kFloat32: return launch_shrink<T, float>(p, plan, stream);
+    case DType::kFloat16: return launch_shrink<T, __half>(p, plan, stream);
+    case DType::kBFloat16: return launch_shrink<T, __nv_bfloat16>(p, plan, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t launch_nf4_lora_decode(const DecodeParams& p, const DecodePlan& plan, cudaStream_t stream) {
+  const int lg_block = log2_exact(p.blocksize);
+  const bool has_lora = p.n_adapters > 0 && p.rank > 0;
+  if (p.M < 1 || p.M > 16 || p.N < 1 || p.K < 1 || lg_block < 5 || plan.split_k < 1 || plan.n_tiles < 1 ||
+      plan.k_slab % kWindow != 0 || static_cast<int64_t>(plan.k_slab) * (plan.split_k - 1) >= p.K ||
+      static_cast<int64_t>(plan.k_slab) * plan.split_k < p.K || !p.x || !p.packed || !p.absmax || !p.y ||
+      (p.double_quant && (!p.absmax2 || !p.code2 || !p.offset)) ||
+      (has_lora && (!p.ids || !p.lora_A || !p.lora_B || !p.scale || !p.xa)) ||
+      (plan.split_k > 1 && (!p.partial || !p.counters || plan.counter_elems < static_cast<size_t>(plan.n_tiles))) ||
+      (plan.vec && (p.K % 32 != 0 || !aligned16(p.packed) || !aligned16(p.x))) ||
+      (p.act_dtype != DType::kFloat16 && p.act_dtype != DType::kBFloat16)) {
+    return cudaErrorInvalidValue;
+  }
+  cudaError_t err = cudaSuccess;
+  if (has_lora || plan.split_k > 1) {  // xa must be complete before the GEMV's expand epilogue
+    err = p.act_dtype == DType::kFloat16 ? launch_shrink_for<__half>(p, plan, stream)
+                                         : launch_shrink_for<__nv_bfloat16>(p, plan, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return p.act_dtype == DType::kFloat16 ? launch_gemv_for<__half>(p, plan, lg_block, stream)
+                                        : launch_gemv_for<__nv_bfloat16>(p, plan, lg_block, stream);
+}
+
+}  // namespace xkern
