@@ -76,6 +76,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         n_neg=args.n_neg,
         seed=args.seed,
         max_eval_users=args.max_eval_users,
+        lm=not args.no_models,
     )
     result = run_demo(cfg, progress=not args.no_progress)
     print(demo_table(result))
@@ -289,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-eval-users", type=int, default=None, help="evaluate only the first N test users")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--plot", action="store_true", help="also write metrics.png")
+    p.add_argument("--no-models", action="store_true",
+                   help="baselines only: skip the rows that train adapters on the tiny NF4 Llama (seconds instead "
+                   "of minutes)")
     p.set_defaults(func=cmd_demo)
 
     data_common = argparse.ArgumentParser(add_help=False)
