@@ -443,6 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/plots", help="output directory (default runs/plots)")
     p.add_argument("--metrics", type=_names, default=("HR@10", "NDCG@10"), help="metrics to plot")
     p.set_defaults(func=cmd_plot)
+
+    from xkern.xcross.cli import register as register_xcross
+
+    register_xcross(sub)
     return parser
 
 

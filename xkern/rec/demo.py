@@ -96,8 +96,9 @@ class DemoConfig:
 def model_methods(source_names: Sequence[str]) -> list[Method]:
     """Rows that run the model runtime: per-domain and target-only LoRA (more land with X-Cross, WeaveRec)."""
     from xkern.rec.demo_lm import lora_methods
+    from xkern.xcross.demo import xcross_methods
 
-    return lora_methods(source_names)
+    return lora_methods(source_names) + xcross_methods(source_names)
 
 
 def run_demo(

@@ -1,0 +1,219 @@
+"""XCrossModel bookkeeping, scoring, training and the ``train-xcross`` command on a tiny NF4 Llama."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import xkern
+from tests.nn.conftest import tiny_model
+from xkern.rec.synthetic import SyntheticConfig, make_synthetic
+from xkern.rec.tokenizer import word_tokenizer
+from xkern.xcross import XCrossModel, candidate_examples, pool_hidden, train, train_adapter_scorer
+from xkern.xcross.model import adapter_fingerprint
+
+
+@pytest.fixture(scope="module")
+def domains():
+    return make_synthetic(SyntheticConfig(n_users=80, n_themes=4, n_tiers=2, items_per_cell=4, seed=0))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(domains):
+    from xkern.rec.prompts import pointwise_prompt
+
+    texts = [t for d in domains.values() for t in d.titles]
+    texts += [pointwise_prompt(["x"], "y", d) for d in domains] + [str(i) for i in range(20)]
+    return word_tokenizer(texts)
+
+
+def _model(tokenizer, n_adapters: int = 2):
+    base = tiny_model("llama", seed=3, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    xm = xkern.load_model(base, dtype=torch.float32, progress=False)
+    for i in range(n_adapters):
+        xm.add_adapter(f"a{i}", r=4, seed=i, init_lora_weights=False)
+    return xm
+
+
+def test_init_trainable_and_frozen(tokenizer):
+    xm = _model(tokenizer, 3)
+    xc = XCrossModel(xm, ["a0", "a1", "a2"], bias=True)
+    n, d, layers = 3, 64, 2
+    assert len(xc.w_concat) == layers and all(p.shape == (2 * n * (n - 1), n * d) for p in xc.w_concat)
+    assert all(torch.count_nonzero(p) == 0 for p in [*xc.w_concat, *xc.integrator_bias])
+    torch.testing.assert_close(xc.w.detach(), torch.full((3,), 1 / 3))
+    counts = xc.num_trainable()
+    assert counts["integrators"] == layers * (12 * 3 * 64 + 12)
+    assert counts["head"] == 64 * 64 + 64 + 64 + 1 and counts["w"] == 3
+    # the base and the adapters are not X-Cross parameters
+    own = {id(p) for p in xc.parameters()}
+    assert own == {id(p) for p in xc.trainable_parameters()}
+    assert not own & {id(p) for p in xm.parameters()}
+
+
+def test_errors(tokenizer):
+    xm = _model(tokenizer)
+    with pytest.raises(KeyError, match="not loaded"):
+        XCrossModel(xm, ["a0", "nope"])
+    with pytest.raises(ValueError, match="distinct"):
+        XCrossModel(xm, ["a0", "a0"])
+    with pytest.raises(ValueError, match="pooling"):
+        XCrossModel(xm, ["a0", "a1"], pooling="max")
+    with pytest.raises(ValueError, match="set_domain"):
+        XCrossModel(xm, ["a0", "a1"]).score([[1]], np.array([[1, 2]]))
+
+
+def test_pool_hidden():
+    h = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]])  # right- and left-padded rows
+    torch.testing.assert_close(pool_hidden(h, mask, "first"), h[:, 0])
+    torch.testing.assert_close(pool_hidden(h, mask, "last"), torch.stack([h[0, 1], h[1, 3]]))
+    torch.testing.assert_close(pool_hidden(h, mask, "mean"), torch.stack([h[0, :2].mean(0), h[1, 1:].mean(0)]))
+
+
+def test_score_matches_forward_and_is_batch_invariant(domains, tokenizer):
+    xm = _model(tokenizer)
+    data = domains["Tools"]
+    xc = XCrossModel(xm, ["a0", "a1"], tokenizer=tokenizer, titles=data.titles, domain=data.name, max_history=3)
+    with torch.no_grad():
+        for p in xc.w_concat:
+            p.normal_(0, 0.02)
+    users, hists, targets = data.examples("test")
+    hists = hists[:3]
+    cands = np.array([[targets[i], 1, 2, 3, 4] for i in range(3)])
+    s = xc.score(hists, cands, batch_size=4)
+    assert s.shape == (3, 5) and s.dtype == torch.float32
+    torch.testing.assert_close(xc.score(hists, cands, batch_size=15), s, atol=1e-5, rtol=1e-5)
+    ids, mask = xc.encoder.encode(hists, cands)
+    with torch.no_grad():
+        torch.testing.assert_close(xc(ids, mask).view(3, 5), s, atol=1e-5, rtol=1e-5)
+    # the prompt is the pointwise cross-encoder text of xkern.rec.prompts
+    from xkern.rec.prompts import pointwise_prompt, titles_of
+
+    text = pointwise_prompt(titles_of(hists[0], data.titles), data.titles[1], data.name, 3)
+    assert xc.encoder.pair_ids(hists[0], 1) == list(tokenizer(text)["input_ids"])
+
+
+def test_save_load_roundtrip_and_refusals(tokenizer, tmp_path):
+    xm = _model(tokenizer, 3)
+    xc = XCrossModel(xm, ["a0", "a1"], bias=True, beta=0.5)
+    with torch.no_grad():
+        for p in xc.trainable_parameters():
+            p.normal_(0, 0.02)
+    path = xc.save(tmp_path / "xc")
+    cfg = json.loads((path / "xcross_config.json").read_text())
+    assert cfg["adapters"] == ["a0", "a1"] and cfg["beta"] == 0.5 and cfg["bias"] is True
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path / "xcross.safetensors"))
+    assert sum(t.numel() for t in saved.values()) == xc.num_trainable()["total"]  # exactly the trainable ones
+    back = XCrossModel.load(path, xm)
+    ids = torch.randint(3, 50, (3, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), xc(ids))
+    with pytest.raises(ValueError, match="refusing"):
+        XCrossModel.load(path, xm, adapters=["a0", "a2"])
+    with pytest.raises(ValueError, match="refusing"):
+        XCrossModel(xm, ["a1", "a0"], bias=True).load_state(path)
+    with pytest.raises(ValueError, match="refusing"):
+        XCrossModel(xm, ["a0", "a2"], bias=True).load_state(path)
+    # same names, other weights: refused by the fingerprint
+    fp = adapter_fingerprint(xm, "a1")
+    xm.delete_adapter("a1")
+    xm.add_adapter("a1", r=4, seed=99, init_lora_weights=False)
+    assert adapter_fingerprint(xm, "a1") != fp
+    with pytest.raises(ValueError, match="other weights"):
+        XCrossModel.load(path, xm)
+    XCrossModel.load(path, xm, strict_fingerprint=False)
+
+
+def test_candidate_examples(domains):
+    data = domains["Toys"]
+    ex = candidate_examples(data, "train", n_neg=5, seed=1, epoch=0)
+    ex_again = candidate_examples(data, "train", n_neg=5, seed=1, epoch=0)
+    ex_next = candidate_examples(data, "train", n_neg=5, seed=1, epoch=1)
+    assert len(ex) == len(data.train)
+    user = sorted(data.train)[0]
+    h, items, t = ex[0]
+    assert items[t] == data.train[user][-1] and h == data.train[user][:-1]
+    assert not set(np.delete(items, t).tolist()) & data.user_items(user)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(ex, ex_again, strict=True))
+    assert any(not np.array_equal(a[1], b[1]) for a, b in zip(ex, ex_next, strict=True))  # fresh negatives
+
+
+def test_train_updates_only_xcross_params_and_improves(domains, tokenizer, tmp_path):
+    xm = _model(tokenizer)
+    data = domains["Tools"]
+    xc = XCrossModel(xm, ["a0", "a1"], tokenizer=tokenizer, max_history=3)
+    frozen = {k: v.clone() for k, v in xm.state_dict().items()}
+    res = train(xc, data, n_neg=3, epochs=3, batch_size=8, lr=1e-2, max_train_users=32, max_val_users=24,
+                val_neg=4, progress=False, output_dir=tmp_path / "run")
+    assert res.steps > 0 and res.val[0]["step"] == 0
+    assert res.best_val_loss == min(v["loss"] for v in res.val)
+    assert res.best_val_loss < res.val[0]["loss"]  # the head alone learns something on the synthetic data
+    for k, v in xm.state_dict().items():
+        assert torch.equal(v, frozen[k]), k  # base and adapters untouched
+    assert any(torch.count_nonzero(p) > 0 for p in xc.w_concat)
+    assert all(not p.requires_grad for p in [*xm.parameters(), *xc.parameters()])
+    # the best state was restored: validating again gives the best loss
+    from xkern.xcross.train import validate
+
+    val = candidate_examples(data, "val", 4, 0, -1, None)[:24]
+    assert validate(xc, val)["loss"] == pytest.approx(res.best_val_loss, abs=1e-5)
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert log["trainable"]["total"] == res.n_trainable
+    back = XCrossModel.load(tmp_path / "run" / "xcross", xm)
+    torch.testing.assert_close(back.w, xc.w)
+
+
+def test_early_stopping(domains, tokenizer):
+    xm = _model(tokenizer)
+    xc = XCrossModel(xm, ["a0", "a1"], tokenizer=tokenizer, max_history=3)
+    res = train(xc, domains["Tools"], n_neg=2, epochs=50, batch_size=8, lr=3.0, max_train_users=16,
+                max_val_users=16, val_neg=3, eval_every=1, patience=2, progress=False)
+    assert res.stopped_early and res.steps < 100
+    assert len(res.val) - 1 - [v["step"] for v in res.val].index(res.best_step) == 2
+
+
+def test_train_adapter_scorer_trains_lora_and_head(domains, tokenizer):
+    xm = _model(tokenizer, 0)
+    xm.add_adapter("t", r=4, seed=0)
+    before = [p.clone() for p in xm.adapter_parameters("t")]
+    xc, res = train_adapter_scorer(xm, "t", domains["Tools"], tokenizer, max_history=3, n_neg=2, max_steps=2,
+                                   batch_size=4, max_val_users=8, extra_lr=1e-2, progress=False)
+    assert xc.n_streams == 1 and len(xc.w_concat) == 0
+    assert res.n_trainable == xc.num_trainable()["total"] + sum(p.numel() for p in before)
+    assert any(not torch.equal(a, b) for a, b in zip(before, xm.adapter_parameters("t"), strict=True))
+
+
+def test_cli_train_xcross(domains, tokenizer, tmp_path):
+    from xkern.xcross.cli import register
+
+    xm = _model(tokenizer)
+    model_dir = tmp_path / "base"
+    base = tiny_model("llama", seed=3, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    base.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    xm = xkern.load_model(model_dir, dtype=torch.float32, progress=False)
+    for i in range(2):
+        xm.add_adapter(f"a{i}", r=4, seed=i, init_lora_weights=False)
+        xm.save_adapter(f"a{i}", tmp_path / f"a{i}")
+    parser = argparse.ArgumentParser(prog="xkern")
+    register(parser.add_subparsers(dest="command"))
+    out = tmp_path / "out"
+    args = parser.parse_args(["train-xcross", "--model", str(model_dir), "--adapter", f"a0={tmp_path / 'a0'}",
+                              "--adapter", f"a1={tmp_path / 'a1'}", "--data", "synthetic", "--target", "Tools",
+                              "--max-train-users", "16", "--max-steps", "2", "--batch-size", "4", "--n-neg", "2",
+                              "--max-val-users", "8", "--max-history", "3", "--eval-users", "4", "--bias",
+                              "--out", str(out), "--no-progress"])
+    assert args.func(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["metrics"]["n_users"] == 4 and 0 <= metrics["metrics"]["HR@10"] <= 1
+    back = XCrossModel.load(out / "xcross", xm)
+    assert back.has_bias and back.adapters == ["a0", "a1"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train-xcross", "--model", "m", "--adapter", "no-equals-sign", "--target", "Tools"])

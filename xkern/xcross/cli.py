@@ -1,0 +1,135 @@
+"""``xkern train-xcross``: train X-Cross over saved PEFT adapters on one domain, optionally evaluate.
+
+Wire it into ``xkern/cli.py`` with ``from xkern.xcross.cli import register; register(sub)`` inside
+``build_parser``; the handler is set with ``set_defaults(func=...)`` like every other subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _adapter_spec(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PEFT_ADAPTER_DIR, got {text!r}")
+    return name, path
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``train-xcross`` subcommand to an ``xkern`` subparsers object."""
+    from xkern.rec.data import DEFAULT_DATA_ROOT
+
+    p = subparsers.add_parser(
+        "train-xcross",
+        help="train X-Cross (integrators, w, head) over saved LoRA adapters",
+        description="Load an NF4 base and n saved PEFT adapters (one stream each), train X-Cross's "
+        "integrators, stream weights and scoring head on a domain's training users (cross-entropy over "
+        "the positive and K negatives, early stopping on its validation users), save them, and "
+        "optionally evaluate on the test users (1 positive + n-neg negatives).",
+    )
+    p.add_argument("--model", required=True, help="base: model directory, .gguf file, or 'minilm' / 'smollm2'")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    p.add_argument("--adapter", action="append", type=_adapter_spec, required=True, metavar="NAME=DIR",
+                   help="a PEFT adapter directory, one stream (repeat for each; order = stream order)")
+    p.add_argument("--data", default=str(DEFAULT_DATA_ROOT.resolve()),
+                   help="root of processed domain folders, or 'synthetic' (default: %(default)s)")
+    p.add_argument("--target", required=True, help="domain to train on, e.g. Tools")
+    p.add_argument("--mode", choices=("by-user", "loo"), default="by-user")
+    p.add_argument("--val-frac", type=float, default=0.1)
+    p.add_argument("--fraction", type=float, default=1.0, help="fraction of training users (nested, seeded)")
+    p.add_argument("--max-train-users", type=int, default=None, help="cap on training users")
+    p.add_argument("--n-neg", type=int, default=4, help="K sampled negatives per training example")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--patience", type=int, default=2)
+    p.add_argument("--eval-every", type=int, default=None, help="steps between validations (default: per epoch)")
+    p.add_argument("--val-neg", type=int, default=9)
+    p.add_argument("--max-val-users", type=int, default=200)
+    p.add_argument("--beta", type=float, default=1.0)
+    p.add_argument("--gamma", type=float, default=1.0)
+    p.add_argument("--bias", action="store_true", help="integrator bias")
+    p.add_argument("--pooling", choices=("auto", "first", "last", "mean"), default="auto")
+    p.add_argument("--max-history", type=int, default=5)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--device", default=None)
+    p.add_argument("--eval-users", type=int, default=0, help="evaluate on the first N test users (0: skip, -1: all)")
+    p.add_argument("--eval-neg", type=int, default=29)
+    p.add_argument("--out", default="runs/xcross", help="output directory (default runs/xcross)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train_xcross)
+    return p
+
+
+def _tokenizer(model_path: str, tokenizer: str | None):
+    from transformers import AutoTokenizer
+
+    src = Path(tokenizer or model_path)
+    if src.is_file() and src.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    return AutoTokenizer.from_pretrained(str(src))
+
+
+def _domain(args: argparse.Namespace):
+    from xkern.rec.data import load_processed
+
+    if args.data == "synthetic":
+        from xkern.rec.synthetic import DOMAIN_NOUNS, SyntheticConfig, make_synthetic
+
+        if args.target not in DOMAIN_NOUNS:
+            raise ValueError(f"unknown synthetic domain {args.target!r} ({', '.join(DOMAIN_NOUNS)})")
+        domains = tuple(dict.fromkeys([*SyntheticConfig().domains, args.target]))
+        return make_synthetic(SyntheticConfig(domains=domains, seed=args.seed))[args.target]
+    return load_processed(args.data, args.target, val_frac=args.val_frac, seed=args.seed, mode=args.mode)
+
+
+def cmd_train_xcross(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    import torch
+
+    import xkern
+    from xkern.nn.pretrained import resolve
+    from xkern.rec.evaluate import write_report
+    from xkern.rec.splits import subsample_train
+    from xkern.xcross import XCrossModel, evaluate, train
+
+    names = [n for n, _ in args.adapter]
+    if len(set(names)) != len(names):
+        raise ValueError(f"adapter names must be distinct, got {names}")
+    model_path = resolve(args.model)
+    dtype = getattr(torch, args.dtype)
+    xm = xkern.load_model(model_path, dtype=dtype, device=args.device, progress=not args.no_progress)
+    for name, path in args.adapter:
+        xm.load_adapter(path, name)
+    tok = _tokenizer(model_path, args.tokenizer)
+    data = _domain(args)
+    data = replace(data, train=subsample_train(data.train, args.fraction, args.seed))
+    xc = XCrossModel(xm, names, beta=args.beta, gamma=args.gamma, pooling=args.pooling, bias=args.bias,
+                     tokenizer=tok, titles=data.titles, domain=data.name, max_history=args.max_history,
+                     max_tokens=args.max_tokens)
+    out = Path(args.out)
+    res = train(xc, data, output_dir=out, n_neg=args.n_neg, epochs=args.epochs, max_steps=args.max_steps,
+                batch_size=args.batch_size, lr=args.lr, patience=args.patience, eval_every=args.eval_every,
+                val_neg=args.val_neg, max_val_users=args.max_val_users, max_train_users=args.max_train_users,
+                seed=args.seed, progress=not args.no_progress)
+    counts = xc.num_trainable()
+    print(f"trained X-Cross over {names} on {data.name}: {res.steps} steps, {res.n_train_examples} examples, "
+          f"best val loss {res.best_val_loss} at step {res.best_step}"
+          f"{' (early stop)' if res.stopped_early else ''}, {counts['total']:,} trainable parameters")
+    print(f"wrote {out / 'xcross'}")
+    if args.eval_users:
+        max_users = None if args.eval_users < 0 else args.eval_users
+        m = evaluate(xc, data, "test", args.eval_neg, args.seed, max_users, progress=not args.no_progress)
+        print(json.dumps(m))
+        path = write_report(out / "metrics.json", {"kind": "xkern-train-xcross", "adapters": names,
+                                                    "target": data.name, "metrics": m, "trainable": counts,
+                                                    "config": {k: v for k, v in vars(args).items() if k != "func"}})
+        print(f"wrote {path}")
+    return 0

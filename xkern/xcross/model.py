@@ -1,0 +1,445 @@
+"""``XCrossModel``: n LoRA adapters of one NF4 base run as n streams, mixed after every block.
+
+The n streams are the same (history, candidate) pairs, each under its own adapter, stacked on the
+batch axis stream-major (``[a_1]*N + [a_2]*N + ...``): every linear layer of the base is therefore
+ONE launch of the core op for all streams (the NF4 weight is read once). A forward hook on every
+transformer block views the block output ``[n*N, T, d]`` as ``[n, N, T, d]`` and replaces it with
+``xcross_integrate`` of it (the next block of stream m reads ``h~_m``). The scorer pools each
+stream's final hidden state (after the base's own final norm, if it has one), mixes the streams
+with ``w`` and applies the head ``v^T GELU(W_p x + b_p) + b_c``.
+
+Trainable: the per-block ``W_concat`` (optional bias), ``w`` and the head; the base and the
+adapters stay frozen. ``n = 1`` is allowed and means "one adapter + a scoring head" (no
+integrators): the single-source and target-only LoRA baselines use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xkern.nn.linear import BASE
+from xkern.nn.model import XkernModel
+from xkern.ops.xcross_integrate import xcross_integrate
+from xkern.rec.prompts import MAX_HISTORY, history_block, pointwise_prompt, titles_of
+
+POOLINGS = ("auto", "first", "last", "mean")
+FORMAT = "xkern-xcross/1"
+CONFIG_NAME = "xcross_config.json"
+WEIGHTS_NAME = "xcross.safetensors"
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def find_blocks(base: nn.Module, num_layers: int | None = None) -> nn.ModuleList:
+    """The transformer blocks of a ``transformers`` base model (``layers`` for Llama, ``encoder.layer`` for BERT)."""
+    for path in ("layers", "encoder.layer", "h", "decoder.layers", "transformer.h"):
+        mod: Any = base
+        for part in path.split("."):
+            mod = getattr(mod, part, None)
+            if mod is None:
+                break
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            return mod
+    lists = [m for m in base.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
+             and (num_layers is None or len(m) == num_layers)]
+    if not lists:
+        raise ValueError(f"cannot find the transformer blocks of {type(base).__name__}")
+    return lists[0]
+
+
+def is_decoder_model(model: nn.Module) -> bool:
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "is_decoder", False):
+        return True
+    names = [type(model).__name__, *(getattr(cfg, "architectures", None) or [])]
+    return any(n.endswith("ForCausalLM") or n.endswith("LMHeadModel") for n in names)
+
+
+def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """``[B, T, d] -> [B, d]``: first token, last non-pad token (any padding side) or masked mean."""
+    if mode == "first":
+        return hidden[:, 0]
+    if mode == "last":
+        pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = torch.where(mask.bool(), pos, torch.full_like(pos, -1)).amax(dim=1).clamp_min(0)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if mode == "mean":
+        m = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+    raise ValueError(f"pooling must be one of {POOLINGS[1:]}, got {mode!r}")
+
+
+class ScoringHead(nn.Module):
+    """``score = v^T GELU(W_p x + b_p) + b_c`` (float32)."""
+
+    def __init__(self, hidden: int, head_dim: int | None = None) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden, head_dim or hidden)
+        self.out = nn.Linear(head_dim or hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(F.gelu(self.dense(x.float()))).squeeze(-1)
+
+
+class PairEncoder:
+    """(history, candidate) item pairs -> padded token ids of the pointwise cross-encoder prompt.
+
+    The text is :func:`xkern.rec.prompts.pointwise_prompt`; its history part and its candidate part
+    are tokenized separately (both cached) and joined inside the tokenizer's special tokens. When a
+    pair is longer than ``max_tokens`` the history is cut from the left (the most recent titles stay).
+    """
+
+    def __init__(self, tokenizer: Any, titles: Sequence[str], domain: str | None = None,
+                 max_history: int = MAX_HISTORY, max_tokens: int = 128) -> None:
+        self.tokenizer, self.titles, self.domain = tokenizer, list(titles), domain
+        self.max_history, self.max_tokens = max_history, max_tokens
+        probe = "probe text"
+        with_sp = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+        bare = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+        at = next((i for i in range(len(with_sp) - len(bare) + 1) if with_sp[i:i + len(bare)] == bare), None)
+        if at is None:
+            raise ValueError("cannot locate the tokenizer's special tokens around a text")
+        self.head_ids, self.tail_ids = with_sp[:at], with_sp[at + len(bare):]
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(tokenizer, "eos_token_id", None)
+        self.pad_id = int(pad or 0)
+        self._hist: dict[tuple[int, ...], list[int]] = {}
+        self._cand: dict[int, list[int]] = {}
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def history_ids(self, history: Sequence[int]) -> list[int]:
+        key = tuple(int(i) for i in history)[-self.max_history:] if self.max_history > 0 else ()
+        if key not in self._hist:
+            self._hist[key] = self._ids(history_block(titles_of(key, self.titles), self.domain, self.max_history))
+        return self._hist[key]
+
+    def candidate_ids(self, item: int) -> list[int]:
+        item = int(item)
+        if item not in self._cand:
+            full = pointwise_prompt([], self.titles[item], self.domain, 0)
+            head = history_block([], self.domain, 0)
+            assert full.startswith(head)
+            self._cand[item] = self._ids(full[len(head):])[: max(self.max_tokens // 2, 1)]
+        return self._cand[item]
+
+    def pair_ids(self, history: Sequence[int], item: int) -> list[int]:
+        hist, cand = self.history_ids(history), self.candidate_ids(item)
+        room = self.max_tokens - len(self.head_ids) - len(self.tail_ids) - len(cand)
+        hist = hist[-room:] if room > 0 else []
+        return self.head_ids + hist + cand + self.tail_ids
+
+    def encode(self, histories: Sequence[Sequence[int]], candidates: np.ndarray | Sequence[Sequence[int]]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_ids, attention_mask [U*C, T]``, user-major (the C candidates of user 0 first), right-padded."""
+        rows = [self.pair_ids(h, int(c)) for h, cands in zip(histories, candidates, strict=True) for c in cands]
+        return pad_rows(rows, self.pad_id)
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def adapter_fingerprint(model: XkernModel, name: str) -> str:
+    """A short hash of an adapter's weights (shapes and values), to tell same-named adapters apart."""
+    h = hashlib.blake2b(digest_size=8)
+    for module, layer in sorted(model.nf4_layers.items()):
+        if name in layer.lora_A:
+            h.update(module.encode())
+            for t in (layer.lora_A[name], layer.lora_B[name]):
+                a = t.detach().float().cpu().contiguous()
+                h.update(str(tuple(a.shape)).encode())
+                h.update(np.round(a.numpy().astype(np.float64), 5).tobytes())
+            h.update(repr(round(layer.scales[name], 6)).encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- the model
+
+class XCrossModel(nn.Module):
+    """X-Cross over the adapters ``adapters`` of an :class:`XkernModel` (see the module docstring).
+
+    Args:
+        model: the xkern model holding the (frozen) adapters.
+        adapters: the n adapter names, one stream each, in stream order.
+        beta, gamma: integrator weights of the direct and difference terms (python floats).
+        pooling: ``"auto"`` (first token for encoders, last non-pad token for decoders), ``"first"``,
+            ``"last"`` or ``"mean"``.
+        bias: give every integrator a trainable bias (zero-initialized).
+        head_dim: width of the head's hidden layer (default: the model's hidden size).
+        tokenizer, titles, domain, max_history, max_tokens: how :meth:`score` turns item indices into
+            prompts (see :class:`PairEncoder`); set or change them with :meth:`set_domain`.
+    """
+
+    def __init__(self, model: XkernModel, adapters: Sequence[str], beta: float = 1.0, gamma: float = 1.0,
+                 pooling: str = "auto", bias: bool = False, *, head_dim: int | None = None, tokenizer: Any = None,
+                 titles: Sequence[str] | None = None, domain: str | None = None, max_history: int = MAX_HISTORY,
+                 max_tokens: int = 128) -> None:
+        super().__init__()
+        if not isinstance(model, XkernModel):
+            raise TypeError(f"model must be an XkernModel (xkern.load_model), got {type(model).__name__}")
+        adapters = [adapters] if isinstance(adapters, str) else list(adapters)
+        if not adapters:
+            raise ValueError("X-Cross needs at least one adapter")
+        if len(set(adapters)) != len(adapters):
+            raise ValueError(f"adapter names must be distinct, got {adapters}")
+        missing = [a for a in adapters if a != BASE and a not in model.list_adapters()]
+        if missing:
+            raise KeyError(f"adapter(s) {missing} are not loaded in the model (loaded: {model.list_adapters()})")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        for name, v in (("beta", beta), ("gamma", gamma)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"{name} must be a python float, got {type(v).__name__}")
+        self.__dict__["xkern_model"] = model  # not a submodule: its parameters are not X-Cross's
+        self.adapters = adapters
+        self.beta, self.gamma = float(beta), float(gamma)
+        self.decoder = is_decoder_model(model.model)
+        self.pooling_mode = pooling if pooling != "auto" else ("last" if self.decoder else "first")
+        self.pooling = pooling
+        self.__dict__["base"] = model.model.base_model  # frozen, not a submodule
+        cfg = model.config
+        self.blocks = list(find_blocks(self.base, getattr(cfg, "num_hidden_layers", None)))
+        self.hidden_size = int(cfg.hidden_size)
+        n, d, n_layers = len(adapters), self.hidden_size, len(self.blocks)
+        p = 2 * n * (n - 1)
+        self.w_concat = nn.ParameterList([nn.Parameter(torch.zeros(p, n * d)) for _ in range(n_layers)]) \
+            if n > 1 else nn.ParameterList()
+        self.integrator_bias = nn.ParameterList([nn.Parameter(torch.zeros(p)) for _ in range(n_layers)]) \
+            if (bias and n > 1) else nn.ParameterList()
+        self.has_bias = bool(bias)
+        self.w = nn.Parameter(torch.full((n,), 1.0 / n))
+        self.head = ScoringHead(d, head_dim)
+        self.head_dim = head_dim or d
+        self.to(model.device)
+        self._use_cache = "use_cache" in inspect.signature(self.base.forward).parameters
+        self.encoder: PairEncoder | None = None
+        self._enc_args = {"max_history": max_history, "max_tokens": max_tokens}
+        self.tokenizer = tokenizer
+        if tokenizer is not None and titles is not None:
+            self.set_domain(titles, domain, tokenizer=tokenizer)
+
+    # ---- bookkeeping -------------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> XkernModel:
+        return self.__dict__["xkern_model"]
+
+    @property
+    def n_streams(self) -> int:
+        return len(self.adapters)
+
+    @property
+    def device(self) -> torch.device:
+        return self.w.device
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Integrators (and their biases), ``w`` and the head: the only parameters X-Cross trains."""
+        return [*self.w_concat, *self.integrator_bias, self.w, *self.head.parameters()]
+
+    def num_trainable(self) -> dict[str, int]:
+        counts = {"integrators": sum(p.numel() for p in (*self.w_concat, *self.integrator_bias)),
+                  "w": self.w.numel(), "head": sum(p.numel() for p in self.head.parameters())}
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def set_domain(self, titles: Sequence[str], domain: str | None = None, *, tokenizer: Any = None,
+                   max_history: int | None = None, max_tokens: int | None = None) -> XCrossModel:
+        """Which item titles (and domain name) :meth:`score` writes into the prompts."""
+        if tokenizer is not None:
+            self.tokenizer = tokenizer
+        if self.tokenizer is None:
+            raise ValueError("no tokenizer: pass tokenizer= to XCrossModel or set_domain")
+        if max_history is not None:
+            self._enc_args["max_history"] = max_history
+        if max_tokens is not None:
+            self._enc_args["max_tokens"] = max_tokens
+        self.encoder = PairEncoder(self.tokenizer, titles, domain, **self._enc_args)
+        return self
+
+    # ---- forward -----------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _integrators(self, n: int) -> Iterator[None]:
+        if n < 2:
+            yield
+            return
+        handles = []
+        for i, block in enumerate(self.blocks):
+            handles.append(block.register_forward_hook(self._make_hook(i, n)))
+        try:
+            yield
+        finally:
+            for hd in handles:
+                hd.remove()
+
+    def _make_hook(self, layer: int, n: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            h = output[0] if isinstance(output, tuple) else output
+            rows, *rest = h.shape
+            hv = h.reshape(n, rows // n, *rest)
+            bias = self.integrator_bias[layer].to(h.dtype) if self.has_bias else None
+            mixed = xcross_integrate(hv, self.w_concat[layer].to(h.dtype), self.beta, self.gamma, bias).reshape(h.shape)
+            return (mixed, *output[1:]) if isinstance(output, tuple) else mixed
+
+        return hook
+
+    def stream_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Each stream's final hidden states ``[n, N, T, d]`` (integrated after every block)."""
+        n, rows = self.n_streams, input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        missing = [a for a in self.adapters if a != BASE and a not in self.model.list_adapters()]
+        if missing:
+            raise KeyError(f"adapter(s) {missing} were removed from the model")
+        ids = input_ids.repeat(n, 1)  # stream-major: stream m holds rows m*N .. (m+1)*N - 1
+        mask = attention_mask.repeat(n, 1)
+        names = [a for a in self.adapters for _ in range(rows)]
+        self.model.routing.set(None if all(a == BASE for a in names) else names)
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if self._use_cache:
+            kwargs["use_cache"] = False
+        with self._integrators(n):
+            out = self.base(**kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        return hidden.reshape(n, rows, *hidden.shape[1:])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores ``[N]`` of N tokenized (history, candidate) pairs."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        hidden = self.stream_hidden(input_ids, attention_mask)
+        n, rows = hidden.shape[:2]
+        pooled = pool_hidden(hidden.reshape(n * rows, *hidden.shape[2:]), attention_mask.repeat(n, 1),
+                             self.pooling_mode).reshape(n, rows, -1).float()
+        mixed = (self.w.float()[:, None, None] * pooled).sum(0)  # pooling is linear: pool(sum w h) = sum w pool(h)
+        return self.head(mixed)
+
+    def score(self, histories: Sequence[Sequence[int]], candidates: np.ndarray | Sequence[Sequence[int]],
+              batch_size: int = 64) -> torch.Tensor:
+        """Scores ``[U, C]`` of every (history, candidate) pair, ``batch_size`` pairs (x n streams) per forward."""
+        if self.encoder is None:
+            raise ValueError("set_domain(titles, domain, tokenizer=...) first: score needs item titles")
+        cands = np.asarray(candidates)
+        if cands.ndim != 2 or cands.shape[0] != len(histories):
+            raise ValueError(f"candidates must be [U={len(histories)}, C], got shape {cands.shape}")
+        rows = [self.encoder.pair_ids(h, int(c)) for h, cs in zip(histories, cands, strict=True) for c in cs]
+        out = torch.empty(len(rows), dtype=torch.float32)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                for s in range(0, len(rows), batch_size):
+                    ids, mask = pad_rows(rows[s:s + batch_size], self.encoder.pad_id)
+                    out[s:s + len(ids)] = self(ids, mask).float().cpu()
+        finally:
+            self.train(was_training)
+        return out.reshape(cands.shape)
+
+    def scorer(self, batch_size: int = 64):
+        """A ``xkern.rec`` Scorer (numpy out) over :meth:`score`."""
+        return lambda histories, candidates: self.score(histories, candidates, batch_size).numpy()
+
+    def train(self, mode: bool = True) -> XCrossModel:
+        super().train(mode)
+        self.model.train(mode)  # dropout of the base follows X-Cross's mode
+        return self
+
+    # ---- save / load -------------------------------------------------------------------------------------
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "adapters": list(self.adapters),
+                "adapter_fingerprints": {a: adapter_fingerprint(self.model, a) for a in self.adapters if a != BASE},
+                "beta": self.beta, "gamma": self.gamma, "pooling": self.pooling, "bias": self.has_bias,
+                "head_dim": self.head_dim, "hidden_size": self.hidden_size, "num_layers": len(self.blocks),
+                "base_model": getattr(self.model.config, "_name_or_path", None) or None,
+                "encoder": dict(self._enc_args)}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"w_concat.{i}": p for i, p in enumerate(self.w_concat)}
+        out.update({f"integrator_bias.{i}": p for i, p in enumerate(self.integrator_bias)})
+        out["w"] = self.w
+        out.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the trainable parameters (safetensors) and the config with the adapters they expect."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(self.state_tensors(), str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
+        (path / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
+        return path
+
+    def load_state(self, path: str | os.PathLike, strict_fingerprint: bool = True) -> XCrossModel:
+        """Load saved parameters into this model; refused when they were trained for other adapters."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg = json.loads((path / CONFIG_NAME).read_text())
+        if cfg.get("format") != FORMAT:
+            raise ValueError(f"{path}: not an X-Cross checkpoint (format {cfg.get('format')!r})")
+        if list(cfg["adapters"]) != list(self.adapters):
+            raise ValueError(f"{path} was trained for adapters {cfg['adapters']}, this model runs {self.adapters}; "
+                             f"refusing to load")
+        if strict_fingerprint:
+            for a, fp in cfg.get("adapter_fingerprints", {}).items():
+                now = adapter_fingerprint(self.model, a)
+                if now != fp:
+                    raise ValueError(f"{path}: adapter {a!r} has other weights than the one it was trained with "
+                                     f"(fingerprint {now} != {fp}); refusing to load (strict_fingerprint=False "
+                                     f"to force)")
+        for key in ("hidden_size", "num_layers", "head_dim"):
+            mine = {"hidden_size": self.hidden_size, "num_layers": len(self.blocks), "head_dim": self.head_dim}[key]
+            if cfg[key] != mine:
+                raise ValueError(f"{path}: {key}={cfg[key]} but this model has {mine}")
+        if bool(cfg["bias"]) != self.has_bias:
+            raise ValueError(f"{path}: bias={cfg['bias']} but this model has bias={self.has_bias}")
+        tensors = load_file(str(path / WEIGHTS_NAME))
+        expected = set(self.state_tensors())
+        if set(tensors) != expected:
+            raise ValueError(f"{path}: tensors {sorted(set(tensors) ^ expected)} missing or unexpected")
+        with torch.no_grad():
+            for i, p in enumerate(self.w_concat):
+                p.copy_(tensors[f"w_concat.{i}"])
+            for i, p in enumerate(self.integrator_bias):
+                p.copy_(tensors[f"integrator_bias.{i}"])
+            self.w.copy_(tensors["w"])
+            self.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+        return self
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: XkernModel, adapters: Sequence[str] | None = None,
+             strict_fingerprint: bool = True, **kwargs: Any) -> XCrossModel:
+        """Rebuild a saved X-Cross model over ``model``; ``adapters`` (if given) must be the saved ones."""
+        cfg = json.loads((Path(path) / CONFIG_NAME).read_text())
+        if adapters is not None and list(adapters) != list(cfg["adapters"]):
+            raise ValueError(f"{path} was trained for adapters {cfg['adapters']}, got {list(adapters)}; "
+                             f"refusing to load")
+        enc = dict(cfg.get("encoder", {}))
+        enc.update({k: kwargs.pop(k) for k in ("max_history", "max_tokens") if k in kwargs})
+        xc = cls(model, cfg["adapters"], beta=cfg["beta"], gamma=cfg["gamma"], pooling=cfg["pooling"],
+                 bias=cfg["bias"], head_dim=cfg["head_dim"], **enc, **kwargs)
+        return xc.load_state(path, strict_fingerprint=strict_fingerprint)
