@@ -1,4 +1,4 @@
-"""The `xkern` command: demo (quickstart), data (stats / convert / synth), eval, plot, train-lora.
+"""The `xkern` command: demo (quickstart), data, eval, plot, train-lora, train-xcross, weave.
 
 Subcommands import their modules lazily so `xkern --help` stays fast.
 """
@@ -444,9 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", type=_names, default=("HR@10", "NDCG@10"), help="metrics to plot")
     p.set_defaults(func=cmd_plot)
 
+    from xkern.weave.cli import register as register_weave
     from xkern.xcross.cli import register as register_xcross
 
     register_xcross(sub)
+    register_weave(sub)
     return parser
 
 

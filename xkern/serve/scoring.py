@@ -1,0 +1,175 @@
+"""Candidate scoring with a shared prefix: the prompt's KV cache is computed once per user.
+
+Scoring a candidate title by its summed log-probability after a prompt needs the prompt's keys and
+values, which are the same for all the candidates of one user. :func:`prefill` runs the prompts of a
+batch of users once (left padding, explicit positions, ``logits_to_keep=1``);
+:func:`score_continuations` then runs every (user, candidate) continuation as a batch on top of the
+user's cache (the cache rows are gathered per candidate), so a user's prompt costs one forward
+instead of one per candidate. :class:`PrefixLikelihoodScorer` is the ``Scorer`` built on it: the
+same scores as :class:`xkern.rec.lm.LikelihoodScorer` (which scores each (prompt, candidate)
+sequence independently), within float tolerance.
+
+Works with any decoder whose ``transformers`` forward takes ``attention_mask``, ``position_ids``,
+``past_key_values`` and ``logits_to_keep`` (Llama, Qwen2, Mistral, ...) and full attention layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from xkern.nn.linear import BASE
+from xkern.rec.prompts import titles_of
+
+
+@dataclass
+class Prefill:
+    """The prompts of a batch, run once: cache, next-token log-probabilities, mask and lengths."""
+
+    cache: Any  # transformers DynamicCache, rows = prompts
+    last_logprobs: torch.Tensor  # [B, V] float32: log p(next token | prompt)
+    mask: torch.Tensor  # [B, P] left-padded attention mask
+    lengths: torch.Tensor  # [B] prompt lengths
+
+
+def _names(adapter: str | Sequence[str] | None, n: int) -> list[str]:
+    if adapter is None:
+        return [BASE] * n
+    if isinstance(adapter, str):
+        return [adapter] * n
+    names = list(adapter)
+    if len(names) != n:
+        raise ValueError(f"{len(names)} adapter names for {n} prompts")
+    return names
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ids [B, P]`` and ``mask [B, P]``, each row right-aligned (left padding)."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def pad_id(model: Any) -> int:
+    pad = getattr(model.config, "pad_token_id", None)
+    if pad is None:
+        eos = getattr(model.config, "eos_token_id", None)
+        pad = eos[0] if isinstance(eos, list) else eos
+    return int(pad or 0)
+
+
+@torch.no_grad()
+def prefill(model: Any, prompts: Sequence[Sequence[int]], adapter: str | Sequence[str] | None = None) -> Prefill:
+    """Run the prompts once with ``use_cache``; logits only for the last position."""
+    device = model.device
+    ids, mask = left_pad(prompts, pad_id(model))
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                adapter_names=_names(adapter, len(prompts)))
+    last = F.log_softmax(out.logits[:, -1].float(), dim=-1)
+    return Prefill(out.past_key_values, last, mask, mask.sum(-1))
+
+
+def select_cache(cache: Any, index: torch.Tensor) -> Any:
+    """A new DynamicCache holding rows ``index`` of ``cache`` (each layer's keys and values gathered)."""
+    from transformers import DynamicCache
+
+    data = []
+    for layer in cache.layers:
+        if getattr(layer, "is_sliding", False):
+            raise NotImplementedError("prefix scoring supports full-attention layers only")
+        data.append((layer.keys.index_select(0, index), layer.values.index_select(0, index)))
+    return DynamicCache(ddp_cache_data=data)
+
+
+@torch.no_grad()
+def score_continuations(model: Any, pre: Prefill, continuations: Sequence[Sequence[Sequence[int]]],
+                        adapter: str | Sequence[str] | None = None, row_batch: int = 64) -> list[np.ndarray]:
+    """Summed log-probability of each continuation after its prompt's cached prefix.
+
+    ``continuations[b]`` lists the token rows scored after prompt ``b``; rows from all prompts are
+    run in batches of ``row_batch`` on gathered copies of the cache. Returns one float64 array per
+    prompt. An empty continuation scores 0.
+    """
+    device = model.device
+    n = len(continuations)
+    names = _names(adapter, n)
+    flat = [(b, j, list(c)) for b, conts in enumerate(continuations) for j, c in enumerate(conts)]
+    out = [np.zeros(len(c), dtype=np.float64) for c in continuations]
+    pad = pad_id(model)
+    for s in range(0, len(flat), row_batch):
+        chunk = [x for x in flat[s:s + row_batch] if x[2]]
+        if not chunk:
+            continue
+        rows = torch.tensor([b for b, _, _ in chunk], dtype=torch.long, device=device)
+        width = max(len(c) for _, _, c in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        cmask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, (_, _, c) in enumerate(chunk):
+            ids[i, :len(c)] = torch.as_tensor(c, dtype=torch.long)
+            cmask[i, :len(c)] = 1
+        ids, cmask = ids.to(device), cmask.to(device)
+        first = pre.last_logprobs.index_select(0, rows).gather(1, ids[:, :1]).squeeze(1)  # log p(t_0 | prompt)
+        total = first
+        if width > 1:
+            mask = torch.cat([pre.mask.index_select(0, rows), cmask], dim=1)
+            pos = pre.lengths.index_select(0, rows)[:, None] + torch.arange(width - 1, device=device)[None]
+            logits = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos,
+                           past_key_values=select_cache(pre.cache, rows), use_cache=True,
+                           adapter_names=[names[b] for b, _, _ in chunk]).logits
+            logp = F.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            total = total + (logp * cmask[:, 1:]).sum(-1)
+        for (b, j, _), v in zip(chunk, total.double().cpu().tolist(), strict=True):
+            out[b][j] = v
+    return out
+
+
+class PrefixLikelihoodScorer:
+    """A ``Scorer``: each candidate's title scored by its summed log-probability after the user's prompt.
+
+    The same scores as :class:`xkern.rec.lm.LikelihoodScorer` (same :class:`~xkern.rec.lm.PromptEncoder`
+    prompts and title tokens), but each user's prompt runs once (``user_batch`` users per prefill)
+    and its KV cache is reused for all the user's candidates (``row_batch`` candidate rows per
+    forward). ``prompt_fn(history_titles, candidate_titles) -> token ids`` replaces the encoder's
+    prompt (e.g. the listwise prompt, which also lists the candidates).
+    """
+
+    def __init__(self, model: Any, enc: Any, titles: Sequence[str], adapter: str = BASE, user_batch: int = 8,
+                 row_batch: int = 64,
+                 prompt_fn: Callable[[list[str], list[str]], list[int]] | None = None) -> None:
+        self.model, self.enc, self.titles, self.adapter = model, enc, titles, adapter
+        self.user_batch, self.row_batch, self.prompt_fn = user_batch, row_batch, prompt_fn
+
+    def prompts(self, histories: Sequence[Sequence[int]], candidates: np.ndarray) -> list[list[int]]:
+        out = []
+        for hist, cands in zip(histories, candidates, strict=True):
+            h = titles_of(hist, self.titles)
+            out.append(self.enc.prompt(h) if self.prompt_fn is None
+                       else self.prompt_fn(h, titles_of(cands.tolist(), self.titles)))
+        return out
+
+    @torch.no_grad()
+    def __call__(self, histories: Sequence[Sequence[int]], candidates: np.ndarray) -> np.ndarray:
+        candidates = np.asarray(candidates)
+        self.model.eval()
+        prompts = self.prompts(histories, candidates)
+        scores = np.empty(candidates.shape, dtype=np.float64)
+        for s in range(0, len(prompts), self.user_batch):
+            e = min(s + self.user_batch, len(prompts))
+            pre = prefill(self.model, prompts[s:e], self.adapter)
+            conts = [[self.enc.title(self.titles[i] or "") for i in row] for row in candidates[s:e].tolist()]
+            for k, v in enumerate(score_continuations(self.model, pre, conts, self.adapter, self.row_batch)):
+                scores[s + k] = v
+        return scores

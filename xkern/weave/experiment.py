@@ -1,0 +1,325 @@
+"""A WeaveRec experiment end to end: data -> adapters -> merges -> both prediction modes -> table.
+
+Rows (each scored on the same target test candidates, 1 positive + ``n_neg`` negatives):
+
+- ``target-only``: a LoRA on target examples only;
+- ``plain-merge``: uniform task-arithmetic merge of the target LoRA and one source-only LoRA per
+  source (trained on source examples only);
+- ``weave-merge``: uniform merge of the target LoRA and the hybrid LoRAs (target + source mixes);
+- ``weave-merge-val``: the same with weights chosen on the validation split (``select_step``);
+- ``joint``: one LoRA trained on target + all sources' examples;
+- ``hybrid-<src>``: each hybrid LoRA alone; ``base``: no adapter.
+
+Merges are served exactly (one adapter of rank ``sum r_i`` through the core op). Two prediction
+modes: ``likelihood`` (prefix-KV likelihood of each candidate title after the next-item prompt)
+and ``listwise`` (generation from the listwise prompt, matched to a candidate; fallbacks counted).
+Also measured: the prefix-KV scorer against independent (prompt, candidate) scoring on the same
+users (time ratio and the largest score difference).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from xkern.rec.data import DomainData
+from xkern.rec.evaluate import evaluate_scorer, format_table
+from xkern.rec.lm import LikelihoodScorer, PromptEncoder
+from xkern.rec.negatives import build_candidates
+from xkern.serve import ListwiseGenerationScorer, PrefixLikelihoodScorer
+from xkern.weave.data import domain_examples, mix_domains
+from xkern.weave.merging import merge_loaded, select_merge_weights
+from xkern.weave.train import train_adapter
+
+ROWS = ("base", "target-only", "plain-merge", "weave-merge", "weave-merge-val", "joint", "hybrids")
+MODES = ("likelihood", "listwise")
+TABLE_METRICS = ("HR@1", "HR@10", "NDCG@10")
+
+
+@dataclass
+class WeaveConfig:
+    data: str = "synthetic"  # a processed-folder root (../shared/data/amazon-xcross) or "synthetic"
+    target: str = "Tools"
+    sources: tuple[str, ...] = ("Toys", "Sports")
+    model: str = "tiny"  # "tiny" (random word-level Llama), "smollm2", or a model path / .gguf
+    layers: int | None = None  # keep only the first N transformer blocks of the model
+    tiny_pretrain_steps: int | None = None  # model "tiny": LMDemo's base pretraining steps (None: its default)
+    fmt: str = "both"  # training prompts: next_item, listwise or both
+    train_users: int | None = 96  # training users sampled per domain (None: all)
+    synthetic_users: int = 300
+    max_history: int = 5
+    n_candidates_train: int = 10  # candidates in listwise training prompts
+    r: int = 8
+    lora_alpha: float = 16.0
+    target_modules: tuple[str, ...] | None = None
+    lr: float = 1e-3
+    batch_size: int = 8
+    epochs: float = 1.0
+    max_steps: int | None = None
+    n_neg: int = 29
+    eval_users: int = 100
+    val_users: int = 32
+    select_step: float | None = None  # e.g. 0.25: choose merge weights on validation (row weave-merge-val)
+    rows: tuple[str, ...] = ("target-only", "plain-merge", "weave-merge", "joint")
+    modes: tuple[str, ...] = MODES
+    speed_users: int = 8  # users for the prefix-vs-independent timing (0: skip)
+    user_batch: int = 8
+    row_batch: int = 64
+    max_new_tokens: int = 24
+    listwise_fallback: str = "listwise"  # rank non-generated candidates by: "listwise" prompt or "next_item" scores
+    threads: int | None = None
+    seed: int = 0
+    save_adapters: str | None = None  # directory: every trained adapter saved there in PEFT format
+    progress: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_domains(cfg: WeaveConfig) -> dict[str, DomainData]:
+    names = [*cfg.sources, cfg.target]
+    if cfg.data == "synthetic":
+        from xkern.rec.synthetic import SyntheticConfig, make_synthetic
+
+        return make_synthetic(SyntheticConfig(domains=tuple(names), n_users=cfg.synthetic_users, seed=cfg.seed))
+    from xkern.rec.data import load_processed
+
+    return {n: load_processed(cfg.data, n, seed=cfg.seed) for n in names}
+
+
+def load_lm(cfg: WeaveConfig, domains: dict[str, DomainData]) -> tuple[Any, Any, str]:
+    """(XkernModel, tokenizer, description) for ``cfg.model``."""
+    if cfg.model == "tiny":
+        from xkern.rec.demo_lm import LMDemo, LMDemoConfig
+
+        extra = {} if cfg.tiny_pretrain_steps is None else {"pretrain_steps": cfg.tiny_pretrain_steps}
+        lm = LMDemo(domains, LMDemoConfig(max_history=cfg.max_history, seed=cfg.seed, **extra))
+        steps = getattr(lm.cfg, "pretrain_steps", 0)
+        return lm.model, lm.tokenizer, (f"tiny Llama (2 layers, hidden 64, word tokenizer; {steps} steps of "
+                                        "catalog-text pretraining, as the quickstart's), NF4")
+    import transformers
+
+    import xkern
+    from xkern.nn.pretrained import resolve
+
+    path = Path(resolve(cfg.model))
+    kw = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    directory = str(path.parent) if path.suffix == ".gguf" else str(path)
+    tok = transformers.AutoTokenizer.from_pretrained(directory, **kw)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kw)
+    n_layers = hf.config.num_hidden_layers
+    desc = f"{path.name} ({n_layers} layers)"
+    if cfg.layers is not None and cfg.layers < n_layers:
+        hf.model.layers = hf.model.layers[: cfg.layers]
+        hf.config.num_hidden_layers = cfg.layers
+        if getattr(hf.config, "layer_types", None):
+            hf.config.layer_types = hf.config.layer_types[: cfg.layers]
+        desc = f"{path.name}, first {cfg.layers} of {n_layers} layers (final norm and tied head kept)"
+    if hf.config.pad_token_id is None:
+        hf.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model = xkern.load_model(hf, dtype=torch.float32, progress=False)
+    return model, tok, desc + ", NF4 (xkern), float32 compute"
+
+
+def _train_kw(cfg: WeaveConfig) -> dict[str, Any]:
+    kw: dict[str, Any] = dict(r=cfg.r, lora_alpha=cfg.lora_alpha, seed=cfg.seed, lr=cfg.lr,
+                              batch_size=cfg.batch_size, epochs=cfg.epochs, max_steps=cfg.max_steps,
+                              progress=cfg.progress, output_dir=cfg.save_adapters)
+    if cfg.target_modules:
+        kw["target_modules"] = list(cfg.target_modules)
+    return kw
+
+
+def _examples(cfg: WeaveConfig, tok: Any, d: DomainData) -> list[dict[str, Any]]:
+    return domain_examples(tok, d, cfg.fmt, cfg.max_history, n_candidates=cfg.n_candidates_train, seed=cfg.seed,
+                           max_examples=cfg.train_users)
+
+
+def run_weave(cfg: WeaveConfig, domains: dict[str, DomainData] | None = None, model: Any = None,
+              tokenizer: Any = None, log: Any = print) -> dict[str, Any]:
+    """Run the experiment of ``cfg``; returns a JSON-ready dict (rows, speed, adapters, timings)."""
+    t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    for r in cfg.rows:
+        if r not in ROWS:
+            raise ValueError(f"unknown row {r!r}; expected some of {ROWS}")
+    for m in cfg.modes:
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r}; expected some of {MODES}")
+    domains = domains if domains is not None else load_domains(cfg)
+    target, sources = domains[cfg.target], [domains[s] for s in cfg.sources]
+    desc = "given model"
+    if model is None:
+        model, tokenizer, desc = load_lm(cfg, domains)
+    log(f"model: {desc}")
+    t0 = time.perf_counter()
+    tgt_ex = _examples(cfg, tokenizer, target)
+    src_ex = {d.name: _examples(cfg, tokenizer, d) for d in sources}
+    mixes = mix_domains(tgt_ex, src_ex, None, cfg.seed)
+    kw = _train_kw(cfg)
+    rows = set(cfg.rows)
+    need = {"target"}
+    if rows & {"plain-merge"}:
+        need |= {f"source-{s}" for s in cfg.sources}
+    if rows & {"weave-merge", "weave-merge-val", "hybrids"}:
+        need |= {f"hybrid-{s}" for s in cfg.sources}
+    if "joint" in rows:
+        need.add("joint")
+    plan = [("target", tgt_ex)] + [(f"hybrid-{s}", mixes[s]) for s in cfg.sources] + \
+        [(f"source-{s}", src_ex[s]) for s in cfg.sources]
+    if "joint" in need:
+        joint = list(tgt_ex) + [e for s in cfg.sources for e in src_ex[s]]
+        order = np.random.default_rng(cfg.seed).permutation(len(joint))
+        plan.append(("joint", [joint[i] for i in order]))
+    adapters: dict[str, Any] = {}
+    for name, ex in plan:
+        if name in need:
+            log(f"training {name} on {len(ex)} examples ...")
+            adapters[name] = train_adapter(model, name, ex, **kw)
+            log(f"  {adapters[name]}")
+    train_s = time.perf_counter() - t0
+
+    enc = PromptEncoder(tokenizer, target.name, max_history=cfg.max_history)
+    cands = build_candidates(target, "test", cfg.n_neg, "uniform", cfg.seed, cfg.eval_users)
+    served: dict[str, str] = {}
+    if "base" in rows:
+        served["base"] = "__base__"
+    if "target-only" in rows:
+        served["target-only"] = "target"
+    if "plain-merge" in rows:
+        served["plain-merge"] = merge_loaded(model, "plain-merge", ["target", *(f"source-{s}" for s in cfg.sources)])
+    if "weave-merge" in rows:
+        served["weave-merge"] = merge_loaded(model, "weave-merge", ["target", *(f"hybrid-{s}" for s in cfg.sources)])
+    selection = None
+    if "weave-merge-val" in rows:
+        step = cfg.select_step or 0.25
+        val = build_candidates(target, "val", cfg.n_neg, "uniform", cfg.seed, cfg.val_users)
+        names = ["target", *(f"hybrid-{s}" for s in cfg.sources)]
+
+        def val_ndcg(adapter: str) -> float:
+            sc = PrefixLikelihoodScorer(model, enc, target.titles, adapter, cfg.user_batch, cfg.row_batch)
+            return evaluate_scorer(sc, val, (10,), batch_size=len(val))["NDCG@10"]
+
+        t1 = time.perf_counter()
+        best, table = select_merge_weights(model, names, val_ndcg, step)
+        selection = {"names": names, "step": step, "best": list(best), "grid": table, "val_users": len(val),
+                     "seconds": round(time.perf_counter() - t1, 2)}
+        log(f"selected weights {best} (validation NDCG@10 grid of {len(table)} points)")
+        served["weave-merge-val"] = merge_loaded(model, "weave-merge-val", names, list(best))
+    if "joint" in rows:
+        served["joint"] = "joint"
+    if "hybrids" in rows:
+        for s in cfg.sources:
+            served[f"hybrid-{s}"] = f"hybrid-{s}"
+
+    speed = None
+    if cfg.speed_users and "likelihood" in cfg.modes:
+        speed = measure_prefix_speedup(model, enc, target.titles, cands.subset(range(min(cfg.speed_users,
+                                       len(cands)))), served.get("target-only", "target"), cfg)
+        log(f"prefix-KV speed: {speed}")
+
+    if cfg.listwise_fallback not in ("listwise", "next_item"):
+        raise ValueError(f"listwise_fallback must be 'listwise' or 'next_item', got {cfg.listwise_fallback!r}")
+    results = []
+    for row, adapter in served.items():
+        cached = None
+        for mode in cfg.modes:
+            if mode == "likelihood":
+                sc: Any = PrefixLikelihoodScorer(model, enc, target.titles, adapter, cfg.user_batch, cfg.row_batch)
+                if cfg.listwise_fallback == "next_item":
+                    sc = cached = CachedScorer(sc)
+            else:
+                fb = cached if cached is not None else (
+                    PrefixLikelihoodScorer(model, enc, target.titles, adapter, cfg.user_batch, cfg.row_batch)
+                    if cfg.listwise_fallback == "next_item" else None)
+                sc = ListwiseGenerationScorer(model, enc, target.titles, adapter, cfg.max_history, cfg.user_batch,
+                                              cfg.row_batch, cfg.max_new_tokens, fallback_scorer=fb)
+            m = evaluate_scorer(sc, cands, (1, 3, 10), batch_size=256)
+            rec = {"method": row, "mode": mode, **m}
+            if mode == "listwise":
+                rec.update(exact=sc.stats["exact"], fallback=sc.stats["fallback"])
+            results.append(rec)
+            log(f"  {row:16s} {mode:10s} HR@1 {m['HR@1']:.3f} HR@10 {m['HR@10']:.3f} NDCG@10 {m['NDCG@10']:.3f}"
+                f" ({m['seconds']:.0f} s)")
+    return {
+        "kind": "xkern-weave",
+        "config": asdict(cfg),
+        "model": desc,
+        "target": cfg.target,
+        "sources": list(cfg.sources),
+        "n_eval_users": len(cands),
+        "examples": {"target": len(tgt_ex), **{f"source-{k}": len(v) for k, v in src_ex.items()},
+                     **{f"hybrid-{k}": len(v) for k, v in mixes.items()}},
+        "adapters": adapters,
+        "selection": selection,
+        "speed": speed,
+        "rows": results,
+        "train_seconds": round(train_s, 2),
+        "seconds": round(time.perf_counter() - t_start, 2),
+    }
+
+
+class CachedScorer:
+    """A scorer that remembers the scores of each (history, candidates) it has seen."""
+
+    def __init__(self, scorer: Any) -> None:
+        self.scorer, self.cache = scorer, {}
+
+    def __call__(self, histories: Any, candidates: np.ndarray) -> np.ndarray:
+        candidates = np.asarray(candidates)
+        keys = [(tuple(h), tuple(c)) for h, c in zip(histories, candidates.tolist(), strict=True)]
+        todo = [i for i, k in enumerate(keys) if k not in self.cache]
+        if todo:
+            fresh = np.asarray(self.scorer([histories[i] for i in todo], candidates[todo]), dtype=np.float64)
+            for i, row in zip(todo, fresh, strict=True):
+                self.cache[keys[i]] = row
+        return np.stack([self.cache[k] for k in keys])
+
+
+def measure_prefix_speedup(model: Any, enc: PromptEncoder, titles: list[str], cands: Any, adapter: str,
+                           cfg: WeaveConfig) -> dict[str, Any]:
+    """Time independent (prompt, candidate) scoring and prefix-KV scoring of the same users, same run."""
+    indep = LikelihoodScorer(model, enc, titles, adapter, batch_size=cfg.row_batch)
+    prefix = PrefixLikelihoodScorer(model, enc, titles, adapter, cfg.user_batch, cfg.row_batch)
+    indep(cands.histories[:1], cands.items[:1])  # warm-up (one user each)
+    prefix(cands.histories[:1], cands.items[:1])
+    t = time.perf_counter()
+    a = indep(cands.histories, cands.items)
+    t_indep = time.perf_counter() - t
+    t = time.perf_counter()
+    b = prefix(cands.histories, cands.items)
+    t_prefix = time.perf_counter() - t
+    return {"users": len(cands), "candidates": int(cands.items.shape[1]), "independent_s": round(t_indep, 3),
+            "prefix_s": round(t_prefix, 3), "speedup": round(t_indep / max(t_prefix, 1e-9), 2),
+            "max_abs_score_diff": float(np.abs(a - b).max())}
+
+
+def results_table(result: dict[str, Any], markdown: bool = False) -> str:
+    """One row per method, the metrics of each mode side by side (listwise: exact / fallback counts)."""
+    modes = [m for m in MODES if any(r["mode"] == m for r in result["rows"])]
+    methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
+    by = {(r["method"], r["mode"]): r for r in result["rows"]}
+    cols = ["method"] + [f"{m[:4]} {k}" for m in modes for k in TABLE_METRICS]
+    if "listwise" in modes:
+        cols.append("exact/fallback")
+    rows = []
+    for meth in methods:
+        row: dict[str, Any] = {"method": meth}
+        for m in modes:
+            for k in TABLE_METRICS:
+                row[f"{m[:4]} {k}"] = by[(meth, m)][k] if (meth, m) in by else ""
+        if "listwise" in modes and (meth, "listwise") in by:
+            r = by[(meth, "listwise")]
+            row["exact/fallback"] = f"{r['exact']}/{r['fallback']}"
+        rows.append(row)
+    if not markdown:
+        return format_table(rows, cols)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        lines.append("| " + " | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])
+                                       for c in cols) + " |")
+    return "\n".join(lines)
