@@ -77,6 +77,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_eval_users=args.max_eval_users,
         lm=not args.no_models,
+        extra=args.extra,
     )
     result = run_demo(cfg, progress=not args.no_progress)
     print(demo_table(result))
@@ -293,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-models", action="store_true",
                    help="baselines only: skip the rows that train adapters on the tiny NF4 Llama (seconds instead "
                    "of minutes)")
+    p.add_argument("--extra", type=_names, default=(),
+                   help="comma-separated opt-in model rows: xcross, weave (X-Cross over the source LoRAs; "
+                   "WeaveRec hybrid LoRAs and merge; several more minutes on a CPU)")
     p.set_defaults(func=cmd_demo)
 
     data_common = argparse.ArgumentParser(add_help=False)

@@ -246,3 +246,8 @@ def test_eval_real_tools(real_data_root, tmp_path):
     res = {r["scorer"]: r for r in json.loads(out.read_text())["results"]}
     assert res["popularity"]["HR@10"] > res["random"]["HR@10"]
     assert 0.2 < res["random"]["HR@10"] < 0.47  # 10/30 expected; 400 users
+
+
+def test_demo_refuses_unknown_extra_rows(capsys):
+    assert main(["demo", "--users", "30", "--extra", "xcross,bogus", "--no-progress"]) == 2
+    assert "bogus" in capsys.readouterr().err

@@ -89,16 +89,32 @@ class DemoConfig:
     seed: int = 0
     ks: tuple[int, ...] = (1, 3, 10)
     max_eval_users: int | None = None
-    lm: bool = True  # add the model rows (LoRA on a tiny NF4 Llama; X-Cross; WeaveRec)
+    lm: bool = True  # add the model rows (LoRA on a tiny NF4 Llama)
     lm_config: Any = None  # xkern.rec.demo_lm.LMDemoConfig; None = its defaults
+    extra: tuple[str, ...] = ()  # opt-in model rows: "xcross", "weave" (minutes more on a CPU)
 
 
-def model_methods(source_names: Sequence[str]) -> list[Method]:
-    """Rows that run the model runtime: per-domain and target-only LoRA (more land with X-Cross, WeaveRec)."""
+EXTRA_ROWS = ("xcross", "weave")
+
+
+def model_methods(source_names: Sequence[str], extra: Sequence[str] = ()) -> list[Method]:
+    """Rows that run the model runtime: per-domain and target-only LoRA, plus the opt-in X-Cross and
+    WeaveRec rows (they train more adapters and heads, so they are not in the default quickstart)."""
     from xkern.rec.demo_lm import lora_methods
-    from xkern.xcross.demo import xcross_methods
 
-    return lora_methods(source_names) + xcross_methods(source_names)
+    unknown = sorted(set(extra) - set(EXTRA_ROWS))
+    if unknown:
+        raise ValueError(f"unknown extra demo rows {unknown}; choose from {EXTRA_ROWS}")
+    methods = lora_methods(source_names)
+    if "xcross" in extra:
+        from xkern.xcross.demo import xcross_methods
+
+        methods += xcross_methods(source_names)
+    if "weave" in extra:
+        from xkern.weave import weave_methods
+
+        methods += weave_methods(source_names)
+    return methods
 
 
 def run_demo(
@@ -118,7 +134,7 @@ def run_demo(
     target = domains[target_name]
     sources = [d for n, d in domains.items() if n != target_name]
     if methods is None:
-        methods = default_methods() + (model_methods([d.name for d in sources]) if cfg.lm else [])
+        methods = default_methods() + (model_methods([d.name for d in sources], cfg.extra) if cfg.lm else [])
     methods = list(methods)
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
