@@ -221,6 +221,10 @@ def test_bad_forward_arguments(llama_adapter_dir):
         xm.load_adapter(llama_adapter_dir, "a")
     with pytest.raises(ValueError, match="invalid adapter name"):
         xm.load_adapter(llama_adapter_dir, "a.b")
+    for clash in ("train", "to"):
+        with pytest.raises(ValueError, match="attribute of torch.nn.Module"):
+            xm.add_adapter(clash, r=2)
+    assert xm.list_adapters() == ["a"] and all(lay.adapter_names in (["a"], []) for lay in xm.nf4_layers.values())
     with pytest.raises(FileNotFoundError):
         xm.load_adapter(llama_adapter_dir.parent / "missing", "m")
     with pytest.raises(ValueError, match="only 'nf4'"):

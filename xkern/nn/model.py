@@ -102,6 +102,8 @@ class XkernModel(nn.Module):
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not name or "." in name or name == BASE:
             raise ValueError(f"invalid adapter name {name!r} (non-empty, no '.', not {BASE!r})")
+        if hasattr(nn.ParameterDict(), name):  # "train", "to", ...: the per-layer ParameterDicts refuse them
+            raise ValueError(f"invalid adapter name {name!r}: it is an attribute of torch.nn.Module")
         if name in self.adapter_configs:
             raise ValueError(f"adapter {name!r} already loaded; delete_adapter({name!r}) first")
 
