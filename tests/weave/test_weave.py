@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.serve.conftest import tiny_domain, tiny_lm
 from xkern.adapters import load_adapter
 from xkern.weave import (
     CompletionLM,
@@ -23,8 +24,6 @@ from xkern.weave import (
     train,
 )
 from xkern.weave.data import domain_examples
-
-from .conftest import tiny_domain, tiny_lm
 
 # ---- mixing ---------------------------------------------------------------------------------------
 
