@@ -188,9 +188,11 @@ def train_lora(model: XkernModel, adapter_name: str, dataset: Sequence[dict[str,
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     if cfg.grad_checkpointing:
-        enable = getattr(model.model, "activation_checkpointing_enable", None) or \
-            model.model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ckpt_kwargs = {"use_reentrant": False}
+        if hasattr(model.model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
+        else:
+            model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     use_bf16 = device.type == "cuda" and cfg.bf16 in ("auto", True)
     if cfg.bf16 is True and device.type != "cuda":
         raise ValueError("bf16 autocast needs a CUDA device")
