@@ -251,3 +251,12 @@ def test_eval_real_tools(real_data_root, tmp_path):
 def test_demo_refuses_unknown_extra_rows(capsys):
     assert main(["demo", "--users", "30", "--extra", "xcross,bogus", "--no-progress"]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_demo_extra_rows_run_xcross_and_weave(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--users", "60", "--fractions", "1", "--max-eval-users", "12", "--extra", "xcross,weave",
+               "--no-progress", "--out", str(out)])
+    assert rc == 0
+    rows = {r["method"] for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert {"lora-target", "xcross", "weave-merge"} <= rows
