@@ -17,7 +17,7 @@ import torch
 from xkern.rec.data import DomainData
 from xkern.rec.negatives import sample_uniform, user_rng
 from xkern.rec.prompts import MAX_HISTORY, candidate_continuation, next_item_prompt, titles_of
-from xkern.train.objectives import IGNORE, prompt_completion_example, sequence_logprob
+from xkern.train.objectives import IGNORE, pad_batch, pad_rows, prompt_completion_example, sequence_logprob
 
 
 def next_item_pairs(data: DomainData, split: str = "train", max_per_user: int | None = 1,
@@ -111,16 +111,9 @@ class LikelihoodScorer:
         device = self.model.device
         self.model.eval()
         for s in range(0, len(rows), self.batch_size):
-            chunk, lab = rows[s : s + self.batch_size], labels[s : s + self.batch_size]
-            width = max(len(r) for r in chunk)
-            ids = torch.full((len(chunk), width), self.pad, dtype=torch.long)
-            lbl = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, (r, lb) in enumerate(zip(chunk, lab, strict=True)):
-                ids[i, : len(r)] = torch.tensor(r)
-                lbl[i, : len(lb)] = torch.tensor(lb)
-                mask[i, : len(r)] = 1
+            ids, mask = pad_batch(rows[s : s + self.batch_size], self.pad)
+            lbl = pad_rows(labels[s : s + self.batch_size], IGNORE)
             ids, lbl, mask = ids.to(device), lbl.to(device), mask.to(device)
             logits = self.model(input_ids=ids, attention_mask=mask, adapter_names=self.adapter).logits
-            scores[s : s + len(chunk)] = sequence_logprob(logits, ids, lbl).double().cpu().numpy()
+            scores[s : s + len(ids)] = sequence_logprob(logits, ids, lbl).double().cpu().numpy()
         return scores.reshape(candidates.shape)

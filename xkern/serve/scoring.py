@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from xkern.nn.linear import BASE
 from xkern.rec.prompts import titles_of
+from xkern.train.objectives import pad_batch
 
 
 @dataclass
@@ -52,13 +53,7 @@ def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, tor
     """``ids [B, P]`` and ``mask [B, P]``, each row right-aligned (left padding)."""
     if not rows or any(len(r) == 0 for r in rows):
         raise ValueError("every prompt needs at least one token")
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids, mask
+    return pad_batch(rows, pad, left=True)
 
 
 def pad_id(model: Any) -> int:
@@ -114,12 +109,8 @@ def score_continuations(model: Any, pre: Prefill, continuations: Sequence[Sequen
         if not chunk:
             continue
         rows = torch.tensor([b for b, _, _ in chunk], dtype=torch.long, device=device)
-        width = max(len(c) for _, _, c in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        cmask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, (_, _, c) in enumerate(chunk):
-            ids[i, :len(c)] = torch.as_tensor(c, dtype=torch.long)
-            cmask[i, :len(c)] = 1
+        ids, cmask = pad_batch([c for _, _, c in chunk], pad)
+        width = ids.shape[1]
         ids, cmask = ids.to(device), cmask.to(device)
         first = pre.last_logprobs.index_select(0, rows).gather(1, ids[:, :1]).squeeze(1)  # log p(t_0 | prompt)
         total = first

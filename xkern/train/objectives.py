@@ -27,12 +27,21 @@ class Objective(Protocol):
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], adapter: str) -> torch.Tensor: ...
 
 
-def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+def pad_rows(rows: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
+    """Token rows of different lengths as one ``[B, max_len]`` long tensor filled with ``value``
+    (rows start at column 0, or end at the last column with ``left=True``)."""
     width = max(len(r) for r in rows)
     out = torch.full((len(rows), width), value, dtype=torch.long)
     for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        if len(r):
+            target = out[i, width - len(r) :] if left else out[i, : len(r)]
+            target.copy_(torch.as_tensor(list(r), dtype=torch.long))
     return out
+
+
+def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of padded token rows (see :func:`pad_rows`)."""
+    return pad_rows(rows, pad_id, left), pad_rows([[1] * len(r) for r in rows], 0, left)
 
 
 def prompt_completion_example(prompt_ids: Sequence[int], completion_ids: Sequence[int],
@@ -67,9 +76,8 @@ class CausalLM:
         labels = [list(e.get("labels", e["input_ids"])) for e in examples]
         if any(len(a) != len(b) for a, b in zip(ids, labels, strict=True)):
             raise ValueError("labels must have the length of input_ids")
-        input_ids = _pad(ids, pad_id)
-        return {"input_ids": input_ids, "attention_mask": _pad([[1] * len(r) for r in ids], 0),
-                "labels": _pad(labels, IGNORE)}
+        input_ids, mask = pad_batch(ids, pad_id)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": pad_rows(labels, IGNORE)}
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], adapter: str) -> torch.Tensor:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=adapter)
@@ -96,8 +104,9 @@ class CandidateScoring:
                 ex = prompt_completion_example(e["prompt_ids"], cand)
                 rows.append(ex["input_ids"])
                 labels.append(ex["labels"])
-        return {"input_ids": _pad(rows, pad_id), "attention_mask": _pad([[1] * len(r) for r in rows], 0),
-                "labels": _pad(labels, IGNORE), "target": torch.tensor(targets),
+        input_ids, mask = pad_batch(rows, pad_id)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": pad_rows(labels, IGNORE),
+                "target": torch.tensor(targets),
                 "n_candidates": torch.tensor(len(examples[0]["candidates"]))}
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], adapter: str) -> torch.Tensor:

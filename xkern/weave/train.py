@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from xkern.rec.data import DomainData
-from xkern.train.objectives import IGNORE
+from xkern.train.objectives import IGNORE, pad_batch, pad_rows
 from xkern.weave.data import domain_examples, mix_domains
 
 
@@ -38,13 +38,8 @@ class CompletionLM:
         if any(len(r) < 2 for r in ids) or any(len(a) != len(b) for a, b in zip(ids, labels, strict=True)):
             raise ValueError("every example needs >= 2 tokens and labels as long as input_ids")
         width = max(len(r) for r in ids)
-        input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-        lab = torch.full((len(ids), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, (r, lb) in enumerate(zip(ids, labels, strict=True)):
-            input_ids[i, width - len(r):] = torch.tensor(r)
-            lab[i, width - len(r):] = torch.tensor(lb)
-            mask[i, width - len(r):] = 1
+        input_ids, mask = pad_batch(ids, pad_id, left=True)
+        lab = pad_rows(labels, IGNORE, left=True)
         labelled = (lab[:, 1:] != IGNORE).any(0).nonzero()
         first = int(labelled[0]) if len(labelled) else width - 2  # first position whose NEXT token is labelled
         return {"input_ids": input_ids, "attention_mask": mask, "labels": lab,

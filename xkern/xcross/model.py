@@ -33,6 +33,7 @@ from xkern.nn.linear import BASE
 from xkern.nn.model import XkernModel
 from xkern.ops.xcross_integrate import xcross_integrate
 from xkern.rec.prompts import MAX_HISTORY, history_block, pointwise_prompt, titles_of
+from xkern.train.objectives import pad_batch
 
 POOLINGS = ("auto", "first", "last", "mean")
 FORMAT = "xkern-xcross/1"
@@ -147,17 +148,7 @@ class PairEncoder:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """``input_ids, attention_mask [U*C, T]``, user-major (the C candidates of user 0 first), right-padded."""
         rows = [self.pair_ids(h, int(c)) for h, cands in zip(histories, candidates, strict=True) for c in cands]
-        return pad_rows(rows, self.pad_id)
-
-
-def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
+        return pad_batch(rows, self.pad_id)
 
 
 def adapter_fingerprint(model: XkernModel, name: str) -> str:
@@ -351,7 +342,7 @@ class XCrossModel(nn.Module):
         try:
             with torch.no_grad():
                 for s in range(0, len(rows), batch_size):
-                    ids, mask = pad_rows(rows[s:s + batch_size], self.encoder.pad_id)
+                    ids, mask = pad_batch(rows[s:s + batch_size], self.encoder.pad_id)
                     out[s:s + len(ids)] = self(ids, mask).float().cpu()
         finally:
             self.train(was_training)

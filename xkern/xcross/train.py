@@ -31,7 +31,8 @@ from xkern.rec.evaluate import evaluate_scorer
 from xkern.rec.lm import next_item_pairs
 from xkern.rec.metrics import evaluate_ranking
 from xkern.rec.negatives import build_candidates, sample_uniform, user_rng
-from xkern.xcross.model import XCrossModel, pad_rows
+from xkern.train.objectives import pad_batch
+from xkern.xcross.model import XCrossModel
 
 
 @dataclass
@@ -104,7 +105,7 @@ def example_loss(xc: XCrossModel, batch: Sequence[Example]) -> tuple[torch.Tenso
     enc = xc.encoder
     assert enc is not None
     rows = [enc.pair_ids(h, int(c)) for h, cands, _ in batch for c in cands]
-    ids, mask = pad_rows(rows, enc.pad_id)
+    ids, mask = pad_batch(rows, enc.pad_id)
     scores = xc(ids, mask).view(len(batch), -1)
     target = torch.tensor([t for _, _, t in batch], device=scores.device)
     return F.cross_entropy(scores, target), scores
