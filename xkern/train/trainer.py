@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -279,8 +280,6 @@ def _save_checkpoint(model: XkernModel, adapter: str, opt: torch.optim.Optimizer
         old = ckpt.with_name(ckpt.name + ".old")
         ckpt.rename(old)
         tmp.rename(ckpt)
-        import shutil
-
         shutil.rmtree(old)
     else:
         tmp.rename(ckpt)
