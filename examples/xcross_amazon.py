@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--source-epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-per-user", type=int, default=1, help="training positions per user (the last ones)")
+    p.add_argument("--warmup", type=int, default=0, help="warm-up steps")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between validations (default: per epoch)")
+    p.add_argument("--patience", type=int, default=2)
     p.add_argument("--lr", type=float, default=2e-3, help="integrators / w / heads")
     p.add_argument("--lora-lr", type=float, default=5e-4)
     p.add_argument("--r", type=int, default=8)
@@ -58,7 +62,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc", default=str(ROOT / "docs" / "xcross.md"))
     p.add_argument("--no-doc", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--table-from", default=None,
+                   help="rebuild the table (and baseline rows) from this run's JSON instead of running")
     args = p.parse_args(argv)
+    if args.table_from:
+        log = json.loads(Path(args.table_from).read_text())
+        if not log.get("baselines"):
+            a = log["args"]
+            log["baselines"] = baseline_rows(a["data"], a["target"], log["rows"][0]["n_users"], a["seed"])
+            Path(args.table_from).write_text(json.dumps(log, indent=2) + "\n")
+        table = results_table(log)
+        print(table)
+        if not args.no_doc:
+            write_doc(Path(args.doc), table)
+        return 0
 
     from transformers import AutoTokenizer
 
@@ -83,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(max_history=args.max_history, max_tokens=args.max_tokens)
     tcfg = XCrossTrainConfig(n_neg=args.n_neg, batch_size=args.batch_size, lr=args.lr, extra_lr=args.lora_lr,
                         val_neg=args.val_neg, max_val_users=args.val_users, seed=args.seed,
-                        progress=not args.no_progress)
+                        max_per_user=args.max_per_user, warmup_steps=args.warmup, eval_every=args.eval_every,
+                        patience=args.patience, progress=not args.no_progress)
     log: dict = {"kind": "xcross-amazon", "backbone": "all-MiniLM-L6-v2 (BERT, 6 layers, d=384), NF4 base",
                  "args": vars(args), "tools_pool_users": len(pool), "rows": [], "training": {}}
 
@@ -135,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         evaluate_row("X-Cross (" + " + ".join(sources) + ")", xc, frac, {**xc.num_trainable(), "lora": 0})
         print(f"[{time.perf_counter() - t0:.0f}s] fraction {frac:g} done", flush=True)
 
+    log["baselines"] = baseline_rows(args.data, args.target, args.eval_users, args.seed)
     log["seconds"] = round(time.perf_counter() - t0, 1)
     log["threads"] = torch.get_num_threads()
     out = Path(args.out)
@@ -148,6 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def baseline_rows(data_root: str, target: str, eval_users: int, seed: int) -> list[dict]:
+    """random / popularity / item-markov on exactly the candidates the model rows are ranked on."""
+    from xkern.rec.baselines import evaluate_baselines
+    from xkern.rec.data import load_processed
+    from xkern.rec.negatives import build_candidates
+
+    data = load_processed(data_root, target, seed=seed)
+    return evaluate_baselines(data, build_candidates(data, "test", 29, "uniform", seed, eval_users), seed=seed)
+
+
 def results_table(log: dict) -> str:
     a = log["args"]
     lines = [f"Tools test users: first {log['rows'][0]['n_users']} (ascending index), 1 positive + 29 uniform "
@@ -155,16 +184,36 @@ def results_table(log: dict) -> str:
              f"{a['source_users']} training users each; backbone {log['backbone']}; wall {log['seconds']:.0f} s "
              f"on {log['threads']} CPU threads.",
              "",
-             "| method | Tools train users | HR@1 | HR@10 | NDCG@10 | trainable params |",
-             "|---|---|---|---|---|---|"]
+             "| method | Tools train users | HR@1 | HR@10 | NDCG@10 | trainable params | kept step / steps "
+             "(val loss step 0 -> kept) |",
+             "|---|---|---|---|---|---|---|"]
     for r in log["rows"]:
         users = "-" if r["fraction"] == "-" else f"{r['train_users']} ({r['fraction']:.0%})"
+        tr = log.get("training", {}).get(_training_key(r, log), {})
+        val = tr.get("val") or []
+        kept = (f"{tr['best_step']} / {tr['steps']} ({val[0]['loss']:.3f} -> {tr['best_val_loss']:.3f})"
+                if val else "-")
         d = r["trainable_detail"]
         detail = (f"{r['trainable']:,} (LoRA {d['lora']:,} + head {d['head']:,})" if d.get("lora")
                   else f"{r['trainable']:,} (integrators {d['integrators']:,} + w {d['w']} + head {d['head']:,})")
         lines.append(f"| {r['method']} | {users} | {r['HR@1']:.3f} | {r['HR@10']:.3f} | {r['NDCG@10']:.3f} | "
-                     f"{detail} |")
+                     f"{detail} | {kept} |")
+    for b in log.get("baselines", []):
+        lines.append(f"| {b['scorer']} (baseline, same candidates) | all | {b['HR@1']:.3f} | {b['HR@10']:.3f} | "
+                     f"{b['NDCG@10']:.3f} | - | - |")
     return "\n".join(lines)
+
+
+def _training_key(row: dict, log: dict) -> str:
+    """The ``log["training"]`` entry of a row (rows written before this key existed carry no name)."""
+    if "training_key" in row:
+        return row["training_key"]
+    method, frac = row["method"], row["fraction"]
+    if method.endswith("adapter alone (zero-shot)"):
+        return "src-" + method.split()[0]
+    if method == "Tools-only LoRA":
+        return f"tools-{frac:g}".replace(".", "p")
+    return f"xcross-{frac:g}"
 
 
 def write_doc(doc: Path, table: str) -> None:

@@ -16,11 +16,13 @@ import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from xkern.rec.data import DomainData
-from xkern.rec.evaluate import Scorer
+from xkern.rec.evaluate import Scorer, evaluate_scorer
+from xkern.rec.negatives import CandidateSet
 
 _WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 _STOP = {"a", "an", "and", "for", "of", "the", "with", "in", "to", "by", "on", "edition"}
@@ -209,3 +211,10 @@ def make_scorer(name: str, data: DomainData, seed: int = 0, sources: Sequence[Do
             model.fit(d.train.values(), d.titles)
         return model.for_domain(data.titles)
     raise ValueError(f"unknown scorer {name!r} ({', '.join(SCORERS)})")
+
+
+def evaluate_baselines(data: DomainData, cands: CandidateSet,
+                       names: Sequence[str] = ("random", "popularity", "item-markov"), seed: int = 0,
+                       ks: Sequence[int] = (1, 10)) -> list[dict[str, Any]]:
+    """Baseline rows for a model table: each named scorer ranked on exactly ``cands``."""
+    return [{"scorer": n, **evaluate_scorer(make_scorer(n, data, seed=seed), cands, tuple(ks), 256)} for n in names]
