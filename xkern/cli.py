@@ -29,6 +29,10 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def _extra_rows(text: str) -> tuple[str, ...]:
+    return () if text.strip().lower() == "none" else _names(text)
+
+
 def _default_data_root() -> str:
     from xkern.rec.data import DEFAULT_DATA_ROOT
 
@@ -294,9 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-models", action="store_true",
                    help="baselines only: skip the rows that train adapters on the tiny NF4 Llama (seconds instead "
                    "of minutes)")
-    p.add_argument("--extra", type=_names, default=(),
-                   help="comma-separated opt-in model rows: xcross, weave (X-Cross over the source LoRAs; "
-                   "WeaveRec hybrid LoRAs and merge; several more minutes on a CPU)")
+    p.add_argument("--extra", type=_extra_rows, default=("xcross", "weave"),
+                   help="comma-separated model rows beyond the LoRA rows: xcross (X-Cross over the source LoRAs), "
+                   "weave (WeaveRec hybrid LoRAs and merge); default both, 'none' for the LoRA rows only")
     p.set_defaults(func=cmd_demo)
 
     data_common = argparse.ArgumentParser(add_help=False)

@@ -51,7 +51,8 @@ def test_train_lora_on_synthetic_lowers_validation_loss(tmp_path, capsys):
 
 def test_demo_prints_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = main(["demo", "--users", "60", "--fractions", "0.5,1", "--out", str(out), "--no-progress", "--plot"])
+    rc = main(["demo", "--users", "60", "--fractions", "0.5,1", "--out", str(out), "--no-progress", "--plot",
+               "--extra", "none"])
     assert rc == 0
     text = capsys.readouterr().out
     header = next(line for line in text.splitlines() if line.startswith("method"))
@@ -60,6 +61,8 @@ def test_demo_prints_table_and_writes_json(tmp_path, capsys):
     res = json.loads((out / "results.json").read_text())
     assert res["kind"] == "xkern-demo" and res["config"]["synthetic"]["n_users"] == 60
     assert res["rows"][0]["n_users"] == 12  # 20% of 60 test users
+    methods = {r["method"] for r in res["rows"]}
+    assert "lora-target" in methods and not methods & {"xcross", "weave-merge"}  # --extra none
     assert (out / "metrics.png").read_bytes()[:4] == PNG_MAGIC
 
 
@@ -253,10 +256,11 @@ def test_demo_refuses_unknown_extra_rows(capsys):
     assert "bogus" in capsys.readouterr().err
 
 
-def test_demo_extra_rows_run_xcross_and_weave(tmp_path, capsys):
+def test_demo_runs_xcross_and_weave_rows_by_default(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = main(["demo", "--users", "60", "--fractions", "1", "--max-eval-users", "12", "--extra", "xcross,weave",
-               "--no-progress", "--out", str(out)])
+    rc = main(["demo", "--users", "60", "--fractions", "1", "--max-eval-users", "12", "--no-progress",
+               "--out", str(out)])
     assert rc == 0
     rows = {r["method"] for r in json.loads((out / "results.json").read_text())["rows"]}
-    assert {"lora-target", "xcross", "weave-merge"} <= rows
+    assert {"lora-target", "xcross", "weave-hybrid-Toys", "weave-merge"} <= rows
+

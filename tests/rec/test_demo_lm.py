@@ -47,7 +47,7 @@ def test_likelihood_scorer_matches_one_sequence_at_a_time(domains):
 
 def test_demo_lora_rows_learn(domains):
     cfg = DemoConfig(synthetic=SyntheticConfig(n_users=120), fractions=(1.0,), max_eval_users=60,
-                     lm_config=LMDemoConfig(epochs=2))
+                     lm_config=LMDemoConfig(epochs=2), extra=())
     res = run_demo(cfg, progress=False)
     by = {r["method"]: r for r in res["rows"]}
     assert {"lora-target", "lora-Toys", "lora-Sports"} <= set(by)

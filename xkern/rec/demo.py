@@ -91,15 +91,15 @@ class DemoConfig:
     max_eval_users: int | None = None
     lm: bool = True  # add the model rows (LoRA on a tiny NF4 Llama)
     lm_config: Any = None  # xkern.rec.demo_lm.LMDemoConfig; None = its defaults
-    extra: tuple[str, ...] = ()  # opt-in model rows: "xcross", "weave" (minutes more on a CPU)
+    extra: tuple[str, ...] = ("xcross", "weave")  # model rows beyond the LoRA rows (() for LoRA only)
 
 
 EXTRA_ROWS = ("xcross", "weave")
 
 
 def model_methods(source_names: Sequence[str], extra: Sequence[str] = ()) -> list[Method]:
-    """Rows that run the model runtime: per-domain and target-only LoRA, plus the opt-in X-Cross and
-    WeaveRec rows (they train more adapters and heads, so they are not in the default quickstart)."""
+    """Rows that run the model runtime: per-domain and target-only LoRA, plus (``extra``) the X-Cross
+    rows over the source LoRAs and the WeaveRec rows (hybrid LoRAs and their merge with the target LoRA)."""
     from xkern.rec.demo_lm import lora_methods
 
     unknown = sorted(set(extra) - set(EXTRA_ROWS))
