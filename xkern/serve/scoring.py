@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from xkern.nn.linear import BASE
 from xkern.rec.prompts import titles_of
-from xkern.train.objectives import pad_batch
+from xkern.train.objectives import model_pad_id, pad_batch
 
 
 @dataclass
@@ -56,19 +56,11 @@ def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, tor
     return pad_batch(rows, pad, left=True)
 
 
-def pad_id(model: Any) -> int:
-    pad = getattr(model.config, "pad_token_id", None)
-    if pad is None:
-        eos = getattr(model.config, "eos_token_id", None)
-        pad = eos[0] if isinstance(eos, list) else eos
-    return int(pad or 0)
-
-
 @torch.no_grad()
 def prefill(model: Any, prompts: Sequence[Sequence[int]], adapter: str | Sequence[str] | None = None) -> Prefill:
     """Run the prompts once with ``use_cache``; logits only for the last position."""
     device = model.device
-    ids, mask = left_pad(prompts, pad_id(model))
+    ids, mask = left_pad(prompts, model_pad_id(model))
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
@@ -103,7 +95,7 @@ def score_continuations(model: Any, pre: Prefill, continuations: Sequence[Sequen
     names = _names(adapter, n)
     flat = [(b, j, list(c)) for b, conts in enumerate(continuations) for j, c in enumerate(conts)]
     out = [np.zeros(len(c), dtype=np.float64) for c in continuations]
-    pad = pad_id(model)
+    pad = model_pad_id(model)
     for s in range(0, len(flat), row_batch):
         chunk = [x for x in flat[s:s + row_batch] if x[2]]
         if not chunk:

@@ -44,6 +44,15 @@ def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False) ->
     return pad_rows(rows, pad_id, left), pad_rows([[1] * len(r) for r in rows], 0, left)
 
 
+def model_pad_id(model: Any) -> int:
+    """The token a model's batches are padded with: its ``pad_token_id``, else its (first) EOS, else 0."""
+    pad = getattr(model.config, "pad_token_id", None)
+    if pad is None:
+        eos = getattr(model.config, "eos_token_id", None)
+        pad = eos[0] if isinstance(eos, list) else eos
+    return int(pad or 0)
+
+
 def prompt_completion_example(prompt_ids: Sequence[int], completion_ids: Sequence[int],
                               max_len: int | None = None) -> dict[str, list[int]]:
     """A causal-LM example that learns only the completion (prompt labels are -100); truncates the prompt's left."""

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from xkern.adapters.peft_format import load_adapter as read_adapter
 from xkern.nn.model import XkernModel
-from xkern.train.objectives import OBJECTIVES, Objective
+from xkern.train.objectives import OBJECTIVES, Objective, model_pad_id
 
 CHECKPOINT_DIR = "checkpoint"
 LOG_NAME = "train_log.json"
@@ -117,7 +117,7 @@ def evaluate_loss(model: XkernModel, adapter: str, dataset: Sequence[dict[str, A
                   objective: str | Objective = "causal_lm", batch_size: int = 8) -> float:
     """Mean loss of ``adapter`` over ``dataset`` (no gradients, eval mode), weighted by batch size."""
     obj = OBJECTIVES[objective]() if isinstance(objective, str) else objective
-    pad = _pad_id(model)
+    pad = model_pad_id(model)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -129,14 +129,6 @@ def evaluate_loss(model: XkernModel, adapter: str, dataset: Sequence[dict[str, A
             count += len(chunk)
     model.train(was_training)
     return total / max(count, 1)
-
-
-def _pad_id(model: XkernModel) -> int:
-    pad = getattr(model.config, "pad_token_id", None)
-    if pad is None:
-        eos = getattr(model.config, "eos_token_id", None)
-        pad = eos[0] if isinstance(eos, list) else eos
-    return int(pad or 0)
 
 
 def train_lora(model: XkernModel, adapter_name: str, dataset: Sequence[dict[str, Any]], *,
@@ -168,7 +160,7 @@ def train_lora(model: XkernModel, adapter_name: str, dataset: Sequence[dict[str,
     obj = OBJECTIVES[objective]() if isinstance(objective, str) else objective
     rank, world = _dist_setup()
     device = model.device
-    pad = _pad_id(model)
+    pad = model_pad_id(model)
 
     params = model.train_only(adapter_name)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
