@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         log = json.loads(Path(args.table_from).read_text())
         if not log.get("baselines"):
             a = log["args"]
-            log["baselines"] = baseline_rows(a["data"], a["target"], log["rows"][0]["n_users"], a["seed"])
+            from xkern.rec.data import load_processed
+
+            data = load_processed(a["data"], a["target"], seed=a["seed"])
+            log["baselines"] = baseline_rows(data, log["rows"][0]["n_users"], a["seed"])
             Path(args.table_from).write_text(json.dumps(log, indent=2) + "\n")
         table = results_table(log)
         print(table)
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         evaluate_row("X-Cross (" + " + ".join(sources) + ")", xc, frac, {**xc.num_trainable(), "lora": 0})
         print(f"[{time.perf_counter() - t0:.0f}s] fraction {frac:g} done", flush=True)
 
-    log["baselines"] = baseline_rows(args.data, args.target, args.eval_users, args.seed)
+    log["baselines"] = baseline_rows(target, args.eval_users, args.seed)
     log["seconds"] = round(time.perf_counter() - t0, 1)
     log["threads"] = torch.get_num_threads()
     out = Path(args.out)
@@ -167,13 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def baseline_rows(data_root: str, target: str, eval_users: int, seed: int) -> list[dict]:
+def baseline_rows(data, eval_users: int, seed: int) -> list[dict]:
     """random / popularity / item-markov on exactly the candidates the model rows are ranked on."""
     from xkern.rec.baselines import evaluate_baselines
-    from xkern.rec.data import load_processed
     from xkern.rec.negatives import build_candidates
 
-    data = load_processed(data_root, target, seed=seed)
     return evaluate_baselines(data, build_candidates(data, "test", 29, "uniform", seed, eval_users), seed=seed)
 
 
