@@ -1,0 +1,494 @@
+// xkern._cpu: native CPU kernels for the NF4 + multi-adapter LoRA linear (pybind11 bindings).
+//
+// This file owns everything torch: argument checks, allocation, the choice of path, threading
+// (at::parallel_for, so torch.set_num_threads is honoured and a call from inside a parallel region
+// runs inline) and the instruction set (chosen at run time). The kernels themselves
+// (kernels_<isa>.cpp) are plain C++ over raw pointers.
+//
+// Paths (both compute in float32 with float32 accumulation, exactly the reference's semantics):
+//  * few rows (M <= kSmallRows) and K % 32 == 0: fused GEMV kernels that decode every weight byte once
+//    for a group of up to 16 rows (forward: threads own output rows n; input grad: threads own
+//    32-column chunks of K and walk the weight rows); the LoRA expand joins the same pass.
+//  * otherwise: the weight is decoded into a float32 slab of rows (threads split the slab) and
+//    multiplied with at::mm (MKL/oneDNN), slab after slab; the LoRA terms run per adapter segment
+//    (gather the segment's rows, two small matmuls, scatter-add).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "kernels.h"
+
+namespace {
+
+using xk::KernelTable;
+
+constexpr int64_t kSmallRows = 16;           // largest M on the fused GEMV paths
+constexpr int64_t kSlabBytes = 8 << 20;      // float32 bytes of one decoded weight slab
+constexpr int64_t kNestedBlock = 256;
+
+// ------------------------------------------------------------------------------------------------
+// instruction set
+
+bool cpu_supports(const std::string& isa) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (isa == "avx512") {
+    return xk::kernels_avx512() != nullptr && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi2");
+  }
+  if (isa == "avx2") {
+    return xk::kernels_avx2() != nullptr && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }
+#endif
+  return isa == "scalar";
+}
+
+const KernelTable* table_for(const std::string& isa) {
+  if (isa == "avx512") return xk::kernels_avx512();
+  if (isa == "avx2") return xk::kernels_avx2();
+  return xk::kernels_scalar();
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (const char* isa : {"avx512", "avx2", "scalar"})
+    if (cpu_supports(isa)) out.emplace_back(isa);
+  return out;
+}
+
+std::atomic<const KernelTable*> g_kernels{nullptr};
+
+const KernelTable* kernels() {
+  const KernelTable* kt = g_kernels.load(std::memory_order_acquire);
+  if (!kt) {
+    kt = table_for(supported_isas().front());
+    g_kernels.store(kt, std::memory_order_release);
+  }
+  return kt;
+}
+
+std::string isa() { return kernels()->name; }
+
+void set_isa(const std::string& name) {
+  TORCH_CHECK_VALUE(name == "avx512" || name == "avx2" || name == "scalar",
+                    "unknown instruction set '", name, "'; expected 'avx512', 'avx2' or 'scalar'");
+  TORCH_CHECK_VALUE(cpu_supports(name), "this CPU cannot run the '", name, "' kernels (supported: ",
+                    c10::Join(", ", supported_isas()), ")");
+  g_kernels.store(table_for(name), std::memory_order_release);
+}
+
+std::string build_info() {
+  std::string s = "xkern._cpu: NF4 + multi-adapter LoRA CPU kernels; compiled ISAs: scalar";
+  if (xk::kernels_avx2()) s += ", avx2";
+  if (xk::kernels_avx512()) s += ", avx512";
+  s += "; this CPU supports: " + c10::Join(", ", supported_isas());
+  s += "; in use: " + isa();
+#if defined(__VERSION__)
+  s += "; compiler: " + std::string(__VERSION__);
+#endif
+  s += "; threads: " + std::to_string(at::get_num_threads());
+  s += "; fused GEMV paths for M <= " + std::to_string(kSmallRows) + " and K % 32 == 0";
+  return s;
+}
+
+// ------------------------------------------------------------------------------------------------
+// argument checks
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.defined(), name, " is undefined");
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got one on ", t.device());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+}
+
+int float_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return xk::kF32;
+    case at::kBFloat16:
+      return xk::kBF16;
+    case at::kHalf:
+      return xk::kF16;
+    default:
+      TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+  return xk::kF32;  // unreachable
+}
+
+void check_dtype(const at::Tensor& t, at::ScalarType want, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == want, name, " must be ", want, ", got ", t.scalar_type());
+}
+
+// The weight: checks every part against numel and blocksize and returns the raw view.
+xk::NF4W make_weight(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& absmax2,
+                     const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& offset, int64_t numel,
+                     int64_t blocksize) {
+  TORCH_CHECK_VALUE(numel > 0, "the weight must have at least one element, got numel ", numel);
+  int shift = -1;
+  for (int s = 5; s <= 12; ++s)
+    if (blocksize == (int64_t{1} << s)) shift = s;
+  TORCH_CHECK_VALUE(shift >= 0, "blocksize must be a power of two in [32, 4096], got ", blocksize);
+  check_cpu(packed, "packed");
+  check_dtype(packed, at::kByte, "packed");
+  TORCH_CHECK_VALUE(packed.numel() == (numel + 1) / 2, "packed has ", packed.numel(), " bytes, ", numel,
+                    " elements need ", (numel + 1) / 2);
+  const int64_t n_blocks = (numel + blocksize - 1) / blocksize;
+  check_cpu(absmax, "absmax");
+  TORCH_CHECK_VALUE(absmax.numel() == n_blocks, "absmax has ", absmax.numel(), " entries, expected ", n_blocks);
+  const bool nested = absmax2.has_value() || code2.has_value() || offset.has_value();
+  xk::NF4W w;
+  w.packed = packed.data_ptr<uint8_t>();
+  w.bs_shift = shift;
+  if (!nested) {
+    check_dtype(absmax, at::kFloat, "absmax (not double-quantized)");
+    w.absmax = absmax.data_ptr<float>();
+    return w;
+  }
+  TORCH_CHECK_VALUE(absmax2.has_value() && code2.has_value() && offset.has_value(),
+                    "double quantization needs absmax2, code2 and offset together");
+  check_dtype(absmax, at::kByte, "absmax (double-quantized)");
+  check_cpu(*absmax2, "absmax2");
+  check_cpu(*code2, "code2");
+  check_cpu(*offset, "offset");
+  check_dtype(*absmax2, at::kFloat, "absmax2");
+  check_dtype(*code2, at::kFloat, "code2");
+  check_dtype(*offset, at::kFloat, "offset");
+  TORCH_CHECK_VALUE(absmax2->numel() == (n_blocks + kNestedBlock - 1) / kNestedBlock, "absmax2 has ",
+                    absmax2->numel(), " entries, expected ", (n_blocks + kNestedBlock - 1) / kNestedBlock);
+  TORCH_CHECK_VALUE(code2->numel() == 256, "code2 must have 256 entries, got ", code2->numel());
+  TORCH_CHECK_VALUE(offset->numel() == 1, "offset must have one element, got ", offset->numel());
+  w.qabsmax = absmax.data_ptr<uint8_t>();
+  w.absmax2 = absmax2->data_ptr<float>();
+  w.code2 = code2->data_ptr<float>();
+  w.offset = offset->data_ptr<float>()[0];
+  return w;
+}
+
+struct Lora {
+  int64_t n_adapters = 0, r = 0;
+  int a_dt = xk::kF32, b_dt = xk::kF32;
+};
+
+// lora_A [na, r, K], lora_B [na, N, r], scale float32 [na], and the routing: ids [M] in [-1, na),
+// order a permutation of the rows, starts [na + 2] with rows order[starts[j]:starts[j + 1]] all of
+// adapter j - 1. Checked in full (O(M)), so no kernel can read out of bounds whatever the caller.
+Lora check_lora(const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scale, const at::Tensor& ids,
+                const at::Tensor& order, const at::Tensor& starts, int64_t M, int64_t N, int64_t K) {
+  check_cpu(lora_A, "lora_A");
+  check_cpu(lora_B, "lora_B");
+  check_cpu(scale, "scale");
+  check_cpu(ids, "ids");
+  check_cpu(order, "order");
+  check_cpu(starts, "starts");
+  Lora l;
+  l.a_dt = float_dtype(lora_A, "lora_A");
+  l.b_dt = float_dtype(lora_B, "lora_B");
+  TORCH_CHECK_VALUE(lora_A.dim() == 3, "lora_A must be [n_adapters, r, K], got shape ", lora_A.sizes());
+  l.n_adapters = lora_A.size(0);
+  l.r = lora_A.size(1);
+  TORCH_CHECK_VALUE(lora_A.size(2) == K, "lora_A must be [n_adapters, r, ", K, "], got ", lora_A.sizes());
+  TORCH_CHECK_VALUE(lora_B.dim() == 3 && lora_B.size(0) == l.n_adapters && lora_B.size(1) == N && lora_B.size(2) == l.r,
+                    "lora_B must be [", l.n_adapters, ", ", N, ", ", l.r, "], got ", lora_B.sizes());
+  check_dtype(scale, at::kFloat, "scale");
+  TORCH_CHECK_VALUE(scale.numel() == l.n_adapters, "scale must have ", l.n_adapters, " entries, got ", scale.numel());
+  check_dtype(ids, at::kInt, "ids");
+  check_dtype(order, at::kInt, "order");
+  check_dtype(starts, at::kInt, "starts");
+  TORCH_CHECK_VALUE(ids.dim() == 1 && ids.numel() == M, "ids must be [", M, "], got ", ids.sizes());
+  TORCH_CHECK_VALUE(order.dim() == 1 && order.numel() == M, "order must be [", M, "], got ", order.sizes());
+  TORCH_CHECK_VALUE(starts.dim() == 1 && starts.numel() == l.n_adapters + 2, "starts must be [", l.n_adapters + 2,
+                    "], got ", starts.sizes());
+  const int32_t* id = ids.data_ptr<int32_t>();
+  const int32_t* ord = order.data_ptr<int32_t>();
+  const int32_t* st = starts.data_ptr<int32_t>();
+  for (int64_t m = 0; m < M; ++m)
+    TORCH_CHECK_VALUE(id[m] >= -1 && id[m] < l.n_adapters, "ids[", m, "] = ", id[m], " is outside [-1, ",
+                      l.n_adapters, ")");
+  TORCH_CHECK_VALUE(st[0] == 0 && st[l.n_adapters + 1] == M, "starts must begin at 0 and end at M = ", M);
+  std::vector<char> seen(static_cast<size_t>(M), 0);
+  for (int64_t j = 0; j <= l.n_adapters; ++j) {
+    TORCH_CHECK_VALUE(st[j] <= st[j + 1], "starts must be non-decreasing (starts[", j, "] = ", st[j], " > starts[",
+                      j + 1, "] = ", st[j + 1], ")");
+    for (int64_t i = st[j]; i < st[j + 1]; ++i) {
+      const int32_t row = ord[i];
+      TORCH_CHECK_VALUE(row >= 0 && row < M && !seen[row], "order must be a permutation of the ", M,
+                        " rows (order[", i, "] = ", row, ")");
+      seen[row] = 1;
+      TORCH_CHECK_VALUE(id[row] == j - 1, "order/starts do not match ids: row ", row, " (ids = ", id[row],
+                        ") lies in the segment of adapter ", j - 1);
+    }
+  }
+  return l;
+}
+
+void check_x(const at::Tensor& x, int64_t K, const char* name) {
+  check_cpu(x, name);
+  float_dtype(x, name);
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == K, name, " must be [M, ", K, "], got ", x.sizes());
+}
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// float32 copy of a [rows, cols] activation (the tensor itself when already float32)
+at::Tensor as_f32(const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat) return t;
+  at::Tensor out = at::empty(t.sizes(), t.options().dtype(at::kFloat));
+  const KernelTable* kt = kernels();
+  const int dt = float_dtype(t, "activation");
+  const void* src = t.data_ptr();
+  float* dst = out.data_ptr<float>();
+  const int64_t esize = t.element_size();
+  at::parallel_for(0, t.numel(), 1 << 16, [&](int64_t b, int64_t e) {
+    kt->to_f32(static_cast<const char*>(src) + b * esize, dt, e - b, dst + b);
+  });
+  return out;
+}
+
+// Decodes weight rows [n0, n0 + nb) into slab ([nb, K] float32), threads splitting the elements.
+void decode_rows(const KernelTable* kt, const xk::NF4W& w, int64_t K, int64_t n0, int64_t nb, float* slab) {
+  const int64_t e0 = n0 * K;
+  at::parallel_for(0, nb * K, 1 << 14, [&](int64_t b, int64_t e) { kt->dequant(w, e0 + b, e0 + e, slab + b, xk::kF32); });
+}
+
+int64_t slab_rows(int64_t N, int64_t K) { return std::max<int64_t>(1, std::min<int64_t>(N, kSlabBytes / (4 * K))); }
+
+at::Tensor seg_rows(const at::Tensor& order, int64_t s0, int64_t s1) {
+  return order.narrow(0, s0, s1 - s0).to(at::kLong);
+}
+
+// ------------------------------------------------------------------------------------------------
+// forward
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
+    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& absmax2,
+    const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& offset, int64_t n_out, int64_t k,
+    int64_t blocksize, const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scale,
+    const at::Tensor& ids, const at::Tensor& order, const at::Tensor& starts) {
+  TORCH_CHECK_VALUE(n_out > 0 && k > 0, "n_out and k must be positive, got ", n_out, " and ", k);
+  const int64_t N = n_out, K = k;
+  const xk::NF4W w = make_weight(packed, absmax, absmax2, code2, offset, N * K, blocksize);
+  check_x(x, K, "x");
+  const int64_t M = x.size(0);
+  const Lora l = check_lora(lora_A, lora_B, scale, ids, order, starts, M, N, K);
+  const int64_t r = l.r;
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0) return {y, at::zeros({0, r}, x.options().dtype(at::kFloat))};
+  const KernelTable* kt = kernels();
+  const int x_dt = float_dtype(x, "x");
+  const float* sc = scale.data_ptr<float>();
+
+  if (K % 32 == 0 && M <= kSmallRows) {
+    at::Tensor x32 = as_f32(x);
+    at::Tensor xp = at::empty({M, K}, x.options().dtype(at::kFloat));
+    kt->to_f32_perm(x.data_ptr(), x_dt, M, K, xp.data_ptr<float>());
+    at::Tensor xa = at::empty({M, r}, x.options().dtype(at::kFloat));
+    const int64_t rp = round_up(r, 16);
+    at::Tensor coef = at::zeros({M, std::max<int64_t>(rp, 1)}, x.options().dtype(at::kFloat));
+    const int32_t* id = ids.data_ptr<int32_t>();
+    if (r > 0) {
+      xk::ShrinkArgs s;
+      s.act = x32.data_ptr<float>();
+      s.M = M;
+      s.K = K;
+      s.r = r;
+      s.ids = id;
+      s.lora = lora_A.data_ptr();
+      s.lora_dt = l.a_dt;
+      s.out = xa.data_ptr<float>();
+      at::parallel_for(0, M, std::max<int64_t>(1, 32768 / (r * K)), [&](int64_t m0, int64_t m1) { kt->shrink_fwd(s, m0, m1); });
+      const float* xap = xa.data_ptr<float>();
+      float* cp = coef.data_ptr<float>();
+      for (int64_t m = 0; m < M; ++m)
+        if (id[m] >= 0)
+          for (int64_t j = 0; j < r; ++j) cp[m * rp + j] = sc[id[m]] * xap[m * r + j];
+    }
+    xk::FwdSmallArgs a;
+    a.w = w;
+    a.N = N;
+    a.K = K;
+    a.M = M;
+    a.xp = xp.data_ptr<float>();
+    a.ids = id;
+    a.coef = coef.data_ptr<float>();
+    a.r = r;
+    a.rp = rp;
+    a.B = lora_B.data_ptr();
+    a.b_dt = l.b_dt;
+    a.y = y.data_ptr();
+    a.y_dt = x_dt;
+    const int64_t grain = round_up(std::max<int64_t>(4, 32768 / (K * M)), 4);
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { kt->fwd_small(a, n0, n1); });
+    return {y, xa};
+  }
+
+  // large M or K % 32 != 0: decoded float32 slabs + at::mm, LoRA per adapter segment
+  at::Tensor x32 = as_f32(x);
+  at::Tensor y32 = x_dt == xk::kF32 ? y : at::empty({M, N}, x.options().dtype(at::kFloat));
+  const int64_t nb_max = slab_rows(N, K);
+  at::Tensor slab = at::empty({nb_max, K}, x.options().dtype(at::kFloat));
+  for (int64_t n0 = 0; n0 < N; n0 += nb_max) {
+    const int64_t nb = std::min(nb_max, N - n0);
+    decode_rows(kt, w, K, n0, nb, slab.data_ptr<float>());
+    at::Tensor s = slab.narrow(0, 0, nb);
+    if (nb == N) {
+      at::mm_out(y32, x32, s.t());
+    } else {
+      at::Tensor part = at::mm(x32, s.t());
+      y32.narrow(1, n0, nb).copy_(part);
+    }
+  }
+  at::Tensor xa = at::zeros({M, r}, x.options().dtype(at::kFloat));
+  if (r > 0) {
+    const int32_t* st = starts.data_ptr<int32_t>();
+    for (int64_t ad = 0; ad < l.n_adapters; ++ad) {
+      const int64_t s0 = st[ad + 1], s1 = st[ad + 2];
+      if (s1 == s0) continue;
+      at::Tensor rows = seg_rows(order, s0, s1);
+      at::Tensor xa_a = at::mm(x32.index_select(0, rows), lora_A[ad].to(at::kFloat).t());
+      xa.index_copy_(0, rows, xa_a);
+      y32.index_add_(0, rows, at::mm(xa_a * sc[ad], lora_B[ad].to(at::kFloat).t()));
+    }
+  }
+  if (x_dt != xk::kF32) y.copy_(y32);
+  return {y, xa};
+}
+
+// ------------------------------------------------------------------------------------------------
+// input grad
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_input_grad(
+    const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& absmax,
+    const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
+    const std::optional<at::Tensor>& offset, int64_t n_out, int64_t k, int64_t blocksize, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& scale, const at::Tensor& ids, const at::Tensor& order,
+    const at::Tensor& starts) {
+  TORCH_CHECK_VALUE(n_out > 0 && k > 0, "n_out and k must be positive, got ", n_out, " and ", k);
+  const int64_t N = n_out, K = k;
+  const xk::NF4W w = make_weight(packed, absmax, absmax2, code2, offset, N * K, blocksize);
+  check_x(grad_out, N, "grad_out");
+  const int64_t M = grad_out.size(0);
+  const Lora l = check_lora(lora_A, lora_B, scale, ids, order, starts, M, N, K);
+  const int64_t r = l.r;
+  const auto f32 = grad_out.options().dtype(at::kFloat);
+  if (M == 0) return {at::empty({0, K}, f32), at::zeros({0, r}, f32)};
+  const KernelTable* kt = kernels();
+  const float* sc = scale.data_ptr<float>();
+  at::Tensor dy32 = as_f32(grad_out);
+
+  if (K % 32 == 0 && M <= kSmallRows) {
+    at::Tensor g = at::empty({M, r}, f32);
+    at::Tensor coef = at::zeros({M, std::max<int64_t>(r, 1)}, f32);
+    const int32_t* id = ids.data_ptr<int32_t>();
+    if (r > 0) {
+      xk::ShrinkArgs s;
+      s.act = dy32.data_ptr<float>();
+      s.M = M;
+      s.N = N;
+      s.r = r;
+      s.ids = id;
+      s.lora = lora_B.data_ptr();
+      s.lora_dt = l.b_dt;
+      s.out = g.data_ptr<float>();
+      at::parallel_for(0, M, std::max<int64_t>(1, 32768 / (r * N)), [&](int64_t m0, int64_t m1) { kt->shrink_igrad(s, m0, m1); });
+      const float* gp = g.data_ptr<float>();
+      float* cp = coef.data_ptr<float>();
+      for (int64_t m = 0; m < M; ++m)
+        if (id[m] >= 0)
+          for (int64_t j = 0; j < r; ++j) cp[m * r + j] = sc[id[m]] * gp[m * r + j];
+    }
+    at::Tensor dx = at::empty({M, K}, f32);
+    xk::IgradSmallArgs a;
+    a.w = w;
+    a.N = N;
+    a.K = K;
+    a.M = M;
+    a.dy = dy32.data_ptr<float>();
+    a.ids = id;
+    a.coef = coef.data_ptr<float>();
+    a.r = r;
+    a.A = lora_A.data_ptr();
+    a.a_dt = l.a_dt;
+    a.dx = dx.data_ptr<float>();
+    at::parallel_for(0, K / 32, 1, [&](int64_t c0, int64_t c1) { kt->igrad_small(a, c0, c1); });
+    return {dx, g};
+  }
+
+  at::Tensor dx = at::empty({M, K}, f32);
+  const int64_t nb_max = slab_rows(N, K);
+  at::Tensor slab = at::empty({nb_max, K}, f32);
+  for (int64_t n0 = 0; n0 < N; n0 += nb_max) {
+    const int64_t nb = std::min(nb_max, N - n0);
+    decode_rows(kt, w, K, n0, nb, slab.data_ptr<float>());
+    at::Tensor s = slab.narrow(0, 0, nb);
+    at::Tensor d = dy32.narrow(1, n0, nb);
+    if (n0 == 0) {
+      at::mm_out(dx, d, s);
+    } else {
+      dx.addmm_(d, s);
+    }
+  }
+  at::Tensor g = at::zeros({M, r}, f32);
+  if (r > 0) {
+    const int32_t* st = starts.data_ptr<int32_t>();
+    for (int64_t ad = 0; ad < l.n_adapters; ++ad) {
+      const int64_t s0 = st[ad + 1], s1 = st[ad + 2];
+      if (s1 == s0) continue;
+      at::Tensor rows = seg_rows(order, s0, s1);
+      at::Tensor g_a = at::mm(dy32.index_select(0, rows), lora_B[ad].to(at::kFloat));
+      g.index_copy_(0, rows, g_a);
+      dx.index_add_(0, rows, at::mm(g_a * sc[ad], lora_A[ad].to(at::kFloat)));
+    }
+  }
+  return {dx, g};
+}
+
+// ------------------------------------------------------------------------------------------------
+// dequantize
+
+at::Tensor dequantize_nf4(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& absmax2,
+                          const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& offset,
+                          int64_t numel, int64_t blocksize, at::ScalarType dtype) {
+  const xk::NF4W w = make_weight(packed, absmax, absmax2, code2, offset, numel, blocksize);
+  at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
+  const int dt = float_dtype(out, "dtype");
+  const KernelTable* kt = kernels();
+  char* base = static_cast<char*>(out.data_ptr());
+  const int64_t esize = out.element_size();
+  at::parallel_for(0, numel, 1 << 16, [&](int64_t b, int64_t e) { kt->dequant(w, b, e, base + b * esize, dt); });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.doc() = "xkern native CPU kernels: fused NF4 + multi-adapter LoRA linear (scalar, AVX2, AVX-512)";
+  m.def("lora_linear_forward", &lora_linear_forward, py::call_guard<py::gil_scoped_release>(),
+        "y = x W^T + scale[a] (x A[a]^T) B[a]^T per row (a = ids[m], -1: base only), computed in float32; "
+        "returns (y [M, N] in x.dtype, xa [M, r] float32)",
+        py::arg("x"), py::arg("packed"), py::arg("absmax"), py::arg("absmax2"), py::arg("code2"), py::arg("offset"),
+        py::arg("n_out"), py::arg("k"), py::arg("blocksize"), py::arg("lora_A"), py::arg("lora_B"), py::arg("scale"),
+        py::arg("ids"), py::arg("order"), py::arg("starts"));
+  m.def("lora_linear_input_grad", &lora_linear_input_grad, py::call_guard<py::gil_scoped_release>(),
+        "dx = dy W + scale[a] (dy B[a]) A[a] per row, float32; returns (dx [M, K], g = dy B[a] [M, r]) in float32",
+        py::arg("grad_out"), py::arg("packed"), py::arg("absmax"), py::arg("absmax2"), py::arg("code2"),
+        py::arg("offset"), py::arg("n_out"), py::arg("k"), py::arg("blocksize"), py::arg("lora_A"), py::arg("lora_B"),
+        py::arg("scale"), py::arg("ids"), py::arg("order"), py::arg("starts"));
+  m.def("dequantize_nf4", &dequantize_nf4, py::call_guard<py::gil_scoped_release>(),
+        "The flat weight [numel] in dtype (computed in float32, then rounded to nearest even)", py::arg("packed"),
+        py::arg("absmax"), py::arg("absmax2"), py::arg("code2"), py::arg("offset"), py::arg("numel"),
+        py::arg("blocksize"), py::arg("dtype"));
+  m.def("isa", &isa, "The instruction set in use: 'avx512', 'avx2' or 'scalar'");
+  m.def("supported_isas", &supported_isas, "The instruction sets this CPU can run, best first");
+  m.def("set_isa", &set_isa, "Force an instruction set (ValueError if this CPU cannot run it)", py::arg("name"));
+  m.def("build_info", &build_info, "How the extension was built and what it runs");
+}

@@ -1,0 +1,93 @@
+// xkern native CPU kernels: the plain C++17 layer (no torch headers).
+//
+// One table of function pointers per instruction set (scalar, AVX2, AVX-512), each compiled in its
+// own translation unit with `#pragma GCC target(...)`; the binding (binding.cpp) picks one at run
+// time, validates every tensor and drives the parallelism (at::parallel_for) over the ranges these
+// functions take. Nothing here allocates, throws or knows about threads.
+//
+// NF4 format (xkern/nf4.py): element e of the row-major flattened [N, K] weight is nibble
+// `packed[e / 2] >> 4` when e is even, `packed[e / 2] & 15` when odd; its value is
+// `code[q] * scale(e >> bs_shift)`, scale = absmax[b] or, double-quantized,
+// `code2[qabsmax[b]] * absmax2[b >> 8] + offset`.
+#pragma once
+
+#include <cstdint>
+
+namespace xk {
+
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+struct NF4W {
+  const uint8_t* packed = nullptr;
+  const float* absmax = nullptr;    // float32 block scales (plain), or nullptr
+  const uint8_t* qabsmax = nullptr;  // uint8 codes (double quant), or nullptr
+  const float* absmax2 = nullptr;
+  const float* code2 = nullptr;
+  float offset = 0.f;
+  int bs_shift = 6;  // log2(blocksize)
+};
+
+// Forward for few rows (GEMV): y[m, n] = x[m] . W[n] + [a >= 0] coef[m] . B[a][n], a = ids[m],
+// for rows n in [n0, n1) and every m < M. Needs K % 32 == 0.
+struct FwdSmallArgs {
+  NF4W w;
+  int64_t N = 0, K = 0, M = 0;
+  const float* xp = nullptr;     // [M][K] float32, each 32-chunk permuted: 16 even then 16 odd elements
+  const int32_t* ids = nullptr;  // [M]
+  const float* coef = nullptr;   // [M][rp] scale[a] * xa[m], zero padded to rp (a multiple of 16)
+  int64_t r = 0, rp = 0;
+  const void* B = nullptr;  // [n_adapters][N][r] in b_dt
+  int b_dt = kF32;
+  void* y = nullptr;  // [M][N] in y_dt
+  int y_dt = kF32;
+};
+
+// Input grad for few rows: dx[m, k] = sum_n dy[m, n] W[n, k] + [a >= 0] sum_j coef[m, j] A[a][j, k], for
+// the 32-element chunks [c0, c1) of K and every m < M. Needs K % 32 == 0.
+struct IgradSmallArgs {
+  NF4W w;
+  int64_t N = 0, K = 0, M = 0;
+  const float* dy = nullptr;     // [M][N] float32
+  const int32_t* ids = nullptr;  // [M]
+  const float* coef = nullptr;   // [M][r] scale[a] * g[m]
+  int64_t r = 0;
+  const void* A = nullptr;  // [n_adapters][r][K] in a_dt
+  int a_dt = kF32;
+  float* dx = nullptr;  // [M][K] float32
+};
+
+// LoRA shrinks for the rows [m0, m1) (rows with ids[m] < 0 get zeros):
+//   forward: out[m, j] = sum_k x[m, k] A[a][j, k]          (x float32 [M][K], A [na][r][K])
+//   igrad:   out[m, j] = sum_n dy[m, n] B[a][n, j]         (dy float32 [M][N], B [na][N][r])
+struct ShrinkArgs {
+  const float* act = nullptr;  // x [M][K] or dy [M][N]
+  int64_t M = 0, N = 0, K = 0, r = 0;
+  const int32_t* ids = nullptr;
+  const void* lora = nullptr;  // A (forward) or B (igrad)
+  int lora_dt = kF32;
+  float* out = nullptr;  // [M][r]
+};
+
+struct KernelTable {
+  const char* name;
+  // Dequantize the flat elements [e0, e1) into out (element e0 first), any alignment.
+  void (*dequant)(const NF4W& w, int64_t e0, int64_t e1, void* out, int out_dt);
+  // src [rows][cols] in src_dt -> float32 dst, same layout.
+  void (*to_f32)(const void* src, int src_dt, int64_t n, float* dst);
+  // src [rows][K] in src_dt -> float32 dst in the permuted 32-chunk layout (K % 32 == 0).
+  void (*to_f32_perm)(const void* src, int src_dt, int64_t rows, int64_t K, float* dst);
+  void (*fwd_small)(const FwdSmallArgs& a, int64_t n0, int64_t n1);
+  void (*igrad_small)(const IgradSmallArgs& a, int64_t c0, int64_t c1);
+  void (*shrink_fwd)(const ShrinkArgs& a, int64_t m0, int64_t m1);
+  void (*shrink_igrad)(const ShrinkArgs& a, int64_t m0, int64_t m1);
+};
+
+const KernelTable* kernels_scalar();
+const KernelTable* kernels_avx2();    // nullptr when not compiled (non-x86 compilers)
+const KernelTable* kernels_avx512();  // nullptr when not compiled
+
+// Rows of x processed together by fwd_small / igrad_small (the binding may pass any M; the kernels
+// loop over groups of at most this many rows, decoding the weight once per group).
+constexpr int kMaxGroupRows = 16;
+
+}  // namespace xk

@@ -1,0 +1,114 @@
+// AVX-512 (F, BW, VL, DQ) kernels. Only this file is compiled for AVX-512 (by the pragma below,
+// never by a global -m flag); the binding calls it only after __builtin_cpu_supports says so.
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2")
+// GCC 12 flags _mm512_undefined_ps() inside its own intrinsics as maybe-uninitialized
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace xk {
+namespace {
+
+#include "common.h"
+
+struct I {
+  using V = __m512;
+  static constexpr int W = 16;
+  static constexpr int NV = 2;
+  static constexpr int kMaxAcc = 16;    // forward accumulators (of 32 zmm)
+  static constexpr int kMaxAccIg = 24;  // input-grad accumulators
+  static constexpr int kGroupFwd = 16;
+  static constexpr int kGroupIg = 12;
+  struct Tab {
+    __m512 t;
+  };
+
+  static inline Tab make_tab(float s) { return {_mm512_mul_ps(_mm512_load_ps(kNF4Code), _mm512_set1_ps(s))}; }
+  // 16 bytes -> 16 int32 lanes; the table permute reads only the low 4 bits of each index, so the low
+  // nibble (odd element) needs no mask and the high nibble (even element) one shift.
+  static inline void decode32(const uint8_t* p, const Tab& tab, V* w) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    w[0] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tab.t);
+    w[1] = _mm512_permutexvar_ps(b, tab.t);
+  }
+  static inline V zero() { return _mm512_setzero_ps(); }
+  static inline V set1(float f) { return _mm512_set1_ps(f); }
+  static inline V load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static inline V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static inline V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline float hsum(V v) { return _mm512_reduce_add_ps(v); }
+  static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
+  static inline V cvt_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+  static inline V load_cvt(const void* base, int dt, int64_t i) {
+    if (dt == kF32) return _mm512_loadu_ps(static_cast<const float*>(base) + i);
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i));
+    return dt == kBF16 ? cvt_bf16(h) : _mm512_cvtph_ps(h);
+  }
+  static inline V load_cvt_part(const void* base, int dt, int64_t i, int count) {
+    const __mmask16 k = static_cast<__mmask16>((1u << count) - 1u);
+    if (dt == kF32) return _mm512_maskz_loadu_ps(k, static_cast<const float*>(base) + i);
+    const __m256i h = _mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(base) + i);
+    return dt == kBF16 ? cvt_bf16(h) : _mm512_cvtph_ps(h);
+  }
+  static inline __m256i to_bf16(V v) {
+    const __m512i u = _mm512_castps_si512(v);
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                                     _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    r = _mm512_srli_epi32(r, 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    return _mm512_cvtepi32_epi16(r);
+  }
+  static inline void store_cvt(void* base, int dt, int64_t i, V v) {
+    if (dt == kF32) {
+      _mm512_storeu_ps(static_cast<float*>(base) + i, v);
+      return;
+    }
+    const __m256i h = dt == kBF16 ? to_bf16(v) : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(base) + i), h);
+  }
+  static inline void load_perm32(const void* base, int dt, int64_t i, V* w) {
+    const V a = load_cvt(base, dt, i), b = load_cvt(base, dt, i + 16);
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    w[0] = _mm512_permutex2var_ps(a, even, b);
+    w[1] = _mm512_permutex2var_ps(a, odd, b);
+  }
+  static inline void store_nat32(void* base, int dt, int64_t i, const V* w) {
+    const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    store_cvt(base, dt, i, _mm512_permutex2var_ps(w[0], lo, w[1]));
+    store_cvt(base, dt, i + 16, _mm512_permutex2var_ps(w[0], hi, w[1]));
+  }
+};
+
+#define XK_ISA_NAME "avx512"
+#include "kernels_impl.h"
+#undef XK_ISA_NAME
+
+}  // namespace
+}  // namespace xk
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+
+namespace xk {
+const KernelTable* kernels_avx512() { return &kTable; }
+}  // namespace xk
+
+#else
+
+namespace xk {
+const KernelTable* kernels_avx512() { return nullptr; }
+}  // namespace xk
+
+#endif

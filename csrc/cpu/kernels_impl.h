@@ -1,0 +1,291 @@
+// The kernels, written once over an instruction-set traits class `I` (defined by each
+// kernels_<isa>.cpp just before including this file, inside the same anonymous namespace and the
+// same `#pragma GCC target` region). See kernels.h for what each function computes.
+//
+// Traits interface (V: a vector of W floats; a "32-chunk" is 16 packed bytes = 32 weights, held as
+// NV = 32 / W vectors in the PERMUTED layout: positions 0..15 are the even elements (high
+// nibbles), 16..31 the odd ones (low nibbles), which is what unpacking nibbles yields for free):
+//   Tab make_tab(float s)                         the 16 NF4 codes times s (one block's scale)
+//   void decode32(const uint8_t* p, Tab, V* w)     16 bytes -> NV vectors, permuted layout
+//   V zero(), set1(float), load(const float*), add(V, V), fmadd(a, b, c) = a * b + c
+//   void store(float*, V); float hsum(V)
+//   V load_cvt(base, dt, i) / load_cvt_part(base, dt, i, count): W (or count < W, rest 0) elements
+//   void load_perm32(base, dt, i, V* w)            32 natural elements -> permuted layout
+//   void store_nat32(base, dt, i, const V* w)      permuted layout -> 32 natural elements
+//   void store_cvt(base, dt, i, V)                 W elements
+//   void prefetch(const void*)
+//   kMaxAcc (forward accumulators), kGroupFwd / kGroupIg (rows of x per pass), kMaxAccIg
+
+using V = I::V;
+constexpr int W = I::W;
+constexpr int NV = I::NV;
+
+// ---------------------------------------------------------------------------------------------
+// dequantize
+
+void dequant(const xk::NF4W& w, int64_t e0, int64_t e1, void* out, int dt) {
+  int64_t e = e0;
+  for (; e < e1 && (e & 31); ++e) store1(out, dt, e - e0, nf4_elem(w, e));
+  int64_t cur = -1;
+  I::Tab tab{};
+  V v[NV];
+  for (; e + 32 <= e1; e += 32) {
+    const int64_t b = e >> w.bs_shift;  // a 32-aligned chunk lies in one block (blocksize % 32 == 0)
+    if (b != cur) {
+      tab = I::make_tab(block_scale(w, b));
+      cur = b;
+    }
+    I::decode32(w.packed + (e >> 1), tab, v);
+    I::store_nat32(out, dt, e - e0, v);
+  }
+  for (; e < e1; ++e) store1(out, dt, e - e0, nf4_elem(w, e));
+}
+
+// ---------------------------------------------------------------------------------------------
+// conversions
+
+void to_f32(const void* src, int dt, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) I::store(dst + i, I::load_cvt(src, dt, i));
+  for (; i < n; ++i) dst[i] = load1(src, dt, i);
+}
+
+void to_f32_perm(const void* src, int dt, int64_t rows, int64_t K, float* dst) {
+  V v[NV];
+  for (int64_t i = 0; i < rows * K; i += 32) {
+    I::load_perm32(src, dt, i, v);
+    for (int j = 0; j < NV; ++j) I::store(dst + i + j * W, v[j]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward, few rows: every weight byte decoded once per group of G rows of x
+
+// acc (the base dot product, still a vector) + coef[m] . B[a][n, :], reduced to a scalar.
+static inline float finish_row(const xk::FwdSmallArgs& a, int64_t m, int64_t n, V t) {
+  const int32_t ad = a.ids[m];
+  if (ad >= 0 && a.r > 0) {
+    const float* c = a.coef + m * a.rp;
+    const int64_t off = (static_cast<int64_t>(ad) * a.N + n) * a.r;
+    int64_t j = 0;
+    for (; j + W <= a.r; j += W) t = I::fmadd(I::load(c + j), I::load_cvt(a.B, a.b_dt, off + j), t);
+    if (j < a.r) t = I::fmadd(I::load(c + j), I::load_cvt_part(a.B, a.b_dt, off + j, static_cast<int>(a.r - j)), t);
+  }
+  return I::hsum(t);
+}
+
+template <int G, int R>
+void fwd_rows(const xk::FwdSmallArgs& a, int64_t m0, int64_t n0, int64_t n1) {
+  constexpr int S = (G * R * 2 <= I::kMaxAcc) ? 2 : 1;  // split accumulators when registers allow
+  const int64_t K = a.K;
+  const int shift = a.w.bs_shift;
+  const int64_t bmask = (int64_t{1} << shift) - 1;
+  const float* xr = a.xp + m0 * K;
+  for (int64_t n = n0; n < n1; n += R) {
+    V acc[R][G][S];
+    I::Tab tab[R];
+    int64_t base[R];
+    const uint8_t* p[R];
+    for (int r = 0; r < R; ++r) {
+      base[r] = (n + r) * K;
+      p[r] = a.w.packed + (base[r] >> 1);
+      tab[r] = I::make_tab(block_scale(a.w, base[r] >> shift));
+      for (int g = 0; g < G; ++g)
+        for (int s = 0; s < S; ++s) acc[r][g][s] = I::zero();
+    }
+    for (int64_t k = 0; k < K; k += 32) {
+      V wv[R][NV];
+      for (int r = 0; r < R; ++r) {
+        if (k && ((base[r] + k) & bmask) == 0) tab[r] = I::make_tab(block_scale(a.w, (base[r] + k) >> shift));
+        I::decode32(p[r] + (k >> 1), tab[r], wv[r]);
+      }
+      for (int g = 0; g < G; ++g) {
+        const float* xk_ = xr + g * K + k;
+        for (int v = 0; v < NV; ++v) {
+          const V xv = I::load(xk_ + v * W);
+          for (int r = 0; r < R; ++r) acc[r][g][v % S] = I::fmadd(wv[r][v], xv, acc[r][g][v % S]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int g = 0; g < G; ++g) {
+        V t = acc[r][g][0];
+        if (S == 2) t = I::add(t, acc[r][g][S - 1]);
+        const int64_t m = m0 + g;
+        store1(a.y, a.y_dt, m * a.N + n + r, finish_row(a, m, n + r, t));
+      }
+    }
+  }
+}
+
+template <int G>
+void fwd_group(const xk::FwdSmallArgs& a, int64_t m0, int64_t n0, int64_t n1) {
+  constexpr int R = (G * 4 <= I::kMaxAcc / 2) ? 4 : (G * 2 <= I::kMaxAcc / 2 ? 2 : 1);
+  const int64_t n_main = n0 + (n1 - n0) / R * R;
+  fwd_rows<G, R>(a, m0, n0, n_main);
+  if (R > 1) fwd_rows<G, 1>(a, m0, n_main, n1);
+}
+
+template <int G>
+static inline void fwd_dispatch(const xk::FwdSmallArgs& a, int g, int64_t m0, int64_t n0, int64_t n1) {
+  if constexpr (G >= 1) {
+    if (g == G) {
+      fwd_group<G>(a, m0, n0, n1);
+    } else {
+      fwd_dispatch<G - 1>(a, g, m0, n0, n1);
+    }
+  }
+}
+
+void fwd_small(const xk::FwdSmallArgs& a, int64_t n0, int64_t n1) {
+  for (int64_t m0 = 0; m0 < a.M; m0 += I::kGroupFwd) {
+    const int g = static_cast<int>(imin(I::kGroupFwd, a.M - m0));
+    fwd_dispatch<I::kGroupFwd>(a, g, m0, n0, n1);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// input grad, few rows: a thread owns 32-chunks of K and walks every W row; the accumulators of
+// CW chunks x G rows stay in registers over the whole walk
+
+template <int G, int CW>
+void igrad_chunks(const xk::IgradSmallArgs& a, int64_t m0, int64_t c) {
+  const int64_t K = a.K, N = a.N;
+  const int shift = a.w.bs_shift;
+  V acc[G][CW][NV];
+  for (int g = 0; g < G; ++g)
+    for (int cw = 0; cw < CW; ++cw)
+      for (int v = 0; v < NV; ++v) acc[g][cw][v] = I::zero();
+  const float* dy = a.dy + m0 * N;
+  const int64_t k0 = c * 32;
+  const int64_t row_bytes = K >> 1;
+  const uint8_t* p = a.w.packed + (k0 >> 1);
+  constexpr int kPrefetchRows = 8;
+  for (int64_t n = 0; n < N; ++n, p += row_bytes) {
+    if (n + kPrefetchRows < N) I::prefetch(p + kPrefetchRows * row_bytes);
+    const int64_t base = n * K + k0;
+    int64_t cur = -1;
+    I::Tab tab{};
+    V d[G];
+    for (int g = 0; g < G; ++g) d[g] = I::set1(dy[g * N + n]);
+    for (int cw = 0; cw < CW; ++cw) {
+      const int64_t b = (base + cw * 32) >> shift;
+      if (b != cur) {
+        tab = I::make_tab(block_scale(a.w, b));
+        cur = b;
+      }
+      V wv[NV];
+      I::decode32(p + cw * 16, tab, wv);
+      for (int g = 0; g < G; ++g)
+        for (int v = 0; v < NV; ++v) acc[g][cw][v] = I::fmadd(wv[v], d[g], acc[g][cw][v]);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const int64_t m = m0 + g;
+    const int32_t ad = a.ids[m];
+    if (ad >= 0) {
+      for (int64_t j = 0; j < a.r; ++j) {
+        const V cj = I::set1(a.coef[m * a.r + j]);
+        const int64_t off = (static_cast<int64_t>(ad) * a.r + j) * K + k0;
+        for (int cw = 0; cw < CW; ++cw) {
+          V av[NV];
+          I::load_perm32(a.A, a.a_dt, off + cw * 32, av);
+          for (int v = 0; v < NV; ++v) acc[g][cw][v] = I::fmadd(av[v], cj, acc[g][cw][v]);
+        }
+      }
+    }
+    for (int cw = 0; cw < CW; ++cw) I::store_nat32(a.dx, xk::kF32, m * K + k0 + cw * 32, acc[g][cw]);
+  }
+}
+
+template <int G>
+void igrad_group(const xk::IgradSmallArgs& a, int64_t m0, int64_t c0, int64_t c1) {
+  constexpr int CW = (G * 4 * NV <= I::kMaxAccIg) ? 4 : (G * 2 * NV <= I::kMaxAccIg ? 2 : 1);
+  int64_t c = c0;
+  for (; c + CW <= c1; c += CW) igrad_chunks<G, CW>(a, m0, c);
+  for (; c < c1; ++c) igrad_chunks<G, 1>(a, m0, c);
+}
+
+template <int G>
+static inline void igrad_dispatch(const xk::IgradSmallArgs& a, int g, int64_t m0, int64_t c0, int64_t c1) {
+  if constexpr (G >= 1) {
+    if (g == G) {
+      igrad_group<G>(a, m0, c0, c1);
+    } else {
+      igrad_dispatch<G - 1>(a, g, m0, c0, c1);
+    }
+  }
+}
+
+void igrad_small(const xk::IgradSmallArgs& a, int64_t c0, int64_t c1) {
+  for (int64_t m0 = 0; m0 < a.M; m0 += I::kGroupIg) {
+    const int g = static_cast<int>(imin(I::kGroupIg, a.M - m0));
+    igrad_dispatch<I::kGroupIg>(a, g, m0, c0, c1);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LoRA shrinks, each row against its own adapter only
+
+void shrink_fwd(const xk::ShrinkArgs& a, int64_t m0, int64_t m1) {
+  const int64_t K = a.K;
+  for (int64_t m = m0; m < m1; ++m) {
+    float* out = a.out + m * a.r;
+    const int32_t ad = a.ids[m];
+    if (ad < 0) {
+      for (int64_t j = 0; j < a.r; ++j) out[j] = 0.f;
+      continue;
+    }
+    const float* x = a.act + m * K;
+    for (int64_t j = 0; j < a.r; ++j) {
+      const int64_t off = (static_cast<int64_t>(ad) * a.r + j) * K;
+      V s0 = I::zero(), s1 = I::zero(), s2 = I::zero(), s3 = I::zero();
+      int64_t k = 0;
+      for (; k + 4 * W <= K; k += 4 * W) {
+        s0 = I::fmadd(I::load(x + k), I::load_cvt(a.lora, a.lora_dt, off + k), s0);
+        s1 = I::fmadd(I::load(x + k + W), I::load_cvt(a.lora, a.lora_dt, off + k + W), s1);
+        s2 = I::fmadd(I::load(x + k + 2 * W), I::load_cvt(a.lora, a.lora_dt, off + k + 2 * W), s2);
+        s3 = I::fmadd(I::load(x + k + 3 * W), I::load_cvt(a.lora, a.lora_dt, off + k + 3 * W), s3);
+      }
+      for (; k + W <= K; k += W) s0 = I::fmadd(I::load(x + k), I::load_cvt(a.lora, a.lora_dt, off + k), s0);
+      float tail = 0.f;
+      for (; k < K; ++k) tail += x[k] * load1(a.lora, a.lora_dt, off + k);
+      out[j] = I::hsum(I::add(I::add(s0, s1), I::add(s2, s3))) + tail;
+    }
+  }
+}
+
+void shrink_igrad(const xk::ShrinkArgs& a, int64_t m0, int64_t m1) {
+  const int64_t N = a.N, r = a.r;
+  for (int64_t m = m0; m < m1; ++m) {
+    float* out = a.out + m * r;
+    const int32_t ad = a.ids[m];
+    if (ad < 0) {
+      for (int64_t j = 0; j < r; ++j) out[j] = 0.f;
+      continue;
+    }
+    const float* dy = a.act + m * N;
+    const int64_t base = static_cast<int64_t>(ad) * N * r;
+    for (int64_t j = 0; j < r; j += W) {
+      const int cnt = static_cast<int>(imin(W, r - j));
+      V s0 = I::zero(), s1 = I::zero();
+      int64_t n = 0;
+      if (cnt == W) {
+        for (; n + 2 <= N; n += 2) {
+          s0 = I::fmadd(I::set1(dy[n]), I::load_cvt(a.lora, a.lora_dt, base + n * r + j), s0);
+          s1 = I::fmadd(I::set1(dy[n + 1]), I::load_cvt(a.lora, a.lora_dt, base + (n + 1) * r + j), s1);
+        }
+        for (; n < N; ++n) s0 = I::fmadd(I::set1(dy[n]), I::load_cvt(a.lora, a.lora_dt, base + n * r + j), s0);
+      } else {
+        for (; n < N; ++n) s0 = I::fmadd(I::set1(dy[n]), I::load_cvt_part(a.lora, a.lora_dt, base + n * r + j, cnt), s0);
+      }
+      alignas(64) float tmp[W];
+      I::store(tmp, I::add(s0, s1));
+      for (int i = 0; i < cnt; ++i) out[j + i] = tmp[i];
+    }
+  }
+}
+
+const xk::KernelTable kTable = {
+    XK_ISA_NAME, dequant, to_f32, to_f32_perm, fwd_small, igrad_small, shrink_fwd, shrink_igrad,
+};
