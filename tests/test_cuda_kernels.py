@@ -22,13 +22,14 @@ import pytest
 import torch
 
 from xkern import quantize_nf4
-from xkern.ops import cuda_impl, lora_linear
-from xkern.ops.dispatch import check_backend, cuda_extension_ops, select_backend
+from xkern.ops import RowRouting, lora_linear, select_backend
+from xkern.ops.backends import cuda_ext as cuda_impl
+from xkern.ops.registry import check_backend, choose, kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 ARCHS = ("80", "90a")
-KERNEL_BUILT = "lora_linear" in cuda_extension_ops()
+KERNEL_BUILT = "lora_linear" in cuda_impl.extension_ops()
 needs_kernel = pytest.mark.skipif(not KERNEL_BUILT, reason="xkern._C with the decode kernel is not built "
                                   "(pip install --no-build-isolation -e . with CUDA torch and nvcc)")
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -228,6 +229,12 @@ def test_emulated_kernel_keeps_nan_in_its_row(emulator):
     assert torch.isnan(xa).any(dim=1).tolist() == [False, ids[1].item() >= 0, False]
 
 
+def _cuda_fwd(x, weight, lora_A, lora_B, scale, ids, **kwargs):
+    """The cuda backend's forward on per-row ids (the routing built here, as lora_linear does)."""
+    return cuda_impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, RowRouting.build(ids, lora_A.shape[0]),
+                                         **kwargs)
+
+
 # ---- dispatch and fallback (any machine) ---------------------------------------------------------
 
 
@@ -236,26 +243,24 @@ def test_dispatch_never_picks_cuda_without_the_extension(monkeypatch):
         pytest.skip("xkern._C with the decode kernel is built here")
     monkeypatch.delenv("XKERN_BACKEND", raising=False)
     assert select_backend("lora_linear", torch.device("cuda")) in ("triton", "torch")
-    with pytest.raises(RuntimeError, match="does not implement 'lora_linear'"):
+    with pytest.raises(RuntimeError, match="xkern._C is not built"):
         check_backend("cuda", "lora_linear", torch.device("cuda"))
 
 
-def test_cuda_backend_routes_to_cuda_impl():
-    from xkern.ops.lora_linear import _impl
+def test_cuda_backend_registers_the_decode_forward_only():
+    assert kernel("lora_linear.forward", "cuda") is cuda_impl.lora_linear_forward
+    with pytest.raises(KeyError, match="implements no 'lora_linear.input_grad'"):
+        kernel("lora_linear.input_grad", "cuda")
 
-    assert _impl("cuda") is cuda_impl
 
-
-def test_cuda_impl_falls_back_where_the_kernel_does_not_apply():
-    """CPU tensors (and, on a GPU, >16 rows or float32) take the fallback, with the same semantics."""
+def test_calls_the_decode_kernel_declines_go_to_the_next_backend(monkeypatch):
+    """CPU tensors (and, on a GPU, >16 rows or float32) are declined; the registry picks another backend."""
+    monkeypatch.delenv("XKERN_BACKEND", raising=False)
     x, weight, lora_A, lora_B, scale, ids = _cpu_problem(3, 16, 64, [2, 4], torch.float32, True)
     assert not cuda_impl.supports(x, weight, lora_A, lora_B)
-    y, xa = cuda_impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, ids)
-    y_ref, xa_ref = _reference64(x, weight, lora_A, lora_B, scale, ids)
-    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(xa.double(), xa_ref, rtol=1e-4, atol=1e-5)
-    dx, g = cuda_impl.lora_linear_input_grad(y.contiguous(), weight, lora_A, lora_B, scale, ids)
-    assert dx.shape == x.shape and g.shape == xa.shape
+    assert choose("lora_linear.forward", x.device, (x, weight, lora_A, lora_B)) != "cuda"
+    with pytest.raises(ValueError, match="decode kernel takes 1..16 rows"):
+        cuda_impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, RowRouting.build(ids, lora_A.shape[0]))
 
 
 @needs_kernel
@@ -307,7 +312,7 @@ def test_extension_is_built_with_the_decode_kernel():
 def test_decode_kernel_matches_reference(dtype, m, n, k, n_adapters, double_quant):
     x, weight, lora_A, lora_B, scale, ids = _gpu_problem(m, n, k, n_adapters, dtype, double_quant)
     assert cuda_impl.supports(x, weight, lora_A, lora_B)
-    y, xa = cuda_impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, ids)
+    y, xa = _cuda_fwd(x, weight, lora_A, lora_B, scale, ids)
     _assert_matches_reference(y, xa, x, weight, lora_A, lora_B, scale, ids)
 
 
@@ -318,11 +323,11 @@ def test_decode_kernel_matches_reference(dtype, m, n, k, n_adapters, double_quan
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_kernel_split_k_and_load_paths(dtype, split_k, force_generic):
     x, weight, lora_A, lora_B, scale, ids = _gpu_problem(5, 520, 5120, 4, dtype, True)
-    y, xa = cuda_impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, ids, split_k=split_k,
+    y, xa = _cuda_fwd(x, weight, lora_A, lora_B, scale, ids, split_k=split_k,
                                           force_generic=force_generic)
     _assert_matches_reference(y, xa, x, weight, lora_A, lora_B, scale, ids)
     # deterministic (split partials are summed in order) and the split-K counters are left reusable
-    y2, xa2 = cuda_impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, ids, split_k=split_k,
+    y2, xa2 = _cuda_fwd(x, weight, lora_A, lora_B, scale, ids, split_k=split_k,
                                             force_generic=force_generic)
     assert torch.equal(y, y2) and torch.equal(xa, xa2)
 
@@ -335,7 +340,7 @@ def test_decode_kernel_blocksizes_with_blocks_spanning_rows(blocksize, double_qu
     x, weight, lora_A, lora_B, scale, ids = _gpu_problem(3, 300, 4128, 4, torch.bfloat16, double_quant,
                                                          blocksize=blocksize)
     for split_k in (0, 1, 3):
-        y, xa = cuda_impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, ids, split_k=split_k)
+        y, xa = _cuda_fwd(x, weight, lora_A, lora_B, scale, ids, split_k=split_k)
         _assert_matches_reference(y, xa, x, weight, lora_A, lora_B, scale, ids)
 
 
@@ -345,7 +350,7 @@ def test_decode_kernel_blocksizes_with_blocks_spanning_rows(blocksize, double_qu
 def test_decode_kernel_adapter_dtypes_differ_from_activations(a_dtype, b_dtype):
     x, weight, lora_A, lora_B, scale, ids = _gpu_problem(6, 1000, 2048, 4, torch.bfloat16, True)
     lora_A, lora_B = lora_A.to(a_dtype), lora_B.to(b_dtype)
-    y, xa = cuda_impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, ids)
+    y, xa = _cuda_fwd(x, weight, lora_A, lora_B, scale, ids)
     _assert_matches_reference(y, xa, x, weight, lora_A, lora_B, scale, ids)
 
 
@@ -356,12 +361,12 @@ def test_decode_kernel_misaligned_views_take_the_generic_path():
     buf = torch.empty(x.numel() + 1, dtype=x.dtype, device="cuda")
     x_off = buf[1:].view_as(x)
     x_off.copy_(x)
-    y, xa = cuda_impl.lora_linear_forward(x_off, weight, lora_A, lora_B, scale, ids)
+    y, xa = _cuda_fwd(x_off, weight, lora_A, lora_B, scale, ids)
     _assert_matches_reference(y, xa, x, weight, lora_A, lora_B, scale, ids)
     pbuf = torch.empty(weight.packed.numel() + 1, dtype=torch.uint8, device="cuda")
     pbuf[1:].copy_(weight.packed)
     w_off = dataclasses.replace(weight, packed=pbuf[1:])
-    y, xa = cuda_impl.lora_linear_forward(x, w_off, lora_A, lora_B, scale, ids)
+    y, xa = _cuda_fwd(x, w_off, lora_A, lora_B, scale, ids)
     _assert_matches_reference(y, xa, x, weight, lora_A, lora_B, scale, ids)
 
 
@@ -371,12 +376,12 @@ def test_decode_kernel_base_rows_and_nan_rows():
     x, weight, lora_A, lora_B, scale, _ = _gpu_problem(4, 520, 2048, 4, torch.bfloat16, True)
     base = torch.full((4,), -1, dtype=torch.int32, device="cuda")
     for split_k in (1, 2):
-        y, xa = cuda_impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, base, split_k=split_k)
+        y, xa = _cuda_fwd(x, weight, lora_A, lora_B, scale, base, split_k=split_k)
         assert torch.equal(xa, torch.zeros_like(xa))
         _assert_matches_reference(y, xa, x, weight, lora_A, lora_B, scale, base)
     ids = torch.tensor([0, 1, -1, 3], dtype=torch.int32, device="cuda")
     x[1, 7] = float("nan")
-    y, xa = cuda_impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, ids, split_k=2)
+    y, xa = _cuda_fwd(x, weight, lora_A, lora_B, scale, ids, split_k=2)
     assert torch.isnan(y).any(dim=1).tolist() == [False, True, False, False]
     assert torch.isnan(xa).any(dim=1).tolist() == [False, True, False, False]
 
@@ -434,11 +439,11 @@ def test_decode_kernel_under_cuda_graph_capture(split_k):
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):  # warm-up outside capture
-            cuda_impl.lora_linear_forward(static_x, weight, lora_A, lora_B, scale, ids, split_k=split_k)
+            _cuda_fwd(static_x, weight, lora_A, lora_B, scale, ids, split_k=split_k)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y, xa = cuda_impl.lora_linear_forward(static_x, weight, lora_A, lora_B, scale, ids, split_k=split_k)
+        y, xa = _cuda_fwd(static_x, weight, lora_A, lora_B, scale, ids, split_k=split_k)
     for seed in (1, 2):
         new_x = torch.randn(x.shape, generator=torch.Generator(device="cuda").manual_seed(seed), device="cuda")
         static_x.copy_(new_x.to(x.dtype))
@@ -451,7 +456,7 @@ def test_decode_kernel_under_cuda_graph_capture(split_k):
 @needs_kernel
 def test_decode_kernel_bandwidth_report():
     """Times the CUDA path and the Triton path on decode shapes (print only; run with -s to read it)."""
-    from xkern.ops import triton_impl
+    from xkern.ops.backends import triton_jit as triton_impl
 
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 50 * 2**20)
@@ -465,16 +470,17 @@ def test_decode_kernel_bandwidth_report():
         x = torch.randn(m, k, generator=g, device="cuda").to(torch.bfloat16)
         scale = torch.rand(n_adapters, generator=g, device="cuda") + 0.5
         ids = _ids(m, n_adapters).cuda()
+        routing = RowRouting.build(ids, n_adapters)
         times = {}
         for name, fn in (("cuda", cuda_impl.lora_linear_forward), ("triton", triton_impl.lora_linear_forward)):
             for w in weights[:2]:
-                fn(x, w, lora_A, lora_B, scale, ids)
+                fn(x, w, lora_A, lora_B, scale, routing)
             torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             reps = 20 * copies
             start.record()
             for i in range(reps):
-                y, _ = fn(x, weights[i % copies], lora_A, lora_B, scale, ids)
+                y, _ = fn(x, weights[i % copies], lora_A, lora_B, scale, routing)
             end.record()
             torch.cuda.synchronize()
             times[name] = start.elapsed_time(end) / reps * 1e-3

@@ -7,9 +7,8 @@ import torch
 from helpers import dense_lora_reference
 
 from xkern import NF4Tensor, quantize_nf4
-from xkern.ops import lora_linear
-from xkern.ops import triton_impl as tri
-from xkern.ops.dispatch import select_backend
+from xkern.ops import RowRouting, lora_linear, select_backend
+from xkern.ops.backends import triton_jit as tri
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch", "triton"]
@@ -143,10 +142,11 @@ def test_triton_configs_split_k_and_wide_tiles(config):
     x, weight, A, B, s, ids = _problem(5, 40, 100, [3, 5], seed=11)
     expected = dense_lora_reference(x, weight.dequantize(torch.float32).cpu(), A, B, s, ids)
     x, A, B, s, ids = _dev(x, A, B, s, ids.int())
-    y, xa = tri.lora_linear_forward(x, weight, A, B, s, ids, config=config)
+    routing = RowRouting.build(ids, A.shape[0])
+    y, xa = tri.lora_linear_forward(x, weight, A, B, s, routing, config=config)
     torch.testing.assert_close(y.cpu().double(), expected, rtol=2e-4, atol=2e-4)
-    dx, g = tri.lora_linear_input_grad(torch.ones_like(y), weight, A, B, s, ids, config=config)
-    ref_dx, ref_g = _reference_input_grad(torch.ones_like(y), weight, A, B, s, ids)
+    dx, g = tri.lora_linear_input_grad(torch.ones_like(y), weight, A, B, s, routing, config=config)
+    ref_dx, ref_g = _reference_input_grad(torch.ones_like(y), weight, A, B, s, routing)
     torch.testing.assert_close(dx, ref_dx, rtol=2e-4, atol=2e-4)
     torch.testing.assert_close(g, ref_g, rtol=2e-4, atol=2e-4)
 
@@ -225,8 +225,9 @@ def test_custom_op_registration_passes_opcheck():
     A.requires_grad_()
     B.requires_grad_()
     op = torch.ops.xkern.lora_linear_fwd.default
-    args = (x.requires_grad_(), weight.packed, weight.absmax, weight.absmax2, weight.code2,
-            weight.offset.reshape(1), list(weight.shape), weight.blocksize, A, B, s, ids.int(), "torch")
+    routing = RowRouting.build(ids, A.shape[0])
+    parts, meta = weight.parts()
+    args = (x.requires_grad_(), parts, meta, A, B, s, routing.ids, routing.order, routing.starts, "torch")
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 

@@ -207,6 +207,28 @@ class NF4Tensor:
             out[full:] = values[full:] * self.absmax2[-1]
         return out + self.offset
 
+    def parts(self) -> tuple[list[torch.Tensor], list[int]]:
+        """``(tensors, meta)``: the storage as a flat tensor list and ints (N, K, blocksize), the form custom ops take.
+
+        ``tensors`` is ``[packed, absmax]`` or, double-quantized, ``[packed, absmax, absmax2, code2, offset]``;
+        :meth:`from_parts` inverts it. Changing the layout changes only these two methods.
+        """
+        if len(self.shape) != 2:
+            raise ValueError(f"parts() needs a 2-D weight, got shape {tuple(self.shape)}")
+        tensors = [self.packed, self.absmax]
+        if self.double_quant:
+            tensors += [self.absmax2, self.code2, self.offset.reshape(1)]
+        return tensors, [int(self.shape[0]), int(self.shape[1]), int(self.blocksize)]
+
+    @classmethod
+    def from_parts(cls, tensors: list[torch.Tensor], meta: list[int],
+                   dtype: torch.dtype = torch.float32) -> NF4Tensor:
+        packed, absmax, *nested = tensors
+        n, k, blocksize = meta
+        absmax2, code2, offset = nested if nested else (None, None, None)
+        return cls(packed=packed, absmax=absmax, shape=torch.Size((n, k)), dtype=dtype, blocksize=blocksize,
+                   absmax2=absmax2, code2=code2, offset=None if offset is None else offset.reshape(()))
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight, ``code[q] * absmax[block]`` computed in float32 and cast to ``dtype``."""
         return dequantize_nf4(self, dtype)

@@ -199,9 +199,9 @@ def test_one_core_op_launch_per_linear_layer_stream_major(family_setup, monkeypa
     calls = []
     real = lin.lora_linear
 
-    def counting(x, weight, a, b, s, ids, **kw):
-        calls.append((x.shape, None if ids is None else ids.clone(), a.shape[0]))
-        return real(x, weight, a, b, s, ids, **kw)
+    def counting(x, weight, a, b, s, routing, **kw):
+        calls.append((x.shape, None if routing is None else routing.ids.clone(), a.shape[0], routing))
+        return real(x, weight, a, b, s, routing, **kw)
 
     monkeypatch.setattr(lin, "lora_linear", counting)
     xc = XCrossModel(xm, ["s0", "s1", "s2"]).eval()
@@ -213,7 +213,10 @@ def test_one_core_op_launch_per_linear_layer_stream_major(family_setup, monkeypa
     assert len(calls) == len(layers)  # one launch per NF4 linear layer of the trunk, all 3 streams inside
     with_adapters = sum(1 for lay in layers if lay.adapter_names)
     assert sum(1 for c in calls if c[1] is not None) == with_adapters > 0  # gate_proj (llama) has none: base only
-    for shape, row_ids, n_bank in calls:
+    # the rows are grouped once per forward: every layer with the same adapters gets the same RowRouting object
+    routings = {id(c[3]) for c in calls if c[3] is not None}
+    assert len(routings) == len({tuple(lay.adapter_names) for lay in layers if lay.adapter_names})
+    for shape, row_ids, n_bank, _ in calls:
         assert shape[0] == 3 * ids.shape[0]
         if row_ids is None:
             continue

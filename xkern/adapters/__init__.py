@@ -2,7 +2,7 @@
 
 from xkern.adapters.merge import fold, merge
 from xkern.adapters.peft_format import (
-    BASE_NAME,
+    BASE,
     AdapterError,
     LoraAdapter,
     LoraWeights,
@@ -10,4 +10,4 @@ from xkern.adapters.peft_format import (
     save_adapter,
 )
 
-__all__ = ["BASE_NAME", "AdapterError", "LoraAdapter", "LoraWeights", "fold", "load_adapter", "merge", "save_adapter"]
+__all__ = ["BASE", "AdapterError", "LoraAdapter", "LoraWeights", "fold", "load_adapter", "merge", "save_adapter"]

@@ -23,7 +23,7 @@ import torch
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-BASE_NAME = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+BASE = "__base__"  # the adapter name meaning "no adapter" (PEFT's name for it in a mixed batch)
 
 
 class AdapterError(ValueError):

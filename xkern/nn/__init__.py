@@ -1,6 +1,8 @@
-"""Model layer: ``NF4LoRALinear`` and the ``transformers`` wrapper built on it."""
+"""Model layer: ``NF4LoRALinear``, the ``transformers`` wrapper built on it, and per-call adapter routing."""
 
-from xkern.nn.linear import BASE, AdapterRouting, NF4LoRALinear
+from xkern.adapters.peft_format import BASE
+from xkern.nn.linear import NF4LoRALinear
 from xkern.nn.model import XkernModel, load_model
+from xkern.nn.routing import SampleRouting, current_routing, routing_scope
 
-__all__ = ["BASE", "AdapterRouting", "NF4LoRALinear", "XkernModel", "load_model"]
+__all__ = ["BASE", "NF4LoRALinear", "SampleRouting", "XkernModel", "current_routing", "load_model", "routing_scope"]

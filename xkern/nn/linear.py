@@ -7,41 +7,26 @@ id of its sample's adapter, so a mixed batch is ONE launch of ``xkern.ops.lora_l
 bank is cached while the adapters do not change (inference); with gradients on it is rebuilt every
 call so that gradients flow back to the parameters.
 
-Which adapter each sample uses comes from an :class:`AdapterRouting` shared by all layers of a
-model; the model sets it before calling the wrapped ``transformers`` model. It stays set after the
-call so that activation checkpointing recomputes the same thing during backward.
+Which adapter each sample uses comes from the :class:`~xkern.nn.routing.SampleRouting` that the
+model enters for the length of one call; the layer asks it for the row grouping of its input
+(built once per call and shared by all layers).
 """
 
 from __future__ import annotations
-
-import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from xkern.nf4 import NF4Tensor
+from xkern.nn.routing import current_routing
 from xkern.ops import lora_linear
-
-BASE = "__base__"
-
-
-class AdapterRouting:
-    """Which adapter each sample of the current batch uses (shared by all layers of one model)."""
-
-    def __init__(self) -> None:
-        self.names: tuple[str, ...] | None = None
-
-    def set(self, names: Sequence[str] | None) -> None:
-        self.names = None if names is None else tuple(names)
 
 
 class NF4LoRALinear(nn.Module):
     """``y = x W^T + b + s_a (x A_a^T) B_a^T`` with W frozen in NF4 and ``a`` the sample's adapter."""
 
-    def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None = None,
-                 routing: AdapterRouting | None = None, module_name: str = "") -> None:
+    def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None = None, module_name: str = "") -> None:
         super().__init__()
         self.module_name = module_name
         if len(weight.shape) != 2:
@@ -60,9 +45,7 @@ class NF4LoRALinear(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.scales: dict[str, float] = {}
-        self.routing = routing
         self._bank_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
-        self._ids_cache: tuple[tuple, torch.Tensor] | None = None
 
     # ---- weight ---------------------------------------------------------------------------------
 
@@ -146,39 +129,12 @@ class NF4LoRALinear(nn.Module):
             self._bank_cache = (key, bank)
         return bank
 
-    def _sample_ids(self, names: tuple[str, ...], active: tuple[str, ...], n_samples: int,
-                    rows_per_sample: int, device: torch.device) -> torch.Tensor:
-        key = (names, active, n_samples, rows_per_sample, device)
-        if self._ids_cache is not None and self._ids_cache[0] == key:
-            return self._ids_cache[1]
-        slot = {n: i for i, n in enumerate(active)}
-        per_name = [slot.get(n, -1) for n in names]
-        repeat = n_samples // len(names)  # generate() expands each prompt (beams, num_return_sequences)
-        ids = torch.tensor(per_name, dtype=torch.int32).repeat_interleave(repeat * rows_per_sample).to(device)
-        self._ids_cache = (key, ids)
-        return ids
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        names = self.routing.names if self.routing is not None else None
-        active: tuple[str, ...] = ()
-        ids = None
-        if names is not None and self.lora_A:
-            active = tuple(sorted(set(names) & set(self.lora_A.keys())))
-        if active:
-            n_samples = x.shape[0] if x.dim() > 1 else 1
-            if n_samples == 1 and len(names) > 1:
-                # an input shared by the whole batch (DeBERTa's relative-position embeddings go through
-                # query/key projections with batch 1): it can carry one adapter only
-                if len(set(names)) > 1:
-                    raise ValueError(f"layer {self.module_name or '?'} got one input shared by all {len(names)} "
-                                     f"samples, so the batch must use one adapter, got {sorted(set(names))}")
-                names = names[:1]
-            if n_samples % len(names) != 0:
-                raise ValueError(f"batch of {n_samples} samples but {len(names)} adapter names were given")
-            rows_per_sample = math.prod(x.shape[1:-1]) if x.dim() > 1 else 1
-            ids = self._sample_ids(names, active, n_samples, rows_per_sample, x.device)
+        routing = current_routing()
+        active = routing.active(self.lora_A) if routing is not None and self.lora_A else ()
+        rows = routing.rows(active, x, self.module_name or "?") if active else None
         a, b, s = self._bank(active, x.device)
-        y = lora_linear(x, self.nf4_weight, a, b, s, ids)
+        y = lora_linear(x, self.nf4_weight, a, b, s, rows)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

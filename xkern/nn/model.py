@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from xkern.adapters.peft_format import (
+    BASE,
     AdapterError,
     LoraAdapter,
     LoraWeights,
@@ -30,8 +31,9 @@ from xkern.adapters.peft_format import (
 )
 from xkern.adapters.peft_format import load_adapter as read_adapter
 from xkern.adapters.peft_format import save_adapter as write_adapter
-from xkern.nn.linear import BASE, AdapterRouting, NF4LoRALinear
+from xkern.nn.linear import NF4LoRALinear
 from xkern.nn.patch import linear_layers, quantize_linears
+from xkern.nn.routing import SampleRouting, routing_scope
 
 _ATTN_DEFAULT = "sdpa"
 
@@ -39,10 +41,9 @@ _ATTN_DEFAULT = "sdpa"
 class XkernModel(nn.Module):
     """A ``transformers`` model whose linear layers run NF4 + a bank of LoRA adapters."""
 
-    def __init__(self, model: nn.Module, routing: AdapterRouting, layers: dict[str, NF4LoRALinear]) -> None:
+    def __init__(self, model: nn.Module, layers: dict[str, NF4LoRALinear]) -> None:
         super().__init__()
         self.model = model
-        self.routing = routing
         self.adapter_configs: dict[str, dict[str, Any]] = {}
         self._layers = layers  # module name (inside self.model) -> layer; not registered twice
 
@@ -60,21 +61,24 @@ class XkernModel(nn.Module):
     def nf4_layers(self) -> dict[str, NF4LoRALinear]:
         return dict(self._layers)
 
-    def _route(self, adapter_names: str | Sequence[str] | None, batch: int | None) -> None:
+    def routing(self, adapter_names: str | Sequence[str] | None, batch: int | None = None) -> SampleRouting | None:
+        """The routing of one call: ``adapter_names`` checked (one per sample, or one for all); None = base only."""
         if adapter_names is None:
-            self.routing.set(None)
-            return
+            return None
         if isinstance(adapter_names, str):
             if batch is None:
                 raise ValueError("a single adapter name needs input_ids (or inputs_embeds) to know the batch size")
             adapter_names = [adapter_names] * batch
         names = list(adapter_names)
+        bad = [n for n in names if not isinstance(n, str)]
+        if bad:
+            raise TypeError(f"adapter_names must be strings, got {type(bad[0]).__name__}")
         unknown = sorted({n for n in names if n != BASE and n not in self.adapter_configs})
         if unknown:
             raise KeyError(f"unknown adapter(s) {unknown}; loaded: {self.list_adapters()} (use {BASE!r} for none)")
         if batch is not None and len(names) != batch:
             raise ValueError(f"adapter_names has {len(names)} entries for a batch of {batch}")
-        self.routing.set(None if all(n == BASE for n in names) else names)
+        return None if all(n == BASE for n in names) else SampleRouting(tuple(names))
 
     @staticmethod
     def _batch_size(args: tuple, kwargs: dict) -> int | None:
@@ -85,14 +89,14 @@ class XkernModel(nn.Module):
 
     def forward(self, *args: Any, adapter_names: str | Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The wrapped model's forward; ``adapter_names``: one per sample (``"__base__"``: none) or one for all."""
-        self._route(adapter_names, self._batch_size(args, kwargs))
-        return self.model(*args, **kwargs)
+        with routing_scope(self.routing(adapter_names, self._batch_size(args, kwargs))):
+            return self.model(*args, **kwargs)
 
     @torch.no_grad()
     def generate(self, *args: Any, adapter_names: str | Sequence[str] | None = None, **kwargs: Any) -> Any:
         """``transformers`` ``generate`` (KV cache included), each prompt with its own adapter."""
-        self._route(adapter_names, self._batch_size(args, kwargs))
-        return self.model.generate(*args, **kwargs)
+        with routing_scope(self.routing(adapter_names, self._batch_size(args, kwargs))):
+            return self.model.generate(*args, **kwargs)
 
     # ---- adapters -------------------------------------------------------------------------------
 
@@ -350,12 +354,11 @@ def load_model(model_or_path: nn.Module | str | os.PathLike, quantize: str = "nf
         model = _load_hf(model_or_path, dtype, model_class, _attn_kwargs(attn_implementation, device))
     else:
         raise TypeError(f"model_or_path must be a path or an nn.Module, got {type(model_or_path).__name__}")
-    routing = AdapterRouting()
-    layers = quantize_linears(model, routing, target_modules, blocksize=blocksize, double_quant=double_quant,
+    layers = quantize_linears(model, target_modules, blocksize=blocksize, double_quant=double_quant,
                               device=device, progress=progress)
     for p in model.parameters():
         p.requires_grad_(False)
     if device is not None:
         model.to(device)
     model.eval()
-    return XkernModel(model, routing, layers)
+    return XkernModel(model, layers)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from xkern.adapters.peft_format import is_target
 from xkern.nf4 import NF4Tensor, quantize_nf4
-from xkern.nn.linear import AdapterRouting, NF4LoRALinear
+from xkern.nn.linear import NF4LoRALinear
 
 # A linear inside a repeated transformer block: model.layers.3.mlp.up_proj, encoder.layer.0.attention...
 _IN_BLOCK = re.compile(r"(^|\.)(layers|layer|h|blocks|block)\.\d+\.")
@@ -56,7 +56,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def quantize_linears(model: nn.Module, routing: AdapterRouting, target_modules: str | Iterable[str] | None = None,
+def quantize_linears(model: nn.Module, target_modules: str | Iterable[str] | None = None,
                      *, blocksize: int = 64, double_quant: bool = True, device: torch.device | None = None,
                      progress: bool = True) -> dict[str, NF4LoRALinear]:
     """Replace targeted linears (and every bitsandbytes ``Linear4bit``) in place; returns the new layers."""
@@ -81,7 +81,7 @@ def quantize_linears(model: nn.Module, routing: AdapterRouting, target_modules: 
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
         if bias is not None and device is not None:
             bias = bias.to(device)
-        layer = NF4LoRALinear(weight, bias, routing, module_name=name)
+        layer = NF4LoRALinear(weight, bias, module_name=name)
         _set_submodule(model, name, layer)
         converted[name] = layer
     return converted

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from xkern.nf4 import NF4Tensor, dequantize_nf4
+from xkern.ops.routing import RowRouting
 
 
 def _row_onehot(ids: torch.Tensor, n_adapters: int) -> torch.Tensor:
@@ -31,9 +32,10 @@ def _spread(per_row: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
 
 
 def lora_linear_forward(x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                        scale: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        scale: torch.Tensor, routing: RowRouting) -> tuple[torch.Tensor, torch.Tensor]:
     """``y = x W^T + s[a] (x A[a]^T) B[a]^T`` per row; also returns ``xa = x A[a]^T`` ([M, r], float32)."""
     n_adapters, rank, k = lora_A.shape
+    ids = routing.ids
     xf = x.float()
     y = xf @ dequantize_nf4(weight, torch.float32).T
     onehot = _row_onehot(ids, n_adapters)
@@ -45,9 +47,10 @@ def lora_linear_forward(x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor
 
 
 def lora_linear_input_grad(grad_out: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                           scale: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                           scale: torch.Tensor, routing: RowRouting) -> tuple[torch.Tensor, torch.Tensor]:
     """``dX = dY W + s[a] (dY B[a]) A[a]``; also returns ``g = dY B[a]`` ([M, r], float32)."""
     n_adapters, rank, k = lora_A.shape
+    ids = routing.ids
     gf = grad_out.float()
     dx = gf @ dequantize_nf4(weight, torch.float32)
     onehot = _row_onehot(ids, n_adapters)
@@ -59,14 +62,19 @@ def lora_linear_input_grad(grad_out: torch.Tensor, weight: NF4Tensor, lora_A: to
 
 
 def lora_weight_grads(x: torch.Tensor, grad_out: torch.Tensor, xa: torch.Tensor, g: torch.Tensor,
-                      scale: torch.Tensor, ids: torch.Tensor, n_adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      scale: torch.Tensor, routing: RowRouting) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-adapter ``dA[a] = s_a g_a^T X_a`` and ``dB[a] = s_a dY_a^T XA_a``, as two matmuls (float32).
 
     Shared by every backend: it is small next to the base matmuls and cuBLAS/MKL already do it well.
     """
+    n_adapters, ids = routing.n_adapters, routing.ids
     onehot = _row_onehot(ids, n_adapters)
     row_scale = (onehot @ scale.float())[:, None]
     rank = xa.shape[1]
     d_a = (_spread(g * row_scale, onehot).T @ x.float()).view(n_adapters, rank, -1)
     d_b = (grad_out.float().T @ _spread(xa * row_scale, onehot)).view(-1, n_adapters, rank).permute(1, 0, 2)
     return d_a, d_b
+
+
+def dequantize(weight: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize_nf4(weight, dtype)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from xkern.adapters.peft_format import BASE
 from xkern.rec.data import DomainData
 from xkern.rec.negatives import sample_uniform, user_rng
 from xkern.rec.prompts import MAX_HISTORY, candidate_continuation, next_item_prompt, titles_of
@@ -91,7 +92,7 @@ class LikelihoodScorer:
     rows; ``adapter`` selects the adapter (``"__base__"``: the base model).
     """
 
-    def __init__(self, model: Any, enc: PromptEncoder, titles: Sequence[str], adapter: str = "__base__",
+    def __init__(self, model: Any, enc: PromptEncoder, titles: Sequence[str], adapter: str = BASE,
                  batch_size: int = 64) -> None:
         self.model, self.enc, self.titles, self.adapter, self.batch_size = model, enc, titles, adapter, batch_size
         pad = getattr(model.config, "pad_token_id", None)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from xkern.nn.linear import BASE
+from xkern.adapters.peft_format import BASE
 from xkern.rec.prompts import MAX_HISTORY, listwise_prompt, titles_of
 from xkern.serve.scoring import Prefill, _names, prefill, score_continuations
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xkern.nn.linear import BASE
+from xkern.adapters.peft_format import BASE
 from xkern.rec.prompts import titles_of
 from xkern.train.objectives import model_pad_id, pad_batch
 

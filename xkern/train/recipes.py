@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from xkern.adapters.peft_format import BASE
 from xkern.rec.data import DomainData
 
 
@@ -132,9 +133,9 @@ def train_lora_on_domains(recipe: LoraRecipe, train_domains: list[DomainData], t
 
         cands = build_candidates(target, "test", 29, "uniform", recipe.seed, recipe.eval_users)
         enc = PromptEncoder(tok, target.name, recipe.max_history)
-        for name in ("__base__", adapter):
+        for name in (BASE, adapter):
             scorer = LikelihoodScorer(model, enc, target.titles, name, batch_size=max(recipe.batch_size, 30))
-            summary[f"test_{'base' if name == '__base__' else 'lora'}"] = evaluate_scorer(
+            summary[f"test_{'base' if name == BASE else 'lora'}"] = evaluate_scorer(
                 scorer, cands, (1, 3, 10), batch_size=8, progress=recipe.progress, desc=name)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from xkern.adapters.peft_format import load_adapter as read_adapter
 from xkern.nn.model import XkernModel
+from xkern.nn.routing import checkpoint_context_fn
 from xkern.train.objectives import OBJECTIVES, Objective, model_pad_id
 
 CHECKPOINT_DIR = "checkpoint"
@@ -181,7 +182,7 @@ def train_lora(model: XkernModel, adapter_name: str, dataset: Sequence[dict[str,
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     if cfg.grad_checkpointing:
-        ckpt_kwargs = {"use_reentrant": False}
+        ckpt_kwargs = {"use_reentrant": False, "context_fn": checkpoint_context_fn}
         if hasattr(model.model, "activation_checkpointing_enable"):  # transformers >= 5 name
             model.model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
         else:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from xkern.adapters.peft_format import BASE
 from xkern.rec.data import DomainData
 from xkern.rec.evaluate import evaluate_scorer, format_table
 from xkern.rec.lm import LikelihoodScorer, PromptEncoder
@@ -187,7 +188,7 @@ def run_weave(cfg: WeaveConfig, domains: dict[str, DomainData] | None = None, mo
     cands = build_candidates(target, "test", cfg.n_neg, "uniform", cfg.seed, cfg.eval_users)
     served: dict[str, str] = {}
     if "base" in rows:
-        served["base"] = "__base__"
+        served["base"] = BASE
     if "target-only" in rows:
         served["target-only"] = "target"
     if "plain-merge" in rows:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from xkern.adapters import LoraAdapter, fold, merge
-from xkern.nn.linear import BASE
+from xkern.adapters.peft_format import BASE
 
 MODES = ("exact", "svd", "fold")
 

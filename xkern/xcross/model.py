@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xkern.nn.linear import BASE
-from xkern.nn.model import XkernModel
+from xkern.nn import BASE, XkernModel, routing_scope
 from xkern.ops.xcross_integrate import xcross_integrate
 from xkern.rec.prompts import MAX_HISTORY, history_block, pointwise_prompt, titles_of
 from xkern.train.objectives import pad_batch
@@ -306,11 +305,10 @@ class XCrossModel(nn.Module):
         ids = input_ids.repeat(n, 1)  # stream-major: stream m holds rows m*N .. (m+1)*N - 1
         mask = attention_mask.repeat(n, 1)
         names = [a for a in self.adapters for _ in range(rows)]
-        self.model.routing.set(None if all(a == BASE for a in names) else names)
         kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
         if self._use_cache:
             kwargs["use_cache"] = False
-        with self._integrators(n):
+        with routing_scope(self.model.routing(names, len(names))), self._integrators(n):
             out = self.base(**kwargs)
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         return hidden.reshape(n, rows, *hidden.shape[1:])

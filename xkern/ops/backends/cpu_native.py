@@ -1,0 +1,82 @@
+"""The ``cpu`` backend: native C++ kernels of ``xkern._cpu`` (csrc/cpu/, AVX-512 / AVX2 / portable, chosen at run time).
+
+Built by ``pip install`` wherever a C++ compiler and torch are present (``XKERN_NO_EXT=1`` skips it);
+without it the ``torch`` reference serves CPU tensors. The kernels read the NF4 bytes directly
+(never a dequantized copy of the whole weight), compute each row's LoRA for its own adapter only
+(by the segments of :class:`~xkern.ops.routing.RowRouting`), accumulate in float32 and run on
+``torch.get_num_threads()`` threads.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import torch
+
+from xkern.nf4 import NF4Tensor
+from xkern.ops.registry import register_backend, register_kernel
+from xkern.ops.routing import RowRouting
+
+
+@functools.cache
+def extension() -> ModuleType | None:
+    try:
+        from xkern import _cpu  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _cpu
+
+
+@functools.cache
+def _import_error() -> str:
+    try:
+        from xkern import _cpu  # type: ignore[attr-defined]  # noqa: F401
+    except ImportError as e:
+        return str(e)
+    return ""
+
+
+def _probe(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return f"backend 'cpu' needs CPU tensors, got {device}"
+    if extension() is None:
+        return f"xkern._cpu is not built ({_import_error()}; reinstall with a C++ compiler, without XKERN_NO_EXT=1)"
+    return None
+
+
+register_backend("cpu", device_types=("cpu",), priority=10, probe=_probe,
+                 description="native C++ kernels (xkern._cpu)")
+
+
+def _weight_args(weight: NF4Tensor) -> tuple:
+    offset = None if weight.offset is None else weight.offset.reshape(1)
+    n_out, k = weight.shape
+    return (weight.packed, weight.absmax, weight.absmax2, weight.code2, offset, int(n_out), int(k),
+            int(weight.blocksize))
+
+
+@register_kernel("lora_linear.forward", "cpu")
+def lora_linear_forward(x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                        scale: torch.Tensor, routing: RowRouting) -> tuple[torch.Tensor, torch.Tensor]:
+    y, xa = extension().lora_linear_forward(x.contiguous(), *_weight_args(weight), lora_A.contiguous(),
+                                            lora_B.contiguous(), scale.float().contiguous(), routing.ids,
+                                            routing.order, routing.starts)
+    return y, xa
+
+
+@register_kernel("lora_linear.input_grad", "cpu")
+def lora_linear_input_grad(grad_out: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                           scale: torch.Tensor, routing: RowRouting) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, g = extension().lora_linear_input_grad(grad_out.contiguous(), *_weight_args(weight), lora_A.contiguous(),
+                                               lora_B.contiguous(), scale.float().contiguous(), routing.ids,
+                                               routing.order, routing.starts)
+    return dx, g
+
+
+@register_kernel("dequantize_nf4", "cpu")
+def dequantize(weight: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    flat = extension().dequantize_nf4(weight.packed, weight.absmax, weight.absmax2, weight.code2,
+                                      None if weight.offset is None else weight.offset.reshape(1), weight.numel,
+                                      int(weight.blocksize), dtype)
+    return flat.view(weight.shape)

@@ -1,0 +1,88 @@
+"""``RowRouting``: which adapter each row of a batch uses, grouped by adapter, built once and read by every layer.
+
+The layout is vLLM's ``LoRAKernelMeta`` / Punica's SGMV segments: the per-row ids, the rows stably
+sorted by adapter, and the start of each adapter's segment in that order. ``starts`` has a fixed
+size (``n_adapters + 2``, slot 0 for base-only rows), so building it needs no host sync and its
+shape does not depend on the batch (what CUDA graphs need). A model builds one per forward (see
+:mod:`xkern.nn.routing`) and every linear layer hands it to :func:`xkern.ops.lora_linear`, so the
+sort happens once, not once per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+@dataclass(frozen=True)
+class RowRouting:
+    """Rows grouped by adapter.
+
+    Attributes:
+        ids: int32 ``[M]``, the adapter slot of each row (``-1``: base only).
+        order: int32 ``[M]``, row indices stably sorted by ``ids`` (base rows first).
+        starts: int32 ``[n_adapters + 2]``: rows ``order[starts[j]:starts[j + 1]]`` use adapter ``j - 1``.
+        n_adapters: slots of the adapter bank the ids index.
+    """
+
+    ids: torch.Tensor
+    order: torch.Tensor
+    starts: torch.Tensor
+    n_adapters: int
+
+    @property
+    def rows(self) -> int:
+        return self.ids.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.ids.device
+
+    @classmethod
+    def build(cls, ids: torch.Tensor, n_adapters: int) -> RowRouting:
+        """Group ``ids`` (any integer dtype and shape, flattened; ``-1`` = base); values are checked on the CPU."""
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"adapter_ids must be a torch.Tensor, got {type(ids).__name__}")
+        if ids.dtype not in _INT_DTYPES:
+            raise TypeError(f"adapter_ids must be an integer tensor, got {ids.dtype}")
+        flat = ids.reshape(-1)
+        if flat.numel() and flat.device.type == "cpu" and not torch.compiler.is_compiling():
+            lo, hi = int(flat.min()), int(flat.max())
+            if lo < -1 or hi >= n_adapters:
+                raise ValueError(f"adapter_ids must lie in [-1, {n_adapters - 1}], got values in [{lo}, {hi}]")
+        ids32 = flat.to(torch.int32).contiguous()
+        order = torch.argsort(ids32, stable=True).to(torch.int32)
+        counts = torch.bincount((ids32.long() + 1).clamp(0, n_adapters), minlength=n_adapters + 1)
+        starts = torch.zeros(n_adapters + 2, dtype=torch.int32, device=flat.device)
+        starts[1:] = torch.cumsum(counts[: n_adapters + 1], 0)
+        return cls(ids32, order.contiguous(), starts, int(n_adapters))
+
+    @classmethod
+    def base_only(cls, rows: int, n_adapters: int, device: torch.device | str = "cpu") -> RowRouting:
+        """Every row base-only (no sort needed)."""
+        starts = torch.full((n_adapters + 2,), rows, dtype=torch.int32, device=device)
+        starts[0] = 0
+        return cls(torch.full((rows,), -1, dtype=torch.int32, device=device),
+                   torch.arange(rows, dtype=torch.int32, device=device), starts, int(n_adapters))
+
+    @classmethod
+    def stream_major(cls, slots: list[int], rows_per_stream: int, n_adapters: int,
+                     device: torch.device | str = "cpu") -> RowRouting:
+        """Rows ``[len(slots) * rows_per_stream]`` where stream i uses slot ``slots[i]`` (X-Cross's layout)."""
+        ids = torch.tensor(slots, dtype=torch.int32).repeat_interleave(rows_per_stream).to(device)
+        return cls.build(ids, n_adapters)
+
+    def to(self, device: torch.device | str) -> RowRouting:
+        device = torch.device(device)
+        if self.device == device:
+            return self
+        return RowRouting(self.ids.to(device), self.order.to(device), self.starts.to(device), self.n_adapters)
+
+    def segments(self) -> list[tuple[int, torch.Tensor]]:
+        """``(adapter, row indices)`` of every non-empty adapter segment (host sync: for CPU code and tests)."""
+        starts = self.starts.tolist()
+        return [(j - 1, self.order[starts[j]:starts[j + 1]].long()) for j in range(1, self.n_adapters + 1)
+                if starts[j + 1] > starts[j]]
