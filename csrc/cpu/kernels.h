@@ -32,7 +32,8 @@ struct NF4W {
 struct FwdSmallArgs {
   NF4W w;
   int64_t N = 0, K = 0, M = 0;
-  const float* xp = nullptr;     // [M][K] float32, each 32-chunk permuted: 16 even then 16 odd elements
+  // x as float32 [K / 32][M][32]: chunk-major, each 32-chunk permuted (its 16 even, then 16 odd elements)
+  const float* xp = nullptr;
   const int32_t* ids = nullptr;  // [M]
   const float* coef = nullptr;   // [M][rp] scale[a] * xa[m], zero padded to rp (a multiple of 16)
   int64_t r = 0, rp = 0;
@@ -74,7 +75,7 @@ struct KernelTable {
   void (*dequant)(const NF4W& w, int64_t e0, int64_t e1, void* out, int out_dt);
   // src [rows][cols] in src_dt -> float32 dst, same layout.
   void (*to_f32)(const void* src, int src_dt, int64_t n, float* dst);
-  // src [rows][K] in src_dt -> float32 dst in the permuted 32-chunk layout (K % 32 == 0).
+  // src [rows][K] in src_dt -> float32 dst [K / 32][rows][32], each chunk permuted (K % 32 == 0).
   void (*to_f32_perm)(const void* src, int src_dt, int64_t rows, int64_t K, float* dst);
   void (*fwd_small)(const FwdSmallArgs& a, int64_t n0, int64_t n1);
   void (*igrad_small)(const IgradSmallArgs& a, int64_t c0, int64_t c1);

@@ -45,6 +45,7 @@ struct I {
     w[2] = lookup(b0, t);                        // low nibbles: odd elements 0-7
     w[3] = lookup(b1, t);
   }
+  static inline void keep(V& v) { asm("" : "+x"(v)); }
   static inline V zero() { return _mm256_setzero_ps(); }
   static inline V set1(float f) { return _mm256_set1_ps(f); }
   static inline V load(const float* p) { return _mm256_loadu_ps(p); }

@@ -25,7 +25,7 @@ struct I {
   static constexpr int NV = 2;
   static constexpr int kMaxAcc = 16;    // forward accumulators (of 32 zmm)
   static constexpr int kMaxAccIg = 24;  // input-grad accumulators
-  static constexpr int kGroupFwd = 16;
+  static constexpr int kGroupFwd = 8;
   static constexpr int kGroupIg = 12;
   struct Tab {
     __m512 t;
@@ -39,6 +39,7 @@ struct I {
     w[0] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tab.t);
     w[1] = _mm512_permutexvar_ps(b, tab.t);
   }
+  static inline void keep(V& v) { asm("" : "+v"(v)); }
   static inline V zero() { return _mm512_setzero_ps(); }
   static inline V set1(float f) { return _mm512_set1_ps(f); }
   static inline V load(const float* p) { return _mm512_loadu_ps(p); }

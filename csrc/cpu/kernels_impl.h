@@ -14,6 +14,7 @@
 //   void store_nat32(base, dt, i, const V* w)      permuted layout -> 32 natural elements
 //   void store_cvt(base, dt, i, V)                 W elements
 //   void prefetch(const void*)
+//   void keep(V&)                                  optimization barrier: keep a value in a register
 //   kMaxAcc (forward accumulators), kGroupFwd / kGroupIg (rows of x per pass), kMaxAccIg
 
 using V = I::V;
@@ -50,16 +51,28 @@ void to_f32(const void* src, int dt, int64_t n, float* dst) {
   for (; i < n; ++i) dst[i] = load1(src, dt, i);
 }
 
+// dst[(c * rows + m) * 32 + i]: chunk-major, so a K block of all rows is one contiguous range
 void to_f32_perm(const void* src, int dt, int64_t rows, int64_t K, float* dst) {
   V v[NV];
-  for (int64_t i = 0; i < rows * K; i += 32) {
-    I::load_perm32(src, dt, i, v);
-    for (int j = 0; j < NV; ++j) I::store(dst + i + j * W, v[j]);
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t c = 0; c < K / 32; ++c) {
+      I::load_perm32(src, dt, m * K + c * 32, v);
+      float* d = dst + (c * rows + m) * 32;
+      for (int j = 0; j < NV; ++j) I::store(d + j * W, v[j]);
+    }
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// forward, few rows: every weight byte decoded once per group of G rows of x
+// forward, few rows: every weight byte is decoded once per group of G rows of x.
+//
+// Blocking: a thread's output rows go in tiles of kTileN; for each tile the K axis goes in blocks
+// sized so that the G rows' slice of x (chunk-major, so the slice is contiguous) stays in L1 while
+// the tile's weight rows stream past it; per (row, x row) vector accumulators live in registers
+// within a K block and in a small L1 buffer between blocks; one horizontal sum per output at the end.
+
+constexpr int kTileN = 16;
+constexpr int64_t kXBlockBytes = 16 * 1024;
 
 // acc (the base dot product, still a vector) + coef[m] . B[a][n, :], reduced to a scalar.
 static inline float finish_row(const xk::FwdSmallArgs& a, int64_t m, int64_t n, V t) {
@@ -74,56 +87,72 @@ static inline float finish_row(const xk::FwdSmallArgs& a, int64_t m, int64_t n, 
   return I::hsum(t);
 }
 
-template <int G, int R>
-void fwd_rows(const xk::FwdSmallArgs& a, int64_t m0, int64_t n0, int64_t n1) {
-  constexpr int S = (G * R * 2 <= I::kMaxAcc) ? 2 : 1;  // split accumulators when registers allow
+// Weight rows [n, n + R) x columns [kb, ke) against x rows [m0, m0 + G): buf[r][g][s] += partial dots.
+template <int G, int R, int S>
+static inline void fwd_kblock(const xk::FwdSmallArgs& a, int64_t m0, int64_t n, int64_t kb, int64_t ke, V* buf,
+                              bool first) {
   const int64_t K = a.K;
   const int shift = a.w.bs_shift;
   const int64_t bmask = (int64_t{1} << shift) - 1;
-  const float* xr = a.xp + m0 * K;
-  for (int64_t n = n0; n < n1; n += R) {
-    V acc[R][G][S];
-    I::Tab tab[R];
-    int64_t base[R];
-    const uint8_t* p[R];
+  V acc[R][G][S];
+  I::Tab tab[R];
+  int64_t base[R];
+  const uint8_t* p[R];
+  for (int r = 0; r < R; ++r) {
+    base[r] = (n + r) * K;
+    p[r] = a.w.packed + (base[r] >> 1);
+    tab[r] = I::make_tab(block_scale(a.w, (base[r] + kb) >> shift));
+    for (int g = 0; g < G; ++g)
+      for (int s = 0; s < S; ++s) acc[r][g][s] = first ? I::zero() : buf[(r * G + g) * S + s];
+  }
+  const float* xc = a.xp + ((kb >> 5) * a.M + m0) * 32;
+  const int64_t xstride = a.M * 32;
+  for (int64_t k = kb; k < ke; k += 32, xc += xstride) {
+    V wv[R][NV];
     for (int r = 0; r < R; ++r) {
-      base[r] = (n + r) * K;
-      p[r] = a.w.packed + (base[r] >> 1);
-      tab[r] = I::make_tab(block_scale(a.w, base[r] >> shift));
-      for (int g = 0; g < G; ++g)
-        for (int s = 0; s < S; ++s) acc[r][g][s] = I::zero();
+      if (k != kb && ((base[r] + k) & bmask) == 0) tab[r] = I::make_tab(block_scale(a.w, (base[r] + k) >> shift));
+      I::decode32(p[r] + (k >> 1), tab[r], wv[r]);
     }
-    for (int64_t k = 0; k < K; k += 32) {
-      V wv[R][NV];
-      for (int r = 0; r < R; ++r) {
-        if (k && ((base[r] + k) & bmask) == 0) tab[r] = I::make_tab(block_scale(a.w, (base[r] + k) >> shift));
-        I::decode32(p[r] + (k >> 1), tab[r], wv[r]);
-      }
-      for (int g = 0; g < G; ++g) {
-        const float* xk_ = xr + g * K + k;
-        for (int v = 0; v < NV; ++v) {
-          const V xv = I::load(xk_ + v * W);
-          for (int r = 0; r < R; ++r) acc[r][g][v % S] = I::fmadd(wv[r][v], xv, acc[r][g][v % S]);
-        }
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      for (int g = 0; g < G; ++g) {
-        V t = acc[r][g][0];
-        if (S == 2) t = I::add(t, acc[r][g][S - 1]);
-        const int64_t m = m0 + g;
-        store1(a.y, a.y_dt, m * a.N + n + r, finish_row(a, m, n + r, t));
+    for (int g = 0; g < G; ++g) {
+      for (int v = 0; v < NV; ++v) {
+        V xv = I::load(xc + g * 32 + v * W);
+        if (R > 1) I::keep(xv);  // one load feeding R FMAs (the compiler would re-load it per FMA)
+        for (int r = 0; r < R; ++r) acc[r][g][v % S] = I::fmadd(wv[r][v], xv, acc[r][g][v % S]);
       }
     }
   }
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g)
+      for (int s = 0; s < S; ++s) buf[(r * G + g) * S + s] = acc[r][g][s];
 }
 
 template <int G>
 void fwd_group(const xk::FwdSmallArgs& a, int64_t m0, int64_t n0, int64_t n1) {
-  constexpr int R = (G * 4 <= I::kMaxAcc / 2) ? 4 : (G * 2 <= I::kMaxAcc / 2 ? 2 : 1);
-  const int64_t n_main = n0 + (n1 - n0) / R * R;
-  fwd_rows<G, R>(a, m0, n0, n_main);
-  if (R > 1) fwd_rows<G, 1>(a, m0, n_main, n1);
+  constexpr int R = (G * 4 <= I::kMaxAcc) ? 4 : (G * 2 <= I::kMaxAcc ? 2 : 1);
+  constexpr int S = (G * R * 2 <= I::kMaxAcc) ? 2 : 1;  // split accumulators when registers allow
+  static_assert(kTileN % R == 0, "tile must hold whole row groups");
+  const int64_t K = a.K;
+  const int64_t kblock = imin(K, imin(int64_t{4096}, kXBlockBytes / (4 * G)) / 32 * 32);  // >= 32: G <= 128
+  alignas(64) V buf[kTileN * G * S];
+  for (int64_t nt = n0; nt < n1; nt += kTileN) {
+    const int64_t ne = imin(nt + kTileN, n1);
+    const int64_t n_main = nt + (ne - nt) / R * R;
+    for (int64_t kb = 0; kb < K; kb += kblock) {
+      const int64_t ke = imin(K, kb + kblock);
+      int64_t n = nt;
+      for (; n < n_main; n += R) fwd_kblock<G, R, S>(a, m0, n, kb, ke, buf + (n - nt) * G * S, kb == 0);
+      for (; n < ne; ++n) fwd_kblock<G, 1, S>(a, m0, n, kb, ke, buf + (n - nt) * G * S, kb == 0);
+    }
+    for (int64_t n = nt; n < ne; ++n) {
+      for (int g = 0; g < G; ++g) {
+        const V* b = buf + ((n - nt) * G + g) * S;
+        V t = b[0];
+        if (S == 2) t = I::add(t, b[S - 1]);
+        const int64_t m = m0 + g;
+        store1(a.y, a.y_dt, m * a.N + n, finish_row(a, m, n, t));
+      }
+    }
+  }
 }
 
 template <int G>

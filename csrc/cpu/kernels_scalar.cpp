@@ -33,6 +33,7 @@ struct I {
       w[16 + i] = tab.t[p[i] & 15];
     }
   }
+  static inline void keep(V&) {}
   static inline V zero() { return 0.f; }
   static inline V set1(float f) { return f; }
   static inline V load(const float* p) { return *p; }
