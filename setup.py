@@ -18,7 +18,6 @@ import sys
 
 from setuptools import setup
 
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
