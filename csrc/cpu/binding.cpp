@@ -12,9 +12,19 @@
 //  * otherwise: the weight is decoded into a float32 slab of rows (threads split the slab) and
 //    multiplied with at::mm (MKL/oneDNN), slab after slab; the LoRA terms run per adapter segment
 //    (gather the segment's rows, two small matmuls, scatter-add).
+//  * forward of a bf16 x with AMX (isa avx512 on a CPU whose bf16 brgemm ATen can pack, K % 32 == 0,
+//    M > 16): each thread decodes a tile of weight rows to bf16 hi + lo parts (W = hi + lo +
+//    O(2^-18 |W|), kept in L2) and multiplies both with x (exact in bf16) through ATen's brgemm
+//    (oneDNN ukernel, AMX tiles, float32 accumulation): two bf16 products, ~1e-6 of the output
+//    before the final rounding to bf16, where a single bf16 product of the weight (bitsandbytes'
+//    default path) is ~1e-3. For float32 / float16 x, 4 such products measured no faster than the
+//    float32 slab path, which stays exact to ~1e-7, so they keep it.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#if __has_include(<ATen/native/CPUBlas.h>)
+#include <ATen/native/CPUBlas.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -33,6 +43,8 @@ using xk::KernelTable;
 constexpr int64_t kSmallRows = 16;           // largest M on the fused GEMV paths
 constexpr int64_t kSlabBytes = 8 << 20;      // float32 bytes of one decoded weight slab
 constexpr int64_t kNestedBlock = 256;
+constexpr int64_t kAmxTileRows = 64;         // weight rows a thread decodes (bf16 hi + lo) and multiplies
+constexpr int64_t kAmxTileCols = 128;        // rows of x per brgemm call
 
 // ------------------------------------------------------------------------------------------------
 // instruction set
@@ -79,6 +91,21 @@ const KernelTable* kernels() {
 
 std::string isa() { return kernels()->name; }
 
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+#define XK_HAVE_BRGEMM 1
+bool amx_available() {
+  static const bool ok = at::native::cpublas::could_pack(at::kBFloat16);
+  return ok;
+}
+#else
+bool amx_available() { return false; }
+#endif
+
+// The AMX forward path: bf16 x, under the avx512 instruction set only (avx2 / scalar test the others).
+bool use_amx(const KernelTable* kt, int x_dt, int64_t M, int64_t K) {
+  return x_dt == xk::kBF16 && kt == xk::kernels_avx512() && K % 32 == 0 && M > kSmallRows && amx_available();
+}
+
 void set_isa(const std::string& name) {
   TORCH_CHECK_VALUE(name == "avx512" || name == "avx2" || name == "scalar",
                     "unknown instruction set '", name, "'; expected 'avx512', 'avx2' or 'scalar'");
@@ -98,6 +125,8 @@ std::string build_info() {
 #endif
   s += "; threads: " + std::to_string(at::get_num_threads());
   s += "; fused GEMV paths for M <= " + std::to_string(kSmallRows) + " and K % 32 == 0";
+  s += amx_available() ? "; AMX bf16 hi/lo matmul (ATen brgemm) for bf16 x and larger M under avx512"
+                       : "; no AMX brgemm (float32 slab matmul for larger M)";
   return s;
 }
 
@@ -265,6 +294,49 @@ at::Tensor seg_rows(const at::Tensor& order, int64_t s0, int64_t s1) {
   return order.narrow(0, s0, s1 - s0).to(at::kLong);
 }
 
+// y32 [M, N] = x W^T for a bf16 x on AMX: y^T = W x^T with weight rows as the brgemm A operand ([rows, K],
+// bf16 hi and lo parts) and x^T as the VNNI B operand ([K / 2, M, 2] bf16), both in the permuted
+// 32-chunk order of K.
+void base_amx(const KernelTable* kt, const xk::NF4W& w, const at::Tensor& x, int x_dt, int64_t M, int64_t N,
+              int64_t K, at::Tensor& y32) {
+#ifdef XK_HAVE_BRGEMM
+  const auto bf16 = x.options().dtype(at::kBFloat16);
+  at::Tensor xv = at::empty({K * M}, bf16);
+  auto* xvp = reinterpret_cast<uint16_t*>(xv.data_ptr());
+  const void* xp = x.data_ptr();
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
+    kt->pack_x_vnni(xp, x_dt, M, K, m0, m1, xvp);
+  });
+  at::Tensor yT = at::empty({N, M}, y32.options());
+  float* yTp = yT.data_ptr<float>();
+  using BF = at::BFloat16;
+  const BF* xb = reinterpret_cast<const BF*>(xvp);
+  // a task: decode kAmxTileRows weight rows (hi + lo stay in L2), multiply them with every column tile of x^T
+  const int64_t tasks = (N + kAmxTileRows - 1) / kAmxTileRows;
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor buf = at::empty({2 * kAmxTileRows * K}, bf16);
+    auto* wh = reinterpret_cast<uint16_t*>(buf.data_ptr());
+    uint16_t* wl = wh + kAmxTileRows * K;
+    const BF* ah = reinterpret_cast<const BF*>(wh);
+    const BF* al = reinterpret_cast<const BF*>(wl);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * kAmxTileRows, rn = std::min(kAmxTileRows, N - r0);
+      kt->decode_bf16_split(w, K, r0, rn, wh, wl);
+      for (int64_t c0 = 0; c0 < M; c0 += kAmxTileCols) {
+        const int64_t cn = std::min(kAmxTileCols, M - c0);
+        float* c = yTp + r0 * M + c0;
+        at::native::cpublas::brgemm(rn, cn, K, K, M, M, false, ah, xb + 2 * c0, c, true);
+        at::native::cpublas::brgemm(rn, cn, K, K, M, M, true, al, xb + 2 * c0, c, true);
+      }
+    }
+    at::native::cpublas::brgemm_release(true);
+  });
+  y32.copy_(yT.t());
+#else
+  TORCH_CHECK(false, "xkern._cpu was built without ATen's bf16 brgemm");
+#endif
+}
+
 // ------------------------------------------------------------------------------------------------
 // forward
 
@@ -330,20 +402,24 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
     return {y, xa};
   }
 
-  // large M or K % 32 != 0: decoded float32 slabs + at::mm, LoRA per adapter segment
+  // large M or K % 32 != 0: decoded slabs + a matmul, LoRA per adapter segment
   at::Tensor x32 = as_f32(x);
   at::Tensor y32 = x_dt == xk::kF32 ? y : at::empty({M, N}, x.options().dtype(at::kFloat));
-  const int64_t nb_max = slab_rows(N, K);
-  at::Tensor slab = at::empty({nb_max, K}, x.options().dtype(at::kFloat));
-  for (int64_t n0 = 0; n0 < N; n0 += nb_max) {
-    const int64_t nb = std::min(nb_max, N - n0);
-    decode_rows(kt, w, K, n0, nb, slab.data_ptr<float>());
-    at::Tensor s = slab.narrow(0, 0, nb);
-    if (nb == N) {
-      at::mm_out(y32, x32, s.t());
-    } else {
-      at::Tensor part = at::mm(x32, s.t());
-      y32.narrow(1, n0, nb).copy_(part);
+  if (use_amx(kt, x_dt, M, K)) {
+    base_amx(kt, w, x, x_dt, M, N, K, y32);
+  } else {
+    const int64_t nb_max = slab_rows(N, K);
+    at::Tensor slab = at::empty({nb_max, K}, x.options().dtype(at::kFloat));
+    for (int64_t n0 = 0; n0 < N; n0 += nb_max) {
+      const int64_t nb = std::min(nb_max, N - n0);
+      decode_rows(kt, w, K, n0, nb, slab.data_ptr<float>());
+      at::Tensor s = slab.narrow(0, 0, nb);
+      if (nb == N) {
+        at::mm_out(y32, x32, s.t());
+      } else {
+        at::Tensor part = at::mm(x32, s.t());
+        y32.narrow(1, n0, nb).copy_(part);
+      }
     }
   }
   at::Tensor xa = at::zeros({M, r}, x.options().dtype(at::kFloat));

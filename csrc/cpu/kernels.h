@@ -81,6 +81,13 @@ struct KernelTable {
   void (*igrad_small)(const IgradSmallArgs& a, int64_t c0, int64_t c1);
   void (*shrink_fwd)(const ShrinkArgs& a, int64_t m0, int64_t m1);
   void (*shrink_igrad)(const ShrinkArgs& a, int64_t m0, int64_t m1);
+  // Operands of the bf16 matmul path (AMX through ATen's brgemm), K % 32 == 0, K in the permuted
+  // order of each 32-chunk on both sides (a dot product does not care about the order):
+  //   decode_bf16_split: weight rows [n0, n0 + rows) -> hi, lo [rows][K] with W = hi + lo + O(2^-18 |W|);
+  //   pack_x_vnni: rows [m0, m1) of x [M][K] -> bf16 (rounded to nearest even; exact for a bf16 x)
+  //     in the VNNI layout [K / 2][M][2] of a [K, M] operand.
+  void (*decode_bf16_split)(const NF4W& w, int64_t K, int64_t n0, int64_t rows, uint16_t* hi, uint16_t* lo);
+  void (*pack_x_vnni)(const void* x, int x_dt, int64_t M, int64_t K, int64_t m0, int64_t m1, uint16_t* out);
 };
 
 const KernelTable* kernels_scalar();

@@ -96,6 +96,12 @@ struct I {
     *even = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0))), 0xD8));
     *odd = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1))), 0xD8));
   }
+  // v = hi + lo + O(2^-18 |v|): hi = bf16(v), lo = bf16(v - hi), both rounded to nearest even
+  static inline void store_bf16_split(uint16_t* hi, uint16_t* lo, V v) {
+    const __m128i h = to_bf16(v);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(hi), h);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(lo), to_bf16(_mm256_sub_ps(v, cvt16(h, kBF16))));
+  }
   static inline void load_perm32(const void* base, int dt, int64_t i, V* w) {
     deinterleave(load_cvt(base, dt, i), load_cvt(base, dt, i + 8), &w[0], &w[2]);
     deinterleave(load_cvt(base, dt, i + 16), load_cvt(base, dt, i + 24), &w[1], &w[3]);

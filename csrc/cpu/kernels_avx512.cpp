@@ -77,6 +77,12 @@ struct I {
     const __m256i h = dt == kBF16 ? to_bf16(v) : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(base) + i), h);
   }
+  // v = hi + lo + O(2^-18 |v|): hi = bf16(v), lo = bf16(v - hi), both rounded to nearest even
+  static inline void store_bf16_split(uint16_t* hi, uint16_t* lo, V v) {
+    const __m256i h = to_bf16(v);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), h);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo), to_bf16(_mm512_sub_ps(v, cvt_bf16(h))));
+  }
   static inline void load_perm32(const void* base, int dt, int64_t i, V* w) {
     const V a = load_cvt(base, dt, i), b = load_cvt(base, dt, i + 16);
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);

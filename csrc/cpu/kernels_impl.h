@@ -15,6 +15,7 @@
 //   void store_cvt(base, dt, i, V)                 W elements
 //   void prefetch(const void*)
 //   void keep(V&)                                  optimization barrier: keep a value in a register
+//   void store_bf16_split(uint16_t* hi, uint16_t* lo, V)  W elements as bf16 hi + bf16 lo
 //   kMaxAcc (forward accumulators), kGroupFwd / kGroupIg (rows of x per pass), kMaxAccIg
 
 using V = I::V;
@@ -315,6 +316,46 @@ void shrink_igrad(const xk::ShrinkArgs& a, int64_t m0, int64_t m1) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// bf16 split operands for the AMX matmul path (see kernels.h)
+
+void decode_bf16_split(const xk::NF4W& w, int64_t K, int64_t n0, int64_t rows, uint16_t* hi, uint16_t* lo) {
+  const int shift = w.bs_shift;
+  V v[NV];
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t base = (n0 + i) * K;
+    int64_t cur = -1;
+    I::Tab tab{};
+    for (int64_t k = 0; k < K; k += 32) {
+      const int64_t b = (base + k) >> shift;
+      if (b != cur) {
+        tab = I::make_tab(block_scale(w, b));
+        cur = b;
+      }
+      I::decode32(w.packed + ((base + k) >> 1), tab, v);
+      const int64_t o = i * K + k;
+      for (int j = 0; j < NV; ++j) I::store_bf16_split(hi + o + j * W, lo + o + j * W, v[j]);
+    }
+  }
+}
+
+void pack_x_vnni(const void* x, int dt, int64_t M, int64_t K, int64_t m0, int64_t m1, uint16_t* out) {
+  alignas(64) float buf[32];
+  V v[NV];
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t c = 0; c < K; c += 32) {
+      I::load_perm32(x, dt, m * K + c, v);
+      for (int j = 0; j < NV; ++j) I::store(buf + j * W, v[j]);
+      for (int p = 0; p < 32; p += 2) {
+        uint16_t* o = out + (((c + p) >> 1) * M + m) * 2;
+        o[0] = f32_to_bf16(buf[p]);
+        o[1] = f32_to_bf16(buf[p + 1]);
+      }
+    }
+  }
+}
+
 const xk::KernelTable kTable = {
     XK_ISA_NAME, dequant, to_f32, to_f32_perm, fwd_small, igrad_small, shrink_fwd, shrink_igrad,
+    decode_bf16_split, pack_x_vnni,
 };

@@ -47,6 +47,10 @@ struct I {
     return count > 0 ? load1(base, dt, i) : 0.f;
   }
   static inline void store_cvt(void* base, int dt, int64_t i, V v) { store1(base, dt, i, v); }
+  static inline void store_bf16_split(uint16_t* hi, uint16_t* lo, V v) {
+    *hi = f32_to_bf16(v);
+    *lo = f32_to_bf16(v - bf16_to_f32(*hi));
+  }
   static inline void load_perm32(const void* base, int dt, int64_t i, V* w) {
     for (int j = 0; j < 16; ++j) {
       w[j] = load1(base, dt, i + 2 * j);

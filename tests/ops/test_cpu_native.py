@@ -1,8 +1,9 @@
 """The native CPU kernels (``xkern._cpu``, csrc/cpu/) against float64 references built from first principles.
 
-Every instruction set the machine can run (``supported_isas()``) and 1 and 2 threads; both paths (the
-fused GEMV for M <= 16 with K % 32 == 0, the decoded-slab matmul otherwise); uninitialized memory is
-poisoned (NaN) so a kernel that leaves an output element unwritten fails.
+Every instruction set the machine can run (``supported_isas()``) and 1 and 2 threads; every path (the
+fused GEMV for M <= 16 with K % 32 == 0, the decoded-slab matmul otherwise, its AMX bf16 variant for a
+bf16 x under avx512 where the CPU has AMX); uninitialized memory is poisoned (NaN) so a kernel that
+leaves an output element unwritten fails.
 """
 
 import pytest
@@ -140,7 +141,9 @@ CASES = [
     (17, 48, 77, 64, True, [6, 6], F32, BF16),                   # odd K (slab path), M just past the GEMV
     (5, 33, 101, 256, False, [4, 2, 1], BF16, BF16),             # odd K and odd N*K (a padding nibble)
     (2, 9, 4128, 4096, True, [3], F32, F32),                     # blocksize 4096 straddling rows
-    (200, 72, 256, 256, False, [4, 4, 4, 4], BF16, BF16),        # many rows: slab + segment matmuls
+    (200, 72, 256, 256, False, [4, 4, 4, 4], BF16, BF16),        # many rows: slab (AMX for bf16) + segments
+    (40, 50, 320, 64, True, [8, 3], BF16, F32),                  # AMX tile tails (50 rows, 40 columns)
+    (24, 40, 128, 32, False, [4], F16, BF16),                    # float16 x past the GEMV
     (12, 24, 64, 512, True, [20], F16, F32),                     # rank not a multiple of the vector width
 ]
 
