@@ -175,24 +175,30 @@ void fwd_small(const xk::FwdSmallArgs& a, int64_t n0, int64_t n1) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// input grad, few rows: a thread owns 32-chunks of K and walks every W row; the accumulators of
-// CW chunks x G rows stay in registers over the whole walk
+// input grad, few rows: a thread owns 32-chunks of K and walks the W rows in blocks of kIgRows
+// (their bytes of the thread's chunks stay in L1/L2 and their pages in the TLB while every chunk
+// group passes over them); within a block the accumulators of CW chunks x G rows stay in registers,
+// between blocks they wait in dx itself (in the permuted layout), which the last pass turns into
+// natural order after adding the LoRA term.
+
+constexpr int64_t kIgRows = 64;
 
 template <int G, int CW>
-void igrad_chunks(const xk::IgradSmallArgs& a, int64_t m0, int64_t c) {
+void igrad_chunks(const xk::IgradSmallArgs& a, int64_t m0, int64_t c, int64_t n0, int64_t n1) {
   const int64_t K = a.K, N = a.N;
   const int shift = a.w.bs_shift;
+  const int64_t k0 = c * 32;
   V acc[G][CW][NV];
   for (int g = 0; g < G; ++g)
     for (int cw = 0; cw < CW; ++cw)
-      for (int v = 0; v < NV; ++v) acc[g][cw][v] = I::zero();
+      for (int v = 0; v < NV; ++v)
+        acc[g][cw][v] = n0 == 0 ? I::zero() : I::load(a.dx + (m0 + g) * K + k0 + cw * 32 + v * W);
   const float* dy = a.dy + m0 * N;
-  const int64_t k0 = c * 32;
   const int64_t row_bytes = K >> 1;
-  const uint8_t* p = a.w.packed + (k0 >> 1);
+  const uint8_t* p = a.w.packed + ((n0 * K + k0) >> 1);
   constexpr int kPrefetchRows = 8;
-  for (int64_t n = 0; n < N; ++n, p += row_bytes) {
-    if (n + kPrefetchRows < N) I::prefetch(p + kPrefetchRows * row_bytes);
+  for (int64_t n = n0; n < n1; ++n, p += row_bytes) {
+    if (n + kPrefetchRows < n1) I::prefetch(p + kPrefetchRows * row_bytes);
     const int64_t base = n * K + k0;
     int64_t cur = -1;
     I::Tab tab{};
@@ -210,30 +216,45 @@ void igrad_chunks(const xk::IgradSmallArgs& a, int64_t m0, int64_t c) {
         for (int v = 0; v < NV; ++v) acc[g][cw][v] = I::fmadd(wv[v], d[g], acc[g][cw][v]);
     }
   }
+  for (int g = 0; g < G; ++g)
+    for (int cw = 0; cw < CW; ++cw)
+      for (int v = 0; v < NV; ++v) I::store(a.dx + (m0 + g) * K + k0 + cw * 32 + v * W, acc[g][cw][v]);
+}
+
+// dx rows [m0, m0 + G), chunks [c0, c1): permuted partial sums -> + LoRA term -> natural order
+template <int G>
+void igrad_finish(const xk::IgradSmallArgs& a, int64_t m0, int64_t c0, int64_t c1) {
+  const int64_t K = a.K;
   for (int g = 0; g < G; ++g) {
     const int64_t m = m0 + g;
     const int32_t ad = a.ids[m];
-    if (ad >= 0) {
-      for (int64_t j = 0; j < a.r; ++j) {
-        const V cj = I::set1(a.coef[m * a.r + j]);
-        const int64_t off = (static_cast<int64_t>(ad) * a.r + j) * K + k0;
-        for (int cw = 0; cw < CW; ++cw) {
+    for (int64_t c = c0; c < c1; ++c) {
+      float* d = a.dx + m * K + c * 32;
+      V acc[NV];
+      for (int v = 0; v < NV; ++v) acc[v] = I::load(d + v * W);
+      if (ad >= 0) {
+        for (int64_t j = 0; j < a.r; ++j) {
+          const V cj = I::set1(a.coef[m * a.r + j]);
           V av[NV];
-          I::load_perm32(a.A, a.a_dt, off + cw * 32, av);
-          for (int v = 0; v < NV; ++v) acc[g][cw][v] = I::fmadd(av[v], cj, acc[g][cw][v]);
+          I::load_perm32(a.A, a.a_dt, (static_cast<int64_t>(ad) * a.r + j) * K + c * 32, av);
+          for (int v = 0; v < NV; ++v) acc[v] = I::fmadd(av[v], cj, acc[v]);
         }
       }
+      I::store_nat32(d, xk::kF32, 0, acc);
     }
-    for (int cw = 0; cw < CW; ++cw) I::store_nat32(a.dx, xk::kF32, m * K + k0 + cw * 32, acc[g][cw]);
   }
 }
 
 template <int G>
 void igrad_group(const xk::IgradSmallArgs& a, int64_t m0, int64_t c0, int64_t c1) {
   constexpr int CW = (G * 4 * NV <= I::kMaxAccIg) ? 4 : (G * 2 * NV <= I::kMaxAccIg ? 2 : 1);
-  int64_t c = c0;
-  for (; c + CW <= c1; c += CW) igrad_chunks<G, CW>(a, m0, c);
-  for (; c < c1; ++c) igrad_chunks<G, 1>(a, m0, c);
+  for (int64_t n0 = 0; n0 < a.N; n0 += kIgRows) {
+    const int64_t n1 = imin(a.N, n0 + kIgRows);
+    int64_t c = c0;
+    for (; c + CW <= c1; c += CW) igrad_chunks<G, CW>(a, m0, c, n0, n1);
+    for (; c < c1; ++c) igrad_chunks<G, 1>(a, m0, c, n0, n1);
+  }
+  igrad_finish<G>(a, m0, c0, c1);
 }
 
 template <int G>
