@@ -6,7 +6,7 @@
 // (kernels_<isa>.cpp) are plain C++ over raw pointers.
 //
 // Paths (both compute in float32 with float32 accumulation, exactly the reference's semantics):
-//  * few rows (M <= kSmallRows) and K % 32 == 0: fused GEMV kernels that decode every weight byte once
+//  * few rows (M <= gemv_rows(), 16 by default) and K % 32 == 0: fused GEMV kernels that decode every weight byte once
 //    for a group of up to 16 rows (forward: threads own output rows n; input grad: threads own
 //    32-column chunks of K and walk the weight rows); the LoRA expand joins the same pass.
 //  * otherwise: the weight is decoded into a float32 slab of rows (threads split the slab) and
@@ -40,7 +40,7 @@ namespace {
 
 using xk::KernelTable;
 
-constexpr int64_t kSmallRows = 16;           // largest M on the fused GEMV paths
+constexpr int64_t kSmallRows = 16;           // default largest M on the fused GEMV paths
 constexpr int64_t kSlabBytes = 8 << 20;      // float32 bytes of one decoded weight slab
 constexpr int64_t kNestedBlock = 256;
 constexpr int64_t kAmxTileRows = 64;         // weight rows a thread decodes (bf16 hi + lo) and multiplies
@@ -80,6 +80,15 @@ std::vector<std::string> supported_isas() {
 
 std::atomic<const KernelTable*> g_kernels{nullptr};
 
+// Largest M on the GEMV paths; settable (private _set_gemv_rows) so tests can drive every path with
+// any M and benchmarks can find the crossover.
+std::atomic<int64_t> g_gemv_rows{kSmallRows};
+int64_t gemv_rows() { return g_gemv_rows.load(std::memory_order_relaxed); }
+int64_t set_gemv_rows(int64_t rows) {
+  TORCH_CHECK_VALUE(rows >= 0, "the GEMV row limit must be >= 0, got ", rows);
+  return g_gemv_rows.exchange(rows);
+}
+
 const KernelTable* kernels() {
   const KernelTable* kt = g_kernels.load(std::memory_order_acquire);
   if (!kt) {
@@ -103,7 +112,7 @@ bool amx_available() { return false; }
 
 // The AMX forward path: bf16 x, under the avx512 instruction set only (avx2 / scalar test the others).
 bool use_amx(const KernelTable* kt, int x_dt, int64_t M, int64_t K) {
-  return x_dt == xk::kBF16 && kt == xk::kernels_avx512() && K % 32 == 0 && M > kSmallRows && amx_available();
+  return x_dt == xk::kBF16 && kt == xk::kernels_avx512() && K % 32 == 0 && M > gemv_rows() && amx_available();
 }
 
 void set_isa(const std::string& name) {
@@ -124,7 +133,7 @@ std::string build_info() {
   s += "; compiler: " + std::string(__VERSION__);
 #endif
   s += "; threads: " + std::to_string(at::get_num_threads());
-  s += "; fused GEMV paths for M <= " + std::to_string(kSmallRows) + " and K % 32 == 0";
+  s += "; fused GEMV paths for M <= " + std::to_string(gemv_rows()) + " and K % 32 == 0";
   s += amx_available() ? "; AMX bf16 hi/lo matmul (ATen brgemm) for bf16 x and larger M under avx512"
                        : "; no AMX brgemm (float32 slab matmul for larger M)";
   return s;
@@ -358,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
   const int x_dt = float_dtype(x, "x");
   const float* sc = scale.data_ptr<float>();
 
-  if (K % 32 == 0 && M <= kSmallRows) {
+  if (K % 32 == 0 && M <= gemv_rows()) {
     at::Tensor x32 = as_f32(x);
     at::Tensor xp = at::empty({M, K}, x.options().dtype(at::kFloat));
     kt->to_f32_perm(x.data_ptr(), x_dt, M, K, xp.data_ptr<float>());
@@ -414,12 +423,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
       const int64_t nb = std::min(nb_max, N - n0);
       decode_rows(kt, w, K, n0, nb, slab.data_ptr<float>());
       at::Tensor s = slab.narrow(0, 0, nb);
-      if (nb == N) {
-        at::mm_out(y32, x32, s.t());
-      } else {
-        at::Tensor part = at::mm(x32, s.t());
-        y32.narrow(1, n0, nb).copy_(part);
-      }
+      // y^T = W x^T measured faster with MKL than x W^T (the slab as the row-major A operand)
+      y32.narrow(1, n0, nb).copy_(at::mm(s, x32.t()).t());
     }
   }
   at::Tensor xa = at::zeros({M, r}, x.options().dtype(at::kFloat));
@@ -460,7 +465,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_input_grad(
   const float* sc = scale.data_ptr<float>();
   at::Tensor dy32 = as_f32(grad_out);
 
-  if (K % 32 == 0 && M <= kSmallRows) {
+  if (K % 32 == 0 && M <= gemv_rows()) {
     at::Tensor g = at::empty({M, r}, f32);
     at::Tensor coef = at::zeros({M, std::max<int64_t>(r, 1)}, f32);
     const int32_t* id = ids.data_ptr<int32_t>();
@@ -567,4 +572,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported_isas", &supported_isas, "The instruction sets this CPU can run, best first");
   m.def("set_isa", &set_isa, "Force an instruction set (ValueError if this CPU cannot run it)", py::arg("name"));
   m.def("build_info", &build_info, "How the extension was built and what it runs");
+  m.def("_set_gemv_rows", &set_gemv_rows,
+        "Private (tests, tuning): the largest M sent to the GEMV paths (default 16); returns the previous value",
+        py::arg("rows"));
 }

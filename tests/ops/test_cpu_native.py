@@ -148,8 +148,26 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["gemv", "matmul"])
+def forced_path(request):
+    """Send every M to the GEMV kernels, or every M to the decoded-slab matmul (AMX for bf16 x)."""
+    old = _cpu._set_gemv_rows(10**9 if request.param == "gemv" else 0)
+    yield request.param
+    _cpu._set_gemv_rows(old)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[f"m{c[0]}-n{c[1]}-k{c[2]}-bs{c[3]}" for c in CASES])
 def test_matches_float64_reference(case, isa, threads):
+    check_case(case)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[2] % 32 == 0 and c[0] > 0],
+                         ids=[f"m{c[0]}-n{c[1]}-k{c[2]}" for c in CASES if c[2] % 32 == 0 and c[0] > 0])
+def test_every_path_with_any_m(case, isa, forced_path):
+    check_case(case)
+
+
+def check_case(case):
     m, n, k, bs, dq, ranks, x_dtype, lora_dtype = case
     w, x, dy, A, B, s, ids = problem(m, n, k, bs, dq, ranks, x_dtype, lora_dtype, seed=m + n + k)
     y_ref, xa_ref, dx_ref, g_ref = reference(x, dy, w, A, B, s, ids)
