@@ -58,6 +58,20 @@ struct I {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  // 8 vectors -> their 8 sums
+  static inline V hsum_many(const V* v) {
+    V u[4], h[2];
+    for (int i = 0; i < 4; ++i)  // 128-bit lane 0: 4 partials of v[2 i], lane 1: of v[2 i + 1]
+      u[i] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x20),
+                           _mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x31));
+    for (int i = 0; i < 2; ++i)  // lane k: 2 partials of v[4 i + k], then 2 of v[4 i + 2 + k]
+      h[i] = _mm256_add_ps(_mm256_shuffle_ps(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm256_shuffle_ps(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    // lane k: sums of v[k], v[2 + k], v[4 + k], v[6 + k]
+    const V r = _mm256_add_ps(_mm256_shuffle_ps(h[0], h[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                              _mm256_shuffle_ps(h[0], h[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm256_permutevar8x32_ps(r, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  }
   static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
   static inline V cvt16(__m128i h, int dt) {

@@ -47,6 +47,23 @@ struct I {
   static inline V add(V a, V b) { return _mm512_add_ps(a, b); }
   static inline V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static inline float hsum(V v) { return _mm512_reduce_add_ps(v); }
+  // 16 vectors -> their 16 sums: halve the width 4 times, each step adding two shuffles of two vectors
+  static inline V hsum_many(const V* v) {
+    V u[8], q[4], h[2];
+    for (int i = 0; i < 8; ++i)  // 128-bit lanes [a0+a2, a1+a3, b0+b2, b1+b3]
+      u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int i = 0; i < 4; ++i)  // lane k: the 4 partial sums of v[4 i + k]
+      q[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                           _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    for (int i = 0; i < 2; ++i)  // lane k: 2 partials of v[8 i + k], then 2 of v[8 i + 4 + k]
+      h[i] = _mm512_add_ps(_mm512_shuffle_ps(q[2 * i], q[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm512_shuffle_ps(q[2 * i], q[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    // lane k: sums of v[k], v[4 + k], v[8 + k], v[12 + k]; then put sum i at position i
+    const V r = _mm512_add_ps(_mm512_shuffle_ps(h[0], h[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                              _mm512_shuffle_ps(h[0], h[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), r);
+  }
   static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
   static inline V cvt_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }

@@ -8,7 +8,7 @@
 //   Tab make_tab(float s)                         the 16 NF4 codes times s (one block's scale)
 //   void decode32(const uint8_t* p, Tab, V* w)     16 bytes -> NV vectors, permuted layout
 //   V zero(), set1(float), load(const float*), add(V, V), fmadd(a, b, c) = a * b + c
-//   void store(float*, V); float hsum(V)
+//   void store(float*, V); float hsum(V); V hsum_many(const V* v): lane i = sum of v[i]
 //   V load_cvt(base, dt, i) / load_cvt_part(base, dt, i, count): W (or count < W, rest 0) elements
 //   void load_perm32(base, dt, i, V* w)            32 natural elements -> permuted layout
 //   void store_nat32(base, dt, i, const V* w)      permuted layout -> 32 natural elements
@@ -75,8 +75,8 @@ void to_f32_perm(const void* src, int dt, int64_t rows, int64_t K, float* dst) {
 constexpr int kTileN = 16;
 constexpr int64_t kXBlockBytes = 16 * 1024;
 
-// acc (the base dot product, still a vector) + coef[m] . B[a][n, :], reduced to a scalar.
-static inline float finish_row(const xk::FwdSmallArgs& a, int64_t m, int64_t n, V t) {
+// acc (the base dot product, still a vector, not yet summed) + coef[m] . B[a][n, :]
+static inline V add_lora(const xk::FwdSmallArgs& a, int64_t m, int64_t n, V t) {
   const int32_t ad = a.ids[m];
   if (ad >= 0 && a.r > 0) {
     const float* c = a.coef + m * a.rp;
@@ -85,7 +85,7 @@ static inline float finish_row(const xk::FwdSmallArgs& a, int64_t m, int64_t n, 
     for (; j + W <= a.r; j += W) t = I::fmadd(I::load(c + j), I::load_cvt(a.B, a.b_dt, off + j), t);
     if (j < a.r) t = I::fmadd(I::load(c + j), I::load_cvt_part(a.B, a.b_dt, off + j, static_cast<int>(a.r - j)), t);
   }
-  return I::hsum(t);
+  return t;
 }
 
 // Weight rows [n, n + R) x columns [kb, ke) against x rows [m0, m0 + G): buf[r][g][s] += partial dots.
@@ -144,13 +144,22 @@ void fwd_group(const xk::FwdSmallArgs& a, int64_t m0, int64_t n0, int64_t n1) {
       for (; n < n_main; n += R) fwd_kblock<G, R, S>(a, m0, n, kb, ke, buf + (n - nt) * G * S, kb == 0);
       for (; n < ne; ++n) fwd_kblock<G, 1, S>(a, m0, n, kb, ke, buf + (n - nt) * G * S, kb == 0);
     }
-    for (int64_t n = nt; n < ne; ++n) {
-      for (int g = 0; g < G; ++g) {
+    // y[m, n] = sum of the accumulator vector (+ LoRA): W outputs at a time through one transposing
+    // reduction (a few shuffles per output instead of a full horizontal sum each), stored as a vector
+    for (int g = 0; g < G; ++g) {
+      const int64_t m = m0 + g;
+      int64_t n = nt;
+      for (; n + W <= ne; n += W) {
+        V t[W];
+        for (int i = 0; i < W; ++i) {
+          const V* b = buf + ((n + i - nt) * G + g) * S;
+          t[i] = add_lora(a, m, n + i, S == 2 ? I::add(b[0], b[S - 1]) : b[0]);
+        }
+        I::store_cvt(a.y, a.y_dt, m * a.N + n, I::hsum_many(t));
+      }
+      for (; n < ne; ++n) {
         const V* b = buf + ((n - nt) * G + g) * S;
-        V t = b[0];
-        if (S == 2) t = I::add(t, b[S - 1]);
-        const int64_t m = m0 + g;
-        store1(a.y, a.y_dt, m * a.N + n, finish_row(a, m, n, t));
+        store1(a.y, a.y_dt, m * a.N + n, I::hsum(add_lora(a, m, n, S == 2 ? I::add(b[0], b[S - 1]) : b[0])));
       }
     }
   }

@@ -41,6 +41,7 @@ struct I {
   static inline V add(V a, V b) { return a + b; }
   static inline V fmadd(V a, V b, V c) { return a * b + c; }
   static inline float hsum(V v) { return v; }
+  static inline V hsum_many(const V* v) { return v[0]; }
   static inline void prefetch(const void*) {}
   static inline V load_cvt(const void* base, int dt, int64_t i) { return load1(base, dt, i); }
   static inline V load_cvt_part(const void* base, int dt, int64_t i, int count) {
