@@ -19,9 +19,11 @@
 //    before the final rounding to bf16, where a single bf16 product of the weight (bitsandbytes'
 //    default path) is ~1e-3. For float32 / float16 x, 4 such products measured no faster than the
 //    float32 slab path, which stays exact to ~1e-7, so they keep it.
-#include <torch/extension.h>
-
+// ATen + torch's pybind11 casters only (not <torch/extension.h>, which pulls in all of libtorch's C++
+// API and doubles this file's compile time).
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
 #if __has_include(<ATen/native/CPUBlas.h>)
 #include <ATen/native/CPUBlas.h>
 #endif
