@@ -28,7 +28,8 @@ struct NF4W {
 };
 
 // Forward for few rows (GEMV): y[m, n] = x[m] . W[n] + [a >= 0] coef[m] . B[a][n], a = ids[m],
-// for rows n in [n0, n1) and every m < M. Needs K % 32 == 0.
+// for rows n in [n0, n1) and every m < M (any M: groups of rows, the weight decoded once per group).
+// Needs K % 32 == 0.
 struct FwdSmallArgs {
   NF4W w;
   int64_t N = 0, K = 0, M = 0;
@@ -44,7 +45,8 @@ struct FwdSmallArgs {
 };
 
 // Input grad for few rows: dx[m, k] = sum_n dy[m, n] W[n, k] + [a >= 0] sum_j coef[m, j] A[a][j, k], for
-// the 32-element chunks [c0, c1) of K and every m < M. Needs K % 32 == 0.
+// the 32-element chunks [c0, c1) of K and every m < M (any M: groups of rows, the weight decoded once
+// per group). Needs K % 32 == 0.
 struct IgradSmallArgs {
   NF4W w;
   int64_t N = 0, K = 0, M = 0;
@@ -54,7 +56,7 @@ struct IgradSmallArgs {
   int64_t r = 0;
   const void* A = nullptr;  // [n_adapters][r][K] in a_dt
   int a_dt = kF32;
-  float* dx = nullptr;  // [M][K] float32
+  float* dx = nullptr;  // [M][K] float32 (also holds the thread's partial sums until its chunks are done)
 };
 
 // LoRA shrinks for the rows [m0, m1) (rows with ids[m] < 0 get zeros):
@@ -93,9 +95,5 @@ struct KernelTable {
 const KernelTable* kernels_scalar();
 const KernelTable* kernels_avx2();    // nullptr when not compiled (non-x86 compilers)
 const KernelTable* kernels_avx512();  // nullptr when not compiled
-
-// Rows of x processed together by fwd_small / igrad_small (the binding may pass any M; the kernels
-// loop over groups of at most this many rows, decoding the weight once per group).
-constexpr int kMaxGroupRows = 16;
 
 }  // namespace xk
