@@ -9,8 +9,10 @@ forward does) and is compared, in the same run on the same bytes (quantized once
       ``F.linear``) + the same LoRA loop,
   (c) a dense ``F.linear`` on the dequantized weight (activation dtype) + the same LoRA loop,
   (d) the memory-bandwidth bound: weight bytes / the copy bandwidth measured in the run,
-with every method's max error relative to a float64 reference. Times are medians. ``kernel ms`` is the
-native call alone, without the op layer's checks and dispatch (the ratios use ``xkern ms``).
+with every method's max error relative to a float64 reference (divided by the reference's largest
+magnitude). Times are medians; ``x vs <baseline>`` = baseline time / xkern time (> 1: xkern faster);
+``of bound`` = bound time / xkern time. ``kernel ms`` is the native call alone, without the op layer's
+checks and dispatch (the ratios use ``xkern ms``). The machine's load average is recorded in the JSON.
 
     python bench/bench_lora_linear.py                      # CPU: every shape, M, adapter count, dtype, 1 and 2 threads
     python bench/bench_lora_linear.py --quick              # CPU smoke subset
