@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoModel, AutoTokenizer
 
+    from xkern.data.domain import load_processed
+    from xkern.data.evaluate import evaluate_scorer
+    from xkern.data.negatives import build_candidates
     from xkern.nn.pretrained import minilm_dir
-    from xkern.rec.data import load_processed
-    from xkern.rec.evaluate import evaluate_scorer
-    from xkern.rec.negatives import build_candidates
 
     data = load_processed(args.data, args.domain, seed=args.seed)
     cands = build_candidates(data, "test", 29, "uniform", args.seed, args.users)

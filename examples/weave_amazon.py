@@ -20,8 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from xkern.rec.data import DEFAULT_DATA_ROOT  # noqa: E402
-from xkern.rec.evaluate import write_report  # noqa: E402
+from xkern.data.domain import DEFAULT_DATA_ROOT  # noqa: E402
+from xkern.data.evaluate import write_report  # noqa: E402
 from xkern.weave.cli import config_from_args, register  # noqa: E402
 from xkern.weave.experiment import results_table, run_weave  # noqa: E402
 
@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def baselines_line(cfg, n_users: int) -> str:
     """random / popularity / item-markov on exactly the candidates the rows are ranked on."""
-    from xkern.rec.baselines import evaluate_baselines
-    from xkern.rec.data import load_processed
-    from xkern.rec.negatives import build_candidates
+    from xkern.data.baselines import evaluate_baselines
+    from xkern.data.domain import load_processed
+    from xkern.data.negatives import build_candidates
 
     data = load_processed(cfg.data, cfg.target, seed=cfg.seed)
     rows = evaluate_baselines(data, build_candidates(data, "test", cfg.n_neg, "uniform", cfg.seed, n_users),

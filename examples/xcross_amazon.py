@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         log = json.loads(Path(args.table_from).read_text())
         if not log.get("baselines"):
             a = log["args"]
-            from xkern.rec.data import load_processed
+            from xkern.data.domain import load_processed
 
             data = load_processed(a["data"], a["target"], seed=a["seed"])
             log["baselines"] = baseline_rows(data, log["rows"][0]["n_users"], a["seed"])
@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     import xkern
+    from xkern.data.domain import load_processed
+    from xkern.data.splits import subsample_train
     from xkern.nn.pretrained import minilm_dir
-    from xkern.rec.data import load_processed
-    from xkern.rec.splits import subsample_train
     from xkern.xcross import XCrossModel, XCrossTrainConfig, evaluate, init_head_from, train, train_adapter_scorer
 
     torch.set_num_threads(args.threads)
@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def baseline_rows(data, eval_users: int, seed: int) -> list[dict]:
     """random / popularity / item-markov on exactly the candidates the model rows are ranked on."""
-    from xkern.rec.baselines import evaluate_baselines
-    from xkern.rec.negatives import build_candidates
+    from xkern.data.baselines import evaluate_baselines
+    from xkern.data.negatives import build_candidates
 
     return evaluate_baselines(data, build_candidates(data, "test", 29, "uniform", seed, eval_users), seed=seed)
 

@@ -33,3 +33,43 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# ---- fixtures shared by several test packages (built from tests/helpers.py) ----------------------
+
+@pytest.fixture(scope="session")
+def bnb_dirs(tmp_path_factory) -> dict:
+    """family -> a directory saved by transformers with BitsAndBytesConfig(load_in_4bit, nf4, double quant)."""
+    import helpers
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BitsAndBytesConfig
+
+    root = tmp_path_factory.mktemp("bnb")
+    out = {}
+    for family in ("llama", "bert"):
+        fp = root / f"{family}-fp32"
+        helpers.tiny_model(family).save_pretrained(fp)
+        auto = AutoModelForCausalLM if family == "llama" else AutoModelForMaskedLM
+        qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.float32)
+        q = auto.from_pretrained(fp, quantization_config=qcfg, dtype=torch.float32)
+        q.save_pretrained(root / family)
+        out[family] = root / family
+    return out
+
+
+@pytest.fixture(scope="module")
+def domain():
+    import helpers
+
+    return helpers.titled_domain()
+
+
+@pytest.fixture(scope="module")
+def lm(domain):
+    import helpers
+
+    model, tok = helpers.tiny_lm([domain])
+    model.add_adapter("a", r=4, init_lora_weights=False, seed=1)
+    model.add_adapter("b", r=2, lora_alpha=8, init_lora_weights=False, seed=2)
+    return model, tok

@@ -1,6 +1,18 @@
-"""Small shared helpers for the kernel tests (dense float64 references built from first principles)."""
+"""Shared helpers of the tests: float64 references, tiny transformers models, tiny titled domains, PEFT adapters.
 
+Plain functions only; fixtures built from them live in tests/conftest.py. Tests import this module
+as ``helpers`` (pytest puts tests/ on sys.path).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
 import torch
+
+from xkern.data.domain import DomainData
+from xkern.data.prompts import listwise_prompt, next_item_prompt
 
 
 def dense_lora_reference(x, w_dense, lora_A, lora_B, scale, ids):
@@ -13,3 +25,116 @@ def dense_lora_reference(x, w_dense, lora_A, lora_B, scale, ids):
             out = out + float(scale[a]) * (x[m].double() @ lora_A[a].double().T) @ lora_B[a].double().T
         rows.append(out)
     return torch.stack(rows)
+
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64)
+
+
+def tiny_config(family: str, **overrides):
+
+    cfg = _tiny_config(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _tiny_config(family: str):
+    import transformers as tf
+
+    if family == "llama":
+        return tf.LlamaConfig(vocab_size=128, num_key_value_heads=2, **TINY)
+    if family == "qwen2":
+        return tf.Qwen2Config(vocab_size=128, num_key_value_heads=2, **TINY)
+    if family == "mistral":
+        return tf.MistralConfig(vocab_size=128, num_key_value_heads=2, **TINY)
+    if family == "bert":
+        return tf.BertConfig(vocab_size=128, **TINY)
+    if family == "deberta-v2":
+        return tf.DebertaV2Config(vocab_size=128, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                  position_buckets=8, max_relative_positions=16, **TINY)
+    raise ValueError(family)
+
+
+def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, **overrides)
+    cls = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "mistral": tf.MistralForCausalLM,
+           "bert": tf.BertForMaskedLM, "deberta-v2": tf.DebertaV2ForMaskedLM}[family]
+    return cls(cfg).eval()
+
+
+def exact_bnb(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn off bitsandbytes' CPU inference fast path, which repacks the weights to bf16 (lossy)."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
+WORDS = ["red", "blue", "green", "drill", "saw", "hammer", "ball", "kite", "pro", "mini", "set", "kit"]
+
+
+def titled_domain(name: str = "Tools", n_items: int = 40, offset: int = 0) -> DomainData:
+    titles = []
+    for i in range(n_items):
+        k = i + offset
+        titles.append(" ".join([WORDS[k % 3], WORDS[3 + (k // 3) % 5], *([WORDS[8 + k % 4]] * (1 + k % 3))]))
+    rng = torch.Generator().manual_seed(offset + 7)
+    seqs = {u: torch.randperm(n_items, generator=rng)[: 3 + u % 4].tolist() for u in range(30)}
+    return DomainData(name=name, n_items=n_items, titles=titles,
+                      train={u: s for u, s in seqs.items() if u < 20},
+                      val={u: s for u, s in seqs.items() if 20 <= u < 24},
+                      test={u: s for u, s in seqs.items() if u >= 24})
+
+
+def tiny_lm(domains, seed: int = 0, hidden: int = 32):
+    import transformers
+
+    from xkern.data.tokenizer import word_tokenizer
+    from xkern.nn import load_model
+
+    texts = []
+    for d in domains:
+        texts += d.titles + [next_item_prompt(d.titles[:3], d.name),
+                             listwise_prompt(d.titles[:3], d.titles[:30], d.name)]
+    tok = word_tokenizer(texts + [str(i) for i in range(40)])
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=1024, initializer_range=0.2,
+                                   pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id)
+    model = load_model(transformers.LlamaForCausalLM(cfg), dtype=torch.float32, progress=False)
+    return model, tok
+
+
+TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+           "bert": ["query", "key", "value", "dense"]}
+
+
+def save_peft_adapters(family: str, root: Path, n: int) -> dict[str, str]:
+    """n PEFT adapters with non-zero B (different ranks), saved in PEFT's format."""
+    peft = pytest.importorskip("peft")
+    paths = {}
+    for i in range(n):
+        cfg = peft.LoraConfig(r=2 + 2 * i, lora_alpha=4 + i, target_modules=TARGETS[family], init_lora_weights=False)
+        torch.manual_seed(200 + i)
+        pm = peft.get_peft_model(tiny_model(family, seed=1), cfg)
+        with torch.no_grad():  # PEFT's init_lora_weights=False B is large; keep the adapters' effect moderate
+            for name, p in pm.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(0.3)
+        pm.save_pretrained(root / f"s{i}")
+        paths[f"s{i}"] = str(root / f"s{i}")
+    return paths
+
+
+def memorizable_examples(n: int = 16, length: int = 10, seed: int = 0, distinct: int = 4) -> list[dict]:
+    """``n`` examples drawn from ``distinct`` fixed random sequences (something a LoRA can memorize)."""
+    g = torch.Generator().manual_seed(1234)
+    pool = torch.randint(3, 128, (distinct, length), generator=g).tolist()
+    pick = torch.randint(0, distinct, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [{"input_ids": pool[i]} for i in pick]

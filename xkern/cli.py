@@ -6,6 +6,7 @@ Subcommands import their modules lazily so `xkern --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +35,7 @@ def _extra_rows(text: str) -> tuple[str, ...]:
 
 
 def _default_data_root() -> str:
-    from xkern.rec.data import DEFAULT_DATA_ROOT
+    from xkern.data.domain import DEFAULT_DATA_ROOT
 
     return str(DEFAULT_DATA_ROOT.resolve())
 
@@ -54,7 +55,7 @@ def _synthetic_args(p: argparse.ArgumentParser) -> None:
 
 
 def _synthetic_config(args: argparse.Namespace):
-    from xkern.rec.synthetic import SyntheticConfig
+    from xkern.data.synthetic import SyntheticConfig
 
     return SyntheticConfig(
         domains=args.domains,
@@ -70,8 +71,8 @@ def _synthetic_config(args: argparse.Namespace):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from xkern.rec.demo import DemoConfig, demo_table, run_demo
-    from xkern.rec.evaluate import write_report
+    from xkern.data.evaluate import write_report
+    from xkern.demo.core import DemoConfig, demo_table, run_demo
 
     cfg = DemoConfig(
         synthetic=_synthetic_config(args),
@@ -100,16 +101,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train_lora(args: argparse.Namespace) -> int:
-    from xkern.train.recipes import LoraRecipe, train_lora_on_domains
+    from xkern.recipes import LoraRecipe, train_lora_on_domains
+    from xkern.train.loop import TrainConfig, config_from_args
 
     recipe = LoraRecipe(
         model=args.model, r=args.r, lora_alpha=args.alpha if args.alpha is not None else 2.0 * args.r,
-        target_modules=args.target_modules or None, objective=args.objective, epochs=args.epochs,
-        max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        grad_checkpointing=args.grad_checkpointing, max_train_users=args.max_train_users,
-        max_val_users=args.max_val_users, max_per_user=args.per_user, max_history=args.max_history,
-        eval_users=args.eval_users, dtype=args.dtype, device=args.device, seed=args.seed,
-        progress=not args.no_progress)
+        target_modules=args.target_modules or None, objective=args.objective,
+        train=config_from_args(TrainConfig, args, seed=args.seed, progress=not args.no_progress),
+        max_train_users=args.max_train_users, max_val_users=args.max_val_users, max_per_user=args.per_user,
+        max_history=args.max_history, eval_users=args.eval_users, dtype=args.dtype, device=args.device)
     target = _load_domain(args, args.domain)
     train_names = args.train_domains or (args.domain,)
     train_domains = [target if n == args.domain else _load_domain(args, n) for n in train_names]
@@ -127,14 +127,53 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- env
+
+
+def env_report() -> dict:
+    """Versions, threads, and which backend runs each op on this machine's devices (and why the others do not)."""
+    import platform
+
+    import torch
+
+    from xkern._version import __version__
+    from xkern.ops import report
+    from xkern.ops.backends import cpu_native
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    ext = cpu_native.extension()
+    return {
+        "xkern": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "cpu_isa": ext.isa() if ext is not None else None,
+        "cpu_isas": ext.supported_isas() if ext is not None else [],
+        "backends": {d: report(d) for d in devices},
+    }
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    info = env_report()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"xkern {info['xkern']}  python {info['python']}  torch {info['torch']}  threads {info['threads']}")
+    if info["cpu_isa"]:
+        print(f"native CPU kernels: {info['cpu_isa']} (this CPU runs {', '.join(info['cpu_isas'])})")
+    for device, rows in info["backends"].items():
+        for r in rows:
+            state = f"active, #{r['default_rank']} by default" if r["usable"] and r["default_rank"] else (
+                "usable on request" if r["usable"] else f"off: {r['why_not']}")
+            print(f"  {device:<5} {r['backend']:<7} {state}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- data
 
 
 def _load_domain(args: argparse.Namespace, domain: str):
-    from xkern.rec.data import load_processed
+    from xkern.data.domain import load_processed
 
     if args.data == "synthetic":  # the demo's default domains, same seed
-        from xkern.rec.synthetic import DOMAIN_NOUNS, SyntheticConfig, make_synthetic
+        from xkern.data.synthetic import DOMAIN_NOUNS, SyntheticConfig, make_synthetic
 
         if domain not in DOMAIN_NOUNS:
             raise ValueError(f"unknown synthetic domain {domain!r} ({', '.join(DOMAIN_NOUNS)})")
@@ -155,7 +194,7 @@ def _domains_in(root: str) -> list[str]:
 def cmd_data_stats(args: argparse.Namespace) -> int:
     import json
 
-    from xkern.rec.evaluate import format_table
+    from xkern.data.evaluate import format_table
 
     domains = list(args.domain) or _domains_in(args.data)
     if not domains:
@@ -184,7 +223,7 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
 def cmd_data_convert(args: argparse.Namespace) -> int:
     import json
 
-    from xkern.rec.amazon import load_release, write_domain_folder
+    from xkern.data.amazon import load_release, write_domain_folder
 
     raw = load_release(
         args.reviews,
@@ -207,7 +246,7 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from xkern.rec.synthetic import write_synthetic
+    from xkern.data.synthetic import write_synthetic
 
     for p in write_synthetic(args.out, _synthetic_config(args)):
         print(f"wrote {p}")
@@ -218,9 +257,9 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from xkern.rec.baselines import make_scorer
-    from xkern.rec.evaluate import evaluate_scorer, format_table, write_report
-    from xkern.rec.negatives import build_candidates
+    from xkern.data.baselines import make_scorer
+    from xkern.data.evaluate import evaluate_scorer, format_table, write_report
+    from xkern.data.negatives import build_candidates
 
     data = _load_domain(args, args.domain)
     sources = [_load_domain(args, d) for d in args.sources]
@@ -269,6 +308,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from xkern.train.loop import TrainConfig, add_config_arguments
+
     parser = argparse.ArgumentParser(prog="xkern", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -374,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output root (one folder per domain)")
     q.set_defaults(func=cmd_data_synth)
 
-    from xkern.rec.baselines import SCORERS
+    from xkern.data.baselines import SCORERS
 
     p = sub.add_parser(
         "eval",
@@ -424,12 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-modules", type=_names, default=None,
                    help="comma-separated module-name suffixes (default: every NF4 layer)")
     p.add_argument("--objective", choices=("causal_lm", "candidates"), default="causal_lm")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--grad-checkpointing", action="store_true")
+    add_config_arguments(p.add_argument_group("training loop"), TrainConfig, skip=("seed",))
     p.add_argument("--max-train-users", type=int, default=None, help="sample this many training users per domain")
     p.add_argument("--max-val-users", type=int, default=200, help="validation users (default 200)")
     p.add_argument("--per-user", type=int, default=1, help="training positions per user sequence (default 1)")
@@ -457,7 +493,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_xcross(sub)
     register_weave(sub)
+    _register_env(sub)
     return parser
+
+
+def _register_env(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("env", help="versions and which backends run the ops here",
+                       description="Print versions, threads, the native CPU kernels' instruction set, and for "
+                       "each device which backend runs the ops (and why the others do not).")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_env)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

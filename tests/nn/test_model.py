@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
+from helpers import tiny_model
 
 import xkern
-from tests.nn.conftest import tiny_model
 from xkern.adapters import AdapterError
 from xkern.nn import NF4LoRALinear
 
@@ -169,8 +169,7 @@ def test_embedding_adapter_is_refused(tmp_path):
 
 def test_shape_mismatch_refused_before_any_change(tmp_path):
     import transformers
-
-    from tests.nn.conftest import tiny_config
+    from helpers import tiny_config
 
     cfg = tiny_config("llama")
     cfg.intermediate_size = 96  # mlp shapes differ, attention shapes match

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from xkern.rec.lm import LikelihoodScorer, PromptEncoder
-from xkern.serve import ListwiseGenerationScorer, PrefixLikelihoodScorer, match_title, normalize_title, prefill
+from xkern.data.encoding import PromptEncoder
+from xkern.serve import (
+    LikelihoodScorer,
+    ListwiseGenerationScorer,
+    PrefixLikelihoodScorer,
+    match_title,
+    normalize_title,
+    prefill,
+)
 from xkern.serve.generate import greedy_decode
 
 
@@ -106,7 +113,7 @@ def test_listwise_scorer_exact_and_fallback(lm, domain, monkeypatch):
 
 def test_listwise_scorer_real_generation(lm, domain):
     """Without a fallback scorer, titles are scored after the listwise prompt itself (its own prefix)."""
-    from xkern.rec.prompts import listwise_prompt
+    from xkern.data.prompts import listwise_prompt
 
     model, tok = lm
     enc = PromptEncoder(tok, domain.name, max_history=5)

@@ -10,20 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import memorizable_examples, tiny_model
 
 import xkern
-from tests.nn.conftest import tiny_model
 from xkern.train import TrainConfig, evaluate_loss, train_lora
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _data(n: int = 16, length: int = 10, seed: int = 0, distinct: int = 4) -> list[dict]:
-    """``n`` examples drawn from ``distinct`` fixed random sequences (something a LoRA can memorize)."""
-    g = torch.Generator().manual_seed(1234)
-    pool = torch.randint(3, 128, (distinct, length), generator=g).tolist()
-    pick = torch.randint(0, distinct, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [{"input_ids": pool[i]} for i in pick]
 
 
 def _model(seed: int = 0):
@@ -42,7 +34,7 @@ def _weights(xm, name):
 def test_loss_goes_down_and_only_the_adapter_moves(tmp_path):
     xm = _model()
     frozen = {k: v.clone() for k, v in xm.state_dict().items()}
-    train, val = _data(32), _data(8, seed=9)
+    train, val = memorizable_examples(32), memorizable_examples(8, seed=9)
     before = evaluate_loss(xm, "a", val)
     res = train_lora(xm, "a", train, eval_dataset=val, output_dir=tmp_path, lr=2e-2, batch_size=8, epochs=4,
                      progress=False)
@@ -64,7 +56,7 @@ def test_loss_goes_down_and_only_the_adapter_moves(tmp_path):
 
 def test_gradient_accumulation_equals_the_large_batch():
     a, b = _model(), _model()
-    data = _data(16)
+    data = memorizable_examples(16)
     train_lora(a, "a", data, batch_size=8, grad_accum=1, max_steps=2, lr=1e-2, progress=False)
     train_lora(b, "a", data, batch_size=4, grad_accum=2, max_steps=2, lr=1e-2, progress=False)
     wa, wb = _weights(a, "a"), _weights(b, "a")
@@ -77,7 +69,7 @@ def test_gradient_accumulation_equals_the_large_batch():
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, checkpointing):
     cfg = dict(batch_size=4, grad_accum=2, epochs=3, lr=5e-3, warmup_steps=2, grad_checkpointing=checkpointing,
                progress=False)
-    data = _data(24)
+    data = memorizable_examples(24)
     full = _model()
     res_full = train_lora(full, "a", data, **cfg)
     part = _model()
@@ -93,7 +85,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, checkpointing):
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
-    data = _data(8)
+    data = memorizable_examples(8)
     runs = []
     for ckpt in (False, True):
         xm = _model()
@@ -120,28 +112,27 @@ def test_candidate_scoring_objective_learns():
 def test_bad_arguments():
     xm = _model()
     with pytest.raises(KeyError, match="add_adapter"):
-        train_lora(xm, "missing", _data(4), progress=False)
+        train_lora(xm, "missing", memorizable_examples(4), progress=False)
     with pytest.raises(ValueError, match="empty"):
         train_lora(xm, "a", [], progress=False)
     with pytest.raises(TypeError, match="unknown training option"):
-        train_lora(xm, "a", _data(4), learning_rate=1.0)
+        train_lora(xm, "a", memorizable_examples(4), learning_rate=1.0)
     with pytest.raises(ValueError, match="at least 2 tokens"):
         train_lora(xm, "a", [{"input_ids": [5]}], batch_size=1, progress=False)
     with pytest.raises(ValueError, match="bf16"):
-        train_lora(xm, "a", _data(4), bf16=True, progress=False)
+        train_lora(xm, "a", memorizable_examples(4), bf16=True, progress=False)
     assert isinstance(TrainConfig().lr, float)
 
 
 DDP_SCRIPT = """
 import sys, torch
-sys.path.insert(0, {repo!r})
+sys.path.insert(0, {tests!r})
 import xkern
-from tests.nn.conftest import tiny_model
-from tests.train.test_trainer import _data
+from helpers import memorizable_examples, tiny_model
 from xkern.train import train_lora
 xm = xkern.load_model(tiny_model("llama", initializer_range=0.2), dtype=torch.float32, progress=False)
 xm.add_adapter("a", r=8, lora_alpha=16, seed=1)
-train_lora(xm, "a", _data(16), batch_size={bs}, max_steps=3, lr=1e-2, output_dir={out!r}, progress=False)
+train_lora(xm, "a", memorizable_examples(16), batch_size={bs}, max_steps=3, lr=1e-2, output_dir={out!r}, progress=False)
 """
 
 
@@ -149,13 +140,13 @@ def test_torchrun_ddp_two_processes_matches_single_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("WORLD_SIZE", None)
     script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT.format(repo=str(REPO), bs=4, out=str(tmp_path / "ddp")))
+    script.write_text(DDP_SCRIPT.format(tests=str(REPO / "tests"), bs=4, out=str(tmp_path / "ddp")))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", "29533", str(script)], env=env, capture_output=True, text=True,
                           timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = tmp_path / "single.py"
-    single.write_text(DDP_SCRIPT.format(repo=str(REPO), bs=8, out=str(tmp_path / "single")))
+    single.write_text(DDP_SCRIPT.format(tests=str(REPO / "tests"), bs=8, out=str(tmp_path / "single")))
     proc = subprocess.run([sys.executable, str(single)], env=env, capture_output=True, text=True, timeout=300,
                           cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -167,3 +158,28 @@ def test_torchrun_ddp_two_processes_matches_single_process(tmp_path):
     for module in one.modules:
         torch.testing.assert_close(ddp.modules[module].A, one.modules[module].A, atol=5e-5, rtol=1e-4)
         torch.testing.assert_close(ddp.modules[module].B, one.modules[module].B, atol=5e-5, rtol=1e-4)
+
+
+def test_commands_derive_their_training_flags_from_the_config():
+    """A TrainConfig field is a flag of `xkern train-lora` (and, through XCrossTrainConfig, of train-xcross)."""
+    import dataclasses
+
+    from xkern.cli import build_parser
+    from xkern.train.loop import TrainConfig, config_from_args
+    from xkern.xcross.train import XCrossTrainConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["train-lora", "--domain", "Tools", "--warmup-steps", "3", "--schedule", "constant",
+                              "--keep-best", "--max-grad-norm", "none", "--seed", "5"])
+    cfg = config_from_args(TrainConfig, args, seed=args.seed)
+    assert (cfg.warmup_steps, cfg.schedule, cfg.keep_best, cfg.max_grad_norm, cfg.seed) == (3, "constant", True,
+                                                                                             None, 5)
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata.get("cli", True) and f.name != "seed":
+            assert hasattr(args, f.name), f"train-lora has no flag for {f.name}"
+    xargs = parser.parse_args(["train-xcross", "--model", "m", "--adapter", "a=b", "--target", "Tools",
+                               "--n-neg", "7", "--patience", "none"])
+    xcfg = config_from_args(XCrossTrainConfig, xargs)
+    assert (xcfg.n_neg, xcfg.patience, xcfg.lr, xcfg.keep_best) == (7, None, 1e-3, True)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train-lora", "--domain", "Tools", "--warmup-steps", "three"])

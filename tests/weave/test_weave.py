@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_lm, titled_domain
 
-from tests.serve.conftest import tiny_domain, tiny_lm
 from xkern.adapters import load_adapter
 from xkern.weave import (
     CompletionLM,
@@ -50,7 +50,7 @@ def test_mix_domains_equal_amounts_and_reproducible():
 
 
 def test_domain_examples_formats():
-    d = tiny_domain()
+    d = titled_domain()
     _, tok = tiny_lm([d])
     nxt = domain_examples(tok, d, "next_item", 5)
     lst = domain_examples(tok, d, "listwise", 5, n_candidates=6)
@@ -68,7 +68,7 @@ def test_domain_examples_formats():
 def test_completion_lm_equals_causal_lm():
     from xkern.train import CausalLM
 
-    d = tiny_domain()
+    d = titled_domain()
     model, tok = tiny_lm([d])
     model.add_adapter("x", r=4, init_lora_weights=False, seed=0)
     ex = domain_examples(tok, d, "both", 5, n_candidates=4)[:6]
@@ -83,7 +83,7 @@ def test_completion_lm_equals_causal_lm():
 
 
 def test_train_target_and_hybrids(tmp_path):
-    t, s1, s2 = tiny_domain("Tools"), tiny_domain("Toys", offset=5), tiny_domain("Sports", offset=9)
+    t, s1, s2 = titled_domain("Tools"), titled_domain("Toys", offset=5), titled_domain("Sports", offset=9)
     model, tok = tiny_lm([t, s1, s2])
     out = train(model, t, [s1, s2], tokenizer=tok, fmt="next_item", r=4, lora_alpha=8, seed=0, lr=1e-2,
                 batch_size=8, max_steps=2, progress=False, output_dir=tmp_path)
@@ -185,7 +185,7 @@ def test_simplex_grid_and_select_weights():
 
 def test_select_merge_weights_finds_the_adapter_that_made_the_data():
     """Truth = base + adapter "good"; the merge weights that reproduce it best put everything on "good"."""
-    d = tiny_domain()
+    d = titled_domain()
     model, _ = tiny_lm([d])
     model.add_adapter("good", r=4, init_lora_weights=False, seed=1)
     model.add_adapter("bad", r=4, init_lora_weights=False, seed=2)
@@ -229,13 +229,14 @@ def test_weave_cli_through_register(tmp_path, capsys):
 
 
 def test_weave_demo_rows():
-    from xkern.rec.demo import DemoConfig, run_demo
-    from xkern.rec.demo_lm import LMDemoConfig
-    from xkern.rec.synthetic import SyntheticConfig
-    from xkern.weave import weave_methods
+    from xkern.data.synthetic import SyntheticConfig
+    from xkern.demo.core import DemoConfig, run_demo
+    from xkern.demo.lm import LMDemoConfig
+    from xkern.demo.weave import weave_methods
+    from xkern.train.tiny import TinyLMConfig
 
     cfg = DemoConfig(synthetic=SyntheticConfig(n_users=30), fractions=(1.0,), max_eval_users=6,
-                     lm_config=LMDemoConfig(hidden_size=32, epochs=0.25, pretrain_steps=2))
+                     lm_config=LMDemoConfig(base=TinyLMConfig(hidden_size=32, pretrain_steps=2), epochs=0.25))
     res = run_demo(cfg, methods=weave_methods(["Toys", "Sports"], include_target=True), progress=False)
     by = {r["method"]: r for r in res["rows"]}
     assert set(by) == {"weave-target", "weave-hybrid-Toys", "weave-hybrid-Sports", "weave-merge"}

@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_model
 
 import xkern
-from tests.nn.conftest import tiny_model
-from xkern.rec.synthetic import SyntheticConfig, make_synthetic
-from xkern.rec.tokenizer import word_tokenizer
+from xkern.data.synthetic import SyntheticConfig, make_synthetic
+from xkern.data.tokenizer import word_tokenizer
 from xkern.xcross import XCrossModel, candidate_examples, pool_hidden, train, train_adapter_scorer
 from xkern.xcross.model import adapter_fingerprint
 
@@ -24,7 +24,7 @@ def domains():
 
 @pytest.fixture(scope="module")
 def tokenizer(domains):
-    from xkern.rec.prompts import pointwise_prompt
+    from xkern.data.prompts import pointwise_prompt
 
     texts = [t for d in domains.values() for t in d.titles]
     texts += [pointwise_prompt(["x"], "y", d) for d in domains] + [str(i) for i in range(20)]
@@ -91,8 +91,8 @@ def test_score_matches_forward_and_is_batch_invariant(domains, tokenizer):
     ids, mask = xc.encoder.encode(hists, cands)
     with torch.no_grad():
         torch.testing.assert_close(xc(ids, mask).view(3, 5), s, atol=1e-5, rtol=1e-5)
-    # the prompt is the pointwise cross-encoder text of xkern.rec.prompts
-    from xkern.rec.prompts import pointwise_prompt, titles_of
+    # the prompt is the pointwise cross-encoder text of xkern.data.prompts
+    from xkern.data.prompts import pointwise_prompt, titles_of
 
     text = pointwise_prompt(titles_of(hists[0], data.titles), data.titles[1], data.name, 3)
     assert xc.encoder.pair_ids(hists[0], 1) == list(tokenizer(text)["input_ids"])

@@ -1,7 +1,7 @@
-"""Batched inference: candidate scoring with a shared prompt prefix, listwise generation."""
+"""Batched inference: candidate scoring (independent or with a shared prompt prefix), listwise generation."""
 
 from xkern.serve.generate import ListwiseGenerationScorer, greedy_decode, match_title, normalize_title
-from xkern.serve.scoring import PrefixLikelihoodScorer, prefill, score_continuations, select_cache
+from xkern.serve.scoring import LikelihoodScorer, PrefixLikelihoodScorer, prefill, score_continuations, select_cache
 
-__all__ = ["ListwiseGenerationScorer", "PrefixLikelihoodScorer", "greedy_decode", "match_title", "normalize_title",
-           "prefill", "score_continuations", "select_cache"]
+__all__ = ["LikelihoodScorer", "ListwiseGenerationScorer", "PrefixLikelihoodScorer", "greedy_decode", "match_title",
+           "normalize_title", "prefill", "score_continuations", "select_cache"]

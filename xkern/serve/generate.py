@@ -1,6 +1,6 @@
 """Listwise generation (WeaveRec's reference format): the model writes the next item's title.
 
-The prompt (:func:`xkern.rec.prompts.listwise_prompt`) lists the user's history titles and the 30
+The prompt (:func:`xkern.data.prompts.listwise_prompt`) lists the user's history titles and the 30
 candidate titles; the model generates greedily (KV cache, batched users, one adapter per user) and
 the first line it writes is matched to a candidate: exact match first (case, spacing, surrounding
 quotes and a leading ``"12."`` numbering ignored), otherwise the candidate whose title has the
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from xkern.adapters.peft_format import BASE
-from xkern.rec.prompts import MAX_HISTORY, listwise_prompt, titles_of
+from xkern.data.prompts import MAX_HISTORY, listwise_prompt, titles_of
 from xkern.serve.scoring import Prefill, _names, prefill, score_continuations
 
 _NUMBERING = re.compile(r"^\s*(?:\(?\d{1,3}[.):]\s+)")

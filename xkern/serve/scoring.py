@@ -6,7 +6,7 @@ batch of users once (left padding, explicit positions, ``logits_to_keep=1``);
 :func:`score_continuations` then runs every (user, candidate) continuation as a batch on top of the
 user's cache (the cache rows are gathered per candidate), so a user's prompt costs one forward
 instead of one per candidate. :class:`PrefixLikelihoodScorer` is the ``Scorer`` built on it: the
-same scores as :class:`xkern.rec.lm.LikelihoodScorer` (which scores each (prompt, candidate)
+same scores as :class:`LikelihoodScorer` (which scores each (prompt, candidate)
 sequence independently), within float tolerance.
 
 Works with any decoder whose ``transformers`` forward takes ``attention_mask``, ``position_ids``,
@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from xkern.adapters.peft_format import BASE
-from xkern.rec.prompts import titles_of
-from xkern.train.objectives import model_pad_id, pad_batch
+from xkern.data.encoding import IGNORE, PromptEncoder, pad_batch, pad_rows, prompt_completion_example
+from xkern.data.prompts import titles_of
+from xkern.train.objectives import model_pad_id, sequence_logprob
 
 
 @dataclass
@@ -122,7 +123,7 @@ def score_continuations(model: Any, pre: Prefill, continuations: Sequence[Sequen
 class PrefixLikelihoodScorer:
     """A ``Scorer``: each candidate's title scored by its summed log-probability after the user's prompt.
 
-    The same scores as :class:`xkern.rec.lm.LikelihoodScorer` (same :class:`~xkern.rec.lm.PromptEncoder`
+    The same scores as :class:`LikelihoodScorer` (same :class:`~xkern.data.examples.PromptEncoder`
     prompts and title tokens), but each user's prompt runs once (``user_batch`` users per prefill)
     and its KV cache is reused for all the user's candidates (``row_batch`` candidate rows per
     forward). ``prompt_fn(history_titles, candidate_titles) -> token ids`` replaces the encoder's
@@ -156,3 +157,38 @@ class PrefixLikelihoodScorer:
             for k, v in enumerate(score_continuations(self.model, pre, conts, self.adapter, self.row_batch)):
                 scores[s + k] = v
         return scores
+
+
+class LikelihoodScorer:
+    """A ``Scorer``: candidates ranked by the summed log-probability of their title after the prompt.
+
+    Every (user, candidate) sequence is scored independently in padded batches of ``batch_size``
+    rows; ``adapter`` selects the adapter (``"__base__"``: the base model).
+    """
+
+    def __init__(self, model: Any, enc: PromptEncoder, titles: Sequence[str], adapter: str = BASE,
+                 batch_size: int = 64) -> None:
+        self.model, self.enc, self.titles, self.adapter, self.batch_size = model, enc, titles, adapter, batch_size
+        pad = getattr(model.config, "pad_token_id", None)
+        self.pad = int(pad if pad is not None else 0)
+
+    @torch.no_grad()
+    def __call__(self, histories: Sequence[Sequence[int]], candidates: np.ndarray) -> np.ndarray:
+        candidates = np.asarray(candidates)
+        rows, labels = [], []
+        for hist, cands in zip(histories, candidates, strict=True):
+            prompt = self.enc.prompt(titles_of(hist, self.titles))
+            for item in cands.tolist():
+                ex = prompt_completion_example(prompt, self.enc.title(self.titles[item] or ""))
+                rows.append(ex["input_ids"])
+                labels.append(ex["labels"])
+        scores = np.empty(len(rows), dtype=np.float64)
+        device = self.model.device
+        self.model.eval()
+        for s in range(0, len(rows), self.batch_size):
+            ids, mask = pad_batch(rows[s : s + self.batch_size], self.pad)
+            lbl = pad_rows(labels[s : s + self.batch_size], IGNORE)
+            ids, lbl, mask = ids.to(device), lbl.to(device), mask.to(device)
+            logits = self.model(input_ids=ids, attention_mask=mask, adapter_names=self.adapter).logits
+            scores[s : s + len(ids)] = sequence_logprob(logits, ids, lbl).double().cpu().numpy()
+        return scores.reshape(candidates.shape)

@@ -4,7 +4,7 @@ An objective has a ``collate(examples, pad_id) -> dict`` and a ``loss(model, bat
 
 - :class:`CausalLM`: examples ``{"input_ids": [...], "labels": [...] (optional, -100 = ignored)}``;
   the usual shifted next-token cross-entropy averaged over the labelled tokens. Prompt tokens are
-  masked by giving them label -100 (see :func:`prompt_completion_example`).
+  masked by giving them label -100 (see :func:`xkern.data.encoding.prompt_completion_example`).
 - :class:`CandidateScoring`: examples ``{"prompt_ids": [...], "candidates": [[...], ...], "target": i}``;
   each candidate's score is the summed log-probability of its tokens after the prompt, and the
   loss is the cross-entropy of the target among the candidates (the positive + sampled negatives).
@@ -18,30 +18,13 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from xkern.data.encoding import IGNORE, pad_batch, pad_rows, prompt_completion_example
 
 
 class Objective(Protocol):
     def collate(self, examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]: ...
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], adapter: str) -> torch.Tensor: ...
-
-
-def pad_rows(rows: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
-    """Token rows of different lengths as one ``[B, max_len]`` long tensor filled with ``value``
-    (rows start at column 0, or end at the last column with ``left=True``)."""
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if len(r):
-            target = out[i, width - len(r) :] if left else out[i, : len(r)]
-            target.copy_(torch.as_tensor(list(r), dtype=torch.long))
-    return out
-
-
-def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` of padded token rows (see :func:`pad_rows`)."""
-    return pad_rows(rows, pad_id, left), pad_rows([[1] * len(r) for r in rows], 0, left)
 
 
 def model_pad_id(model: Any) -> int:
@@ -51,17 +34,6 @@ def model_pad_id(model: Any) -> int:
         eos = getattr(model.config, "eos_token_id", None)
         pad = eos[0] if isinstance(eos, list) else eos
     return int(pad or 0)
-
-
-def prompt_completion_example(prompt_ids: Sequence[int], completion_ids: Sequence[int],
-                              max_len: int | None = None) -> dict[str, list[int]]:
-    """A causal-LM example that learns only the completion (prompt labels are -100); truncates the prompt's left."""
-    prompt, completion = list(prompt_ids), list(completion_ids)
-    if max_len is not None and len(prompt) + len(completion) > max_len:
-        keep = max(max_len - len(completion), 1)
-        prompt = prompt[-keep:]
-        completion = completion[: max_len - len(prompt)]
-    return {"input_ids": prompt + completion, "labels": [IGNORE] * len(prompt) + completion}
 
 
 def sequence_logprob(logits: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -76,7 +48,9 @@ def sequence_logprob(logits: torch.Tensor, input_ids: torch.Tensor, labels: torc
 class CausalLM:
     """Next-token cross-entropy over the labelled tokens (right padding)."""
 
-    def collate(self, examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def rows(examples: Sequence[dict[str, Any]]) -> tuple[list[list[int]], list[list[int]]]:
+        """``(input_ids, labels)`` rows of a batch, checked (subclasses pad them their own way)."""
         if not examples:
             raise ValueError("empty batch")
         ids = [list(e["input_ids"]) for e in examples]
@@ -85,6 +59,10 @@ class CausalLM:
         labels = [list(e.get("labels", e["input_ids"])) for e in examples]
         if any(len(a) != len(b) for a, b in zip(ids, labels, strict=True)):
             raise ValueError("labels must have the length of input_ids")
+        return ids, labels
+
+    def collate(self, examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+        ids, labels = self.rows(examples)
         input_ids, mask = pad_batch(ids, pad_id)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": pad_rows(labels, IGNORE)}
 

@@ -91,7 +91,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def cmd_weave(args: argparse.Namespace) -> int:
-    from xkern.rec.evaluate import write_report
+    from xkern.data.evaluate import write_report
     from xkern.weave.experiment import results_table, run_weave
 
     cfg = config_from_args(args)

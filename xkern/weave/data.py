@@ -14,11 +14,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from xkern.rec.data import DomainData
-from xkern.rec.lm import PromptEncoder, next_item_pairs
-from xkern.rec.negatives import sample_uniform, user_rng
-from xkern.rec.prompts import listwise_prompt, titles_of
-from xkern.train.objectives import prompt_completion_example
+from xkern.data.domain import DomainData
+from xkern.data.encoding import PromptEncoder, prompt_completion_example
+from xkern.data.examples import next_item_pairs
+from xkern.data.negatives import sample_uniform, user_rng
+from xkern.data.prompts import listwise_prompt, titles_of
+from xkern.data.splits import sample_users
 
 T = TypeVar("T")
 FORMATS = ("next_item", "listwise", "both")
@@ -98,9 +99,8 @@ def subsample_users(data: DomainData, n_users: int, seed: int = 0) -> DomainData
     """A copy of ``data`` whose ``train`` keeps a seeded sample of ``n_users`` users (with >= 2 items)."""
     from dataclasses import replace
 
-    users = sorted(u for u, s in data.train.items() if len(s) >= 2)
+    users = [u for u, s in data.train.items() if len(s) >= 2]
     if n_users >= len(users):
         return data
-    rng = user_rng(seed, "weave-users", data.name)
-    keep = sorted(np.asarray(users)[rng.permutation(len(users))[:n_users]].tolist())
+    keep = sample_users(users, n_users, user_rng(seed, "weave-users", data.name))
     return replace(data, train={u: data.train[u] for u in keep})

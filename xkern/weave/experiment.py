@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from xkern.adapters.peft_format import BASE
-from xkern.rec.data import DomainData
-from xkern.rec.evaluate import evaluate_scorer, format_table
-from xkern.rec.lm import LikelihoodScorer, PromptEncoder
-from xkern.rec.negatives import build_candidates
-from xkern.serve import ListwiseGenerationScorer, PrefixLikelihoodScorer
+from xkern.data.domain import DomainData
+from xkern.data.encoding import PromptEncoder
+from xkern.data.evaluate import evaluate_scorer, format_table
+from xkern.data.negatives import build_candidates
+from xkern.serve import LikelihoodScorer, ListwiseGenerationScorer, PrefixLikelihoodScorer
 from xkern.weave.data import domain_examples, mix_domains
 from xkern.weave.merging import merge_loaded, select_merge_weights
 from xkern.weave.train import train_adapter
@@ -49,7 +49,7 @@ class WeaveConfig:
     sources: tuple[str, ...] = ("Toys", "Sports")
     model: str = "tiny"  # "tiny" (random word-level Llama), "smollm2", or a model path / .gguf
     layers: int | None = None  # keep only the first N transformer blocks of the model
-    tiny_pretrain_steps: int | None = None  # model "tiny": LMDemo's base pretraining steps (None: its default)
+    tiny_pretrain_steps: int | None = None  # model "tiny": the tiny base's pretraining steps (None: its default)
     fmt: str = "both"  # training prompts: next_item, listwise or both
     train_users: int | None = 96  # training users sampled per domain (None: all)
     synthetic_users: int = 300
@@ -83,10 +83,10 @@ class WeaveConfig:
 def load_domains(cfg: WeaveConfig) -> dict[str, DomainData]:
     names = [*cfg.sources, cfg.target]
     if cfg.data == "synthetic":
-        from xkern.rec.synthetic import SyntheticConfig, make_synthetic
+        from xkern.data.synthetic import SyntheticConfig, make_synthetic
 
         return make_synthetic(SyntheticConfig(domains=tuple(names), n_users=cfg.synthetic_users, seed=cfg.seed))
-    from xkern.rec.data import load_processed
+    from xkern.data.domain import load_processed
 
     return {n: load_processed(cfg.data, n, seed=cfg.seed) for n in names}
 
@@ -94,16 +94,16 @@ def load_domains(cfg: WeaveConfig) -> dict[str, DomainData]:
 def load_lm(cfg: WeaveConfig, domains: dict[str, DomainData]) -> tuple[Any, Any, str]:
     """(XkernModel, tokenizer, description) for ``cfg.model``."""
     if cfg.model == "tiny":
-        from xkern.rec.demo_lm import LMDemo, LMDemoConfig
+        from xkern.train.tiny import TinyLMConfig, build_tiny_lm
 
         extra = {} if cfg.tiny_pretrain_steps is None else {"pretrain_steps": cfg.tiny_pretrain_steps}
-        lm = LMDemo(domains, LMDemoConfig(max_history=cfg.max_history, seed=cfg.seed, **extra))
-        steps = getattr(lm.cfg, "pretrain_steps", 0)
+        lm = build_tiny_lm(domains, TinyLMConfig(max_history=cfg.max_history, seed=cfg.seed, **extra))
+        steps = lm.config.pretrain_steps
         return lm.model, lm.tokenizer, (f"tiny Llama (2 layers, hidden 64, word tokenizer; {steps} steps of "
                                         "catalog-text pretraining, as the quickstart's), NF4")
     import transformers
 
-    import xkern
+    from xkern.nn import load_model
     from xkern.nn.pretrained import resolve
 
     path = Path(resolve(cfg.model))
@@ -121,7 +121,7 @@ def load_lm(cfg: WeaveConfig, domains: dict[str, DomainData]) -> tuple[Any, Any,
         desc = f"{path.name}, first {cfg.layers} of {n_layers} layers (final norm and tied head kept)"
     if hf.config.pad_token_id is None:
         hf.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    model = xkern.load_model(hf, dtype=torch.float32, progress=False)
+    model = load_model(hf, dtype=torch.float32, progress=False)
     return model, tok, desc + ", NF4 (xkern), float32 compute"
 
 

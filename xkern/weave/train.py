@@ -22,21 +22,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xkern.rec.data import DomainData
-from xkern.train.objectives import IGNORE, pad_batch, pad_rows
+from xkern.data.domain import DomainData
+from xkern.data.encoding import IGNORE, pad_batch, pad_rows
+from xkern.train.objectives import CausalLM
 from xkern.weave.data import domain_examples, mix_domains
 
 
-class CompletionLM:
+class CompletionLM(CausalLM):
     """Causal-LM loss over the labelled tokens; left padding + ``logits_to_keep`` (see module doc)."""
 
     def collate(self, examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-        if not examples:
-            raise ValueError("empty batch")
-        ids = [list(e["input_ids"]) for e in examples]
-        labels = [list(e.get("labels", e["input_ids"])) for e in examples]
-        if any(len(r) < 2 for r in ids) or any(len(a) != len(b) for a, b in zip(ids, labels, strict=True)):
-            raise ValueError("every example needs >= 2 tokens and labels as long as input_ids")
+        ids, labels = self.rows(examples)
         width = max(len(r) for r in ids)
         input_ids, mask = pad_batch(ids, pad_id, left=True)
         lab = pad_rows(labels, IGNORE, left=True)

@@ -6,7 +6,8 @@ cross-entropy over the positive and K sampled negatives; ``train_adapter_scorer`
 LoRA with a head the same way. See docs/xcross.md.
 """
 
-from xkern.xcross.model import PairEncoder, ScoringHead, XCrossModel, pool_hidden
+from xkern.data.encoding import PairEncoder
+from xkern.xcross.model import ScoringHead, XCrossModel, pool_hidden
 from xkern.xcross.train import (
     XCrossTrainConfig,
     XCrossTrainResult,

@@ -20,7 +20,9 @@ def _adapter_spec(text: str) -> tuple[str, str]:
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``train-xcross`` subcommand to an ``xkern`` subparsers object."""
-    from xkern.rec.data import DEFAULT_DATA_ROOT
+    from xkern.data.domain import DEFAULT_DATA_ROOT
+    from xkern.train.loop import add_config_arguments
+    from xkern.xcross.train import XCrossTrainConfig
 
     p = subparsers.add_parser(
         "train-xcross",
@@ -40,16 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("by-user", "loo"), default="by-user")
     p.add_argument("--val-frac", type=float, default=0.1)
     p.add_argument("--fraction", type=float, default=1.0, help="fraction of training users (nested, seeded)")
-    p.add_argument("--max-train-users", type=int, default=None, help="cap on training users")
-    p.add_argument("--n-neg", type=int, default=4, help="K sampled negatives per training example")
-    p.add_argument("--epochs", type=float, default=3.0)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--patience", type=int, default=2)
-    p.add_argument("--eval-every", type=int, default=None, help="steps between validations (default: per epoch)")
-    p.add_argument("--val-neg", type=int, default=9)
-    p.add_argument("--max-val-users", type=int, default=200)
+    add_config_arguments(p.add_argument_group("training"), XCrossTrainConfig,
+                         skip=("extra_lr", "score_batch_size"))
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--gamma", type=float, default=1.0)
     p.add_argument("--bias", action="store_true", help="integrator bias")
@@ -61,7 +55,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--eval-users", type=int, default=0, help="evaluate on the first N test users (0: skip, -1: all)")
     p.add_argument("--eval-neg", type=int, default=29)
     p.add_argument("--out", default="runs/xcross", help="output directory (default runs/xcross)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train_xcross)
     return p
@@ -77,10 +70,10 @@ def _tokenizer(model_path: str, tokenizer: str | None):
 
 
 def _domain(args: argparse.Namespace):
-    from xkern.rec.data import load_processed
+    from xkern.data.domain import load_processed
 
     if args.data == "synthetic":
-        from xkern.rec.synthetic import DOMAIN_NOUNS, SyntheticConfig, make_synthetic
+        from xkern.data.synthetic import DOMAIN_NOUNS, SyntheticConfig, make_synthetic
 
         if args.target not in DOMAIN_NOUNS:
             raise ValueError(f"unknown synthetic domain {args.target!r} ({', '.join(DOMAIN_NOUNS)})")
@@ -94,18 +87,20 @@ def cmd_train_xcross(args: argparse.Namespace) -> int:
 
     import torch
 
-    import xkern
+    from xkern.data.evaluate import write_report
+    from xkern.data.splits import subsample_train
+    from xkern.nn import load_model
     from xkern.nn.pretrained import resolve
-    from xkern.rec.evaluate import write_report
-    from xkern.rec.splits import subsample_train
+    from xkern.train.loop import config_from_args
     from xkern.xcross import XCrossModel, evaluate, train
+    from xkern.xcross.train import XCrossTrainConfig
 
     names = [n for n, _ in args.adapter]
     if len(set(names)) != len(names):
         raise ValueError(f"adapter names must be distinct, got {names}")
     model_path = resolve(args.model)
     dtype = getattr(torch, args.dtype)
-    xm = xkern.load_model(model_path, dtype=dtype, device=args.device, progress=not args.no_progress)
+    xm = load_model(model_path, dtype=dtype, device=args.device, progress=not args.no_progress)
     for name, path in args.adapter:
         xm.load_adapter(path, name)
     tok = _tokenizer(model_path, args.tokenizer)
@@ -115,10 +110,8 @@ def cmd_train_xcross(args: argparse.Namespace) -> int:
                      tokenizer=tok, titles=data.titles, domain=data.name, max_history=args.max_history,
                      max_tokens=args.max_tokens)
     out = Path(args.out)
-    res = train(xc, data, output_dir=out, n_neg=args.n_neg, epochs=args.epochs, max_steps=args.max_steps,
-                batch_size=args.batch_size, lr=args.lr, patience=args.patience, eval_every=args.eval_every,
-                val_neg=args.val_neg, max_val_users=args.max_val_users, max_train_users=args.max_train_users,
-                seed=args.seed, progress=not args.no_progress)
+    config = config_from_args(XCrossTrainConfig, args, progress=not args.no_progress)
+    res = train(xc, data, output_dir=out, config=config)
     counts = xc.num_trainable()
     print(f"trained X-Cross over {names} on {data.name}: {res.steps} steps, {res.n_train_examples} examples, "
           f"best val loss {res.best_val_loss} at step {res.best_step}"

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xkern.data.encoding import PairEncoder, pad_batch
+from xkern.data.prompts import MAX_HISTORY
 from xkern.nn import BASE, XkernModel, routing_scope
 from xkern.ops.xcross_integrate import xcross_integrate
-from xkern.rec.prompts import MAX_HISTORY, history_block, pointwise_prompt, titles_of
-from xkern.train.objectives import pad_batch
 
 POOLINGS = ("auto", "first", "last", "mean")
 FORMAT = "xkern-xcross/1"
@@ -91,63 +91,6 @@ class ScoringHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(F.gelu(self.dense(x.float()))).squeeze(-1)
-
-
-class PairEncoder:
-    """(history, candidate) item pairs -> padded token ids of the pointwise cross-encoder prompt.
-
-    The text is :func:`xkern.rec.prompts.pointwise_prompt`; its history part and its candidate part
-    are tokenized separately (both cached) and joined inside the tokenizer's special tokens. When a
-    pair is longer than ``max_tokens`` the history is cut from the left (the most recent titles stay).
-    """
-
-    def __init__(self, tokenizer: Any, titles: Sequence[str], domain: str | None = None,
-                 max_history: int = MAX_HISTORY, max_tokens: int = 128) -> None:
-        self.tokenizer, self.titles, self.domain = tokenizer, list(titles), domain
-        self.max_history, self.max_tokens = max_history, max_tokens
-        probe = "probe text"
-        with_sp = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
-        bare = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
-        at = next((i for i in range(len(with_sp) - len(bare) + 1) if with_sp[i:i + len(bare)] == bare), None)
-        if at is None:
-            raise ValueError("cannot locate the tokenizer's special tokens around a text")
-        self.head_ids, self.tail_ids = with_sp[:at], with_sp[at + len(bare):]
-        pad = getattr(tokenizer, "pad_token_id", None)
-        if pad is None:
-            pad = getattr(tokenizer, "eos_token_id", None)
-        self.pad_id = int(pad or 0)
-        self._hist: dict[tuple[int, ...], list[int]] = {}
-        self._cand: dict[int, list[int]] = {}
-
-    def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def history_ids(self, history: Sequence[int]) -> list[int]:
-        key = tuple(int(i) for i in history)[-self.max_history:] if self.max_history > 0 else ()
-        if key not in self._hist:
-            self._hist[key] = self._ids(history_block(titles_of(key, self.titles), self.domain, self.max_history))
-        return self._hist[key]
-
-    def candidate_ids(self, item: int) -> list[int]:
-        item = int(item)
-        if item not in self._cand:
-            full = pointwise_prompt([], self.titles[item], self.domain, 0)
-            head = history_block([], self.domain, 0)
-            assert full.startswith(head)
-            self._cand[item] = self._ids(full[len(head):])[: max(self.max_tokens // 2, 1)]
-        return self._cand[item]
-
-    def pair_ids(self, history: Sequence[int], item: int) -> list[int]:
-        hist, cand = self.history_ids(history), self.candidate_ids(item)
-        room = self.max_tokens - len(self.head_ids) - len(self.tail_ids) - len(cand)
-        hist = hist[-room:] if room > 0 else []
-        return self.head_ids + hist + cand + self.tail_ids
-
-    def encode(self, histories: Sequence[Sequence[int]], candidates: np.ndarray | Sequence[Sequence[int]]
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``input_ids, attention_mask [U*C, T]``, user-major (the C candidates of user 0 first), right-padded."""
-        rows = [self.pair_ids(h, int(c)) for h, cands in zip(histories, candidates, strict=True) for c in cands]
-        return pad_batch(rows, self.pad_id)
 
 
 def adapter_fingerprint(model: XkernModel, name: str) -> str:
@@ -347,7 +290,7 @@ class XCrossModel(nn.Module):
         return out.reshape(cands.shape)
 
     def scorer(self, batch_size: int = 64):
-        """A ``xkern.rec`` Scorer (numpy out) over :meth:`score`."""
+        """A ``xkern.data`` Scorer (numpy out) over :meth:`score`."""
         return lambda histories, candidates: self.score(histories, candidates, batch_size).numpy()
 
     def train(self, mode: bool = True) -> XCrossModel:

@@ -1,7 +1,7 @@
 """Training X-Cross (and single-adapter scorers): cross-entropy over the positive and K sampled negatives.
 
 ``train(xc, data)`` trains the integrators, ``w`` and the head of an :class:`XCrossModel` on any
-:class:`~xkern.rec.DomainData` (its ``train`` sequences; ``val`` for early stopping, never ``test``).
+:class:`~xkern.data.DomainData` (its ``train`` sequences; ``val`` for early stopping, never ``test``).
 Each training example is one position of a user's sequence: the history before it, the true next
 item and ``n_neg`` uniform negatives outside the user's items, freshly drawn every epoch from a
 seeded generator. Validation uses fixed negatives; the best state by validation loss is restored
@@ -11,10 +11,9 @@ way (a 1-stream ``XCrossModel`` plus the adapter's A/B): the per-domain scorers 
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,38 +24,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xkern.data.domain import DomainData
+from xkern.data.encoding import pad_batch
+from xkern.data.evaluate import evaluate_scorer
+from xkern.data.examples import next_item_pairs
+from xkern.data.metrics import evaluate_ranking
+from xkern.data.negatives import build_candidates, sample_uniform, user_rng
+from xkern.data.splits import sample_users
 from xkern.nn.model import XkernModel
-from xkern.rec.data import DomainData
-from xkern.rec.evaluate import evaluate_scorer
-from xkern.rec.lm import next_item_pairs
-from xkern.rec.metrics import evaluate_ranking
-from xkern.rec.negatives import build_candidates, sample_uniform, user_rng
-from xkern.train.objectives import pad_batch
+from xkern.train.loop import TrainConfig, fit, option, with_overrides
 from xkern.xcross.model import XCrossModel
 
 
 @dataclass
-class XCrossTrainConfig:
-    """Hyper-parameters of :func:`train` (all have working defaults)."""
+class XCrossTrainConfig(TrainConfig):
+    """Options of :func:`train`: the loop's (:class:`~xkern.train.loop.TrainConfig`, X-Cross defaults) and data's."""
 
-    n_neg: int = 4  # K sampled negatives per training example
-    epochs: float = 3.0
-    max_steps: int | None = None  # overrides epochs
-    batch_size: int = 8  # examples (users) per optimizer step; each is 1 + n_neg pairs x n streams
-    lr: float = 1e-3
-    extra_lr: float | None = None  # learning rate of extra_params (adapter weights); default lr
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    warmup_steps: int = 0
-    max_per_user: int | None = 1  # training positions per user sequence (the last ones)
-    max_train_users: int | None = None  # cap on training users (seeded choice)
-    val_neg: int = 9  # fixed negatives per validation user
-    max_val_users: int | None = 200
-    eval_every: int | None = None  # optimizer steps between validations; default once per epoch
-    patience: int = 2  # validations without improvement before stopping
-    seed: int = 0
-    score_batch_size: int = 64
-    progress: bool = True
+    epochs: float = option(3.0, "passes over the training examples")
+    batch_size: int = option(8, "examples (users) per step; each is 1 + n_neg pairs x n streams")
+    lr: float = option(1e-3, "learning rate of the integrators, w and the head")
+    schedule: str = option("constant", "after warm-up: 'linear' decay to 0 or 'constant'",
+                         choices=("linear", "constant"))
+    patience: int | None = option(2, "stop after this many validations without improvement (None: never)")
+    keep_best: bool = option(True, "restore the parameters of the best validation at the end")
+    n_neg: int = option(4, "K sampled negatives per training example")
+    extra_lr: float | None = option(None, "learning rate of extra_params (adapter weights); default lr")
+    max_per_user: int | None = option(1, "training positions per user sequence (the last ones)")
+    max_train_users: int | None = option(None, "cap on training users (seeded choice)")
+    val_neg: int = option(9, "fixed negatives per validation user")
+    max_val_users: int | None = option(200, "validation users")
+    score_batch_size: int = option(64, "(history, candidate) pairs per scoring forward")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.n_neg < 1:
+            raise ValueError("batch_size and n_neg must be >= 1")
 
 
 @dataclass
@@ -95,9 +97,7 @@ def candidate_examples(data: DomainData, split: str = "train", n_neg: int = 4, s
 def _pick_users(train: dict[int, list[int]], cap: int | None, seed: int) -> set[int] | None:
     if cap is None or cap >= len(train):
         return None
-    users = sorted(train)
-    perm = np.random.default_rng(seed).permutation(len(users))
-    return {users[i] for i in perm[:cap]}
+    return set(sample_users(list(train), cap, seed))
 
 
 def example_loss(xc: XCrossModel, batch: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,6 +133,20 @@ def validate(xc: XCrossModel, examples: Sequence[Example], batch_size: int = 64)
     return {"loss": sum(losses) / len(examples), "mrr": float(m["MRR"]), "hr@1": float(m["HR@1"])}
 
 
+class _XCrossEpochs:
+    """Fresh seeded negatives every epoch; the order a numpy permutation of (seed, epoch)."""
+
+    def __init__(self, data: DomainData, cfg: XCrossTrainConfig, users: set[int] | None) -> None:
+        self.data, self.cfg, self.users = data, cfg, users
+
+    def examples(self, epoch: int) -> list[Example]:
+        c = self.cfg
+        return candidate_examples(self.data, "train", c.n_neg, c.seed, epoch, c.max_per_user, self.users)
+
+    def order(self, epoch: int, n: int) -> list[int]:
+        return np.random.default_rng([self.cfg.seed, epoch]).permutation(n).tolist()
+
+
 def train(xc: XCrossModel, data: DomainData, *, config: XCrossTrainConfig | None = None,
           extra_params: Sequence[nn.Parameter] = (), output_dir: str | os.PathLike | None = None,
           callback: Callable[[int, float], None] | None = None, **overrides: Any) -> XCrossTrainResult:
@@ -145,23 +159,17 @@ def train(xc: XCrossModel, data: DomainData, *, config: XCrossTrainConfig | None
     ``output_dir``: the trained X-Cross parameters (``xcross/``) and ``train_log.json`` go there.
     Keyword overrides set :class:`XCrossTrainConfig` fields.
     """
-    from tqdm.auto import tqdm
-
-    cfg = config or XCrossTrainConfig()
-    for key, value in overrides.items():
-        if not hasattr(cfg, key):
-            raise TypeError(f"unknown training option {key!r}")
-        setattr(cfg, key, value)
+    cfg = with_overrides(config or XCrossTrainConfig(), overrides)
     if not isinstance(xc, XCrossModel):
         raise TypeError(f"xc must be an XCrossModel, got {type(xc).__name__}")
     if xc.tokenizer is None:
         raise ValueError("the XCrossModel needs a tokenizer (XCrossModel(..., tokenizer=...))")
-    if cfg.batch_size < 1 or cfg.n_neg < 1:
-        raise ValueError("batch_size and n_neg must be >= 1")
+    cfg.validate()
     xc.set_domain(data.titles, data.name)
     users = _pick_users(data.train, cfg.max_train_users, cfg.seed)
-    first = candidate_examples(data, "train", cfg.n_neg, cfg.seed, 0, cfg.max_per_user, users)
-    if not first:
+    epochs = _XCrossEpochs(data, cfg, users)
+    n_examples = len(epochs.examples(0))
+    if not n_examples:
         raise ValueError(f"{data.name}: no training examples (sequences need >= 2 items)")
     val_examples = candidate_examples(data, "val", cfg.val_neg, cfg.seed, -1, None)[: cfg.max_val_users or None]
 
@@ -169,88 +177,22 @@ def train(xc: XCrossModel, data: DomainData, *, config: XCrossTrainConfig | None
         p.requires_grad_(False)
     own = xc.trainable_parameters()
     extra = list(extra_params)
-    params = own + extra
-    for p in params:
+    for p in own + extra:
         p.requires_grad_(True)
     groups = [{"params": own, "lr": cfg.lr}]
     if extra:
         groups.append({"params": extra, "lr": cfg.extra_lr or cfg.lr})
-    for g in groups:
-        g["base_lr"] = g["lr"]
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-
-    steps_per_epoch = max(len(first) // cfg.batch_size, 1)
-    total = cfg.max_steps if cfg.max_steps is not None else max(int(math.ceil(cfg.epochs * steps_per_epoch)), 1)
-    eval_every = cfg.eval_every or steps_per_epoch
-    result = XCrossTrainResult(steps=0, n_train_examples=len(first),
-                               n_trainable=sum(p.numel() for p in params))
-    start = time.perf_counter()
-
-    def snapshot() -> list[torch.Tensor]:
-        return [p.detach().clone() for p in params]
-
-    best = snapshot()
-    bad = 0
-    if val_examples:
-        v = validate(xc, val_examples, cfg.score_batch_size)
-        result.val.append({"step": 0, **v})
-        result.best_val_loss, result.best_step = v["loss"], 0
-
-    xc.train()
-    bar = tqdm(total=total, desc=f"x-cross {'+'.join(xc.adapters)}", disable=not cfg.progress)
-    step, epoch, examples = 0, 0, first
-    try:
-        while step < total:
-            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(examples))
-            for b in range(steps_per_epoch):
-                if step >= total:
-                    break
-                batch = [examples[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
-                factor = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-                for g in opt.param_groups:
-                    g["lr"] = g["base_lr"] * factor
-                loss, _ = example_loss(xc, batch)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt.step()
-                step += 1
-                result.train_loss.append(float(loss.detach()))
-                bar.update(1)
-                post = {"loss": f"{result.train_loss[-1]:.4f}"}
-                if result.best_val_loss is not None:
-                    post["best_val"] = f"{result.best_val_loss:.4f}"
-                bar.set_postfix(post)
-                if callback is not None:
-                    callback(step, result.train_loss[-1])
-                if val_examples and (step % eval_every == 0 or step == total):
-                    v = validate(xc, val_examples, cfg.score_batch_size)
-                    result.val.append({"step": step, **v})
-                    if result.best_val_loss is None or v["loss"] < result.best_val_loss:
-                        result.best_val_loss, result.best_step, best, bad = v["loss"], step, snapshot(), 0
-                    else:
-                        bad += 1
-                        if bad >= cfg.patience:
-                            result.stopped_early = True
-                            break
-            if result.stopped_early:
-                break
-            epoch += 1
-            examples = candidate_examples(data, "train", cfg.n_neg, cfg.seed, epoch, cfg.max_per_user, users)
-    finally:
-        bar.close()
-        xc.eval()
-        for p in params:
-            p.requires_grad_(False)
-    if val_examples:
-        with torch.no_grad():
-            for p, b in zip(params, best, strict=True):
-                p.copy_(b)
-    else:
-        result.best_step = step
-    result.steps = step
-    result.seconds = time.perf_counter() - start
+    steps_per_epoch = max(n_examples // cfg.batch_size, 1)
+    if cfg.eval_every is None:
+        cfg = dataclasses.replace(cfg, eval_every=steps_per_epoch)  # validate once per epoch
+    res = fit(xc, groups, epochs, lambda module, batch: example_loss(module, batch)[0], cfg,
+              validate=(lambda: validate(xc, val_examples, cfg.score_batch_size)) if val_examples else None,
+              validate_at_start=True, distributed=False, desc=f"x-cross {'+'.join(xc.adapters)}",
+              callback=callback)
+    result = XCrossTrainResult(steps=res.steps, train_loss=res.train_loss, val=res.evals,
+                               best_step=res.best_step if val_examples else res.steps, best_val_loss=res.best_loss,
+                               stopped_early=res.stopped_early, seconds=res.seconds, n_train_examples=n_examples,
+                               n_trainable=sum(p.numel() for g in groups for p in g["params"]))
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)

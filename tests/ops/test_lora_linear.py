@@ -1,0 +1,249 @@
+"""The fused NF4 + multi-adapter LoRA op: every backend against float64 references, bitsandbytes, autograd."""
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+import pytest
+import torch
+from helpers import dense_lora_reference
+
+from xkern import NF4Tensor, quantize_nf4
+from xkern.ops import RowRouting, lora_linear, select_backend
+from xkern.ops.backends import triton_jit as tri
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["torch", "triton"]
+TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (6e-2, 6e-2)}
+
+
+def _problem(m, n, k, ranks, dtype=torch.float32, seed=0, double_quant=True, ids=None):
+    """Random inputs; adapters of differing ranks zero-padded into one bank ``[n_adapters, r_max, K]``."""
+    g = torch.Generator().manual_seed(seed)
+    r_max = max(ranks)
+    lora_A = torch.zeros(len(ranks), r_max, k)
+    lora_B = torch.zeros(len(ranks), n, r_max)
+    for a, r in enumerate(ranks):
+        lora_A[a, :r] = torch.randn(r, k, generator=g) / k**0.5
+        lora_B[a, :, :r] = torch.randn(n, r, generator=g)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    weight = quantize_nf4(w.to(dtype), double_quant=double_quant).to(DEVICE)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    scale = torch.rand(len(ranks), generator=g) + 0.5
+    if ids is None:
+        ids = torch.randint(-1, len(ranks), (m,), generator=g)
+    return x, weight, lora_A, lora_B, scale, ids
+
+
+def _dev(*ts):
+    return [t.to(DEVICE) for t in ts]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k,ranks", [
+    (1, 48, 100, [4]),            # decode row, K not a multiple of any block
+    (7, 40, 64, [2, 5, 3]),       # ranks that differ per adapter
+    (37, 72, 96, [8, 8, 8, 8]),   # several row tiles
+])
+def test_forward_matches_float64_reference(backend, dtype, m, n, k, ranks):
+    x, weight, A, B, s, ids = _problem(m, n, k, ranks, dtype)
+    expected = dense_lora_reference(x, weight.dequantize(torch.float32).cpu(), A, B, s, ids)
+    x, A, B, ids = _dev(x, A.to(dtype), B.to(dtype), ids)
+    got = lora_linear(x, weight, A, B, s.to(DEVICE), ids, backend=backend)
+    assert got.dtype == dtype and got.shape == (m, n)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(got.cpu().double(), expected, rtol=rtol, atol=atol * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unsorted_ids_base_rows_and_leading_dims(backend):
+    x, weight, A, B, s, _ = _problem(12, 32, 64, [4, 4, 4])
+    ids = torch.tensor([2, -1, 0, 2, 1, -1, 0, 0, 2, 1, -1, 2])
+    expected = dense_lora_reference(x, weight.dequantize(torch.float32).cpu(), A, B, s, ids)
+    x3, A, B, ids_dev = _dev(x.view(3, 4, 64), A, B, ids)
+    got = lora_linear(x3, weight, A, B, s.to(DEVICE), ids_dev.view(3, 4), backend=backend)
+    assert got.shape == (3, 4, 32)
+    torch.testing.assert_close(got.reshape(12, 32).cpu().double(), expected, rtol=2e-4, atol=2e-4)
+    # base-only rows equal the plain NF4 matmul exactly as the reference computes it
+    base = lora_linear(x.to(DEVICE), weight, A, B, s.to(DEVICE), None, backend=backend)
+    torch.testing.assert_close(base[ids_dev == -1].cpu(), got.reshape(12, 32)[ids_dev == -1].cpu(),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padded_bank_equals_each_adapter_alone(backend):
+    """A rank-2 and a rank-6 adapter in one bank give what each gives as its own single-adapter call."""
+    x, weight, A, B, s, _ = _problem(6, 24, 80, [2, 6], seed=3)
+    ids = torch.tensor([0, 1, 1, 0, 1, 0])
+    x, A, B, s, ids = _dev(x, A, B, s, ids)
+    together = lora_linear(x, weight, A, B, s, ids, backend=backend)
+    for a, r in enumerate([2, 6]):
+        rows = ids == a
+        alone = lora_linear(x[rows], weight, A[a:a + 1, :r], B[a:a + 1, :, :r], s[a:a + 1],
+                            torch.zeros(int(rows.sum()), dtype=torch.long, device=DEVICE), backend=backend)
+        torch.testing.assert_close(together[rows], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_matches_bitsandbytes_matmul_plus_lora_loop(backend, double_quant):
+    """Same weight quantized by bitsandbytes: bnb matmul_4bit + a PEFT-style per-adapter loop."""
+    g = torch.Generator().manual_seed(5)
+    n, k, m = 48, 128, 9
+    w = torch.randn(n, k, generator=g)
+    packed, state = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+    # bitsandbytes' own serializer writes the keys xkern reads
+    sd = {"w": packed, **{f"w.{key}": v for key, v in state.as_dict(packed=True).items()}}
+    weight = NF4Tensor.from_bnb_state_dict(sd, "w").to(DEVICE)
+    A = torch.randn(3, 4, k, generator=g) * 0.1
+    B = torch.randn(3, n, 4, generator=g) * 0.1
+    s = torch.tensor([2.0, 0.5, 1.0])
+    x = torch.randn(m, k, generator=g)
+    ids = torch.tensor([0, 1, 2, -1, 2, 1, 0, 0, 1])
+    expected = bnb.matmul_4bit(x, packed.t(), quant_state=state)
+    for a in range(3):  # PEFT's LoRA: x -> dropout(identity) -> A -> B, times scaling, one adapter at a time
+        rows = ids == a
+        expected[rows] += s[a] * (x[rows] @ A[a].T) @ B[a].T
+    x, A, B, s, ids = _dev(x, A, B, s, ids)
+    got = lora_linear(x, weight, A, B, s, ids, backend=backend)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_match_autograd_of_reference(backend, dtype):
+    x, weight, A, B, s, ids = _problem(10, 24, 72, [4, 2, 3], dtype=dtype, seed=7)
+    ids = torch.tensor([1, 0, -1, 2, 2, 0, 1, -1, 0, 2])
+    w_dense = weight.dequantize(torch.float32).cpu()
+    grad_out = torch.randn(10, 24, generator=torch.Generator().manual_seed(8))
+    xr, Ar, Br = (t.double().requires_grad_() for t in (x, A, B))
+    (dense_lora_reference(xr, w_dense, Ar, Br, s, ids) * grad_out.double()).sum().backward()
+
+    xg = x.to(DEVICE).requires_grad_()
+    Ag = A.to(DEVICE, dtype).requires_grad_()
+    Bg = B.to(DEVICE, dtype).requires_grad_()
+    y = lora_linear(xg, weight, Ag, Bg, s.to(DEVICE), ids.to(DEVICE), backend=backend)
+    (y.float() * grad_out.to(DEVICE)).sum().backward()
+    rtol, atol = TOL[dtype]
+    for got, ref in ((xg.grad, xr.grad), (Ag.grad, Ar.grad), (Bg.grad, Br.grad)):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.cpu().double(), ref, rtol=rtol, atol=atol * ref.abs().max().item())
+    # adapters no row uses get exactly zero gradient
+    x2, _, A2, B2, s2, _ = _problem(4, 24, 72, [4, 4, 4], seed=9)
+    A2, B2 = A2.to(DEVICE).requires_grad_(), B2.to(DEVICE).requires_grad_()
+    lora_linear(x2.to(DEVICE), weight, A2, B2, s2.to(DEVICE), torch.tensor([0, 0, 2, -1], device=DEVICE),
+                backend=backend).sum().backward()
+    assert A2.grad[1].abs().max() == 0 and B2.grad[1].abs().max() == 0
+    assert A2.grad[0].abs().max() > 0 and B2.grad[2].abs().max() > 0
+
+
+@pytest.mark.parametrize("config", [tri.LaunchConfig(16, 16, 16, split_k=3), tri.LaunchConfig(16, 64, 64)])
+def test_triton_configs_split_k_and_wide_tiles(config):
+    """The small-M split-K variant (atomics over K slices, LoRA expand included) and one-tile shapes."""
+    x, weight, A, B, s, ids = _problem(5, 40, 100, [3, 5], seed=11)
+    expected = dense_lora_reference(x, weight.dequantize(torch.float32).cpu(), A, B, s, ids)
+    x, A, B, s, ids = _dev(x, A, B, s, ids.int())
+    routing = RowRouting.build(ids, A.shape[0])
+    y, xa = tri.lora_linear_forward(x, weight, A, B, s, routing, config=config)
+    torch.testing.assert_close(y.cpu().double(), expected, rtol=2e-4, atol=2e-4)
+    dx, g = tri.lora_linear_input_grad(torch.ones_like(y), weight, A, B, s, routing, config=config)
+    ref_dx, ref_g = _reference_input_grad(torch.ones_like(y), weight, A, B, s, routing)
+    torch.testing.assert_close(dx, ref_dx, rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(g, ref_g, rtol=2e-4, atol=2e-4)
+
+
+def _reference_input_grad(*args):
+    from xkern.ops import reference
+    return reference.lora_linear_input_grad(*args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_stays_in_its_row(backend):
+    x, weight, A, B, s, ids = _problem(6, 32, 64, [4, 4], seed=12)
+    x[2, 5] = float("nan")
+    y = lora_linear(*_dev(x), weight, *_dev(A, B, s, ids), backend=backend).cpu()
+    assert torch.isnan(y[2]).all()
+    assert torch.isfinite(y[torch.arange(6) != 2]).all()
+
+
+def test_invalid_inputs_are_refused_with_the_argument_named():
+    x, weight, A, B, s, ids = _problem(4, 16, 64, [4, 4])
+    with pytest.raises(ValueError, match="last dimension"):
+        lora_linear(torch.randn(4, 63), weight, A, B, s, ids)
+    with pytest.raises(ValueError, match="lora_A has K"):
+        lora_linear(x, weight, A[:, :, :32], B, s, ids)
+    with pytest.raises(ValueError, match="lora_B must be"):
+        lora_linear(x, weight, A, B[:, :8], s, ids)
+    with pytest.raises(ValueError, match="lora_A must be"):
+        lora_linear(x, weight, A[0], B, s, ids)
+    with pytest.raises(ValueError, match=r"adapter_ids must lie in \[-1, 1\]"):
+        lora_linear(x, weight, A, B, s, torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match="adapter_ids must lie"):
+        lora_linear(x, weight, A, B, s, torch.tensor([0, -2, 1, 0]))
+    with pytest.raises(ValueError, match="adapter_ids has 3 entries"):
+        lora_linear(x, weight, A, B, s, torch.tensor([0, 1, 0]))
+    with pytest.raises(TypeError, match="adapter_ids must be an integer"):
+        lora_linear(x, weight, A, B, s, torch.zeros(4))
+    with pytest.raises(TypeError, match="x must be float32"):
+        lora_linear(x.to(torch.int32), weight, A, B, s, ids)
+    with pytest.raises(TypeError, match="lora_B must be float32"):
+        lora_linear(x, weight, A, B.to(torch.float64), s, ids)
+    with pytest.raises(TypeError, match="weight must be an NF4Tensor"):
+        lora_linear(x, torch.randn(16, 64), A, B, s, ids)
+    with pytest.raises(ValueError, match="scale has 3 entries"):
+        lora_linear(x, weight, A, B, [1.0, 2.0, 3.0], ids)
+    with pytest.raises(ValueError, match="one device"):
+        lora_linear(x, weight, A.to("meta"), B, s, ids)
+    from dataclasses import replace
+    strided = replace(weight, packed=torch.stack([weight.packed, weight.packed], 1)[:, 0])
+    with pytest.raises(ValueError, match="contiguous"):
+        lora_linear(x, strided, A, B, s, ids)
+    with pytest.raises(RuntimeError, match="backend .cuda. needs CUDA tensors"):
+        lora_linear(x, weight, A, B, s, ids, backend="cuda")
+
+
+def test_backend_selection(monkeypatch):
+    from xkern.ops.backends import cpu_native
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("XKERN_BACKEND", raising=False)
+    assert select_backend("lora_linear", cpu) == ("cpu" if cpu_native.extension() is not None else "torch")
+    monkeypatch.setenv("XKERN_BACKEND", "triton")
+    assert select_backend("lora_linear", cpu) == "triton"  # the interpreter is on in these tests
+    monkeypatch.setenv("XKERN_BACKEND", "fast")
+    with pytest.raises(ValueError, match="XKERN_BACKEND"):
+        select_backend("lora_linear", cpu)
+
+
+def test_scale_forms_agree():
+    x, weight, A, B, _, ids = _problem(5, 16, 64, [4, 4])
+    a = lora_linear(x, weight, A, B, 0.75, ids)
+    b = lora_linear(x, weight, A, B, [0.75, 0.75], ids)
+    c = lora_linear(x, weight, A, B, torch.tensor([0.75, 0.75]), ids)
+    assert torch.equal(a, b) and torch.equal(b, c)
+
+
+def test_custom_op_registration_passes_opcheck():
+    x, weight, A, B, s, ids = _problem(5, 16, 64, [4, 4])
+    A.requires_grad_()
+    B.requires_grad_()
+    op = torch.ops.xkern.lora_linear_fwd.default
+    routing = RowRouting.build(ids, A.shape[0])
+    parts, meta = weight.parts()
+    args = (x.requires_grad_(), parts, meta, A, B, s, routing.ids, routing.order, routing.starts, "torch")
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_torch_compile_traces_forward_and_backward():
+    x, weight, A, B, s, ids = _problem(6, 16, 64, [4, 4])
+    A.requires_grad_()
+
+    def step(x, A):
+        return lora_linear(x, weight, A, B, s, ids).square().sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    loss = compiled(x, A)
+    loss.backward()
+    grad_compiled = A.grad.clone()
+    A.grad = None
+    step(x, A).backward()
+    torch.testing.assert_close(grad_compiled, A.grad)

@@ -1,0 +1,125 @@
+"""Evaluation harness: run any scorer over a CandidateSet, compute metrics, write a JSON report.
+
+A scorer is any callable `scorer(histories, candidates) -> scores` with `histories` a list of B item
+index lists (oldest first) and `candidates` an int array [B, C] of item indices; it returns [B, C]
+scores (numpy, list or torch tensor), higher = more likely. Neural models of later issues plug in
+through the same contract, so every model is measured on identical candidates and code.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from xkern.data.metrics import evaluate_ranking, to_numpy
+from xkern.data.negatives import CandidateSet
+
+
+class Scorer(Protocol):
+    def __call__(self, histories: Sequence[Sequence[int]], candidates: np.ndarray) -> Any: ...
+
+
+def score_candidates(
+    scorer: Scorer, cands: CandidateSet, batch_size: int = 256, progress: bool = False, desc: str = "scoring"
+) -> np.ndarray:
+    """scores [U, C] for every user of `cands`, in batches (tqdm bar when progress=True)."""
+    from tqdm import tqdm
+
+    n, c = cands.items.shape
+    out = np.empty((n, c), dtype=np.float64)
+    starts = range(0, n, batch_size)
+    for s in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
+        e = min(s + batch_size, n)
+        batch = to_numpy(scorer(cands.histories[s:e], cands.items[s:e]), np.float64)
+        if batch.shape != (e - s, c):
+            raise ValueError(f"scorer returned shape {batch.shape}, expected {(e - s, c)}")
+        out[s:e] = batch
+    return out
+
+
+def evaluate_scorer(
+    scorer: Scorer,
+    cands: CandidateSet,
+    ks: Sequence[int] = (1, 3, 10),
+    batch_size: int = 256,
+    progress: bool = False,
+    desc: str = "scoring",
+) -> dict[str, float]:
+    """Metrics of `scorer` on `cands` (see evaluate_ranking) plus n_users and seconds."""
+    t0 = time.perf_counter()
+    scores = score_candidates(scorer, cands, batch_size, progress, desc)
+    result: dict[str, float] = dict(evaluate_ranking(scores, cands.target, ks))
+    result["n_users"] = len(cands)
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """Versions for reports, without importing torch."""
+    from xkern._version import __version__
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "numpy": np.__version__,
+        "torch": _version("torch"),
+        "xkern": __version__,
+        "argv": list(sys.argv),
+    }
+
+
+def write_report(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write `payload` + environment as indented JSON (parents created)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    data = {**payload, "environment": environment(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    p.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n", encoding="utf-8")
+    return p
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (set, frozenset, tuple)):
+        return list(x)
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serializable: {type(x).__name__}")
+
+
+def format_table(rows: list[dict[str, Any]], columns: Sequence[str], floatfmt: str = "{:.4f}") -> str:
+    """Plain-text table with aligned columns (numbers right-aligned)."""
+    cells = [[c for c in columns]]
+    for row in rows:
+        line = []
+        for c in columns:
+            v = row.get(c, "")
+            line.append(floatfmt.format(v) if isinstance(v, float) else str(v))
+        cells.append(line)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    numeric = [all(isinstance(row.get(c), (int, float)) for row in rows) and rows for c in columns]
+
+    def fmt(line: list[str]) -> str:
+        return "  ".join(
+            v.rjust(w) if num else v.ljust(w) for v, w, num in zip(line, widths, numeric, strict=True)
+        )
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(cells[0]), sep, *(fmt(r) for r in cells[1:])]).rstrip()

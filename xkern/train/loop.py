@@ -1,0 +1,370 @@
+"""The one training loop of xkern, and the config it reads (from which the commands derive their flags).
+
+:func:`fit` trains the parameters of any adapter-style task: next-item LoRAs (:func:`xkern.train.train_lora`),
+X-Cross's integrators and head (:func:`xkern.xcross.train`), WeaveRec's adapters. A task gives
+
+- an :class:`EpochData`: the examples of each epoch (fixed, or freshly drawn negatives every epoch)
+  and their order (a seeded permutation of (seed, epoch));
+- a ``loss(module, examples) -> Tensor`` (collate + forward: the objective);
+- optionally ``validate() -> {"loss": ..., ...}`` (early stopping and keep-best read ``"loss"``) and a
+  :class:`Checkpointer` (resumable state).
+
+The loop does the rest the same way for all: AdamW over parameter groups, linear warm-up then
+linear decay or constant, gradient accumulation (across epoch boundaries), clipping, bf16 autocast
+on CUDA, DistributedDataParallel under ``torchrun`` (each rank takes its share of every global
+batch), activation checkpointing, validation every ``eval_every`` steps and at the end, early
+stopping after ``patience`` validations without improvement, restoring the best state, checkpoints
+every ``save_every`` steps, a progress bar and a callback per step.
+
+Adding a training option: a field of :class:`TrainConfig` (with its ``help``) and its use here; the
+``xkern`` commands take it as a flag through :func:`add_config_arguments`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+
+def option(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Options of the training loop (all have working defaults)."""
+
+    lr: float = option(2e-4, "peak learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    batch_size: int = option(8, "examples per process per micro-step")
+    grad_accum: int = option(1, "micro-steps per optimizer step")
+    epochs: float = option(1.0, "passes over the training examples")
+    max_steps: int | None = option(None, "optimizer steps (overrides epochs)")
+    warmup_steps: int = option(0, "linear warm-up steps")
+    schedule: str = option("linear", "after warm-up: 'linear' decay to 0 or 'constant'",
+                         choices=("linear", "constant"))
+    max_grad_norm: float | None = option(1.0, "gradient clipping norm (None: off)")
+    grad_checkpointing: bool = option(False, "recompute activations in backward (less memory)")
+    bf16: str | bool = option("auto", "bf16 autocast: 'auto' (on CUDA), True or False", cli=False)
+    seed: int = option(0, "seed of the data order and of sampled negatives")
+    eval_every: int | None = option(None, "optimizer steps between validations (always at the end)")
+    patience: int | None = option(None, "stop after this many validations without improvement (None: never)")
+    keep_best: bool = option(False, "restore the parameters of the best validation at the end")
+    save_every: int | None = option(None, "optimizer steps between checkpoints", cli=False)
+    log_every: int = option(1, "steps between log entries", cli=False)
+    progress: bool = option(True, "show a progress bar", cli=False)
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("batch_size and grad_accum must be >= 1")
+        if self.schedule not in ("linear", "constant"):
+            raise ValueError(f"schedule must be 'linear' or 'constant', got {self.schedule!r}")
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+
+
+def with_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
+    """``cfg`` with keyword overrides applied (an unknown key is a TypeError naming it)."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for key in overrides:
+        if key not in names:
+            raise TypeError(f"unknown training option {key!r}")
+    return dataclasses.replace(cfg, **overrides)
+
+
+# --------------------------------------------------------------------------------------------- CLI flags
+
+def _flag_type(f: dataclasses.Field, default: Any) -> Callable[[str], Any] | None:
+    text = str(f.type)
+    if "bool" in text and "str" not in text:
+        return None
+    if "int" in text:
+        return int
+    if "float" in text:
+        return float
+    return str
+
+
+def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type = TrainConfig,
+                         defaults: dict[str, Any] | None = None, skip: Sequence[str] = ()) -> None:
+    """One flag per field of ``cls`` (``--lr``, ``--batch-size``, ...), except ``cli=False`` fields and ``skip``."""
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli", True) or f.name in skip:
+            continue
+        default = (defaults or {}).get(f.name, getattr(inst, f.name))
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} (default {default})"
+        kind = _flag_type(f, default)
+        if kind is None:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+        else:
+            def parse(text: str, kind=kind, name=flag) -> Any:
+                if text.lower() == "none":
+                    return None
+                try:
+                    return kind(text)
+                except ValueError:
+                    raise argparse.ArgumentTypeError(f"{name} takes a {kind.__name__}, got {text!r}") from None
+
+            parser.add_argument(flag, dest=f.name, type=parse, default=default, help=help_text,
+                                choices=f.metadata.get("choices"))
+
+
+def config_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
+    """An instance of ``cls`` from the flags :func:`add_config_arguments` added (plus ``extra``)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    cfg = cls(**{**values, **extra})
+    cfg.validate()
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------- the loop
+
+class EpochData(Protocol):
+    def examples(self, epoch: int) -> Sequence[Any]: ...
+
+    def order(self, epoch: int, n: int) -> list[int]: ...
+
+
+@dataclass
+class StaticData:
+    """The same examples every epoch, in a seeded ``torch.randperm`` order per epoch."""
+
+    data: Sequence[Any]
+    seed: int = 0
+
+    def examples(self, epoch: int) -> Sequence[Any]:
+        return self.data
+
+    def order(self, epoch: int, n: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(n, generator=g).tolist()
+
+
+class Checkpointer(Protocol):
+    """Resumable state of one run: the trainable parameters, the optimizer, the loop's position."""
+
+    def load(self, opt: torch.optim.Optimizer) -> dict[str, Any] | None: ...
+
+    def save(self, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class FitResult:
+    steps: int
+    total_steps: int
+    train_loss: list[float] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)  # {"step", "loss", ...}
+    best_step: int | None = None
+    best_loss: float | None = None
+    stopped_early: bool = False
+    seconds: float = 0.0
+    world_size: int = 1
+
+    @property
+    def finished(self) -> bool:
+        return self.steps >= self.total_steps or self.stopped_early
+
+
+def dist_setup() -> tuple[int, int]:
+    """(rank, world size); starts the process group under ``torchrun`` (gloo on CPU, nccl on GPUs)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(total - cfg.warmup_steps, 1)
+    return max(0.0, 1.0 - (step - cfg.warmup_steps) / span)
+
+
+def _grad_checkpointing(model: torch.nn.Module | None, on: bool) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def scope():
+        if not on or model is None:
+            yield
+            return
+        from xkern.nn.routing import checkpoint_context_fn
+
+        kwargs = {"use_reentrant": False, "context_fn": checkpoint_context_fn}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        try:
+            yield
+        finally:
+            disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+            disable()
+
+    return scope()
+
+
+def fit(module: torch.nn.Module, param_groups: Sequence[dict[str, Any]], data: EpochData,
+        loss_fn: Callable[[torch.nn.Module, Sequence[Any]], torch.Tensor], cfg: TrainConfig, *,
+        validate: Callable[[], dict[str, float]] | None = None, checkpointer: Checkpointer | None = None,
+        distributed: bool = True, hf_model: torch.nn.Module | None = None, desc: str = "train",
+        callback: Callable[[int, float], None] | None = None, stop_after: int | None = None,
+        validate_at_start: bool = False) -> FitResult:
+    """Train ``param_groups`` (``{"params": [...], "lr": ...}``; the groups' lr are peak rates) on ``data``.
+
+    ``module`` is what ``loss_fn`` calls (wrapped in DDP when ``distributed`` and under ``torchrun``);
+    ``hf_model``: the ``transformers`` model whose activation checkpointing ``grad_checkpointing``
+    turns on. ``stop_after``: stop after that many optimizer steps of this call (an interruption,
+    for tests). See the module docstring for the rest.
+    """
+    cfg.validate()
+    rank, world = dist_setup() if distributed else (0, 1)
+    params = [p for g in param_groups for p in g["params"]]
+    base_lrs = [float(g.get("lr", cfg.lr)) for g in param_groups]
+    opt = torch.optim.AdamW([{"params": list(g["params"]), "lr": lr} for g, lr in zip(param_groups, base_lrs,
+                                                                                        strict=True)],
+                            lr=cfg.lr, weight_decay=cfg.weight_decay)
+    first = data.examples(0)
+    if len(first) == 0:
+        raise ValueError("the training dataset is empty")
+    global_batch = cfg.batch_size * world
+    batches_per_epoch = max(len(first) // global_batch, 1)
+    steps_per_epoch = max(batches_per_epoch // cfg.grad_accum, 1)
+    total = cfg.max_steps if cfg.max_steps is not None else max(int(math.ceil(cfg.epochs * steps_per_epoch)), 1)
+    eval_every = cfg.eval_every
+
+    result = FitResult(steps=0, total_steps=total, world_size=world)
+    if checkpointer is not None:
+        state = checkpointer.load(opt)
+        if state is not None:
+            result.steps = int(state["step"])
+            result.train_loss = list(state["train_loss"])
+            result.evals = [dict(e) for e in state["evals"]]
+    device = next((p.device for p in params), torch.device("cpu"))
+    best = [p.detach().clone() for p in params] if cfg.keep_best else None
+    bad = 0
+
+    def run_validation(step: int) -> bool:
+        """Validate, track the best; True when early stopping says stop."""
+        nonlocal best, bad
+        v = validate()
+        result.evals.append({"step": step, **v})
+        if result.best_loss is None or v["loss"] < result.best_loss:
+            result.best_loss, result.best_step, bad = v["loss"], step, 0
+            if cfg.keep_best:
+                best = [p.detach().clone() for p in params]
+            return False
+        bad += 1
+        return cfg.patience is not None and bad >= cfg.patience
+
+    if validate is not None and validate_at_start and result.steps == 0:
+        run_validation(0)
+
+    wrapped: torch.nn.Module = module
+    if world > 1:
+        # the frozen NF4 base is identical on every rank: sync only the trainable gradients
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    use_bf16 = device.type == "cuda" and cfg.bf16 in ("auto", True)
+    if cfg.bf16 is True and device.type != "cuda":
+        raise ValueError("bf16 autocast needs a CUDA device")
+
+    cache: dict[int, tuple[Sequence[Any], list[int]]] = {}
+
+    def epoch(e: int) -> tuple[Sequence[Any], list[int]]:
+        if e not in cache:
+            cache.clear()
+            examples = first if e == 0 else data.examples(e)
+            cache[e] = (examples, data.order(e, len(examples)))
+        return cache[e]
+
+    step = result.steps
+    stop_at = total if stop_after is None else min(total, step + stop_after)
+    module.train()
+    start = time.perf_counter()
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not cfg.progress or rank != 0)
+    try:
+        with _grad_checkpointing(hf_model, cfg.grad_checkpointing):
+            while step < stop_at:
+                micro = step * cfg.grad_accum  # global micro-batch index
+                factor = lr_factor(cfg, step, total)
+                for g, lr in zip(opt.param_groups, base_lrs, strict=True):
+                    g["lr"] = lr * factor
+                opt.zero_grad(set_to_none=True)
+                step_loss = 0.0
+                for k in range(cfg.grad_accum):
+                    e, b = divmod(micro + k, batches_per_epoch)
+                    examples, order = epoch(e)
+                    lo = b * global_batch + rank * cfg.batch_size
+                    batch = [examples[i] for i in order[lo:lo + cfg.batch_size]]
+                    sync = contextlib.nullcontext() if world == 1 or k == cfg.grad_accum - 1 else wrapped.no_sync()
+                    amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+                    with sync, amp:
+                        loss = loss_fn(wrapped, batch) / cfg.grad_accum
+                        loss.backward()
+                    step_loss += float(loss.detach())
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                step += 1
+                if world > 1:
+                    t = torch.tensor([step_loss], device=device)
+                    dist.all_reduce(t)
+                    step_loss = float(t) / world
+                result.train_loss.append(step_loss)
+                bar.update(1)
+                post = {"loss": f"{step_loss:.4f}"}
+                if result.best_loss is not None:
+                    post["best_val"] = f"{result.best_loss:.4f}"
+                bar.set_postfix(post)
+                if callback is not None:
+                    callback(step, step_loss)
+                stop = False
+                if validate is not None and ((eval_every and step % eval_every == 0) or step == total):
+                    stop = run_validation(step)
+                    module.train()
+                result.steps = step
+                if checkpointer is not None and rank == 0 and cfg.save_every and step % cfg.save_every == 0:
+                    checkpointer.save(opt, _state(result))
+                if stop:
+                    result.stopped_early = True
+                    break
+    finally:
+        bar.close()
+        module.eval()
+        for p in params:
+            p.requires_grad_(False)
+    result.steps = step
+    if cfg.keep_best and best is not None and result.best_step is not None:
+        with torch.no_grad():
+            for p, b in zip(params, best, strict=True):
+                p.copy_(b)
+    result.seconds = time.perf_counter() - start
+    if checkpointer is not None and rank == 0:
+        checkpointer.save(opt, _state(result))
+    if world > 1:
+        dist.barrier()
+    return result
+
+
+def _state(result: FitResult) -> dict[str, Any]:
+    return {"step": result.steps, "train_loss": result.train_loss, "evals": result.evals}
