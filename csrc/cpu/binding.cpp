@@ -47,6 +47,7 @@ constexpr int64_t kSlabBytes = 8 << 20;      // float32 bytes of one decoded wei
 constexpr int64_t kNestedBlock = 256;
 constexpr int64_t kAmxTileRows = 64;         // weight rows a thread decodes (bf16 hi + lo) and multiplies
 constexpr int64_t kAmxTileCols = 128;        // rows of x per brgemm call
+constexpr int64_t kAmxKBlock = 1024;         // K per brgemm call (a multiple of 32)
 
 // ------------------------------------------------------------------------------------------------
 // instruction set
@@ -333,11 +334,15 @@ void base_amx(const KernelTable* kt, const xk::NF4W& w, const at::Tensor& x, int
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * kAmxTileRows, rn = std::min(kAmxTileRows, N - r0);
       kt->decode_bf16_split(w, K, r0, rn, wh, wl);
-      for (int64_t c0 = 0; c0 < M; c0 += kAmxTileCols) {
-        const int64_t cn = std::min(kAmxTileCols, M - c0);
-        float* c = yTp + r0 * M + c0;
-        at::native::cpublas::brgemm(rn, cn, K, K, M, M, false, ah, xb + 2 * c0, c, true);
-        at::native::cpublas::brgemm(rn, cn, K, K, M, M, true, al, xb + 2 * c0, c, true);
+      // K in blocks so a block of the weight tile and of x^T stay in L2 across the column tiles
+      for (int64_t k0 = 0; k0 < K; k0 += kAmxKBlock) {
+        const int64_t kn = std::min(kAmxKBlock, K - k0);
+        for (int64_t c0 = 0; c0 < M; c0 += kAmxTileCols) {
+          const int64_t cn = std::min(kAmxTileCols, M - c0);
+          float* c = yTp + r0 * M + c0;
+          at::native::cpublas::brgemm(rn, cn, kn, K, M, M, k0 > 0, ah + k0, xb + k0 * M + 2 * c0, c, true);
+          at::native::cpublas::brgemm(rn, cn, kn, K, M, M, true, al + k0, xb + k0 * M + 2 * c0, c, true);
+        }
       }
     }
     at::native::cpublas::brgemm_release(true);

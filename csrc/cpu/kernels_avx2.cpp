@@ -116,6 +116,10 @@ struct I {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(hi), h);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(lo), to_bf16(_mm256_sub_ps(v, cvt16(h, kBF16))));
   }
+  static constexpr bool kHasBf16Tables = false;
+  struct Bf16Tab {};
+  static inline Bf16Tab make_bf16_tab(float) { return {}; }
+  static inline void decode64_bf16(const uint8_t*, const Bf16Tab&, uint16_t*, uint16_t*) {}
   static inline void load_perm32(const void* base, int dt, int64_t i, V* w) {
     deinterleave(load_cvt(base, dt, i), load_cvt(base, dt, i + 8), &w[0], &w[2]);
     deinterleave(load_cvt(base, dt, i + 16), load_cvt(base, dt, i + 24), &w[1], &w[3]);

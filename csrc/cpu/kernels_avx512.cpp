@@ -100,6 +100,29 @@ struct I {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), h);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo), to_bf16(_mm512_sub_ps(v, cvt_bf16(h))));
   }
+  // bf16 hi / lo parts of the block's scaled codes, each 16-entry table repeated twice: vpermw reads 5
+  // index bits, so a low nibble needs no mask (bit 4, the high nibble's lowest, picks the copy)
+  static constexpr bool kHasBf16Tables = true;
+  struct Bf16Tab {
+    __m512i hi, lo;
+  };
+  static inline Bf16Tab make_bf16_tab(float s) {
+    const V t = _mm512_mul_ps(_mm512_load_ps(kNF4Code), _mm512_set1_ps(s));
+    const __m256i h = to_bf16(t);
+    const __m256i l = to_bf16(_mm512_sub_ps(t, cvt_bf16(h)));
+    return {_mm512_broadcast_i64x4(h), _mm512_broadcast_i64x4(l)};
+  }
+  static inline void decode64_bf16(const uint8_t* p, const Bf16Tab& t, uint16_t* hi, uint16_t* lo) {
+    const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    const __m512i e = _mm512_srli_epi16(b, 4);  // words 0-15: chunk 0's even elements, 16-31: chunk 1's
+    const __m512i he = _mm512_permutexvar_epi16(e, t.hi), ho = _mm512_permutexvar_epi16(b, t.hi);
+    const __m512i le = _mm512_permutexvar_epi16(e, t.lo), lw = _mm512_permutexvar_epi16(b, t.lo);
+    // per chunk: its 16 even then its 16 odd elements
+    _mm512_storeu_si512(hi, _mm512_shuffle_i64x2(he, ho, _MM_SHUFFLE(1, 0, 1, 0)));
+    _mm512_storeu_si512(hi + 32, _mm512_shuffle_i64x2(he, ho, _MM_SHUFFLE(3, 2, 3, 2)));
+    _mm512_storeu_si512(lo, _mm512_shuffle_i64x2(le, lw, _MM_SHUFFLE(1, 0, 1, 0)));
+    _mm512_storeu_si512(lo + 32, _mm512_shuffle_i64x2(le, lw, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
   static inline void load_perm32(const void* base, int dt, int64_t i, V* w) {
     const V a = load_cvt(base, dt, i), b = load_cvt(base, dt, i + 16);
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);

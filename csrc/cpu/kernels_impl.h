@@ -16,6 +16,8 @@
 //   void prefetch(const void*)
 //   void keep(V&)                                  optimization barrier: keep a value in a register
 //   void store_bf16_split(uint16_t* hi, uint16_t* lo, V)  W elements as bf16 hi + bf16 lo
+//   kHasBf16Tables; if true: Bf16Tab make_bf16_tab(float s), decode64_bf16(p, tab, hi, lo): 32 bytes ->
+//     64 hi and 64 lo bf16 parts, two 32-chunks in the permuted layout
 //   kMaxAcc (forward accumulators), kGroupFwd / kGroupIg (rows of x per pass), kMaxAccIg
 
 using V = I::V;
@@ -351,6 +353,22 @@ void shrink_igrad(const xk::ShrinkArgs& a, int64_t m0, int64_t m1) {
 
 void decode_bf16_split(const xk::NF4W& w, int64_t K, int64_t n0, int64_t rows, uint16_t* hi, uint16_t* lo) {
   const int shift = w.bs_shift;
+  if constexpr (I::kHasBf16Tables) {
+    // hi and lo parts of the block's 16 scaled codes, looked up directly (64 weights a step): the same
+    // roundings as the generic path below, computed once per block instead of once per weight
+    if (shift >= 6 && K % 64 == 0) {
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t base = (n0 + i) * K;
+        I::Bf16Tab tab{};
+        for (int64_t k = 0; k < K; k += 64) {
+          if (k == 0 || ((base + k) & ((int64_t{1} << shift) - 1)) == 0)
+            tab = I::make_bf16_tab(block_scale(w, (base + k) >> shift));
+          I::decode64_bf16(w.packed + ((base + k) >> 1), tab, hi + i * K + k, lo + i * K + k);
+        }
+      }
+      return;
+    }
+  }
   V v[NV];
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t base = (n0 + i) * K;

@@ -144,6 +144,8 @@ CASES = [
     (200, 72, 256, 256, False, [4, 4, 4, 4], BF16, BF16),        # many rows: slab (AMX for bf16) + segments
     (40, 50, 320, 64, True, [8, 3], BF16, F32),                  # AMX tile tails (50 rows, 40 columns)
     (24, 40, 128, 32, False, [4], F16, BF16),                    # float16 x past the GEMV
+    (20, 24, 2112, 128, True, [4, 4], BF16, BF16),               # AMX: K blocks of 1024 + 64, table decode
+    (18, 40, 2080, 32, False, [3], BF16, F32),                   # AMX: K blocks of 1024 + 32, blocksize 32
     (12, 24, 64, 512, True, [20], F16, F32),                     # rank not a multiple of the vector width
 ]
 
