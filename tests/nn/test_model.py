@@ -245,3 +245,19 @@ def test_layer_stays_nf4_and_bf16_forward_runs():
     with torch.no_grad():
         ref = xf(input_ids=ids, adapter_names=["a", "__base__"]).logits
     assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_empty_batch_and_a_broken_adapter_stay_contained():
+    """A NaN in one adapter reaches only the samples that use it; an empty batch gives 0 rows, not an error."""
+    xm = xkern.load_model(tiny_model("llama"), dtype=torch.float32, progress=False)
+    xm.add_adapter("good", r=4, init_lora_weights=False, seed=1)
+    xm.add_adapter("bad", r=2, init_lora_weights=False, seed=2)
+    layer = xm.nf4_layers["model.layers.0.mlp.down_proj"]  # straight into the residual stream
+    with torch.no_grad():
+        layer.lora_A["bad"][0, 0] = float("nan")
+    ids = torch.randint(3, 100, (3, 6), generator=torch.Generator().manual_seed(0))
+    logits = xm(input_ids=ids, adapter_names=["good", "bad", "__base__"]).logits
+    assert torch.isnan(logits[1]).any()
+    assert torch.isfinite(logits[0]).all() and torch.isfinite(logits[2]).all()
+    empty = xm(input_ids=ids[:0], attention_mask=torch.ones_like(ids[:0]), adapter_names=[])
+    assert empty.logits.shape == (0, 6, logits.shape[-1])

@@ -8,10 +8,11 @@ from helpers import dense_lora_reference
 
 from xkern import NF4Tensor, quantize_nf4
 from xkern.ops import RowRouting, lora_linear, select_backend
+from xkern.ops.backends import cpu_native
 from xkern.ops.backends import triton_jit as tri
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton"] + (["cpu"] if DEVICE == "cpu" and cpu_native.extension() is not None else [])
 TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (6e-2, 6e-2)}
 
 
@@ -163,6 +164,38 @@ def test_nan_stays_in_its_row(backend):
     y = lora_linear(*_dev(x), weight, *_dev(A, B, s, ids), backend=backend).cpu()
     assert torch.isnan(y[2]).all()
     assert torch.isfinite(y[torch.arange(6) != 2]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_one_adapter_stays_in_its_rows(backend):
+    """Each row's LoRA uses its own adapter only: a NaN in adapter 1 reaches neither base rows nor adapter 0's."""
+    x, weight, A, B, s, _ = _problem(6, 32, 64, [4, 4], seed=13)
+    ids = torch.tensor([0, 1, -1, 1, 0, -1])
+    A[1, 2, 7] = float("nan")
+    B[1, 3, 0] = float("inf")
+    xg = x.to(DEVICE).requires_grad_()
+    Ag, Bg = A.to(DEVICE).requires_grad_(), B.to(DEVICE).requires_grad_()
+    y = lora_linear(xg, weight, Ag, Bg, s.to(DEVICE), ids.to(DEVICE), backend=backend)
+    rows1 = ids == 1
+    assert not torch.isfinite(y[rows1.to(DEVICE)]).all()
+    assert torch.isfinite(y[~rows1.to(DEVICE)]).all()
+    (y[~rows1.to(DEVICE)]).sum().backward()
+    assert torch.isfinite(xg.grad[~rows1.to(DEVICE)]).all()  # rows of adapter 1 meet 0 * inf: not required finite
+    assert torch.isfinite(Ag.grad[0]).all() and torch.isfinite(Bg.grad[0]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_gives_an_empty_result(backend):
+    _, weight, A, B, s, _ = _problem(1, 24, 64, [4, 2])
+    x = torch.zeros(0, 64, device=DEVICE, requires_grad=True)
+    y = lora_linear(x, weight, A.to(DEVICE), B.to(DEVICE), s.to(DEVICE), torch.zeros(0, dtype=torch.long,
+                                                                                   device=DEVICE), backend=backend)
+    assert y.shape == (0, 24)
+    y.sum().backward()
+    assert x.grad.shape == (0, 64)
+    y3 = lora_linear(torch.zeros(2, 0, 64, device=DEVICE), weight, A.to(DEVICE), B.to(DEVICE), s.to(DEVICE),
+                     backend=backend)
+    assert y3.shape == (2, 0, 24)
 
 
 def test_invalid_inputs_are_refused_with_the_argument_named():

@@ -88,9 +88,38 @@ class XkernModel(nn.Module):
         return None
 
     def forward(self, *args: Any, adapter_names: str | Sequence[str] | None = None, **kwargs: Any) -> Any:
-        """The wrapped model's forward; ``adapter_names``: one per sample (``"__base__"``: none) or one for all."""
-        with routing_scope(self.routing(adapter_names, self._batch_size(args, kwargs))):
+        """The wrapped model's forward; ``adapter_names``: one per sample (``"__base__"``: none) or one for all.
+
+        An empty batch (0 samples) returns the model's output with 0 rows (``transformers`` models
+        cannot run one: the forward runs on one placeholder sample and the outputs are cut to 0 rows).
+        """
+        batch = self._batch_size(args, kwargs)
+        routing = self.routing(adapter_names, batch)
+        if batch == 0:
+            return self._empty_forward(args, kwargs)
+        with routing_scope(routing):
             return self.model(*args, **kwargs)
+
+    def _empty_forward(self, args: tuple, kwargs: dict) -> Any:
+        def one(t: Any) -> Any:
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 0:
+                return torch.zeros((1, *t.shape[1:]), dtype=t.dtype, device=t.device)
+            return t
+
+        def cut(t: Any) -> Any:
+            if isinstance(t, torch.Tensor) and t.dim() > 0:
+                return t[:0]
+            if isinstance(t, tuple):
+                return tuple(cut(v) for v in t)
+            return None if t is not None and not isinstance(t, (int, float, str, bool)) else t
+
+        with torch.no_grad():
+            out = self.model(*(one(a) for a in args), **{k: one(v) for k, v in kwargs.items()})
+        if isinstance(out, torch.Tensor):
+            return cut(out)
+        for key in list(out.keys()):
+            out[key] = cut(out[key])
+        return out
 
     @torch.no_grad()
     def generate(self, *args: Any, adapter_names: str | Sequence[str] | None = None, **kwargs: Any) -> Any:

@@ -58,6 +58,21 @@ def _(grad_out, weight_parts, weight_meta, lora_A, lora_B, scale, ids, order, st
             grad_out.new_empty(grad_out.shape[0], lora_A.shape[1], dtype=torch.float32))
 
 
+@torch.library.custom_op("xkern::lora_weight_grads", mutates_args=())
+def _lora_weight_grads(x: torch.Tensor, grad_out: torch.Tensor, xa: torch.Tensor, g: torch.Tensor,
+                       scale: torch.Tensor, ids: torch.Tensor, order: torch.Tensor,
+                       starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dA``, ``dB`` of every adapter by segment (an op of its own: segments are data-dependent for a tracer)."""
+    return reference.lora_weight_grads(x, grad_out, xa, g, scale, _routing(ids, order, starts, starts.shape[0] - 2))
+
+
+@_lora_weight_grads.register_fake
+def _(x, grad_out, xa, g, scale, ids, order, starts):
+    n = starts.shape[0] - 2
+    return (x.new_empty(n, xa.shape[1], x.shape[1], dtype=torch.float32),
+            x.new_empty(n, grad_out.shape[1], xa.shape[1], dtype=torch.float32))
+
+
 _SAVED = ("x", "lora_A", "lora_B", "scale", "ids", "order", "starts", "xa")
 _DIFFERENTIABLE = {"x": 0, "lora_A": 3, "lora_B": 4}  # positions in the forward op's inputs
 
@@ -87,8 +102,8 @@ def _backward(ctx, grad_y, grad_xa):
     if needs["lora_A"] or needs["lora_B"]:
         if g is None:
             g = t["xa"].new_zeros(t["xa"].shape)
-        routing = _routing(t["ids"], t["order"], t["starts"], t["lora_A"].shape[0])
-        d_a, d_b = reference.lora_weight_grads(t["x"], grad_y, t["xa"], g, t["scale"], routing)
+        d_a, d_b = _lora_weight_grads(t["x"], grad_y.contiguous(), t["xa"], g, t["scale"], t["ids"], t["order"],
+                                      t["starts"])
         d_a = d_a.to(t["lora_A"].dtype) if needs["lora_A"] else None
         d_b = d_b.to(t["lora_B"].dtype) if needs["lora_B"] else None
     return dx, [None] * ctx.n_parts, None, d_a, d_b, None, None, None, None, None

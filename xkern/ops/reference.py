@@ -1,8 +1,10 @@
-"""Torch reference implementations of the fused ops (CPU default; the yardstick for every kernel).
+"""Torch reference implementations of the fused ops (the yardstick for every kernel; runs on any device).
 
-They compute in float32 and never hold more than one dequantized weight. The multi-adapter LoRA
-terms are written as a few dense matmuls over all adapters with a one-hot row mask, which handles
-unsorted rows, ``-1`` (base only) and padded ranks without a Python loop or a host sync.
+They compute in float32 and never hold more than one dequantized weight. The LoRA terms run by
+adapter segment (:class:`~xkern.ops.routing.RowRouting`): each row's shrink and expand use its own
+adapter only, so a NaN or Inf in one adapter (or one row) stays in the rows that use it, and the
+LoRA FLOPs do not grow with the number of adapters in the bank. Segments are read on the host
+(one sync per call): this path is for correctness, not for CUDA graphs.
 """
 
 from __future__ import annotations
@@ -13,66 +15,56 @@ from xkern.nf4 import NF4Tensor, dequantize_nf4
 from xkern.ops.routing import RowRouting
 
 
-def _row_onehot(ids: torch.Tensor, n_adapters: int) -> torch.Tensor:
-    """float32 ``[M, n_adapters]``: 1 where row m uses adapter a; all zero for ``-1`` rows."""
-    valid = ids >= 0
-    onehot = torch.zeros(ids.numel(), n_adapters, dtype=torch.float32, device=ids.device)
-    onehot[valid, ids[valid].long()] = 1.0
-    return onehot
-
-
-def _per_row(all_adapters: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-    """Select each row's adapter block from ``[M, n, r]`` (zero for base-only rows) -> ``[M, r]``."""
-    return (all_adapters * onehot[:, :, None]).sum(dim=1)
-
-
-def _spread(per_row: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-    """Place each row's ``[r]`` vector in its adapter's slot: ``[M, r]`` -> ``[M, n * r]``."""
-    return (onehot[:, :, None] * per_row[:, None, :]).reshape(per_row.shape[0], -1)
-
-
 def lora_linear_forward(x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                         scale: torch.Tensor, routing: RowRouting) -> tuple[torch.Tensor, torch.Tensor]:
     """``y = x W^T + s[a] (x A[a]^T) B[a]^T`` per row; also returns ``xa = x A[a]^T`` ([M, r], float32)."""
-    n_adapters, rank, k = lora_A.shape
-    ids = routing.ids
     xf = x.float()
     y = xf @ dequantize_nf4(weight, torch.float32).T
-    onehot = _row_onehot(ids, n_adapters)
-    xa = _per_row((xf @ lora_A.float().reshape(n_adapters * rank, k).T).view(-1, n_adapters, rank), onehot)
-    coef = xa * (onehot @ scale.float())[:, None]
-    b_stacked = lora_B.float().permute(0, 2, 1).reshape(n_adapters * rank, -1)  # [n*r, N]
-    y = y + _spread(coef, onehot) @ b_stacked
+    xa = torch.zeros(x.shape[0], lora_A.shape[1], dtype=torch.float32, device=x.device)
+    s = scale.float()
+    for a, rows in routing.segments():
+        part = xf[rows] @ lora_A[a].float().T
+        xa[rows] = part
+        y[rows] += s[a] * (part @ lora_B[a].float().T)
     return y.to(x.dtype), xa
 
 
 def lora_linear_input_grad(grad_out: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                            scale: torch.Tensor, routing: RowRouting) -> tuple[torch.Tensor, torch.Tensor]:
     """``dX = dY W + s[a] (dY B[a]) A[a]``; also returns ``g = dY B[a]`` ([M, r], float32)."""
-    n_adapters, rank, k = lora_A.shape
-    ids = routing.ids
     gf = grad_out.float()
     dx = gf @ dequantize_nf4(weight, torch.float32)
-    onehot = _row_onehot(ids, n_adapters)
-    b_cols = lora_B.float().permute(1, 0, 2).reshape(-1, n_adapters * rank)  # [N, n*r]
-    g = _per_row((gf @ b_cols).view(-1, n_adapters, rank), onehot)
-    coef = g * (onehot @ scale.float())[:, None]
-    dx = dx + _spread(coef, onehot) @ lora_A.float().reshape(n_adapters * rank, k)
+    g = torch.zeros(grad_out.shape[0], lora_A.shape[1], dtype=torch.float32, device=grad_out.device)
+    s = scale.float()
+    for a, rows in routing.segments():
+        part = gf[rows] @ lora_B[a].float()
+        g[rows] = part
+        dx[rows] += s[a] * (part @ lora_A[a].float())
     return dx, g
 
 
 def lora_weight_grads(x: torch.Tensor, grad_out: torch.Tensor, xa: torch.Tensor, g: torch.Tensor,
                       scale: torch.Tensor, routing: RowRouting) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-adapter ``dA[a] = s_a g_a^T X_a`` and ``dB[a] = s_a dY_a^T XA_a``, as two matmuls (float32).
+    """Per-adapter ``dA[a] = s_a g_a^T X_a`` and ``dB[a] = s_a dY_a^T XA_a`` over each adapter's rows (float32).
 
     Shared by every backend: it is small next to the base matmuls and cuBLAS/MKL already do it well.
+    Adapters no row uses get exact zeros.
     """
-    n_adapters, ids = routing.n_adapters, routing.ids
-    onehot = _row_onehot(ids, n_adapters)
-    row_scale = (onehot @ scale.float())[:, None]
-    rank = xa.shape[1]
-    d_a = (_spread(g * row_scale, onehot).T @ x.float()).view(n_adapters, rank, -1)
-    d_b = (grad_out.float().T @ _spread(xa * row_scale, onehot)).view(-1, n_adapters, rank).permute(1, 0, 2)
+    n_adapters, rank = routing.n_adapters, xa.shape[1]
+    d_a = torch.zeros(n_adapters, rank, x.shape[1], dtype=torch.float32, device=x.device)
+    d_b = torch.zeros(n_adapters, grad_out.shape[1], rank, dtype=torch.float32, device=x.device)
+    s = scale.float()
+    if x.device.type == "cpu":
+        for a, rows in routing.segments():
+            d_a[a] = s[a] * (g[rows].T @ x[rows].float())
+            d_b[a] = s[a] * (grad_out[rows].float().T @ xa[rows])
+        return d_a, d_b
+    # on a GPU: masked full-batch products (no host sync); torch.where keeps a NaN row out of other adapters
+    xf, gof = x.float(), grad_out.float()
+    for a in range(n_adapters):
+        mine = (routing.ids == a)[:, None]
+        d_a[a] = s[a] * (torch.where(mine, g, 0.0).T @ torch.where(mine, xf, 0.0))
+        d_b[a] = s[a] * (torch.where(mine, gof, 0.0).T @ torch.where(mine, xa, 0.0))
     return d_a, d_b
 
 
