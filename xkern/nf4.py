@@ -223,11 +223,16 @@ class NF4Tensor:
     @classmethod
     def from_parts(cls, tensors: list[torch.Tensor], meta: list[int],
                    dtype: torch.dtype = torch.float32) -> NF4Tensor:
+        """The inverse of :meth:`parts` for parts that came from an ``NF4Tensor`` (not checked again: a hot path)."""
         packed, absmax, *nested = tensors
         n, k, blocksize = meta
         absmax2, code2, offset = nested if nested else (None, None, None)
-        return cls(packed=packed, absmax=absmax, shape=torch.Size((n, k)), dtype=dtype, blocksize=blocksize,
-                   absmax2=absmax2, code2=code2, offset=None if offset is None else offset.reshape(()))
+        out = object.__new__(cls)
+        for name, value in (("packed", packed), ("absmax", absmax), ("shape", torch.Size((n, k))), ("dtype", dtype),
+                            ("blocksize", blocksize), ("absmax2", absmax2), ("code2", code2),
+                            ("offset", None if offset is None else offset.reshape(()))):
+            object.__setattr__(out, name, value)
+        return out
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight, ``code[q] * absmax[block]`` computed in float32 and cast to ``dtype``."""

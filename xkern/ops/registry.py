@@ -126,9 +126,20 @@ def device_order(device: torch.device) -> list[str]:
     return [b.name for b in sorted(served, key=lambda b: -b.priority)]
 
 
+_CANDIDATES: dict[tuple, tuple[str, ...]] = {}  # cleared when a backend or kernel registers
+
+
 @torch.compiler.assume_constant_result  # torch.compile calls it eagerly and keeps the answer
 def _candidates(op: str, device_type: str, requested: str | None, prefer: str | None) -> tuple[str, ...]:
-    """The backends that may run ``op`` on ``device_type``, in the order they are tried."""
+    """The backends that may run ``op`` on ``device_type``, in the order they are tried (cached per key)."""
+    key = (op, device_type, requested, prefer, os.environ.get(ENV_VAR, ""), len(_BACKENDS), len(_KERNELS))
+    hit = _CANDIDATES.get(key)
+    if hit is None:
+        hit = _CANDIDATES[key] = _find_candidates(op, device_type, requested, prefer)
+    return hit
+
+
+def _find_candidates(op: str, device_type: str, requested: str | None, prefer: str | None) -> tuple[str, ...]:
     device = torch.device(device_type)
     first = requested_backend(requested)
     if first is not None:
