@@ -306,6 +306,31 @@ at::Tensor seg_rows(const at::Tensor& order, int64_t s0, int64_t s1) {
   return order.narrow(0, s0, s1 - s0).to(at::kLong);
 }
 
+// First row of a segment whose rows are consecutive in the batch (order is increasing inside a segment,
+// so the rows are consecutive exactly when the last is first + count - 1), else -1. Samples keep their
+// rows together and X-Cross stacks streams, so most segments are ranges: views instead of gathers.
+int64_t seg_range(const at::Tensor& order, int64_t s0, int64_t s1) {
+  const int32_t* o = order.data_ptr<int32_t>();
+  return o[s1 - 1] - o[s0] == s1 - s0 - 1 ? o[s0] : -1;
+}
+
+// The LoRA terms of one adapter segment: out[rows] += scale * (act[rows] D^T) U^T, and the shrink saved in
+// mid[rows] (forward: D = A, U = B; input grad: D = B^T, U = A^T, passed already transposed as needed).
+void segment_lora(const at::Tensor& order, int64_t s0, int64_t s1, const at::Tensor& act, const at::Tensor& shrink_t,
+                  const at::Tensor& expand_t, float scale, at::Tensor& mid, at::Tensor& out) {
+  const int64_t first = seg_range(order, s0, s1);
+  if (first >= 0) {
+    at::Tensor m = mid.narrow(0, first, s1 - s0);
+    at::mm_out(m, act.narrow(0, first, s1 - s0), shrink_t);
+    out.narrow(0, first, s1 - s0).addmm_(m, expand_t, 1.0, scale);
+    return;
+  }
+  at::Tensor rows = seg_rows(order, s0, s1);
+  at::Tensor part = at::mm(act.index_select(0, rows), shrink_t);
+  mid.index_copy_(0, rows, part);
+  out.index_add_(0, rows, at::mm(part, expand_t), scale);
+}
+
 // y32 [M, N] = x W^T for a bf16 x on AMX: y^T = W x^T with weight rows as the brgemm A operand ([rows, K],
 // bf16 hi and lo parts) and x^T as the VNNI B operand ([K / 2, M, 2] bf16), both in the permuted
 // 32-chunk order of K.
@@ -430,8 +455,12 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
       const int64_t nb = std::min(nb_max, N - n0);
       decode_rows(kt, w, K, n0, nb, slab.data_ptr<float>());
       at::Tensor s = slab.narrow(0, 0, nb);
-      // y^T = W x^T measured faster with MKL than x W^T (the slab as the row-major A operand)
-      y32.narrow(1, n0, nb).copy_(at::mm(s, x32.t()).t());
+      if (nb == N) {
+        at::mm_out(y32, x32, s.t());  // the whole weight in one slab: x W^T straight into y
+      } else {
+        // y^T = W x^T measured faster with MKL than x W^T for slabs of a large weight
+        y32.narrow(1, n0, nb).copy_(at::mm(s, x32.t()).t());
+      }
     }
   }
   at::Tensor xa = at::zeros({M, r}, x.options().dtype(at::kFloat));
@@ -440,10 +469,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
     for (int64_t ad = 0; ad < l.n_adapters; ++ad) {
       const int64_t s0 = st[ad + 1], s1 = st[ad + 2];
       if (s1 == s0) continue;
-      at::Tensor rows = seg_rows(order, s0, s1);
-      at::Tensor xa_a = at::mm(x32.index_select(0, rows), lora_A[ad].to(at::kFloat).t());
-      xa.index_copy_(0, rows, xa_a);
-      y32.index_add_(0, rows, at::mm(xa_a * sc[ad], lora_B[ad].to(at::kFloat).t()));
+      segment_lora(order, s0, s1, x32, lora_A[ad].to(at::kFloat).t(), lora_B[ad].to(at::kFloat).t(), sc[ad], xa, y32);
     }
   }
   if (x_dt != xk::kF32) y.copy_(y32);
@@ -530,10 +556,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_input_grad(
     for (int64_t ad = 0; ad < l.n_adapters; ++ad) {
       const int64_t s0 = st[ad + 1], s1 = st[ad + 2];
       if (s1 == s0) continue;
-      at::Tensor rows = seg_rows(order, s0, s1);
-      at::Tensor g_a = at::mm(dy32.index_select(0, rows), lora_B[ad].to(at::kFloat));
-      g.index_copy_(0, rows, g_a);
-      dx.index_add_(0, rows, at::mm(g_a * sc[ad], lora_A[ad].to(at::kFloat)));
+      segment_lora(order, s0, s1, dy32, lora_B[ad].to(at::kFloat), lora_A[ad].to(at::kFloat), sc[ad], g, dx);
     }
   }
   return {dx, g};
