@@ -70,7 +70,10 @@ def test_row_routing_groups_rows_by_adapter():
     ids = torch.tensor([2, -1, 0, 2, 1, -1, 0])
     r = RowRouting.build(ids, 3)
     assert r.starts.tolist() == [0, 2, 4, 5, 7]
-    assert [(a, rows.tolist()) for a, rows in r.segments()] == [(0, [2, 6]), (1, [4]), (2, [0, 3])]
+    rows_of = lambda rows: list(range(rows.start, rows.stop)) if isinstance(rows, slice) else rows.tolist()  # noqa: E731
+    assert [(a, rows_of(rows)) for a, rows in r.segments()] == [(0, [2, 6]), (1, [4]), (2, [0, 3])]
+    stacked = RowRouting.build(torch.tensor([1, 1, 0, 0, 0, -1]), 2).segments()  # consecutive rows: slices
+    assert stacked == [(0, slice(2, 5)), (1, slice(0, 2))]
     assert r.ids[r.order.long()].tolist() == sorted(ids.tolist())
     base = RowRouting.base_only(4, 2)
     assert base.starts.tolist() == [0, 4, 4, 4] and base.segments() == []

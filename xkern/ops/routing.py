@@ -81,8 +81,21 @@ class RowRouting:
             return self
         return RowRouting(self.ids.to(device), self.order.to(device), self.starts.to(device), self.n_adapters)
 
-    def segments(self) -> list[tuple[int, torch.Tensor]]:
-        """``(adapter, row indices)`` of every non-empty adapter segment (host sync: for CPU code and tests)."""
+    def segments(self) -> list[tuple[int, torch.Tensor | slice]]:
+        """``(adapter, rows)`` of every non-empty adapter segment; ``rows`` is a ``slice`` when the segment's
+        rows are consecutive in the batch (samples keep their tokens together, X-Cross stacks streams),
+        else an index tensor. Read on the host once per routing (cached): for CPU code and tests."""
+        cached = self.__dict__.get("_segments")
+        if cached is not None:
+            return cached
         starts = self.starts.tolist()
-        return [(j - 1, self.order[starts[j]:starts[j + 1]].long()) for j in range(1, self.n_adapters + 1)
-                if starts[j + 1] > starts[j]]
+        out: list[tuple[int, torch.Tensor | slice]] = []
+        for j in range(1, self.n_adapters + 1):
+            s0, s1 = starts[j], starts[j + 1]
+            if s1 == s0:
+                continue
+            rows = self.order[s0:s1]
+            first, last = int(rows[0]), int(rows[-1])
+            out.append((j - 1, slice(first, last + 1) if last - first == s1 - s0 - 1 else rows.long()))
+        object.__setattr__(self, "_segments", out)
+        return out
