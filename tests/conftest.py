@@ -73,3 +73,15 @@ def lm(domain):
     model.add_adapter("a", r=4, init_lora_weights=False, seed=1)
     model.add_adapter("b", r=2, lora_alpha=8, init_lora_weights=False, seed=2)
     return model, tok
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_xkern_cache(tmp_path_factory):
+    """Pretrained tiny bases that tests build go to a temporary cache, never the user's ~/.cache/xkern."""
+    old = os.environ.get("XKERN_CACHE")
+    os.environ["XKERN_CACHE"] = str(tmp_path_factory.mktemp("xkern-cache"))
+    yield
+    if old is None:
+        os.environ.pop("XKERN_CACHE", None)
+    else:
+        os.environ["XKERN_CACHE"] = old

@@ -71,9 +71,16 @@ def _synthetic_config(args: argparse.Namespace):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from xkern.data.evaluate import write_report
-    from xkern.demo.core import DemoConfig, demo_table, run_demo
+    import time
 
+    from xkern.data.evaluate import write_report
+    from xkern.demo.core import DemoConfig, row_line, run_demo
+    from xkern.threads import free_cores, use_free_cores
+
+    start = time.perf_counter()
+    cores = args.threads if args.threads is not None else free_cores()
+    workers = 2 if cores >= 2 and not args.no_models else 1
+    threads = use_free_cores(max(1, cores // workers))
     cfg = DemoConfig(
         synthetic=_synthetic_config(args),
         target=args.target,
@@ -83,12 +90,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
         max_eval_users=args.max_eval_users,
         lm=not args.no_models,
         extra=args.extra,
+        profile="full" if args.full else "quick",
     )
-    result = run_demo(cfg, progress=not args.no_progress)
-    print(demo_table(result))
+    from tqdm.auto import tqdm
+
+    print(f"xkern demo ({cfg.profile} profile; {cores} free core{'s' if cores > 1 else ''}: {workers} process"
+          f"{'es' if workers > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}): target "
+          f"{cfg.target or cfg.synthetic.domains[-1]}, {cfg.n_neg + 1} candidates per test user; rows as they finish")
+    print(row_line())
+    result = run_demo(cfg, progress=not args.no_progress, on_row=lambda row: tqdm.write(row_line(row)),
+                      workers=workers, threads=threads)
+    result["threads"] = threads
+    result["free_cores"] = cores
+    result["wall_seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.out)
     path = write_report(out / "results.json", result)
-    print(f"\nwrote {path}  ({result['seconds']:.1f} s)")
+    print(f"\n{result['rows'][0]['n_users']} test users; wrote {path}  ({result['wall_seconds']:.1f} s since start)")
     if args.plot:
         from xkern.plot import metric_rows, plot_metrics
 
@@ -339,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-models", action="store_true",
                    help="baselines only: skip the rows that train adapters on the tiny NF4 Llama (seconds instead "
                    "of minutes)")
+    p.add_argument("--full", action="store_true",
+                   help="the longer version: LoRAs 3 epochs, X-Cross 8 epochs (minutes instead of a minute)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="cores to use (default: those free when the demo starts); 2 or more run the model rows "
+                   "in two processes")
     p.add_argument("--extra", type=_extra_rows, default=("xcross", "weave"),
                    help="comma-separated model rows beyond the LoRA rows: xcross (X-Cross over the source LoRAs), "
                    "weave (WeaveRec hybrid LoRAs and merge); default both, 'none' for the LoRA rows only")

@@ -57,3 +57,54 @@ def test_demo_lora_rows_learn(domains):
     for name, info in res["lm"]["adapters"].items():
         assert info["final_loss"] < 0.75 * chance, name
     assert by["lora-target"]["HR@10"] > by["random"]["HR@10"]
+
+
+def test_shipped_tiny_base_is_the_quickstart_pretraining(tmp_path, monkeypatch):
+    """The package ships the quickstart's pretrained tiny base under its key; a fresh pretraining gives it."""
+    import torch
+    from safetensors.torch import load_file
+
+    from xkern.data.synthetic import SyntheticConfig, make_synthetic
+    from xkern.data.tokenizer import word_tokenizer
+    from xkern.train import tiny
+
+    domains = make_synthetic(SyntheticConfig())
+    cfg = tiny.TinyLMConfig()
+    key = tiny.pretrain_key(word_tokenizer(tiny._vocab_texts(list(domains.values()), cfg.max_history)), domains, cfg)
+    shipped = tiny.ASSET_DIR / f"{key}.safetensors"
+    assert shipped.is_file(), "the quickstart's pretrained base is not shipped: run xkern.train.tiny.write_asset"
+    monkeypatch.setenv("XKERN_CACHE", str(tmp_path))
+    fresh = tiny.build_tiny_lm(domains, cfg, cache=False)
+    loaded = tiny.build_tiny_lm(domains, cfg)  # from the asset
+    assert not list(tmp_path.rglob("*.safetensors"))  # nothing pretrained, nothing cached
+    assert fresh.pretrain_loss == loaded.pretrain_loss
+    a, b = fresh.model.state_dict(), loaded.model.state_dict()
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        else:
+            assert torch.equal(a[k], b[k]), k
+    assert "lm_head.weight" in load_file(str(shipped))  # dense weights, quantized to NF4 on load
+
+
+def test_two_worker_processes_give_the_single_process_table():
+    """Rows start from their own seeds, so splitting them over two processes changes no number."""
+    from xkern.data.synthetic import SyntheticConfig
+    from xkern.demo.core import DemoConfig, run_demo
+    from xkern.demo.xcross import XCrossDemoConfig
+    from xkern.train.tiny import TinyLMConfig
+
+    cfg = DemoConfig(synthetic=SyntheticConfig(n_users=120), fractions=(1.0,), max_eval_users=20,
+                     lm_config=LMDemoConfig(base=TinyLMConfig(hidden_size=32, pretrain_steps=3), epochs=0.3,
+                                            eval_batch_size=64),
+                     xcross_config=XCrossDemoConfig(epochs=0.3, max_val_users=8, score_batch_size=64))
+    seen = []
+    one = run_demo(cfg, progress=False, workers=1)
+    two = run_demo(cfg, progress=False, workers=2, on_row=lambda row: seen.append(row["method"]))
+    assert two["workers"] == 2 and one["workers"] == 1
+    metrics = ("HR@1", "HR@10", "NDCG@10", "MRR")
+    assert [(r["method"], r["fraction"]) for r in one["rows"]] == [(r["method"], r["fraction"]) for r in two["rows"]]
+    for a, b in zip(one["rows"], two["rows"], strict=True):
+        assert {k: a[k] for k in metrics} == {k: b[k] for k in metrics}, a["method"]
+    assert sorted(seen) == sorted(r["method"] for r in two["rows"])  # every row reported as it finished
+    assert {"src-Toys", "tgt-1"} <= set(two["lm"]["adapters"])  # both processes' adapters described

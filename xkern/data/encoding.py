@@ -29,18 +29,24 @@ IGNORE = -100  # the label of tokens that carry no loss (torch's cross-entropy i
 def pad_rows(rows: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
     """Token rows of different lengths as one ``[B, max_len]`` long tensor filled with ``value``
     (rows start at column 0, or end at the last column with ``left=True``)."""
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if len(r):
-            target = out[i, width - len(r) :] if left else out[i, : len(r)]
-            target.copy_(torch.as_tensor(list(r), dtype=torch.long))
-    return out
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    width = int(lengths.max()) if len(rows) else 0
+    out = np.full((len(rows), width), value, dtype=np.int64)
+    if lengths.sum():
+        flat = np.fromiter((t for r in rows for t in r), dtype=np.int64, count=int(lengths.sum()))
+        cols = np.arange(width)
+        mask = (cols >= width - lengths[:, None]) if left else (cols < lengths[:, None])
+        out[mask] = flat  # row-major order of the mask is the rows' token order
+    return torch.from_numpy(out)
 
 
 def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)`` of padded token rows (see :func:`pad_rows`)."""
-    return pad_rows(rows, pad_id, left), pad_rows([[1] * len(r) for r in rows], 0, left)
+    lengths = torch.as_tensor([len(r) for r in rows], dtype=torch.long)
+    width = int(lengths.max()) if len(rows) else 0
+    cols = torch.arange(width)
+    mask = (cols >= width - lengths[:, None]) if left else (cols < lengths[:, None])
+    return pad_rows(rows, pad_id, left), mask.long()
 
 
 def prompt_completion_example(prompt_ids: Sequence[int], completion_ids: Sequence[int],

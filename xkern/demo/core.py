@@ -8,6 +8,7 @@ the same target-domain candidates (one CandidateSet per run), for every target-d
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -72,10 +73,32 @@ class DemoConfig:
     max_eval_users: int | None = None
     lm: bool = True  # add the model rows (LoRA on a tiny NF4 Llama)
     lm_config: Any = None  # xkern.demo.lm.LMDemoConfig; None = its defaults
+    xcross_config: Any = None  # xkern.demo.xcross.XCrossDemoConfig; None = its defaults
     extra: tuple[str, ...] = ("xcross", "weave")  # model rows beyond the LoRA rows (() for LoRA only)
+    profile: str = "quick"  # model-row settings when lm_config / xcross_config are None (see profile_configs)
 
 
 EXTRA_ROWS = ("xcross", "weave")
+PROFILES = ("quick", "full")
+
+
+def profile_configs(profile: str) -> tuple[Any, Any]:
+    """``(LMDemoConfig, XCrossDemoConfig)`` of a profile.
+
+    ``full``: the settings the quickstart had before it had to finish in a minute (LoRAs 3 epochs,
+    X-Cross 8 epochs on 5 history titles). ``quick`` (the default): LoRAs 2 epochs (the fewest that
+    still learn the target: at 1 epoch the target LoRA stays near popularity), X-Cross 2 epochs on 3
+    history titles with 50 validation users. Both evaluate every row on the same candidates of all test users.
+    """
+    from xkern.demo.lm import LMDemoConfig
+    from xkern.demo.xcross import XCrossDemoConfig
+
+    if profile == "full":
+        return LMDemoConfig(), XCrossDemoConfig()
+    if profile == "quick":
+        return (LMDemoConfig(epochs=2.0),
+                XCrossDemoConfig(epochs=2.0, max_history=3, max_tokens=64, max_val_users=50, patience=2))
+    raise ValueError(f"unknown demo profile {profile!r}; choose from {PROFILES}")
 
 
 def model_methods(source_names: Sequence[str], extra: Sequence[str] = ()) -> list[Method]:
@@ -98,17 +121,37 @@ def model_methods(source_names: Sequence[str], extra: Sequence[str] = ()) -> lis
     return methods
 
 
-def run_demo(
-    cfg: DemoConfig,
-    methods: Sequence[Method] | None = None,
-    domains: dict[str, DomainData] | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Evaluate every method x fraction on the target domain; returns a JSON-ready dict with rows."""
-    from tqdm import tqdm
+def row_seed(seed: int, method: str, fraction: float) -> int:
+    """The seed every row starts from: a row's result does not depend on which rows ran before it, or where."""
+    digest = hashlib.blake2b(repr((int(seed), method, float(fraction))).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (2**31)
 
-    t0 = time.perf_counter()
-    domains = domains if domains is not None else make_synthetic(cfg.synthetic)
+
+def _run_jobs(jobs: Sequence[tuple[Method, float]], target: DomainData, sources: list[DomainData], cands: Any,
+              cfg: DemoConfig, shared: dict[str, Any], on_row: Callable[[dict[str, Any]], None]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    for m, frac in jobs:
+        rs = row_seed(cfg.seed, m.name, frac)
+        torch.manual_seed(rs)
+        np.random.seed(rs)
+        random.seed(rs)
+        sub = replace(target, train=subsample_train(target.train, frac, cfg.seed))
+        ctx = DemoContext(sub, sources, frac, cfg.seed, options=shared)
+        t1 = time.perf_counter()
+        scorer = m.build(ctx)
+        fit_s = time.perf_counter() - t1
+        metrics = evaluate_scorer(scorer, cands, cfg.ks, desc=m.name)
+        eval_s = time.perf_counter() - t1 - fit_s
+        frac_label = frac if m.uses_target_train else "-"
+        on_row({"method": m.name, "fraction": frac_label, **metrics, "fit_seconds": round(fit_s, 3),
+                "eval_seconds": round(eval_s, 3)})
+
+
+def _plan(cfg: DemoConfig, domains: dict[str, DomainData], methods: Sequence[Method] | None):
     target_name = cfg.target or list(domains)[-1]
     if target_name not in domains:
         raise ValueError(f"target {target_name!r} not among domains {list(domains)}")
@@ -120,29 +163,129 @@ def run_demo(
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate method names: {names}")
-    shared: dict[str, Any] = {"progress": progress, "lm_config": cfg.lm_config}
-    cands = build_candidates(target, cfg.split, cfg.n_neg, "uniform", cfg.seed, cfg.max_eval_users)
     fractions = sorted(set(cfg.fractions))
     jobs = [(m, f) for m in methods for f in fractions if m.uses_target_train or f == fractions[-1]]
-    rows = []
-    for m, frac in tqdm(jobs, desc="demo", unit="method", disable=not progress):
-        sub = replace(target, train=subsample_train(target.train, frac, cfg.seed))
-        ctx = DemoContext(sub, sources, frac, cfg.seed, options=shared)
-        t1 = time.perf_counter()
-        scorer = m.build(ctx)
-        fit_s = time.perf_counter() - t1
-        metrics = evaluate_scorer(scorer, cands, cfg.ks, desc=m.name)
-        frac_label = frac if m.uses_target_train else "-"
-        rows.append({"method": m.name, "fraction": frac_label, **metrics, "fit_seconds": round(fit_s, 3)})
+    cands = build_candidates(target, cfg.split, cfg.n_neg, "uniform", cfg.seed, cfg.max_eval_users)
+    return target, sources, methods, jobs, cands
+
+
+def _shared(cfg: DemoConfig, progress: bool) -> dict[str, Any]:
+    lm_default, xcross_default = profile_configs(cfg.profile)
+    return {"progress": progress, "lm_config": cfg.lm_config or lm_default,
+            "xcross_config": cfg.xcross_config or xcross_default}
+
+
+def _worker(queue: Any, cfg: DemoConfig, domains: dict[str, DomainData] | None, group: str, threads: int) -> None:
+    """A second process: the rows of ``group`` (default methods only), each row put on ``queue`` as it finishes."""
+    import traceback
+
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        domains = domains if domains is not None else make_synthetic(cfg.synthetic)
+        target, sources, _, jobs, cands = _plan(cfg, domains, None)
+        shared = _shared(cfg, False)
+        _run_jobs([(m, f) for m, f in jobs if m.group == group], target, sources, cands, cfg, shared,
+                  lambda row: queue.put(("row", row)))
+        queue.put(("done", shared["lm"].describe() if "lm" in shared else None))
+    except BaseException:  # noqa: BLE001  (the parent re-raises it with the child's traceback)
+        queue.put(("error", traceback.format_exc()))
+
+
+def run_demo(
+    cfg: DemoConfig,
+    methods: Sequence[Method] | None = None,
+    domains: dict[str, DomainData] | None = None,
+    progress: bool = True,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    workers: int = 1,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate every method x fraction on the target domain; returns a JSON-ready dict with rows.
+
+    ``on_row(row)`` is called as each row finishes (the command prints rows as they come).
+    ``workers=2`` (default methods only) runs the rows of the ``"sources"`` group (source LoRAs and
+    X-Cross over them) in a second process while this one runs the others, each with ``threads``
+    torch threads: on a small CPU two single-threaded processes get through the many small matmuls
+    of the tiny model faster than one process with two threads. Every row starts from its own seed
+    (:func:`row_seed`), so the table is the same for any number of workers.
+    """
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    split = workers > 1 and methods is None and cfg.lm
+    child, queue, worker_lm = None, None, []
+    if split:  # started first: the second process spends its first seconds importing torch and transformers
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")  # fork after torch started its thread pools can deadlock
+        queue = ctx.Queue()
+        child = ctx.Process(target=_worker, args=(queue, cfg, domains, "sources", threads or 1), daemon=True)
+        child.start()
+    domains = domains if domains is not None else make_synthetic(cfg.synthetic)
+    target, sources, methods, jobs, cands = _plan(cfg, domains, methods)
+    shared = _shared(cfg, progress)
+    done: dict[tuple[str, Any], dict[str, Any]] = {}
+    bar = tqdm(total=len(jobs), desc="demo", unit="row", disable=not progress)
+
+    def finished(row: dict[str, Any]) -> None:
+        done[(row["method"], row["fraction"])] = row
+        bar.update(1)
+        if on_row is not None:
+            on_row(row)
+
+    def drain(block: bool) -> None:
+        """Take the child's finished rows (``block``: until it says it is done)."""
+        import queue as queue_mod
+
+        while not worker_lm:
+            try:
+                kind, payload = queue.get(timeout=1.0) if block else queue.get_nowait()
+            except queue_mod.Empty:
+                if block and not child.is_alive():
+                    raise RuntimeError(f"the demo worker process died (exit code {child.exitcode})") from None
+                if not block:
+                    return
+                continue
+            if kind == "row":
+                finished(payload)
+            elif kind == "error":
+                raise RuntimeError(f"a demo row failed in the worker process:\n{payload}")
+            else:
+                worker_lm.append(payload)  # "done", with the worker's trained-adapter summary
+
+    try:
+        mine = [(m, f) for m, f in jobs if not split or m.group != "sources"]
+
+        def each(row: dict[str, Any]) -> None:
+            finished(row)
+            if split:
+                drain(block=False)
+
+        _run_jobs(mine, target, sources, cands, cfg, shared, each)
+        if split:
+            drain(block=True)
+            child.join(timeout=30)
+    finally:
+        bar.close()
+        if child is not None and child.is_alive():
+            child.terminate()
+    rows = [done[(m.name, f if m.uses_target_train else "-")] for m, f in jobs]
+    lm = shared["lm"].describe() if "lm" in shared else None
+    for other in worker_lm:  # the adapters the worker trained, next to this process's
+        if other is not None:
+            lm = other if lm is None else {**lm, "adapters": {**lm["adapters"], **other["adapters"]}}
     return {
         "kind": "xkern-demo",
         "config": _config_dict(cfg),
-        "target": target_name,
+        "target": target.name,
         "sources": [d.name for d in sources],
         "stats": {n: d.stats() for n, d in domains.items()},
         "methods": {m.name: m.description for m in methods},
         "rows": rows,
-        "lm": shared["lm"].describe() if "lm" in shared else None,
+        "lm": lm,
+        "workers": 2 if split else 1,
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
@@ -151,6 +294,14 @@ def _config_dict(cfg: DemoConfig) -> dict[str, Any]:
     d = asdict(cfg)
     d["synthetic"]["domains"] = list(cfg.synthetic.domains)
     return d
+
+
+def row_line(row: dict[str, Any] | None = None) -> str:
+    """One aligned line of the demo table (the header when ``row`` is None), for printing rows as they finish."""
+    if row is None:
+        return f"{'method':<19}  {'fraction':>8}  " + "  ".join(f"{c:>7}" for c in METRIC_COLUMNS)
+    frac = row["fraction"] if isinstance(row["fraction"], str) else f"{row['fraction']:g}"
+    return f"{row['method']:<19}  {frac:>8}  " + "  ".join(f"{row[c]:>7.4f}" for c in METRIC_COLUMNS)
 
 
 def demo_table(result: dict[str, Any]) -> str:

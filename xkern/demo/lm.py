@@ -19,7 +19,7 @@ from typing import Any
 from xkern.data.domain import DomainData
 from xkern.data.encoding import PromptEncoder
 from xkern.data.examples import causal_lm_examples
-from xkern.serve import LikelihoodScorer
+from xkern.serve import PrefixLikelihoodScorer
 from xkern.train.tiny import TinyLMConfig, build_tiny_lm
 
 
@@ -77,9 +77,10 @@ class LMDemo:
                               "seconds": round(res.seconds, 2)}
         return name
 
-    def scorer(self, adapter: str, target: DomainData) -> LikelihoodScorer:
-        return LikelihoodScorer(self.model, self.encoder(target.name), target.titles, adapter,
-                                batch_size=self.cfg.eval_batch_size)
+    def scorer(self, adapter: str, target: DomainData) -> PrefixLikelihoodScorer:
+        """Candidates ranked by title likelihood, the prompt's KV computed once per user (all LM rows score so)."""
+        return PrefixLikelihoodScorer(self.model, self.encoder(target.name), target.titles, adapter, user_batch=32,
+                                      row_batch=self.cfg.eval_batch_size)
 
     def describe(self) -> dict[str, Any]:
         return {"config": asdict(self.cfg), "vocab": len(self.tokenizer), "adapters": self.trained,
@@ -115,5 +116,6 @@ def lora_methods(source_names: Sequence[str]) -> list[Any]:
                       "LoRA on the target's training users (tiny NF4 Llama)")]
     for src in source_names:
         methods.append(Method(f"lora-{src}", lambda ctx, s=src: lm_demo(ctx).scorer(source_lora(ctx, s), ctx.target),
-                              f"LoRA trained on {src} only, scored on the target", uses_target_train=False))
+                              f"LoRA trained on {src} only, scored on the target", uses_target_train=False,
+                              group="sources"))
     return methods

@@ -28,3 +28,6 @@ class Method:
     build: Callable[[DemoContext], Scorer]
     description: str = ""
     uses_target_train: bool = True  # False: result does not depend on the fraction
+    # rows of one group share trained state (an adapter another row trains) and run in one process, in
+    # order; with several workers, rows of the "sources" group run in a second process (see run_demo)
+    group: str = "main"

@@ -26,11 +26,8 @@ def _tag(ctx: Any) -> str:
 
 def _scorer(ctx: Any, adapter: str) -> Any:
     from xkern.demo.lm import lm_demo
-    from xkern.serve import PrefixLikelihoodScorer
 
-    lm = lm_demo(ctx)
-    return PrefixLikelihoodScorer(lm.model, lm.encoder(ctx.target.name), ctx.target.titles, adapter,
-                                  user_batch=32, row_batch=lm.cfg.eval_batch_size)
+    return lm_demo(ctx).scorer(adapter, ctx.target)
 
 
 def _source(ctx: Any, name: str) -> DomainData:

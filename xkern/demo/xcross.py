@@ -61,4 +61,4 @@ def xcross_methods(source_names: Sequence[str], config: XCrossDemoConfig | None 
         return _build(ctx, names, ctx.options.get("xcross_config") or cfg)
 
     return [Method("xcross", build, f"X-Cross over the LoRAs of {', '.join(names)}: integrators + w + head trained "
-                   "on the target (tiny NF4 Llama)")]
+                   "on the target (tiny NF4 Llama)", group="sources")]
