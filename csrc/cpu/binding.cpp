@@ -314,6 +314,20 @@ int64_t seg_range(const at::Tensor& order, int64_t s0, int64_t s1) {
   return o[s1 - 1] - o[s0] == s1 - s0 - 1 ? o[s0] : -1;
 }
 
+// Whether the LoRA can be folded into the weight per segment: every segment (base rows included) is a range
+// of consecutive rows, and every adapter's segment has at least 8 r rows (so W + s B A costs little next to
+// the segment's matmul).
+bool foldable(const at::Tensor& order, const at::Tensor& starts, int64_t n_adapters, int64_t r) {
+  const int32_t* st = starts.data_ptr<int32_t>();
+  for (int64_t j = 0; j <= n_adapters; ++j) {
+    const int64_t s0 = st[j], s1 = st[j + 1];
+    if (s1 == s0) continue;
+    if (seg_range(order, s0, s1) < 0) return false;
+    if (j > 0 && s1 - s0 < 8 * r) return false;
+  }
+  return true;
+}
+
 // The LoRA terms of one adapter segment: out[rows] += scale * (act[rows] D^T) U^T, and the shrink saved in
 // mid[rows] (forward: D = A, U = B; input grad: D = B^T, U = A^T, passed already transposed as needed).
 void segment_lora(const at::Tensor& order, int64_t s0, int64_t s1, const at::Tensor& act, const at::Tensor& shrink_t,
@@ -446,6 +460,32 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
   // large M or K % 32 != 0: decoded slabs + a matmul, LoRA per adapter segment
   at::Tensor x32 = as_f32(x);
   at::Tensor y32 = x_dt == xk::kF32 ? y : at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (!use_amx(kt, x_dt, M, K) && slab_rows(N, K) == N && r > 0 && foldable(order, starts, l.n_adapters, r)) {
+    // every segment is a range of rows and large next to r: fold each adapter into the decoded weight,
+    // y[seg] = x[seg] (W + s B A)^T, one pass over x and y instead of three (base, shrink, expand)
+    at::Tensor slab = at::empty({N, K}, x.options().dtype(at::kFloat));
+    decode_rows(kt, w, K, 0, N, slab.data_ptr<float>());
+    at::Tensor xa = at::zeros({M, r}, x.options().dtype(at::kFloat));
+    const int32_t* st = starts.data_ptr<int32_t>();
+    const int32_t* o = order.data_ptr<int32_t>();
+    for (int64_t j = 0; j <= l.n_adapters; ++j) {
+      const int64_t s0 = st[j], s1 = st[j + 1];
+      if (s1 == s0) continue;
+      const int64_t first = o[s0], count = s1 - s0;
+      at::Tensor xs = x32.narrow(0, first, count);
+      at::Tensor ys = y32.narrow(0, first, count);
+      if (j == 0) {
+        at::mm_out(ys, xs, slab.t());
+        continue;
+      }
+      at::Tensor a = lora_A[j - 1].to(at::kFloat), b = lora_B[j - 1].to(at::kFloat);
+      at::Tensor xas = xa.narrow(0, first, count);
+      at::mm_out(ys, xs, at::addmm(slab, b, a, 1.0, sc[j - 1]).t());
+      at::mm_out(xas, xs, a.t());
+    }
+    if (x_dt != xk::kF32) y.copy_(y32);
+    return {y, xa};
+  }
   if (use_amx(kt, x_dt, M, K)) {
     base_amx(kt, w, x, x_dt, M, N, K, y32);
   } else {
@@ -538,6 +578,30 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_input_grad(
 
   at::Tensor dx = at::empty({M, K}, f32);
   const int64_t nb_max = slab_rows(N, K);
+  if (nb_max == N && r > 0 && foldable(order, starts, l.n_adapters, r)) {
+    // as in the forward: dx[seg] = dy[seg] (W + s B A), one pass; g[seg] = dy[seg] B
+    at::Tensor slab = at::empty({N, K}, f32);
+    decode_rows(kt, w, K, 0, N, slab.data_ptr<float>());
+    at::Tensor g = at::zeros({M, r}, f32);
+    const int32_t* st = starts.data_ptr<int32_t>();
+    const int32_t* o = order.data_ptr<int32_t>();
+    for (int64_t j = 0; j <= l.n_adapters; ++j) {
+      const int64_t s0 = st[j], s1 = st[j + 1];
+      if (s1 == s0) continue;
+      const int64_t first = o[s0], count = s1 - s0;
+      at::Tensor ds = dy32.narrow(0, first, count);
+      at::Tensor dxs = dx.narrow(0, first, count);
+      if (j == 0) {
+        at::mm_out(dxs, ds, slab);
+        continue;
+      }
+      at::Tensor a = lora_A[j - 1].to(at::kFloat), b = lora_B[j - 1].to(at::kFloat);
+      at::Tensor gs = g.narrow(0, first, count);
+      at::mm_out(dxs, ds, at::addmm(slab, b, a, 1.0, sc[j - 1]));
+      at::mm_out(gs, ds, b);
+    }
+    return {dx, g};
+  }
   at::Tensor slab = at::empty({nb_max, K}, f32);
   for (int64_t n0 = 0; n0 < N; n0 += nb_max) {
     const int64_t nb = std::min(nb_max, N - n0);

@@ -85,10 +85,12 @@ PROFILES = ("quick", "full")
 def profile_configs(profile: str) -> tuple[Any, Any]:
     """``(LMDemoConfig, XCrossDemoConfig)`` of a profile.
 
-    ``full``: the settings the quickstart had before it had to finish in a minute (LoRAs 3 epochs,
-    X-Cross 8 epochs on 5 history titles). ``quick`` (the default): LoRAs 2 epochs (the fewest that
-    still learn the target: at 1 epoch the target LoRA stays near popularity), X-Cross 2 epochs on 3
-    history titles with 50 validation users. Both evaluate every row on the same candidates of all test users.
+    ``full``: the settings the quickstart had before it had to finish in a minute (LoRAs 3 epochs on 2
+    positions per user, hybrids too; X-Cross 8 epochs on 5 history titles, 100 validation users).
+    ``quick`` (the default): LoRAs 2 epochs (the fewest that still learn the target: at 1-1.5 epochs
+    the target LoRA stays near popularity), WeaveRec hybrids on 1 position per user (as many examples
+    as the target LoRA, half of ``full``'s), X-Cross 2 epochs on 3 history titles with 32 validation
+    users. Both evaluate every row on the same candidates of all test users.
     """
     from xkern.demo.lm import LMDemoConfig
     from xkern.demo.xcross import XCrossDemoConfig
@@ -96,8 +98,8 @@ def profile_configs(profile: str) -> tuple[Any, Any]:
     if profile == "full":
         return LMDemoConfig(), XCrossDemoConfig()
     if profile == "quick":
-        return (LMDemoConfig(epochs=2.0),
-                XCrossDemoConfig(epochs=2.0, max_history=3, max_tokens=64, max_val_users=50, patience=2))
+        return (LMDemoConfig(epochs=2.0, hybrid_max_per_user=1),
+                XCrossDemoConfig(epochs=2.0, max_history=3, max_tokens=64, max_val_users=32, patience=2))
     raise ValueError(f"unknown demo profile {profile!r}; choose from {PROFILES}")
 
 
@@ -175,7 +177,8 @@ def _shared(cfg: DemoConfig, progress: bool) -> dict[str, Any]:
             "xcross_config": cfg.xcross_config or xcross_default}
 
 
-def _worker(queue: Any, cfg: DemoConfig, domains: dict[str, DomainData] | None, group: str, threads: int) -> None:
+def _worker(queue: Any, cfg: DemoConfig, domains: dict[str, DomainData] | None, group: str, threads: int,
+            handoff: str) -> None:
     """A second process: the rows of ``group`` (default methods only), each row put on ``queue`` as it finishes."""
     import traceback
 
@@ -185,7 +188,7 @@ def _worker(queue: Any, cfg: DemoConfig, domains: dict[str, DomainData] | None, 
     try:
         domains = domains if domains is not None else make_synthetic(cfg.synthetic)
         target, sources, _, jobs, cands = _plan(cfg, domains, None)
-        shared = _shared(cfg, False)
+        shared = {**_shared(cfg, False), "handoff": handoff, "process": "worker"}
         _run_jobs([(m, f) for m, f in jobs if m.group == group], target, sources, cands, cfg, shared,
                   lambda row: queue.put(("row", row)))
         queue.put(("done", shared["lm"].describe() if "lm" in shared else None))
@@ -205,8 +208,9 @@ def run_demo(
     """Evaluate every method x fraction on the target domain; returns a JSON-ready dict with rows.
 
     ``on_row(row)`` is called as each row finishes (the command prints rows as they come).
-    ``workers=2`` (default methods only) runs the rows of the ``"sources"`` group (source LoRAs and
-    X-Cross over them) in a second process while this one runs the others, each with ``threads``
+    ``workers=2`` (default methods only) runs the rows of the ``"sources"`` group (the first source's
+    LoRA and X-Cross) in a second process while this one runs the others (handing the other source
+    LoRAs over as files, see :func:`xkern.demo.lm.source_lora`), each with ``threads``
     torch threads: on a small CPU two single-threaded processes get through the many small matmuls
     of the tiny model faster than one process with two threads. Every row starts from its own seed
     (:func:`row_seed`), so the table is the same for any number of workers.
@@ -215,17 +219,20 @@ def run_demo(
 
     t0 = time.perf_counter()
     split = workers > 1 and methods is None and cfg.lm
-    child, queue, worker_lm = None, None, []
+    child, queue, worker_lm, handoff = None, None, [], None
     if split:  # started first: the second process spends its first seconds importing torch and transformers
         import multiprocessing as mp
+        import tempfile
 
+        handoff = tempfile.mkdtemp(prefix="xkern-demo-")
         ctx = mp.get_context("spawn")  # fork after torch started its thread pools can deadlock
         queue = ctx.Queue()
-        child = ctx.Process(target=_worker, args=(queue, cfg, domains, "sources", threads or 1), daemon=True)
+        child = ctx.Process(target=_worker, args=(queue, cfg, domains, "sources", threads or 1, handoff),
+                            daemon=True)
         child.start()
     domains = domains if domains is not None else make_synthetic(cfg.synthetic)
     target, sources, methods, jobs, cands = _plan(cfg, domains, methods)
-    shared = _shared(cfg, progress)
+    shared = {**_shared(cfg, progress), **({"handoff": handoff, "process": "main"} if split else {})}
     done: dict[tuple[str, Any], dict[str, Any]] = {}
     bar = tqdm(total=len(jobs), desc="demo", unit="row", disable=not progress)
 
@@ -271,6 +278,10 @@ def run_demo(
         bar.close()
         if child is not None and child.is_alive():
             child.terminate()
+        if handoff is not None:
+            import shutil
+
+            shutil.rmtree(handoff, ignore_errors=True)
     rows = [done[(m.name, f if m.uses_target_train else "-")] for m, f in jobs]
     lm = shared["lm"].describe() if "lm" in shared else None
     for other in worker_lm:  # the adapters the worker trained, next to this process's

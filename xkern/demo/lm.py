@@ -34,6 +34,7 @@ class LMDemoConfig:
     lr: float = 1e-2
     batch_size: int = 32
     max_per_user: int = 2  # training positions per user sequence
+    hybrid_max_per_user: int | None = None  # WeaveRec hybrids (target + as many source users); None: max_per_user
     eval_batch_size: int = 240
 
     @property
@@ -60,7 +61,8 @@ class LMDemo:
     def encoder(self, domain: str) -> PromptEncoder:
         return PromptEncoder(self.tokenizer, domain, max_history=self.cfg.max_history)
 
-    def lora(self, name: str, data: Sequence[DomainData], prompt_domain: str | None = None) -> str:
+    def lora(self, name: str, data: Sequence[DomainData], prompt_domain: str | None = None,
+             max_per_user: int | None = None) -> str:
         """Train (once) adapter ``name`` on the next-item examples of ``data``; returns its name."""
         from xkern.train import train_lora
 
@@ -69,7 +71,8 @@ class LMDemo:
         c = self.cfg
         examples = []
         for d in data:
-            examples += causal_lm_examples(self.encoder(prompt_domain or d.name), d, "train", c.max_per_user)
+            examples += causal_lm_examples(self.encoder(prompt_domain or d.name), d, "train",
+                                           max_per_user or c.max_per_user)
         self.model.add_adapter(name, r=c.r, lora_alpha=c.lora_alpha, seed=c.seed)
         res = train_lora(self.model, name, examples, lr=c.lr, batch_size=c.batch_size, epochs=c.epochs,
                          seed=c.seed, progress=self.progress)
@@ -96,10 +99,45 @@ def lm_demo(ctx: Any) -> LMDemo:
 
 
 def source_lora(ctx: Any, source: str) -> str:
-    """The adapter trained on source domain ``source`` (shared by every method that needs it)."""
+    """The adapter trained on source domain ``source`` (shared by every method that needs it).
+
+    With two processes (see :func:`xkern.demo.core.run_demo`) the first source's adapter is trained
+    by the worker and the others by the main process, which hands them over as PEFT files in
+    ``ctx.options["handoff"]``: the worker, which runs X-Cross over all of them, loads them there.
+    """
     lm = lm_demo(ctx)
+    name = f"src-{source}"
+    handoff = ctx.options.get("handoff")
+    if name in lm.trained or name in lm.model.list_adapters():
+        return name
+    if handoff is not None and ctx.options.get("process") == "worker" and source != ctx.sources[0].name:
+        _receive(lm, name, handoff)
+        return name
     data = next(d for d in ctx.sources if d.name == source)
-    return lm.lora(f"src-{source}", [data])
+    lm.lora(name, [data])
+    if handoff is not None and ctx.options.get("process") == "main" and source != ctx.sources[0].name:
+        _publish(lm, name, handoff)
+    return name
+
+
+def _publish(lm: LMDemo, name: str, folder: Any) -> None:
+    from pathlib import Path
+
+    lm.model.save_adapter(name, Path(folder) / name)
+    (Path(folder) / f"{name}.done").write_text("1")  # written after the adapter files: a complete hand-over
+
+
+def _receive(lm: LMDemo, name: str, folder: Any, timeout: float = 3600.0) -> None:
+    import time
+    from pathlib import Path
+
+    marker, start = Path(folder) / f"{name}.done", time.monotonic()
+    while not marker.exists():
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"the main process did not hand over adapter {name!r} in {timeout:.0f} s")
+        time.sleep(0.2)
+    lm.model.load_adapter(Path(folder) / name, name)
+    lm.trained[name] = {"trained_by": "the main process (handed over)"}
 
 
 def target_lora(ctx: Any) -> str:
@@ -114,8 +152,8 @@ def lora_methods(source_names: Sequence[str]) -> list[Any]:
 
     methods = [Method("lora-target", lambda ctx: lm_demo(ctx).scorer(target_lora(ctx), ctx.target),
                       "LoRA on the target's training users (tiny NF4 Llama)")]
-    for src in source_names:
+    for i, src in enumerate(source_names):  # the first source's LoRA trains in the worker, next to X-Cross
         methods.append(Method(f"lora-{src}", lambda ctx, s=src: lm_demo(ctx).scorer(source_lora(ctx, s), ctx.target),
                               f"LoRA trained on {src} only, scored on the target", uses_target_train=False,
-                              group="sources"))
+                              group="sources" if i == 0 else "main"))
     return methods

@@ -41,7 +41,7 @@ def hybrid_lora(ctx: Any, source: str) -> str:
     lm = lm_demo(ctx)
     n_target = sum(1 for s in ctx.target.train.values() if len(s) >= 2)
     src = subsample_users(_source(ctx, source), n_target, ctx.seed)
-    return lm.lora(f"weave-hyb-{source}-{_tag(ctx)}", [ctx.target, src])
+    return lm.lora(f"weave-hyb-{source}-{_tag(ctx)}", [ctx.target, src], max_per_user=lm.cfg.hybrid_max_per_user)
 
 
 def weave_merge(ctx: Any, source_names: Sequence[str]) -> str:
