@@ -19,6 +19,14 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
 
 
+def _fractions(text: str) -> tuple[float, ...]:
+    values = _floats(text)
+    bad = [v for v in values if not 0.0 < v <= 1.0]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"fractions must lie in (0, 1], got {text!r}")
+    return values
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -325,9 +333,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from xkern._version import __version__
     from xkern.train.loop import TrainConfig, add_config_arguments
 
     parser = argparse.ArgumentParser(prog="xkern", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"xkern {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     common = argparse.ArgumentParser(add_help=False)
@@ -345,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None, help="target domain (default: the last of --domains)")
     p.add_argument(
         "--fractions",
-        type=_floats,
+        type=_fractions,
         default=(0.25, 1.0),
         help="comma-separated fractions of target training users (default 0.25,1.0)",
     )
@@ -528,7 +538,13 @@ def _register_env(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if unknown:  # the command's own usage, not the top-level one
+        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "demo" and args.no_models and args.extra != ("xcross", "weave"):
+        commands["demo"].error("--extra adds model rows, --no-models removes them: use one")
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:

@@ -264,3 +264,21 @@ def test_demo_runs_xcross_and_weave_rows_by_default(tmp_path, capsys):
     rows = {r["method"] for r in json.loads((out / "results.json").read_text())["rows"]}
     assert {"lora-target", "xcross", "weave-hybrid-Toys", "weave-merge"} <= rows
 
+
+
+def test_version_and_per_command_usage_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("xkern ")
+    for argv, words in ((["demo", "--bogus-flag"], ["xkern demo", "unrecognized arguments: --bogus-flag"]),
+                        (["demo", "--fractions", "0"], ["xkern demo", "fractions must lie in (0, 1]"]),
+                        (["demo", "--fractions", "0.5,1.5"], ["fractions must lie in (0, 1]"]),
+                        (["demo", "--extra", "xcross", "--no-models"], ["--no-models", "use one"]),
+                        (["train-lora", "--domain", "Tools", "--lr", "fast"],
+                         ["xkern train-lora", "--lr takes a float"])):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2, argv
+        assert all(w in err for w in words), (argv, err)
+        assert "usage: xkern " + argv[0] in err  # the command's own usage line
