@@ -481,11 +481,9 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
-        from xkern.ops import select_backend
+    from xkern.ops import select_backend
 
-        env["xkern_backend"] = select_backend("lora_linear", device)
-    else:
-        env["xkern_backend"] = "torch"
+    env["xkern_backend"] = select_backend("lora_linear", device)  # what xkern's rows run (XKERN_BACKEND honoured)
     return env
 
 

@@ -1,0 +1,215 @@
+"""The results tables of docs/ and the README, generated from the committed JSON under bench/results.
+
+A generated block in a markdown file sits between two markers::
+
+    <!-- generated: NAME -->
+    ...
+    <!-- end: NAME -->
+
+``python bench/docs_tables.py`` rewrites every block of every doc from its JSON; ``--check`` only
+says which blocks differ (exit 1), and ``tests/test_docs.py`` runs that check, so a table cannot
+drift from the run it claims to show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+METRICS = ("HR@1", "HR@3", "HR@10", "NDCG@3", "NDCG@10", "MRR")
+BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- end: (?P=name) -->)", re.S)
+
+
+def _load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def _fmt(v: object, digits: int = 3) -> str:
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+# --------------------------------------------------------------------------------------------- quickstart
+
+def demo_table(result: dict) -> str:
+    """The demo's table as markdown, with the run's timing and machine."""
+    head = "| method | fraction | " + " | ".join(METRICS) + " |"
+    lines = [head, "|" + "---|" * (2 + len(METRICS))]
+    for r in result["rows"]:
+        frac = r["fraction"] if isinstance(r["fraction"], str) else f"{r['fraction']:g}"
+        lines.append(f"| {r['method']} | {frac} | " + " | ".join(f"{r[m]:.4f}" for m in METRICS) + " |")
+    run = result.get("run", {})
+    n_users = result["rows"][0]["n_users"]
+    note = (f"\n{n_users} test users of {result['target']}, {result['config']['n_neg'] + 1} candidates each; "
+            f"profile `{result['config'].get('profile', 'full')}`")
+    if "wall_seconds" in result:
+        note += (f"; {result['wall_seconds']:.1f} s from the command's start to the table "
+                 f"({result.get('workers', 1)} process(es) x {result.get('threads', '?')} thread(s))")
+    if run:
+        note += f"; {run.get('command_seconds', '?')} s wall for `{run.get('command', 'xkern demo')}`"
+        if "load_before" in run:
+            note += (f", on {run.get('machine', 'the 2-core CPU')} with {result.get('free_cores', '?')} core(s) free "
+                     f"when it started (load average {run['load_before']}, which this VM reports near 1 when idle)")
+    return "\n".join(lines) + "\n" + note + ".\n"
+
+
+def quickstart_quick() -> str:
+    return demo_table(_load("quickstart-quick.json"))
+
+
+def quickstart_full() -> str:
+    return demo_table(_load("quickstart-full.json"))
+
+
+def quickstart_time() -> str:
+    quick, full = _load("quickstart-quick.json"), _load("quickstart-full.json")
+    return "".join(f"- `{r['run']['command']}`: {r['run']['command_seconds']} s wall on {r['run']['machine']}, "
+                   f"{r.get('free_cores', '?')} core(s) free ({r.get('workers', 1)} process(es) x "
+                   f"{r.get('threads', '?')} thread(s)), {len(r['rows'])} rows, measured {r['run']['date']}.\n"
+                   for r in (quick, full))
+
+
+# --------------------------------------------------------------------------------------------- lora_linear CPU
+
+def _cpu_records() -> tuple[dict, list[dict]]:
+    files = sorted(RESULTS.glob("*-lora_linear-cpu.json"))
+    data = json.loads(files[-1].read_text())
+    return data["info"], data["records"]
+
+
+def lora_linear_cpu_file() -> str:
+    files = sorted(RESULTS.glob("*-lora_linear-cpu.json"))
+    info, records = _cpu_records()
+    load = info.get("load_average_at_start", ["?"])[0], info.get("load_average_at_end", ["?"])[0]
+    return (f"Source: `bench/results/{files[-1].name}` ({len(records)} records; torch {info['torch']}, "
+            f"bitsandbytes {info['bitsandbytes']}, native ISA {info['isa']}, copy bandwidth "
+            + ", ".join(f"{v:.1f} GB/s on {t} thread(s)" for t, v in info["copy_gbs"].items())
+            + f"; load average {load[0]} at the start and {load[1]} at the end of the run).\n")
+
+
+def lora_linear_cpu_targets() -> str:
+    """The issue's targets: min / median of the ratio over the cases of each group, and how many meet it."""
+    _, records = _cpu_records()
+    groups: list[tuple[str, Callable[[dict], bool], str, float]] = [
+        ("M <= 16", lambda r: r["M"] <= 16, "speedup_vs_bnb_default", 1.0),
+        ("M >= 128", lambda r: r["M"] >= 128, "speedup_vs_bnb_exact", 1.0),
+        ("M >= 128", lambda r: r["M"] >= 128, "speedup_vs_dense", 0.8),
+    ]
+    lines = ["| rows | dtype | threads | ratio | target | cases meeting it | min | median | max |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for label, pick, key, target in groups:
+        for dtype in sorted({r["dtype"] for r in records}):
+            for t in sorted({r["threads"] for r in records}):
+                vals = [r[key] for r in records if pick(r) and r["dtype"] == dtype and r["threads"] == t]
+                if not vals:
+                    continue
+                met = sum(v >= target for v in vals)
+                lines.append(f"| {label} | {dtype} | {t} | {key.removeprefix('speedup_vs_')} | >= {target:g}x | "
+                             f"{met}/{len(vals)} | {min(vals):.2f} | {statistics.median(vals):.2f} | "
+                             f"{max(vals):.2f} |")
+    errs = [r["max_rel_err_xkern"] for r in records if r["dtype"] == "float32"]
+    lines.append(f"\nfloat32 error of xkern against float64 (max over {len(errs)} cases, relative to the output's "
+                 f"largest magnitude): {max(errs):.2g}; bitsandbytes' default path: "
+                 f"{max(r['max_rel_err_bnb_default'] for r in records if r['dtype'] == 'float32'):.2g}.")
+    return "\n".join(lines) + "\n"
+
+
+def lora_linear_cpu_table() -> str:
+    """Every shape x M x dtype x threads at 4 adapters (the JSON also has 1 and 16)."""
+    _, records = _cpu_records()
+    cols = [("N", "N"), ("K", "K"), ("M", "M"), ("dtype", "dtype"), ("threads", "thr"), ("xkern_ms", "xkern ms"),
+            ("bnb_default_ms", "bnb ms"), ("bnb_exact_ms", "bnb exact ms"), ("dense_ms", "dense ms"),
+            ("bound_ms", "bound ms"), ("speedup_vs_bnb_default", "x vs bnb"), ("speedup_vs_bnb_exact", "x vs exact"),
+            ("speedup_vs_dense", "x vs dense"), ("fraction_of_bound", "of bound"), ("max_rel_err_xkern", "err")]
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    for r in records:
+        if r["n_adapters"] == 4:
+            lines.append("| " + " | ".join(_fmt(r[c]) for c, _ in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------- model runtime
+
+def runtime_cpu() -> str:
+    """bench_runtime.py's table (latest CPU run), with its settings and the machine's load."""
+    files = sorted(RESULTS.glob("*-runtime-cpu.json"))
+    data = json.loads(files[-1].read_text())
+    cfg, env, summary = data["config"], data["environment"], data["summary"]
+    nan = float("nan")
+    cols = ["config", "what", "median ms", "tokens/s", "xkern speedup", "peak RSS MiB", "weights MiB (LoRA)",
+            "max abs logit diff vs xkern"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in data["rows"]:
+        diff = r.get("max_abs_logit_diff_vs_xkern")
+        speed = r.get("xkern_speedup")
+        lines.append(f"| `{r['config']}` | {r['description']} | {r['median_ms']:.4g} | {r['tokens_per_s']:.4g} | "
+                     + ("-" if speed is None else f"{speed:.3g}") + f" | {r['peak_mb']:.0f} | "
+                     f"{r['weight_mb']:.1f} ({r['adapter_mb']:.1f}) | " + ("-" if diff is None else f"{diff:.3g}")
+                     + " |")
+    note = (f"\nSource: `bench/results/{files[-1].name}`: {cfg['model']}, {cfg['dtype']}, forward {cfg['batch']} x "
+            f"{cfg['seq']} tokens over {len(cfg['adapter_names'])} adapters (r {cfg['rank']}), training "
+            f"{cfg['train_batch']} x {cfg['train_seq']} tokens; {env['torch_threads']} thread(s) per run, "
+            f"xkern backend `{env.get('xkern_backend')}`, torch {env['torch']}, bitsandbytes {env['bitsandbytes']}, "
+            f"peft {env['peft']}; load average {env['loadavg_start'][0]:.2f} at the start and "
+            f"{env['loadavg_end'][0]:.2f} at the end; {cfg['wall_s']:.0f} s in all. First training loss: xkern "
+            f"{summary.get('first_loss_xkern', nan):.4f}, PEFT {summary.get('first_loss_peft', nan):.4f}.")
+    return "\n".join(lines) + "\n" + note + "\n"
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+BLOCKS: dict[str, Callable[[], str]] = {
+    "quickstart-quick": quickstart_quick,
+    "quickstart-full": quickstart_full,
+    "quickstart-time": quickstart_time,
+    "lora-linear-cpu-file": lora_linear_cpu_file,
+    "lora-linear-cpu-targets": lora_linear_cpu_targets,
+    "lora-linear-cpu-table": lora_linear_cpu_table,
+    "runtime-cpu": runtime_cpu,
+}
+
+
+def render(name: str) -> str:
+    if name not in BLOCKS:
+        raise KeyError(f"no generator for block {name!r}; known: {sorted(BLOCKS)}")
+    return BLOCKS[name]()
+
+
+def update(path: Path, write: bool) -> list[str]:
+    """The names of the blocks of ``path`` that differ from their JSON (rewritten when ``write``)."""
+    text = path.read_text()
+    stale: list[str] = []
+
+    def sub(m: re.Match) -> str:
+        body = render(m.group("name"))
+        if body != m.group("body"):
+            stale.append(m.group("name"))
+        return m.group(1) + body + m.group(4)
+
+    new = BLOCK.sub(sub, text)
+    if write and new != text:
+        path.write_text(new)
+    return stale
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="only report blocks that differ (exit 1 if any)")
+    args = ap.parse_args(argv)
+    stale = {str(p.relative_to(ROOT)): s for p in DOCS if (s := update(p, write=not args.check))}
+    for path, names in stale.items():
+        print(f"{path}: {'stale' if args.check else 'rewrote'} {', '.join(names)}")
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
