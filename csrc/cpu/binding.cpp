@@ -328,6 +328,38 @@ bool foldable(const at::Tensor& order, const at::Tensor& starts, int64_t n_adapt
   return true;
 }
 
+// Every adapter folded into the decoded weight, one matmul pass per segment (the caller checked foldable()):
+// forward  out[seg] = act[seg] (W + s B A)^T and returns xa[seg] = act[seg] A^T,
+// transposed (input grad) out[seg] = act[seg] (W + s B A) and returns g[seg] = act[seg] B;
+// base-only rows use W itself.
+at::Tensor fold_segments(const KernelTable* kt, const xk::NF4W& w, int64_t N, int64_t K, const at::Tensor& act,
+                         at::Tensor& out, const at::Tensor& lora_A, const at::Tensor& lora_B, const float* sc,
+                         const at::Tensor& order, const at::Tensor& starts, int64_t n_adapters, int64_t r,
+                         bool transposed) {
+  const auto f32 = act.options().dtype(at::kFloat);
+  at::Tensor slab = at::empty({N, K}, f32);
+  decode_rows(kt, w, K, 0, N, slab.data_ptr<float>());
+  at::Tensor mid = at::zeros({act.size(0), r}, f32);
+  const int32_t* st = starts.data_ptr<int32_t>();
+  const int32_t* o = order.data_ptr<int32_t>();
+  for (int64_t j = 0; j <= n_adapters; ++j) {
+    const int64_t s0 = st[j], s1 = st[j + 1];
+    if (s1 == s0) continue;
+    const int64_t first = o[s0], count = s1 - s0;
+    at::Tensor a_seg = act.narrow(0, first, count);
+    at::Tensor out_seg = out.narrow(0, first, count);
+    at::Tensor weight = slab;
+    if (j > 0) {
+      at::Tensor a = lora_A[j - 1].to(at::kFloat), b = lora_B[j - 1].to(at::kFloat);
+      weight = at::addmm(slab, b, a, 1.0, sc[j - 1]);
+      at::Tensor mid_seg = mid.narrow(0, first, count);
+      at::mm_out(mid_seg, a_seg, transposed ? b : a.t());
+    }
+    at::mm_out(out_seg, a_seg, transposed ? weight : weight.t());
+  }
+  return mid;
+}
+
 // The LoRA terms of one adapter segment: out[rows] += scale * (act[rows] D^T) U^T, and the shrink saved in
 // mid[rows] (forward: D = A, U = B; input grad: D = B^T, U = A^T, passed already transposed as needed).
 void segment_lora(const at::Tensor& order, int64_t s0, int64_t s1, const at::Tensor& act, const at::Tensor& shrink_t,
@@ -461,28 +493,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
   at::Tensor x32 = as_f32(x);
   at::Tensor y32 = x_dt == xk::kF32 ? y : at::empty({M, N}, x.options().dtype(at::kFloat));
   if (!use_amx(kt, x_dt, M, K) && slab_rows(N, K) == N && r > 0 && foldable(order, starts, l.n_adapters, r)) {
-    // every segment is a range of rows and large next to r: fold each adapter into the decoded weight,
-    // y[seg] = x[seg] (W + s B A)^T, one pass over x and y instead of three (base, shrink, expand)
-    at::Tensor slab = at::empty({N, K}, x.options().dtype(at::kFloat));
-    decode_rows(kt, w, K, 0, N, slab.data_ptr<float>());
-    at::Tensor xa = at::zeros({M, r}, x.options().dtype(at::kFloat));
-    const int32_t* st = starts.data_ptr<int32_t>();
-    const int32_t* o = order.data_ptr<int32_t>();
-    for (int64_t j = 0; j <= l.n_adapters; ++j) {
-      const int64_t s0 = st[j], s1 = st[j + 1];
-      if (s1 == s0) continue;
-      const int64_t first = o[s0], count = s1 - s0;
-      at::Tensor xs = x32.narrow(0, first, count);
-      at::Tensor ys = y32.narrow(0, first, count);
-      if (j == 0) {
-        at::mm_out(ys, xs, slab.t());
-        continue;
-      }
-      at::Tensor a = lora_A[j - 1].to(at::kFloat), b = lora_B[j - 1].to(at::kFloat);
-      at::Tensor xas = xa.narrow(0, first, count);
-      at::mm_out(ys, xs, at::addmm(slab, b, a, 1.0, sc[j - 1]).t());
-      at::mm_out(xas, xs, a.t());
-    }
+    // every segment is a range of rows and large next to r: one pass per segment, see fold_segments
+    at::Tensor xa = fold_segments(kt, w, N, K, x32, y32, lora_A, lora_B, sc, order, starts, l.n_adapters, r, false);
     if (x_dt != xk::kF32) y.copy_(y32);
     return {y, xa};
   }
@@ -579,27 +591,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_input_grad(
   at::Tensor dx = at::empty({M, K}, f32);
   const int64_t nb_max = slab_rows(N, K);
   if (nb_max == N && r > 0 && foldable(order, starts, l.n_adapters, r)) {
-    // as in the forward: dx[seg] = dy[seg] (W + s B A), one pass; g[seg] = dy[seg] B
-    at::Tensor slab = at::empty({N, K}, f32);
-    decode_rows(kt, w, K, 0, N, slab.data_ptr<float>());
-    at::Tensor g = at::zeros({M, r}, f32);
-    const int32_t* st = starts.data_ptr<int32_t>();
-    const int32_t* o = order.data_ptr<int32_t>();
-    for (int64_t j = 0; j <= l.n_adapters; ++j) {
-      const int64_t s0 = st[j], s1 = st[j + 1];
-      if (s1 == s0) continue;
-      const int64_t first = o[s0], count = s1 - s0;
-      at::Tensor ds = dy32.narrow(0, first, count);
-      at::Tensor dxs = dx.narrow(0, first, count);
-      if (j == 0) {
-        at::mm_out(dxs, ds, slab);
-        continue;
-      }
-      at::Tensor a = lora_A[j - 1].to(at::kFloat), b = lora_B[j - 1].to(at::kFloat);
-      at::Tensor gs = g.narrow(0, first, count);
-      at::mm_out(dxs, ds, at::addmm(slab, b, a, 1.0, sc[j - 1]));
-      at::mm_out(gs, ds, b);
-    }
+    at::Tensor g = fold_segments(kt, w, N, K, dy32, dx, lora_A, lora_B, sc, order, starts, l.n_adapters, r, true);
     return {dx, g};
   }
   at::Tensor slab = at::empty({nb_max, K}, f32);
