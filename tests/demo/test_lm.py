@@ -77,13 +77,16 @@ def test_shipped_tiny_base_is_the_quickstart_pretraining(tmp_path, monkeypatch):
     fresh = tiny.build_tiny_lm(domains, cfg, cache=False)
     loaded = tiny.build_tiny_lm(domains, cfg)  # from the asset
     assert not list(tmp_path.rglob("*.safetensors"))  # nothing pretrained, nothing cached
-    assert fresh.pretrain_loss == loaded.pretrain_loss
+    # the same pretraining up to float summation order (thread counts differ between runs)
+    assert len(fresh.pretrain_loss) == len(loaded.pretrain_loss)
+    torch.testing.assert_close(torch.tensor(fresh.pretrain_loss), torch.tensor(loaded.pretrain_loss),
+                               rtol=1e-4, atol=1e-5)
     a, b = fresh.model.state_dict(), loaded.model.state_dict()
     for k in a:
         if a[k].is_floating_point():
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-        else:
-            assert torch.equal(a[k], b[k]), k
+        else:  # NF4 codes: a weight within float noise of a code midpoint may round the other way
+            assert int((a[k] != b[k]).sum()) <= max(2, a[k].numel() // 1000), k
     assert "lm_head.weight" in load_file(str(shipped))  # dense weights, quantized to NF4 on load
 
 
