@@ -6,10 +6,16 @@ Subcommands import their modules lazily so `xkern --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from xkern.errors import XkernError
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -42,10 +48,12 @@ def _extra_rows(text: str) -> tuple[str, ...]:
     return () if text.strip().lower() == "none" else _names(text)
 
 
-def _default_data_root() -> str:
-    from xkern.data.domain import DEFAULT_DATA_ROOT
+def _data_root_help() -> str:
+    from xkern.data.domain import DATA_ENV, default_data_root
 
-    return str(DEFAULT_DATA_ROOT.resolve())
+    found = default_data_root()
+    return (f"root of processed domain folders, or 'synthetic' (default: ${DATA_ENV}, else the workplace's "
+            f"amazon-xcross folder beside a source checkout; here: {found if found is not None else 'none'})")
 
 
 def _synthetic_args(p: argparse.ArgumentParser) -> None:
@@ -210,9 +218,11 @@ def _load_domain(args: argparse.Namespace, domain: str):
 def _domains_in(root: str) -> list[str]:
     if root == "synthetic":
         return ["Toys", "Sports", "Tools"]
+    from xkern.errors import NotFoundError
+
     folder = Path(root)
     if not folder.is_dir():
-        raise SystemExit(f"xkern: data folder not found: {folder}")
+        raise NotFoundError(f"data folder not found: {folder}")
     return sorted(p.name for p in folder.iterdir() if (p / "train.json").exists())
 
 
@@ -223,7 +233,9 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
 
     domains = list(args.domain) or _domains_in(args.data)
     if not domains:
-        raise SystemExit(f"xkern: no domain folders (with train.json) under {args.data}")
+        from xkern.errors import NotFoundError
+
+        raise NotFoundError(f"no domain folders (with train.json) under {args.data}")
     rows = [_load_domain(args, d).stats() for d in domains]
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -263,7 +275,9 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     if not raw.sequences:
-        raise SystemExit("xkern: nothing left after filtering (try a smaller --k-core)")
+        from xkern.errors import InputError
+
+        raise InputError("nothing left after filtering (try a smaller --k-core)")
     out = write_domain_folder(raw, args.out, test_frac=args.test_frac, seed=args.seed)
     print(json.dumps(raw.stats))
     print(f"wrote {out}")
@@ -295,8 +309,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         m = evaluate_scorer(scorer, cands, args.ks, args.batch_size, progress=not args.no_progress, desc=name)
         results.append({"scorer": name, **m})
     cols = ["scorer", *(f"HR@{k}" for k in args.ks), *(f"NDCG@{k}" for k in args.ks), "MRR", "n_users"]
-    print(f"{data.name} / {args.split}: {len(cands)} users x {args.n_neg + 1} candidates ({args.negatives})")
-    print(format_table(results, cols))
     out = Path(args.out) if args.out else Path("runs") / "eval" / f"{data.name}-{args.split}.json"
     config = {k: v for k, v in vars(args).items() if k not in ("func", "no_progress")}
     payload = {
@@ -308,7 +320,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "data_stats": data.stats(),
         "results": results,
     }
-    print(f"\nwrote {write_report(out, payload)}")
+    path = write_report(out, payload)  # before printing: a closed pipe must not cost the results
+    print(f"{data.name} / {args.split}: {len(cands)} users x {args.n_neg + 1} candidates ({args.negatives})")
+    print(format_table(results, cols))
+    print(f"\nwrote {path}")
     return 0
 
 
@@ -323,7 +338,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
         paths = [p for p in [Path("runs/demo/results.json")] if p.exists()]
         paths += sorted(Path("bench/results").glob("*.json")) if Path("bench/results").is_dir() else []
     if not paths:
-        raise SystemExit("xkern: nothing to plot (give JSON files, or run `xkern demo` first)")
+        from xkern.errors import InputError
+
+        raise InputError("nothing to plot (give JSON files, or run `xkern demo` first)")
     for png in plot_files(paths, args.out, args.metrics):
         print(f"wrote {png}")
     return 0
@@ -338,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="xkern", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"xkern {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also accepted after the command)")
+    parser.add_argument("--allow-download", action="store_true",
+                        help="let --model name a Hugging Face hub repo (xkern reads models from disk only otherwise; "
+                        "also accepted after the command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     common = argparse.ArgumentParser(add_help=False)
@@ -377,11 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     data_common = argparse.ArgumentParser(add_help=False)
-    data_common.add_argument(
-        "--data",
-        default=_default_data_root(),
-        help="root of processed domain folders, or 'synthetic' (default: %(default)s)",
-    )
+    data_common.add_argument("--data", default=None, help=_data_root_help())
     data_common.add_argument(
         "--mode",
         choices=("by-user", "loo"),
@@ -537,7 +555,80 @@ def _register_env(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_env)
 
 
+class _QuietPipe(io.TextIOBase):
+    """stdout that stops writing, without a traceback, once the reader has gone (``xkern eval | head -1``).
+
+    The command goes on and finishes its files; later writes go nowhere.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._stream, self.broken = stream, False
+
+    def _close(self) -> None:
+        self.broken = True
+        with contextlib.suppress(OSError, ValueError):  # also the interpreter's flush at exit goes nowhere
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                self._stream.write(text)
+                if "\n" in text:
+                    self._stream.flush()
+            except BrokenPipeError:
+                self._close()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._close()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._stream.encoding
+
+
+def _take_flag(argv: list[str], flag: str) -> bool:
+    """Remove ``flag`` from anywhere in ``argv`` (before the command or after it); whether it was there."""
+    found = flag in argv
+    argv[:] = [a for a in argv if a != flag]
+    return found
+
+
+def _check_before_work(args: argparse.Namespace) -> None:
+    """What can be checked from the arguments alone, before any data or model is loaded."""
+    if getattr(args, "data", "synthetic") is None:
+        from xkern.data.domain import require_data_root
+
+        args.data = require_data_root(None)
+    model = getattr(args, "model", None)
+    if isinstance(model, str) and not (model == "tiny" and args.command in ("train-lora", "weave")):
+        from xkern.nn.pretrained import resolve
+
+        resolve(model, also_known=("tiny",) if args.command in ("train-lora", "weave") else ())
+    for _, adapter_dir in getattr(args, "adapter", None) or ():
+        from xkern.adapters.peft_format import read_config
+
+        read_config(adapter_dir)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _take_flag(argv, "--debug") or os.environ.get("XKERN_DEBUG", "0") == "1"
+    if _take_flag(argv, "--allow-download"):
+        os.environ["XKERN_ALLOW_DOWNLOAD"] = "1"
+    if os.environ.get("XKERN_ALLOW_DOWNLOAD", "0") != "1":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network unless asked, also for tokenizers and configs
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
@@ -545,11 +636,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "demo" and args.no_models and args.extra != ("xcross", "weave"):
         commands["demo"].error("--extra adds model rows, --no-models removes them: use one")
+    if not isinstance(sys.stdout, _QuietPipe):
+        sys.stdout = _QuietPipe(sys.stdout)
     try:
+        _check_before_work(args)
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"xkern {args.command}: error: {e}", file=sys.stderr)
+    except (XkernError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        if debug:
+            raise
+        message = str(e).strip()
+        command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+        print(f"xkern {command}: error: {message.splitlines()[0] if message else type(e).__name__}",
+              file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"xkern {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

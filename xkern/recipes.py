@@ -18,6 +18,7 @@ import torch
 
 from xkern.adapters.peft_format import BASE
 from xkern.data.domain import DomainData
+from xkern.fileio import atomic_write_text
 from xkern.train.loop import TrainConfig
 
 
@@ -50,7 +51,7 @@ def load_lm(spec: str, domains: list[DomainData], dtype: torch.dtype, device: st
             seed: int = 0) -> tuple[Any, Any]:
     """(XkernModel, tokenizer) for a model spec (see the module docstring)."""
     from xkern.nn import load_model
-    from xkern.nn.pretrained import resolve
+    from xkern.nn.pretrained import load_tokenizer, resolve
 
     if spec == "tiny":
         from xkern.train.tiny import TinyLMConfig, build_tiny_lm
@@ -59,13 +60,8 @@ def load_lm(spec: str, domains: list[DomainData], dtype: torch.dtype, device: st
         if device is not None:
             lm.model.to(device)
         return lm.model, lm.tokenizer
-    from transformers import AutoTokenizer
-
-    path = Path(resolve(spec))
-    if path.suffix == ".gguf":
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    else:
-        tok = AutoTokenizer.from_pretrained(path)
+    path = resolve(spec, also_known=("tiny",))
+    tok = load_tokenizer(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model = load_model(path, dtype=dtype, device=device, progress=True)
@@ -134,5 +130,5 @@ def train_lora_on_domains(recipe: LoraRecipe, train_domains: list[DomainData], t
             summary[f"test_{'base' if name == BASE else 'lora'}"] = evaluate_scorer(
                 scorer, cands, (1, 3, 10), batch_size=8, progress=recipe.train.progress, desc=name)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

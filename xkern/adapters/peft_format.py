@@ -20,13 +20,16 @@ from typing import Any
 
 import torch
 
+from xkern.errors import FormatError, NotFoundError
+from xkern.fileio import atomic_path, atomic_write_text
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 BASE = "__base__"  # the adapter name meaning "no adapter" (PEFT's name for it in a mixed batch)
 
 
-class AdapterError(ValueError):
+class AdapterError(FormatError):
     """An adapter that cannot be loaded, saved or applied (the message names the field or module)."""
 
 
@@ -82,8 +85,47 @@ def _empty(value: Any) -> bool:
     return value is None or value is False or value == [] or value == {} or value == ""
 
 
+def _check_types(config: Mapping[str, Any]) -> None:
+    """Fields xkern computes with must have the JSON types PEFT writes; a damaged file is named, not crashed on."""
+    def number(key: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise AdapterError(f"{key}={value!r} must be a finite number")
+
+    if "r" in config and (isinstance(config["r"], bool) or not isinstance(config["r"], int)):
+        raise AdapterError(f"r={config['r']!r} must be an integer")
+    if "lora_alpha" in config:
+        number("lora_alpha", config["lora_alpha"])
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise AdapterError(f"{key}={patterns!r} must be a JSON object")
+        for name, value in patterns.items():
+            number(f"{key}[{name!r}]", value)
+            if key == "rank_pattern" and (not float(value).is_integer() or value <= 0):
+                raise AdapterError(f"{key}[{name!r}]={value!r} must be a positive integer")
+            try:
+                re.compile(name)
+            except re.error as e:
+                raise AdapterError(f"{key} key {name!r} is not a valid regular expression: {e}") from e
+    targets = config.get("target_modules")
+    if targets is not None and not (isinstance(targets, str) or (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise AdapterError(f"target_modules={targets!r} must be a string (regex) or a list of strings")
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise AdapterError(f"target_modules={targets!r} is not a valid regular expression: {e}") from e
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if key in config and config[key] is not None and not isinstance(config[key], bool):
+            raise AdapterError(f"{key}={config[key]!r} must be true or false")
+
+
 def check_config(config: Mapping[str, Any]) -> None:
     """Refuse a PEFT config xkern cannot run exactly, naming the offending field."""
+    _check_types(config)
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise AdapterError(f"peft_type={config.get('peft_type')!r} is not supported (only LORA)")
@@ -154,10 +196,10 @@ def read_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} not found (a PEFT adapter directory holds {CONFIG_NAME})")
+        raise NotFoundError(f"{cfg_file} not found (a PEFT adapter directory holds {CONFIG_NAME})")
     try:
-        config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{cfg_file} is not valid JSON: {e}") from e
     if not isinstance(config, dict):
         raise AdapterError(f"{cfg_file} must hold a JSON object")
@@ -172,7 +214,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         bin_file = path.with_name("adapter_model.bin")
         hint = f" ({bin_file.name} exists: re-save it with safe_serialization=True)" if bin_file.exists() else ""
-        raise FileNotFoundError(f"{path} not found{hint}")
+        raise NotFoundError(f"{path} not found{hint}")
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # truncated or corrupt file
@@ -186,7 +228,7 @@ def load_adapter(path: str | Path) -> LoraAdapter:
     """Read a PEFT LoRA adapter directory into memory (CPU tensors), checking it is complete."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"adapter directory {path} not found")
+        raise NotFoundError(f"adapter directory {path} not found")
     config = read_config(path)
     tensors = _read_tensors(path / WEIGHTS_NAME)
     a_of: dict[str, torch.Tensor] = {}
@@ -239,6 +281,7 @@ def save_adapter(adapter: LoraAdapter, path: str | Path, dtype: torch.dtype | No
         b = w.B.detach().to("cpu", dtype or w.B.dtype).contiguous()
         tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a
         tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b
-    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
-    (path / CONFIG_NAME).write_text(json.dumps(adapter.config, indent=2, sort_keys=True) + "\n")
+    with atomic_path(path / WEIGHTS_NAME) as tmp:  # an interrupted save leaves the previous files whole
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    atomic_write_text(path / CONFIG_NAME, json.dumps(adapter.config, indent=2, sort_keys=True) + "\n")
     return path

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
 from typing import Any
+
+from xkern.errors import FormatError, NotFoundError
+from xkern.fileio import atomic_write_text
 
 Sequences = dict[int, list[int]]
 
@@ -25,10 +29,37 @@ _TAG = re.compile(r"<[^>]{0,200}>")
 _SPACE = re.compile(r"\s+")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA_ROOT = REPO_ROOT / ".." / "shared" / "data" / "amazon-xcross"
+DATA_ENV = "XKERN_DATA"
+# the workplace's processed Amazon domains, beside a source checkout (a wheel install has no such neighbour)
+CHECKOUT_DATA_ROOT = REPO_ROOT / ".." / "shared" / "data" / "amazon-xcross"
 
 
-class DataFormatError(ValueError):
+def default_data_root() -> Path | None:
+    """``$XKERN_DATA`` if set; else the Amazon folder beside a source checkout if it exists; else ``None``.
+
+    A wheel install lives in ``site-packages``, where a path relative to the package means nothing, so
+    there the user names the data (``--data`` or ``XKERN_DATA``) and is told so when they do not.
+    """
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env).expanduser()
+    if (REPO_ROOT / "pyproject.toml").is_file() and CHECKOUT_DATA_ROOT.is_dir():
+        return CHECKOUT_DATA_ROOT.resolve()
+    return None
+
+
+def require_data_root(root: str | Path | None) -> str:
+    """``root``, or the default root; a clear error when there is neither."""
+    if root is not None:
+        return str(root)
+    found = default_data_root()
+    if found is None:
+        raise NotFoundError(f"no data folder given: pass --data DIR (a root of processed domain folders) or "
+                            f"--data synthetic, or set {DATA_ENV}=DIR")
+    return str(found)
+
+
+class DataFormatError(FormatError):
     """Malformed input file; the message names the file and, where known, the line."""
 
 
@@ -132,8 +163,13 @@ def read_json(path: Path) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
+    except FileNotFoundError as e:
+        raise NotFoundError(f"{path} not found (a processed domain folder holds train.json, test.json, "
+                            "smap.json and optionally meta_data.json)") from e
     except json.JSONDecodeError as e:
         raise DataFormatError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from e
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
 def _read_sequences(path: Path, n_items: int) -> Sequences:
@@ -172,8 +208,17 @@ def load_processed(
 
     folder = Path(root) / domain
     if not folder.is_dir():
-        raise FileNotFoundError(f"no domain folder {folder}")
+        hint = ""
+        if Path(root).is_dir():
+            found = sorted(p.name for p in Path(root).iterdir() if (p / "train.json").is_file())
+            hint = f" (domains there: {', '.join(found)})" if found else " (no domain folders with train.json there)"
+        else:
+            hint = " (the data root does not exist)"
+        raise NotFoundError(f"no domain folder {folder}{hint}")
     smap = read_json(folder / "smap.json")
+    if not isinstance(smap, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                             for v in smap.values()):
+        raise DataFormatError(f"{folder / 'smap.json'}: expected an object of item id -> non-negative integer index")
     n_items = max(smap.values()) + 1 if smap else 0
     item_ids = [""] * n_items
     for asin, idx in smap.items():
@@ -222,8 +267,7 @@ def write_processed(
     user_ids = user_ids or {u: f"user{u}" for u in users}
 
     def dump(name: str, obj: Any) -> None:
-        with open(out / name, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False)
+        atomic_write_text(out / name, json.dumps(obj, ensure_ascii=False))
 
     dump("train.json", {str(u): train[u] for u in sorted(train)})
     dump("test.json", {str(u): test[u] for u in sorted(test)})

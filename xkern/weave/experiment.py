@@ -104,12 +104,13 @@ def load_lm(cfg: WeaveConfig, domains: dict[str, DomainData]) -> tuple[Any, Any,
     import transformers
 
     from xkern.nn import load_model
-    from xkern.nn.pretrained import resolve
+    from xkern.nn.pretrained import load_tokenizer, resolve
 
-    path = Path(resolve(cfg.model))
+    spec = resolve(cfg.model, also_known=("tiny",))
+    path = Path(spec)
     kw = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
-    directory = str(path.parent) if path.suffix == ".gguf" else str(path)
-    tok = transformers.AutoTokenizer.from_pretrained(directory, **kw)
+    directory = str(path.parent) if path.suffix == ".gguf" else spec
+    tok = load_tokenizer(spec)
     hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kw)
     n_layers = hf.config.num_hidden_layers
     desc = f"{path.name} ({n_layers} layers)"

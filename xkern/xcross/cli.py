@@ -20,7 +20,6 @@ def _adapter_spec(text: str) -> tuple[str, str]:
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``train-xcross`` subcommand to an ``xkern`` subparsers object."""
-    from xkern.data.domain import DEFAULT_DATA_ROOT
     from xkern.train.loop import add_config_arguments
     from xkern.xcross.train import XCrossTrainConfig
 
@@ -36,8 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     p.add_argument("--adapter", action="append", type=_adapter_spec, required=True, metavar="NAME=DIR",
                    help="a PEFT adapter directory, one stream (repeat for each; order = stream order)")
-    p.add_argument("--data", default=str(DEFAULT_DATA_ROOT.resolve()),
-                   help="root of processed domain folders, or 'synthetic' (default: %(default)s)")
+    p.add_argument("--data", default=None,
+                   help="root of processed domain folders, or 'synthetic' (default: $XKERN_DATA, else the "
+                   "workplace's amazon-xcross folder beside a source checkout)")
     p.add_argument("--target", required=True, help="domain to train on, e.g. Tools")
     p.add_argument("--mode", choices=("by-user", "loo"), default="by-user")
     p.add_argument("--val-frac", type=float, default=0.1)
@@ -61,12 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _tokenizer(model_path: str, tokenizer: str | None):
-    from transformers import AutoTokenizer
+    from xkern.nn.pretrained import load_tokenizer
 
-    src = Path(tokenizer or model_path)
-    if src.is_file() and src.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-    return AutoTokenizer.from_pretrained(str(src))
+    return load_tokenizer(tokenizer or model_path)
 
 
 def _domain(args: argparse.Namespace):

@@ -31,6 +31,7 @@ from torch import nn
 
 from xkern.data.encoding import PairEncoder, pad_batch
 from xkern.data.prompts import MAX_HISTORY
+from xkern.fileio import atomic_path, atomic_write_text
 from xkern.nn import BASE, XkernModel, routing_scope
 from xkern.ops.xcross_integrate import xcross_integrate
 
@@ -321,8 +322,9 @@ class XCrossModel(nn.Module):
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file(self.state_tensors(), str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
-        (path / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
+        with atomic_path(path / WEIGHTS_NAME) as tmp:
+            save_file(self.state_tensors(), str(tmp), metadata={"format": FORMAT})
+        atomic_write_text(path / CONFIG_NAME, json.dumps(self.config_dict(), indent=2) + "\n")
         return path
 
     def load_state(self, path: str | os.PathLike, strict_fingerprint: bool = True) -> XCrossModel:

@@ -31,6 +31,7 @@ from xkern.data.examples import next_item_pairs
 from xkern.data.metrics import evaluate_ranking
 from xkern.data.negatives import build_candidates, sample_uniform, user_rng
 from xkern.data.splits import sample_users
+from xkern.fileio import atomic_write_text
 from xkern.nn.model import XkernModel
 from xkern.train.loop import TrainConfig, fit, option, with_overrides
 from xkern.xcross.model import XCrossModel
@@ -199,7 +200,7 @@ def train(xc: XCrossModel, data: DomainData, *, config: XCrossTrainConfig | None
         xc.save(out / "xcross")
         log = {"adapters": xc.adapters, "config": asdict(cfg), "trainable": xc.num_trainable(),
                "extra_trainable": sum(p.numel() for p in extra), **result.to_dict()}
-        (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
+        atomic_write_text(out / "train_log.json", json.dumps(log, indent=2) + "\n")
     return result
 
 
