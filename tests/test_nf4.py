@@ -9,7 +9,7 @@ from bitsandbytes.nn import Linear4bit, Params4bit
 from safetensors.torch import load, save
 
 from xkern import NF4Tensor, dequantize_nf4, quantize_nf4
-from xkern.nf4 import NF4_CODE_VALUES, dynamic_code, nf4_code
+from xkern.nf4 import NF4_CODE_VALUES, QuantStateError, dynamic_code, nf4_code
 from xkern.ops import dequantize
 
 SHAPES = [(64, 64), (33, 17), (1, 5), (7,), (300, 129), (128, 1000), (3, 4, 50)]
@@ -177,9 +177,9 @@ def test_xkern_state_dict_loads_into_bitsandbytes(double_quant, shape):
 def test_corrupt_or_incomplete_state_dict_is_refused():
     t = quantize_nf4(torch.randn(8, 64))
     sd = t.to_bnb_state_dict("w")
-    with pytest.raises(KeyError, match="w.absmax"):
+    with pytest.raises(QuantStateError, match="w.absmax"):
         NF4Tensor.from_bnb_state_dict({k: v for k, v in sd.items() if k != "w.absmax"}, "w")
-    with pytest.raises(KeyError, match="quant_state"):
+    with pytest.raises(QuantStateError, match="quant_state"):
         NF4Tensor.from_bnb_state_dict({k: v for k, v in sd.items() if "quant_state" not in k}, "w")
     bad = dict(sd)
     bad["w.quant_state.bitsandbytes__nf4"] = torch.tensor([0xFF, 0xFE, 0x00], dtype=torch.uint8)

@@ -22,3 +22,7 @@ class FormatError(XkernError, ValueError):
 
 class NotFoundError(XkernError, FileNotFoundError):
     """A model, adapter, data folder or file that is not where the user said."""
+
+
+class InputTypeError(XkernError, TypeError):
+    """An argument of the wrong type (a list where a tensor belongs, an unsupported dtype)."""

@@ -18,6 +18,8 @@ from functools import cache
 
 import torch
 
+from xkern.errors import FormatError
+
 NF4_CODE_VALUES: tuple[float, ...] = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
@@ -103,6 +105,10 @@ def _nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     midpoints = (code[:-1] + code[1:]) / 2
     return torch.bucketize(scaled, midpoints, out_int32=True).to(torch.uint8)
 
+
+
+class QuantStateError(FormatError):
+    """A bitsandbytes NF4 state dict that is incomplete or damaged (the message names the weight and key)."""
 
 @dataclass(frozen=True)
 class NF4Tensor:
@@ -264,10 +270,26 @@ class NF4Tensor:
 
     @classmethod
     def from_bnb_state_dict(cls, state_dict: dict[str, torch.Tensor], prefix: str = "weight") -> NF4Tensor:
-        """Read the serialized keys of a bitsandbytes NF4 ``Linear4bit`` parameter, without re-quantizing."""
+        """Read the serialized keys of a bitsandbytes NF4 ``Linear4bit`` parameter, without re-quantizing.
+
+        Missing keys, a damaged quant-state JSON or parts that do not fit together raise
+        :class:`QuantStateError` naming ``prefix`` and the key.
+        """
+        try:
+            return cls._read_bnb(state_dict, prefix)
+        except QuantStateError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RuntimeError) as exc:
+            detail = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            raise QuantStateError(f"bitsandbytes weight {prefix!r}: {detail}") from exc
+
+    @classmethod
+    def _read_bnb(cls, state_dict: dict[str, torch.Tensor], prefix: str) -> NF4Tensor:
         def need(key: str) -> torch.Tensor:
             if key not in state_dict:
-                raise KeyError(f"missing key {key!r} in the bitsandbytes state dict")
+                raise QuantStateError(f"missing key {key!r} in the bitsandbytes state dict")
+            if not isinstance(state_dict[key], torch.Tensor):
+                raise QuantStateError(f"{key!r} is a {type(state_dict[key]).__name__}, not a tensor")
             return state_dict[key]
 
         packed = need(prefix)
@@ -275,23 +297,37 @@ class NF4Tensor:
         if qs_key not in state_dict:
             if f"{prefix}.quant_state.bitsandbytes__fp4" in state_dict:
                 raise ValueError(f"{prefix} is FP4-quantized; xkern reads NF4 only")
-            raise KeyError(f"missing key {qs_key!r}: {prefix} is not an NF4 bitsandbytes weight")
+            raise QuantStateError(f"missing key {qs_key!r}: {prefix} is not an NF4 bitsandbytes weight")
         try:
             meta = json.loads(bytes(need(qs_key).cpu().to(torch.uint8).tolist()).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"corrupt quant state in {qs_key!r}: {exc}") from exc
+            raise QuantStateError(f"corrupt quant state in {qs_key!r}: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise QuantStateError(f"quant state {qs_key!r} must be a JSON object, got {type(meta).__name__}")
+        for key, kinds in (("shape", list), ("dtype", str), ("blocksize", int)):
+            if not isinstance(meta.get(key), kinds) or isinstance(meta.get(key), bool):
+                raise QuantStateError(f"quant state {qs_key!r}: {key}={meta.get(key)!r} is missing or of the wrong "
+                                      "type")
+        if not meta["shape"] or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                        for d in meta["shape"]):
+            raise QuantStateError(f"quant state {qs_key!r}: shape={meta['shape']!r} must be positive integers")
         if meta.get("quant_type") != "nf4":
             raise ValueError(f"{prefix}: quant_type {meta.get('quant_type')!r}, expected 'nf4'")
         quant_map = need(f"{prefix}.quant_map").float().cpu()
         if not torch.equal(quant_map, _nf4_code_cpu()):
             raise ValueError(f"{prefix}.quant_map is not the NF4 code table")
         dtype = getattr(torch, meta["dtype"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise QuantStateError(f"quant state {qs_key!r}: dtype={meta['dtype']!r} is not a torch dtype")
         if packed.dtype != torch.uint8:  # bitsandbytes allows other storage dtypes viewing the same bytes
             packed = packed.contiguous().view(torch.uint8)
         nested = {}
         if f"{prefix}.nested_absmax" in state_dict:
             if meta.get("nested_blocksize", NESTED_BLOCKSIZE) != NESTED_BLOCKSIZE:
                 raise ValueError(f"{prefix}: nested blocksize {meta['nested_blocksize']} is not supported")
+            if isinstance(meta["nested_offset"], bool) or not isinstance(meta["nested_offset"], (int, float)):
+                raise QuantStateError(f"quant state {qs_key!r}: nested_offset={meta['nested_offset']!r} is not a "
+                                      "number")
             nested = dict(
                 absmax2=state_dict[f"{prefix}.nested_absmax"].float(),
                 code2=need(f"{prefix}.nested_quant_map").float(),

@@ -225,8 +225,19 @@ _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)(?:\.(?P<name>[^.]+))?\.
 
 
 def load_adapter(path: str | Path) -> LoraAdapter:
-    """Read a PEFT LoRA adapter directory into memory (CPU tensors), checking it is complete."""
-    path = Path(path)
+    """Read a PEFT LoRA adapter directory into memory (CPU tensors), checking it is complete.
+
+    Every refusal names the directory (an :class:`AdapterError`, or :class:`NotFoundError` for missing files).
+    """
+    try:
+        return _load_adapter(Path(path))
+    except AdapterError as e:
+        if str(path) in str(e):
+            raise
+        raise AdapterError(f"adapter {path}: {e}") from e
+
+
+def _load_adapter(path: Path) -> LoraAdapter:
     if not path.is_dir():
         raise NotFoundError(f"adapter directory {path} not found")
     config = read_config(path)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from xkern.errors import InputError, InputTypeError
 from xkern.nf4 import NF4Tensor
 from xkern.ops import reference, registry
 from xkern.ops.checks import FLOAT_DTYPES, check_float, check_one_device, check_tensor
@@ -147,24 +148,24 @@ class _EagerLoraLinear(torch.autograd.Function):
 def _validate(x, weight, lora_A, lora_B, scale, adapter_ids) -> None:
     check_tensor("x", x)
     if not isinstance(weight, NF4Tensor):
-        raise TypeError(f"weight must be an NF4Tensor (see xkern.quantize_nf4), got {type(weight).__name__}")
+        raise InputTypeError(f"weight must be an NF4Tensor (see xkern.quantize_nf4), got {type(weight).__name__}")
     check_float("x", x)
     if len(weight.shape) != 2:
-        raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+        raise InputError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
     n_out, k = weight.shape
     if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(f"x has last dimension {x.shape[-1] if x.dim() else None}, weight expects K={k}")
+        raise InputError(f"x has last dimension {x.shape[-1] if x.dim() else None}, weight expects K={k}")
     if not weight.packed.is_contiguous() or not weight.absmax.is_contiguous():
-        raise ValueError("weight.packed and weight.absmax must be contiguous")
+        raise InputError("weight.packed and weight.absmax must be contiguous")
     check_tensor("lora_A", lora_A)
     check_tensor("lora_B", lora_B)
     if lora_A.dim() != 3:
-        raise ValueError(f"lora_A must be [n_adapters, r, K], got shape {tuple(lora_A.shape)}")
+        raise InputError(f"lora_A must be [n_adapters, r, K], got shape {tuple(lora_A.shape)}")
     n_adapters, rank, k_a = lora_A.shape
     if k_a != k:
-        raise ValueError(f"lora_A has K={k_a}, weight has K={k}")
+        raise InputError(f"lora_A has K={k_a}, weight has K={k}")
     if lora_B.dim() != 3 or lora_B.shape != (n_adapters, n_out, rank):
-        raise ValueError(f"lora_B must be [n_adapters={n_adapters}, N={n_out}, r={rank}], got {tuple(lora_B.shape)}")
+        raise InputError(f"lora_B must be [n_adapters={n_adapters}, N={n_out}, r={rank}], got {tuple(lora_B.shape)}")
     check_float("lora_A", lora_A)
     check_float("lora_B", lora_B)
     devices = {"x": x.device, "weight": weight.device, "lora_A": lora_A.device, "lora_B": lora_B.device}
@@ -180,21 +181,21 @@ def _validate(x, weight, lora_A, lora_B, scale, adapter_ids) -> None:
 def _scale_tensor(scale, n_adapters: int, device: torch.device) -> torch.Tensor:
     if isinstance(scale, torch.Tensor):
         if scale.dtype.is_complex or not (scale.dtype.is_floating_point or scale.dtype in (torch.int32, torch.int64)):
-            raise TypeError(f"scale must be a real tensor, got {scale.dtype}")
+            raise InputTypeError(f"scale must be a real tensor, got {scale.dtype}")
         s = scale.detach().float().reshape(-1)
     elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
         s = torch.full((n_adapters,), float(scale), device=device)
     elif isinstance(scale, Sequence) and not isinstance(scale, (str, bytes)):
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale):
-            raise TypeError("scale must be a tensor, a number or a sequence of numbers, got a sequence of "
+            raise InputTypeError("scale must be a tensor, a number or a sequence of numbers, got a sequence of "
                             + ", ".join(sorted({type(v).__name__ for v in scale})))
         s = torch.tensor([float(v) for v in scale], dtype=torch.float32, device=device)
     else:
-        raise TypeError(f"scale must be a tensor, a number or a sequence of numbers, got {type(scale).__name__}")
+        raise InputTypeError(f"scale must be a tensor, a number or a sequence of numbers, got {type(scale).__name__}")
     if s.numel() == 1 and n_adapters != 1:
         s = s.expand(n_adapters)
     if s.numel() != n_adapters:
-        raise ValueError(f"scale has {s.numel()} entries, expected n_adapters={n_adapters}")
+        raise InputError(f"scale has {s.numel()} entries, expected n_adapters={n_adapters}")
     return s.contiguous()
 
 
@@ -204,13 +205,13 @@ def _row_routing(adapter_ids: torch.Tensor | RowRouting | None, m: int, n_adapte
         return RowRouting.base_only(m, n_adapters, device)
     if isinstance(adapter_ids, RowRouting):
         if adapter_ids.rows != m:
-            raise ValueError(f"the routing covers {adapter_ids.rows} rows, x has {m}")
+            raise InputError(f"the routing covers {adapter_ids.rows} rows, x has {m}")
         if adapter_ids.n_adapters != n_adapters:
-            raise ValueError(f"the routing indexes {adapter_ids.n_adapters} adapters, the bank has {n_adapters}")
+            raise InputError(f"the routing indexes {adapter_ids.n_adapters} adapters, the bank has {n_adapters}")
         return adapter_ids
     if adapter_ids.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8) \
             and adapter_ids.numel() != m:
-        raise ValueError(f"adapter_ids has {adapter_ids.numel()} entries, x has {m} rows")
+        raise InputError(f"adapter_ids has {adapter_ids.numel()} entries, x has {m} rows")
     return RowRouting.build(adapter_ids, n_adapters)
 
 
@@ -254,9 +255,9 @@ def lora_linear(x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor, lora_B
 def dequantize(weight: NF4Tensor, dtype: torch.dtype | None = None, *, backend: str | None = None) -> torch.Tensor:
     """Dequantize ``weight`` with the chosen backend (native CPU, Triton or the torch reference)."""
     if not isinstance(weight, NF4Tensor):
-        raise TypeError(f"weight must be an NF4Tensor, got {type(weight).__name__}")
+        raise InputTypeError(f"weight must be an NF4Tensor, got {type(weight).__name__}")
     dtype = dtype or weight.dtype
     if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        raise InputTypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     chosen = registry.choose(DEQUANTIZE, weight.device, (weight, dtype), requested=backend)
     return registry.kernel(DEQUANTIZE, chosen)(weight, dtype)

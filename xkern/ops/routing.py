@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from xkern.errors import InputError, InputTypeError
+
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
@@ -45,14 +47,14 @@ class RowRouting:
     def build(cls, ids: torch.Tensor, n_adapters: int) -> RowRouting:
         """Group ``ids`` (any integer dtype and shape, flattened; ``-1`` = base); values are checked on the CPU."""
         if not isinstance(ids, torch.Tensor):
-            raise TypeError(f"adapter_ids must be a torch.Tensor, got {type(ids).__name__}")
+            raise InputTypeError(f"adapter_ids must be a torch.Tensor, got {type(ids).__name__}")
         if ids.dtype not in _INT_DTYPES:
-            raise TypeError(f"adapter_ids must be an integer tensor, got {ids.dtype}")
+            raise InputTypeError(f"adapter_ids must be an integer tensor, got {ids.dtype}")
         flat = ids.reshape(-1)
         if flat.numel() and flat.device.type == "cpu" and not torch.compiler.is_compiling():
             lo, hi = int(flat.min()), int(flat.max())
             if lo < -1 or hi >= n_adapters:
-                raise ValueError(f"adapter_ids must lie in [-1, {n_adapters - 1}], got values in [{lo}, {hi}]")
+                raise InputError(f"adapter_ids must lie in [-1, {n_adapters - 1}], got values in [{lo}, {hi}]")
         ids32 = flat.to(torch.int32).contiguous()
         order = torch.argsort(ids32, stable=True).to(torch.int32)
         counts = torch.bincount((ids32.long() + 1).clamp(0, n_adapters), minlength=n_adapters + 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from xkern.errors import InputError, InputTypeError
 from xkern.ops import registry
 from xkern.ops import xcross_reference as reference
 from xkern.ops.checks import FLOAT_DTYPES, check_one_device
@@ -75,35 +76,35 @@ _xcross_fwd.register_autograd(_backward, setup_context=_setup_context)
 def _validate(h, w_concat, beta, gamma, bias) -> tuple[int, int]:
     for name, t in (("h", h), ("w_concat", w_concat)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise InputTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        raise InputTypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
     for name, v in (("beta", beta), ("gamma", gamma)):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"{name} must be a python float, got {type(v).__name__}")
+            raise InputTypeError(f"{name} must be a python float, got {type(v).__name__}")
     if h.dim() < 2:
-        raise ValueError(f"h must be [n, ..., d] (n streams first, features last), got shape {tuple(h.shape)}")
+        raise InputError(f"h must be [n, ..., d] (n streams first, features last), got shape {tuple(h.shape)}")
     n, d = h.shape[0], h.shape[-1]
     if n < 2:
-        raise ValueError(f"h must stack n >= 2 streams on dim 0, got n={n}")
+        raise InputError(f"h must stack n >= 2 streams on dim 0, got n={n}")
     if d < 1:
-        raise ValueError(f"h must have a non-empty feature dimension, got d={d}")
+        raise InputError(f"h must have a non-empty feature dimension, got d={d}")
     for name, t in (("h", h), ("w_concat", w_concat), ("bias", bias)):
         if t is not None and t.dtype not in FLOAT_DTYPES + (torch.float64,):
-            raise TypeError(f"{name} must be float32, float16 or bfloat16 (float64: torch backend), got {t.dtype}")
+            raise InputTypeError(f"{name} must be float32, float16 or bfloat16 (float64: torch backend), got {t.dtype}")
     p = 2 * n * (n - 1)
     if w_concat.dim() != 2 or tuple(w_concat.shape) != (p, n * d):
-        raise ValueError(f"w_concat must be [2n(n-1), n*d] = [{p}, {n * d}] for n={n}, d={d}, "
+        raise InputError(f"w_concat must be [2n(n-1), n*d] = [{p}, {n * d}] for n={n}, d={d}, "
                          f"got shape {tuple(w_concat.shape)}")
     if bias is not None and tuple(bias.shape) != (p,):
-        raise ValueError(f"bias must be [2n(n-1)] = [{p}] for n={n}, got shape {tuple(bias.shape)}")
+        raise InputError(f"bias must be [2n(n-1)] = [{p}] for n={n}, got shape {tuple(bias.shape)}")
     devices = {"h": h.device, "w_concat": w_concat.device}
     if bias is not None:
         devices["bias"] = bias.device
     check_one_device(devices)
     for name, t in (("w_concat", w_concat), ("bias", bias)):
         if t is not None and t.dtype != h.dtype:
-            raise TypeError(f"{name} must have h's dtype {h.dtype}, got {t.dtype}")
+            raise InputTypeError(f"{name} must have h's dtype {h.dtype}, got {t.dtype}")
     return n, d
 
 
