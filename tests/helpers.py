@@ -15,6 +15,17 @@ from xkern.data.domain import DomainData
 from xkern.data.prompts import listwise_prompt, next_item_prompt
 
 
+def random_lora_bank(ranks, n: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adapters of differing ranks zero-padded into one bank: ``A [n, r_max, K]``, ``B [n, N, r_max]``."""
+    r_max = max(ranks)
+    lora_A = torch.zeros(len(ranks), r_max, k)
+    lora_B = torch.zeros(len(ranks), n, r_max)
+    for a, r in enumerate(ranks):
+        lora_A[a, :r] = torch.randn(r, k, generator=generator) / k**0.5
+        lora_B[a, :, :r] = torch.randn(n, r, generator=generator)
+    return lora_A, lora_B
+
+
 def dense_lora_reference(x, w_dense, lora_A, lora_B, scale, ids):
     """Row-by-row float64 ``x W^T + s[a] (x A[a]^T) B[a]^T``; differentiable in x, A, B."""
     rows = []

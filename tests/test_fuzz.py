@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import random_lora_bank, tiny_model
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -41,12 +41,7 @@ def lora_problems(draw):
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
     seed = draw(st.integers(0, 2**16))
     g = torch.Generator().manual_seed(seed)
-    r_max = max(ranks)
-    a = torch.zeros(len(ranks), r_max, k)
-    b = torch.zeros(len(ranks), n, r_max)
-    for i, r in enumerate(ranks):
-        a[i, :r] = torch.randn(r, k, generator=g) / k**0.5
-        b[i, :, :r] = torch.randn(n, r, generator=g)
+    a, b = random_lora_bank(ranks, n, k, g)
     weight = quantize_nf4((torch.randn(n, k, generator=g) / k**0.5).to(dtype),
                           double_quant=draw(st.booleans()))
     x = torch.randn(m, k, generator=g).to(dtype)
@@ -150,30 +145,36 @@ def _try_load(xm, path: Path) -> None:
         xm.delete_adapter("fuzzed")
 
 
+def _damage(src: Path, tmp_path_factory, data, damage) -> Path:
+    """A copy of the adapter directory with one of its two files rewritten by ``damage(bytes) -> bytes``."""
+    path = tmp_path_factory.mktemp("fuzzed") / "a"
+    shutil.copytree(src, path)
+    name = data.draw(st.sampled_from(["adapter_model.safetensors", "adapter_config.json"]))
+    (path / name).write_bytes(damage((path / name).read_bytes()))
+    return path
+
+
+def _flip(data):
+    def damage(raw: bytes) -> bytes:
+        blob = bytearray(raw)
+        for pos in data.draw(st.lists(st.integers(0, len(blob) - 1), min_size=1, max_size=4)):
+            blob[pos] ^= data.draw(st.integers(1, 255))
+        return bytes(blob)
+    return damage
+
+
 @FUZZ
 @given(data=st.data())
 def test_adapter_with_flipped_bytes(saved_adapter, tmp_path_factory, data):
     xm, src = saved_adapter
-    path = tmp_path_factory.mktemp("flip") / "a"
-    shutil.copytree(src, path)
-    name = data.draw(st.sampled_from(["adapter_model.safetensors", "adapter_config.json"]))
-    blob = bytearray((path / name).read_bytes())
-    for pos in data.draw(st.lists(st.integers(0, len(blob) - 1), min_size=1, max_size=4)):
-        blob[pos] ^= data.draw(st.integers(1, 255))
-    (path / name).write_bytes(bytes(blob))
-    _try_load(xm, path)
+    _try_load(xm, _damage(src, tmp_path_factory, data, _flip(data)))
 
 
 @FUZZ
 @given(data=st.data())
 def test_adapter_with_truncated_files(saved_adapter, tmp_path_factory, data):
     xm, src = saved_adapter
-    path = tmp_path_factory.mktemp("cut") / "a"
-    shutil.copytree(src, path)
-    name = data.draw(st.sampled_from(["adapter_model.safetensors", "adapter_config.json"]))
-    blob = (path / name).read_bytes()
-    (path / name).write_bytes(blob[: data.draw(st.integers(0, len(blob) - 1))])
-    _try_load(xm, path)
+    _try_load(xm, _damage(src, tmp_path_factory, data, lambda raw: raw[: data.draw(st.integers(0, len(raw) - 1))]))
 
 
 JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 40), st.floats(allow_nan=True),
@@ -231,12 +232,8 @@ def test_bnb_state_dict_with_damaged_quant_state(data):
     elif how == "not-object":
         raw = json.dumps(list(meta)).encode()
     else:
-        raw = bytearray(json.dumps(meta).encode())
-        if how == "bytes":
-            for pos in data.draw(st.lists(st.integers(0, len(raw) - 1), min_size=1, max_size=3)):
-                raw[pos] ^= data.draw(st.integers(1, 255))
-        else:
-            raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
+        raw = json.dumps(meta).encode()
+        raw = _flip(data)(raw) if how == "bytes" else raw[: data.draw(st.integers(0, len(raw) - 1))]
     sd = {**sd, key: torch.tensor(list(bytes(raw)), dtype=torch.uint8)}
     try:
         got = NF4Tensor.from_bnb_state_dict(sd, "w")

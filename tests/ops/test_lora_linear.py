@@ -4,7 +4,7 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
-from helpers import dense_lora_reference
+from helpers import dense_lora_reference, random_lora_bank
 
 from xkern import NF4Tensor, quantize_nf4
 from xkern.ops import RowRouting, lora_linear, select_backend
@@ -19,12 +19,7 @@ TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16:
 def _problem(m, n, k, ranks, dtype=torch.float32, seed=0, double_quant=True, ids=None):
     """Random inputs; adapters of differing ranks zero-padded into one bank ``[n_adapters, r_max, K]``."""
     g = torch.Generator().manual_seed(seed)
-    r_max = max(ranks)
-    lora_A = torch.zeros(len(ranks), r_max, k)
-    lora_B = torch.zeros(len(ranks), n, r_max)
-    for a, r in enumerate(ranks):
-        lora_A[a, :r] = torch.randn(r, k, generator=g) / k**0.5
-        lora_B[a, :, :r] = torch.randn(n, r, generator=g)
+    lora_A, lora_B = random_lora_bank(ranks, n, k, g)
     w = torch.randn(n, k, generator=g) / k**0.5
     weight = quantize_nf4(w.to(dtype), double_quant=double_quant).to(DEVICE)
     x = torch.randn(m, k, generator=g).to(dtype)
