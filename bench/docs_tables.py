@@ -165,6 +165,26 @@ def runtime_cpu() -> str:
     return "\n".join(lines) + "\n" + note + "\n"
 
 
+# --------------------------------------------------------------------------------------------- bad input
+
+def bad_input() -> str:
+    """bench/bad_input.py's cases: the issue's report (before) against the measured message and exit code."""
+    run = _load("bad-input.json")
+    lines = ["| input | before (as reported in issue 15) | after: what the user sees | exit | traceback | "
+             "left on disk |", "|---|---|---|---|---|---|"]
+    for c in run["cases"]:
+        cell = lambda t: t.replace("|", "\\|")  # noqa: E731
+        left = ", ".join(f"`{f}`" for f in c["files_left"]) or "nothing"
+        lines.append(f"| `{cell(c['command'])}` | {cell(c['before'])} | {cell(c['after'])} | {c['exit_code']} | "
+                     f"{'yes' if c['traceback'] else 'no'} | {left} |")
+    secs = [c["seconds"] for c in run["cases"]]
+    note = (f"\nEach case ran as its own process in an empty folder (`python bench/bad_input.py`, "
+            f"{run['machine']}, load average {run['load_average_at_end']} at the end); each took {min(secs)}-"
+            f"{max(secs)} s from start to exit. The Python API case raises, as Python code should; its traceback "
+            "is the caller's.")
+    return "\n".join(lines) + "\n" + note + "\n"
+
+
 # --------------------------------------------------------------------------------------------- registry
 
 BLOCKS: dict[str, Callable[[], str]] = {
@@ -175,6 +195,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "lora-linear-cpu-targets": lora_linear_cpu_targets,
     "lora-linear-cpu-table": lora_linear_cpu_table,
     "runtime-cpu": runtime_cpu,
+    "bad-input": bad_input,
 }
 
 
