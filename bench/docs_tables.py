@@ -70,6 +70,22 @@ def quickstart_full() -> str:
     return demo_table(_load("quickstart-full.json"))
 
 
+def quickstart_quick_vs_full() -> str:
+    """HR@10 of every row in both profiles, side by side (what the quick profile costs)."""
+    quick, full = _load("quickstart-quick.json"), _load("quickstart-full.json")
+    key = lambda r: (r["method"], str(r["fraction"]))  # noqa: E731
+    full_rows = {key(r): r for r in full["rows"]}
+    lines = ["| method | fraction | HR@10 quick | HR@10 full | quick - full |", "|---|---|---|---|---|"]
+    for r in quick["rows"]:
+        f = full_rows.get(key(r))
+        if f is None:
+            continue
+        frac = r["fraction"] if isinstance(r["fraction"], str) else f"{r['fraction']:g}"
+        lines.append(f"| {r['method']} | {frac} | {r['HR@10']:.3f} | {f['HR@10']:.3f} | "
+                     f"{r['HR@10'] - f['HR@10']:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def quickstart_time() -> str:
     quick, full = _load("quickstart-quick.json"), _load("quickstart-full.json")
     return "".join(f"- `{r['run']['command']}`: {r['run']['command_seconds']} s wall on {r['run']['machine']}, "
@@ -191,6 +207,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "quickstart-quick": quickstart_quick,
     "quickstart-full": quickstart_full,
     "quickstart-time": quickstart_time,
+    "quickstart-quick-vs-full": quickstart_quick_vs_full,
     "lora-linear-cpu-file": lora_linear_cpu_file,
     "lora-linear-cpu-targets": lora_linear_cpu_targets,
     "lora-linear-cpu-table": lora_linear_cpu_table,

@@ -24,3 +24,27 @@ def test_the_quickstart_and_benchmark_tables_are_generated_blocks():
     found = {m.group("name") for p in tables.DOCS for m in tables.BLOCK.finditer(p.read_text())}
     assert {"quickstart-quick", "quickstart-full", "lora-linear-cpu-targets", "lora-linear-cpu-table"} <= found
     assert found <= set(tables.BLOCKS)
+
+
+def _hr10(name: str) -> dict[tuple[str, str], float]:
+    import json
+
+    rows = json.loads((ROOT / "bench" / "results" / name).read_text())["rows"]
+    return {(r["method"], str(r["fraction"])): r["HR@10"] for r in rows}
+
+
+def test_the_quickstart_prose_holds_for_both_profiles():
+    """docs/quickstart.md's sentences under the quick-vs-full table, checked against the two runs."""
+    for profile in ("quick", "full"):
+        hr = _hr10(f"quickstart-{profile}.json")
+        popularity, markov = hr[("popularity", "1.0")], hr[("item-markov", "1.0")]
+        for method in ("lora-target", "weave-hybrid-Toys", "weave-hybrid-Sports", "weave-merge"):
+            assert hr[(method, "1.0")] > popularity + 0.2, (profile, method)
+            assert abs(hr[(method, "1.0")] - markov) < 0.08, (profile, method)
+        assert hr[("lora-Toys", "-")] > popularity + 0.2, profile
+        assert (hr[("lora-Sports", "-")] > popularity + 0.03) == (profile == "full"), profile
+        for fraction in ("0.25", "1.0"):
+            assert abs(hr[("xcross", fraction)] - popularity) < 0.06, (profile, fraction)
+        quarter = [v for (m, f), v in hr.items() if f == "0.25" and m not in ("popularity", "item-markov",
+                                                                               "token-markov")]
+        assert max(quarter) - min(quarter) < 0.06 and abs(sum(quarter) / len(quarter) - popularity) < 0.05, profile
