@@ -96,6 +96,7 @@ def cmd_weave(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     result = run_weave(cfg, log=print if not args.no_progress else (lambda *a, **k: None))
+    path = write_report(Path(args.out), result)  # before printing: a closed pipe must not cost the results
     print(f"target={result['target']}  sources={','.join(result['sources'])}  users={result['n_eval_users']}  "
           f"model: {result['model']}")
     print(results_table(result))
@@ -104,6 +105,5 @@ def cmd_weave(args: argparse.Namespace) -> int:
         print(f"prefix-KV likelihood scoring: {s['speedup']}x faster than independent scoring "
               f"({s['prefix_s']} s vs {s['independent_s']} s, {s['users']} users x {s['candidates']} candidates; "
               f"max score difference {s['max_abs_score_diff']:.2e})")
-    path = write_report(Path(args.out), result)
     print(f"\nwrote {path}  ({result['seconds']:.1f} s)")
     return 0

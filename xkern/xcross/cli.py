@@ -117,9 +117,9 @@ def cmd_train_xcross(args: argparse.Namespace) -> int:
     if args.eval_users:
         max_users = None if args.eval_users < 0 else args.eval_users
         m = evaluate(xc, data, "test", args.eval_neg, args.seed, max_users, progress=not args.no_progress)
-        print(json.dumps(m))
         path = write_report(out / "metrics.json", {"kind": "xkern-train-xcross", "adapters": names,
                                                     "target": data.name, "metrics": m, "trainable": counts,
                                                     "config": {k: v for k, v in vars(args).items() if k != "func"}})
+        print(json.dumps(m))
         print(f"wrote {path}")
     return 0
