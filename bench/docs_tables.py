@@ -181,6 +181,43 @@ def runtime_cpu() -> str:
     return "\n".join(lines) + "\n" + note + "\n"
 
 
+# --------------------------------------------------------------------------------------------- quality
+
+def _ci(v: list[float]) -> str:
+    return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+
+
+def quality_table(name: str) -> str:
+    """Rows of a quality JSON (``xkern eval`` or a model run): metrics with 95% bootstrap intervals, then
+    the paired HR@10 differences of every row against the first trained one."""
+    run = _load(name)
+    rows = run["rows"]
+    metrics = list(rows[0]["metrics"])
+    lines = ["| method | fraction | users | trainable params | " + " | ".join(metrics) + " |",
+             "|" + "---|" * (4 + len(metrics))]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['fraction']} | {r['n_users']} | {r['trainable_params']:,} | "
+                     + " | ".join(_ci(r["metrics"][m]) for m in metrics) + " |")
+    lines += ["", "| A - B (same users) | HR@10 difference [95% CI] | p |", "|---|---|---|"]
+    cfg = run.get("config", {})
+    floor = 2 / cfg.get("n_boot", 2000)  # no resample on the other side of zero
+    for p in run.get("paired", []):
+        pval = f"< {floor:.2g}" if p["p"] == 0 else f"{p['p']:.3g}"
+        lines.append(f"| {p['a']} - {p['b']} | {p['diff']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}] | "
+                     f"{pval} |")
+    note = (f"\nSource: `bench/results/{name}`: {run.get('domain')} {run.get('split')} users, "
+            f"{cfg.get('n_neg', 29) + 1} candidates each ({cfg.get('negatives', 'uniform')} negatives, seed "
+            f"{run.get('seed')}); intervals: percentile bootstrap over users, {cfg.get('n_boot', 2000)} resamples.")
+    if "wall_seconds" in run:
+        note += (f" {run['wall_seconds']} s wall on {run.get('machine', 'the 2-core CPU VM')}, load average "
+                 f"{run['load_average'][0]} at the start and {run['load_average'][1]} at the end.")
+    return "\n".join(lines) + "\n" + note + "\n"
+
+
+def quality_tools_baselines() -> str:
+    return quality_table("quality-Tools-baselines.json")
+
+
 # --------------------------------------------------------------------------------------------- bad input
 
 def bad_input() -> str:
@@ -213,6 +250,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "lora-linear-cpu-table": lora_linear_cpu_table,
     "runtime-cpu": runtime_cpu,
     "bad-input": bad_input,
+    "quality-tools-baselines": quality_tools_baselines,
 }
 
 

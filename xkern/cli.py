@@ -296,18 +296,28 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import time
+
     from xkern.data.baselines import make_scorer
-    from xkern.data.evaluate import evaluate_scorer, format_table, write_report
+    from xkern.data.confidence import paired_table, quality_row
+    from xkern.data.evaluate import format_table, score_candidates, write_report
+    from xkern.data.metrics import evaluate_ranking, pessimistic_ranks
     from xkern.data.negatives import build_candidates
 
+    start, load_start = time.perf_counter(), os.getloadavg()[0]
     data = _load_domain(args, args.domain)
     sources = [_load_domain(args, d) for d in args.sources]
     cands = build_candidates(data, args.split, args.n_neg, args.negatives, args.seed, args.max_users)
-    results = []
+    results, rows = [], []
     for name in args.scorer:
         scorer = make_scorer(name, data, seed=args.seed, sources=sources)
-        m = evaluate_scorer(scorer, cands, args.ks, args.batch_size, progress=not args.no_progress, desc=name)
-        results.append({"scorer": name, **m})
+        scores = score_candidates(scorer, cands, args.batch_size, progress=not args.no_progress, desc=name)
+        results.append({"scorer": name, **evaluate_ranking(scores, cands.target, args.ks), "n_users": len(cands)})
+        fit = scorer.summary() if hasattr(scorer, "summary") else {}
+        rows.append(quality_row(name, pessimistic_ranks(scores, cands.target), target=data.name,
+                                sources=list(args.sources), trainable_params=fit.get("trainable_params", 0),
+                                val_loss_start=fit.get("val_loss_start"), val_loss_best=fit.get("val_loss_best"),
+                                n_boot=args.n_boot, seed=args.seed, split=args.split))
     cols = ["scorer", *(f"HR@{k}" for k in args.ks), *(f"NDCG@{k}" for k in args.ks), "MRR", "n_users"]
     out = Path(args.out) if args.out else Path("runs") / "eval" / f"{data.name}-{args.split}.json"
     config = {k: v for k, v in vars(args).items() if k not in ("func", "no_progress")}
@@ -319,10 +329,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "config": config,
         "data_stats": data.stats(),
         "results": results,
+        "rows": rows,
+        "paired": paired_table(rows, "HR@10", n_boot=args.n_boot, seed=args.seed),
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)],
     }
     path = write_report(out, payload)  # before printing: a closed pipe must not cost the results
     print(f"{data.name} / {args.split}: {len(cands)} users x {args.n_neg + 1} candidates ({args.negatives})")
     print(format_table(results, cols))
+    print("\n95% bootstrap intervals over users:")
+    ci = [{"scorer": r["method"], **{m: f"{v[0]:.4f} [{v[1]:.4f}, {v[2]:.4f}]" for m, v in r["metrics"].items()}}
+          for r in rows]
+    print(format_table(ci, ["scorer", *rows[0]["metrics"]]))
     print(f"\nwrote {path}")
     return 0
 
@@ -493,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ks", type=_ints, default=(1, 3, 10), help="cut-offs (default 1,3,10)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-users", type=int, default=None, help="evaluate only the first N users")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the intervals (default 2000)")
     p.add_argument("--out", default=None, help="output JSON (default runs/eval/<domain>-<split>.json)")
     p.set_defaults(func=cmd_eval)
 

@@ -194,7 +194,7 @@ class _BoundTokenScorer:
         return scores
 
 
-SCORERS = ("random", "popularity", "item-markov", "token-markov")
+SCORERS = ("random", "popularity", "item-markov", "token-markov", "sasrec")
 
 
 def make_scorer(name: str, data: DomainData, seed: int = 0, sources: Sequence[DomainData] = ()) -> Scorer:
@@ -210,6 +210,10 @@ def make_scorer(name: str, data: DomainData, seed: int = 0, sources: Sequence[Do
         for d in [*sources, data]:
             model.fit(d.train.values(), d.titles)
         return model.for_domain(data.titles)
+    if name == "sasrec":
+        from xkern.data.sasrec import SASRecConfig, SASRecScorer
+
+        return SASRecScorer.train(data, SASRecConfig(seed=seed))
     raise ValueError(f"unknown scorer {name!r} ({', '.join(SCORERS)})")
 
 
