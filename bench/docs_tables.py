@@ -218,6 +218,32 @@ def quality_tools_baselines() -> str:
     return quality_table("quality-Tools-baselines.json")
 
 
+def xcross_encoder_diagnosis() -> str:
+    """examples/xcross_encoder_diagnosis.py: features, head-only learning and gradient norms per pooling."""
+    run = _load("xcross-encoder-diagnosis.json")
+    lines = ["| pooling | cosine between a user's candidates | variance between candidates | head lr | "
+             "train loss start -> end | val loss start -> best (epoch) | val HR@1 / MRR at the end |",
+             "|---|---|---|---|---|---|---|"]
+    for pooling, row in run["pooling"].items():
+        div = row["diversity"]
+        for h in row["head_only"]:
+            lines.append(f"| {pooling} | {div['mean_cosine_between_candidates']:.3f} | "
+                         f"{div['share_of_variance_between_candidates']:.3f} | {h['lr']:g} | "
+                         f"{h['train_loss_start']:.3f} -> {h['train_loss_end']:.3f} | {h['val_loss_start']:.3f} -> "
+                         f"{h['val_loss_best']:.3f} ({h['best_epoch']}) | {h['val_hr1_end']:.3f} / "
+                         f"{h['val_mrr_end']:.3f} |")
+    z = run["zero_shot_history_candidate_cosine"]
+    g = run["grad_norms_first_step"]
+    note = (f"\n{run['train_users']} training and {run['val_users']} validation users of {run['target']}, "
+            f"{run['candidates']} candidates each (chance: loss {run['chance_loss']:.3f}, HR@1 0.100, MRR 0.293). "
+            f"Zero-shot cosine between the history's and the candidate's tokens in the same pass: HR@1 "
+            f"{z['val_hr1']:.3f}, MRR {z['val_mrr']:.3f}. Gradient norms at the first step of LoRA + head "
+            "training: " + "; ".join(f"`{k}` pooling: head {v['head']:.3f}, lora_B {v['lora_B']:.3f}, lora_A "
+                                      f"{v['lora_A']:.3f}" for k, v in g.items())
+            + f". {run['seconds']} s wall (`python examples/xcross_encoder_diagnosis.py`).")
+    return "\n".join(lines) + "\n" + note + "\n"
+
+
 # --------------------------------------------------------------------------------------------- bad input
 
 def bad_input() -> str:
@@ -251,6 +277,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "runtime-cpu": runtime_cpu,
     "bad-input": bad_input,
     "quality-tools-baselines": quality_tools_baselines,
+    "xcross-encoder-diagnosis": xcross_encoder_diagnosis,
 }
 
 
