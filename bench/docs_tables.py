@@ -244,6 +244,23 @@ def xcross_encoder_diagnosis() -> str:
     return "\n".join(lines) + "\n" + note + "\n"
 
 
+def sharded_eval_cpu() -> str:
+    """bench/bench_sharded_eval.py: one process against two, same users and scorers."""
+    run = _load("sharded-eval-cpu.json")
+    one = run["runs"][0]
+    lines = ["| processes | command wall s | " + " | ".join(f"{n} fit s | {n} score s" for n in one["timing"])
+             + " | scoring speed-up |", "|---|---|" + "---|---|" * len(one["timing"]) + "---|"]
+    base = sum(t["score_seconds"] for t in one["timing"].values())
+    for r in run["runs"]:
+        score = sum(t["score_seconds"] for t in r["timing"].values())
+        cells = " | ".join(f"{t['fit_seconds']:.1f} | {t['score_seconds']:.1f}" for t in r["timing"].values())
+        lines.append(f"| {r['processes']} | {r['command_seconds']:.1f} | {cells} | {base / score:.2f}x |")
+    note = (f"\n`{run['command']}` on {one['n_users']} users, one thread per process, {run['machine']}, load "
+            f"average {run['load_average'][0]} at the start and {run['load_average'][1]} at the end; metrics "
+            f"identical between the two runs: {'yes' if run['identical_metrics'] else 'NO'}.")
+    return "\n".join(lines) + "\n" + note + "\n"
+
+
 # --------------------------------------------------------------------------------------------- bad input
 
 def bad_input() -> str:
@@ -278,6 +295,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "bad-input": bad_input,
     "quality-tools-baselines": quality_tools_baselines,
     "xcross-encoder-diagnosis": xcross_encoder_diagnosis,
+    "sharded-eval-cpu": sharded_eval_cpu,
 }
 
 

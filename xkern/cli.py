@@ -147,6 +147,8 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
     train_names = args.train_domains or (args.domain,)
     train_domains = [target if n == args.domain else _load_domain(args, n) for n in train_names]
     summary = train_lora_on_domains(recipe, train_domains, target, args.out)
+    if summary["world_size"] > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun rank 0 alone reports
     print(f"trained on {','.join(summary['train_domains'])}: {summary['train_examples']} examples, "
           f"{summary['steps']} steps, {summary['trainable_parameters']:,} trainable parameters")
     print(f"{summary['target']} validation loss ({summary['val_examples']} examples): "
@@ -308,10 +310,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = _load_domain(args, args.domain)
     sources = [_load_domain(args, d) for d in args.sources]
     cands = build_candidates(data, args.split, args.n_neg, args.negatives, args.seed, args.max_users)
-    results, rows = [], []
+    from xkern.distributed import dist_setup
+
+    rank, world = dist_setup()  # under torchrun: each rank scores a share of the users
+    results, rows, timing = [], [], {}
     for name in args.scorer:
+        t0 = time.perf_counter()
         scorer = make_scorer(name, data, seed=args.seed, sources=sources)
-        scores = score_candidates(scorer, cands, args.batch_size, progress=not args.no_progress, desc=name)
+        t1 = time.perf_counter()
+        scores = score_candidates(scorer, cands, args.batch_size, progress=not args.no_progress, desc=name,
+                                  distributed=world > 1)
+        timing[name] = {"fit_seconds": round(t1 - t0, 2), "score_seconds": round(time.perf_counter() - t1, 2)}
         results.append({"scorer": name, **evaluate_ranking(scores, cands.target, args.ks), "n_users": len(cands)})
         fit = scorer.summary() if hasattr(scorer, "summary") else {}
         rows.append(quality_row(name, pessimistic_ranks(scores, cands.target), target=data.name,
@@ -333,7 +342,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "paired": paired_table(rows, "HR@10", n_boot=args.n_boot, seed=args.seed),
         "wall_seconds": round(time.perf_counter() - start, 1),
         "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+        "world_size": world,
+        "timing": timing,
     }
+    if rank != 0:  # one writer, one printer
+        return 0
     path = write_report(out, payload)  # before printing: a closed pipe must not cost the results
     print(f"{data.name} / {args.split}: {len(cands)} users x {args.n_neg + 1} candidates ({args.negatives})")
     print(format_table(results, cols))

@@ -18,6 +18,7 @@ import torch
 
 from xkern.adapters.peft_format import BASE
 from xkern.data.domain import DomainData
+from xkern.distributed import dist_setup
 from xkern.fileio import atomic_write_text
 from xkern.train.loop import TrainConfig
 
@@ -130,5 +131,7 @@ def train_lora_on_domains(recipe: LoraRecipe, train_domains: list[DomainData], t
             summary[f"test_{'base' if name == BASE else 'lora'}"] = evaluate_scorer(
                 scorer, cands, (1, 3, 10), batch_size=8, progress=recipe.train.progress, desc=name)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    rank, summary["world_size"] = dist_setup()
+    if rank == 0:  # under torchrun every rank holds the same summary; one writes it
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

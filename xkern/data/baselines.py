@@ -37,6 +37,10 @@ class RandomScorer:
     def __call__(self, histories: Sequence[Sequence[int]], candidates: np.ndarray) -> np.ndarray:
         return self.rng.random(np.shape(candidates))
 
+    def skip_rows(self, n: int, c: int) -> None:
+        """Advance as if ``n`` rows of ``c`` candidates were scored (a shard starting at row ``n``)."""
+        self.rng.random((n, c))
+
 
 class PopularityScorer:
     """Score = number of training interactions of the candidate (ties are ranked pessimistically)."""

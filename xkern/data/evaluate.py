@@ -29,21 +29,33 @@ class Scorer(Protocol):
 
 
 def score_candidates(
-    scorer: Scorer, cands: CandidateSet, batch_size: int = 256, progress: bool = False, desc: str = "scoring"
+    scorer: Scorer, cands: CandidateSet, batch_size: int = 256, progress: bool = False, desc: str = "scoring",
+    distributed: bool = False,
 ) -> np.ndarray:
-    """scores [U, C] for every user of `cands`, in batches (tqdm bar when progress=True)."""
+    """scores [U, C] for every user of `cands`, in batches (tqdm bar when progress=True).
+
+    ``distributed``: under ``torchrun``, each rank scores a contiguous share of the users and the
+    shares are gathered in order, so every rank returns the scores one process would; a scorer with
+    ``skip_rows(n, c)`` (the random baseline) first skips the rows before its share.
+    """
     from tqdm import tqdm
 
+    from xkern.distributed import dist_setup, gather_rows, shard_range
+
+    rank, world = dist_setup() if distributed else (0, 1)
     n, c = cands.items.shape
-    out = np.empty((n, c), dtype=np.float64)
-    starts = range(0, n, batch_size)
-    for s in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
-        e = min(s + batch_size, n)
+    mine = shard_range(n, rank, world)
+    if world > 1 and mine.start and hasattr(scorer, "skip_rows"):
+        scorer.skip_rows(mine.start, c)
+    out = np.empty((len(mine), c), dtype=np.float64)
+    starts = range(mine.start, mine.stop, batch_size)
+    for s in tqdm(starts, desc=desc, unit="batch", disable=not progress or rank != 0, leave=False):
+        e = min(s + batch_size, mine.stop)
         batch = to_numpy(scorer(cands.histories[s:e], cands.items[s:e]), np.float64)
         if batch.shape != (e - s, c):
             raise ValueError(f"scorer returned shape {batch.shape}, expected {(e - s, c)}")
-        out[s:e] = batch
-    return out
+        out[s - mine.start:e - mine.start] = batch
+    return gather_rows(out, world)
 
 
 def evaluate_scorer(

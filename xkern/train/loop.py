@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,8 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
+
+from xkern.distributed import dist_setup
 
 
 def option(default: Any, help: str, **kw: Any) -> Any:
@@ -181,15 +182,6 @@ class FitResult:
     @property
     def finished(self) -> bool:
         return self.steps >= self.total_steps or self.stopped_early
-
-
-def dist_setup() -> tuple[int, int]:
-    """(rank, world size); starts the process group under ``torchrun`` (gloo on CPU, nccl on GPUs)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
