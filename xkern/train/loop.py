@@ -178,6 +178,7 @@ class FitResult:
     stopped_early: bool = False
     seconds: float = 0.0
     world_size: int = 1
+    rank: int = 0
 
     @property
     def finished(self) -> bool:
@@ -244,7 +245,7 @@ def fit(module: torch.nn.Module, param_groups: Sequence[dict[str, Any]], data: E
     total = cfg.max_steps if cfg.max_steps is not None else max(int(math.ceil(cfg.epochs * steps_per_epoch)), 1)
     eval_every = cfg.eval_every
 
-    result = FitResult(steps=0, total_steps=total, world_size=world)
+    result = FitResult(steps=0, total_steps=total, world_size=world, rank=rank)
     if checkpointer is not None:
         state = checkpointer.load(opt)
         if state is not None:
@@ -272,6 +273,8 @@ def fit(module: torch.nn.Module, param_groups: Sequence[dict[str, Any]], data: E
         run_validation(0)
 
     wrapped: torch.nn.Module = module
+    owned = {id(p) for p in module.parameters()}
+    outside = [p for p in params if id(p) not in owned]  # trained, but not the module's (DDP does not see them)
     if world > 1:
         # the frozen NF4 base is identical on every rank: sync only the trainable gradients
         wrapped = torch.nn.parallel.DistributedDataParallel(
@@ -314,6 +317,12 @@ def fit(module: torch.nn.Module, param_groups: Sequence[dict[str, Any]], data: E
                         loss = loss_fn(wrapped, batch) / cfg.grad_accum
                         loss.backward()
                     step_loss += float(loss.detach())
+                if world > 1:
+                    for p in outside:  # average what DDP did not: the same mean as over one big batch
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                        dist.all_reduce(p.grad)
+                        p.grad.div_(world)
                 if cfg.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 opt.step()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -109,6 +110,8 @@ def cmd_train_xcross(args: argparse.Namespace) -> int:
     out = Path(args.out)
     config = config_from_args(XCrossTrainConfig, args, progress=not args.no_progress)
     res = train(xc, data, output_dir=out, config=config)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 alone reports and evaluates
+        return 0
     counts = xc.num_trainable()
     print(f"trained X-Cross over {names} on {data.name}: {res.steps} steps, {res.n_train_examples} examples, "
           f"best val loss {res.best_val_loss} at step {res.best_step}"

@@ -101,13 +101,17 @@ def _pick_users(train: dict[int, list[int]], cap: int | None, seed: int) -> set[
     return set(sample_users(list(train), cap, seed))
 
 
-def example_loss(xc: XCrossModel, batch: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean cross-entropy of the targets among their candidates, scores [B, 1 + K])."""
+def example_loss(xc: XCrossModel, batch: Sequence[Example],
+                 forward: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy of the targets among their candidates, scores [B, 1 + K]).
+
+    ``forward``: what runs ``xc``'s forward (its DDP wrapper under ``torchrun``); ``xc`` itself by default.
+    """
     enc = xc.encoder
     assert enc is not None
     rows = [enc.pair_ids(h, int(c)) for h, cands, _ in batch for c in cands]
     ids, mask = pad_batch(rows, enc.pad_id)
-    scores = xc(ids, mask).view(len(batch), -1)
+    scores = (forward or xc)(ids, mask).view(len(batch), -1)
     target = torch.tensor([t for _, _, t in batch], device=scores.device)
     return F.cross_entropy(scores, target), scores
 
@@ -186,20 +190,19 @@ def train(xc: XCrossModel, data: DomainData, *, config: XCrossTrainConfig | None
     steps_per_epoch = max(n_examples // cfg.batch_size, 1)
     if cfg.eval_every is None:
         cfg = dataclasses.replace(cfg, eval_every=steps_per_epoch)  # validate once per epoch
-    res = fit(xc, groups, epochs, lambda module, batch: example_loss(module, batch)[0], cfg,
+    res = fit(xc, groups, epochs, lambda module, batch: example_loss(xc, batch, forward=module)[0], cfg,
               validate=(lambda: validate(xc, val_examples, cfg.score_batch_size)) if val_examples else None,
-              validate_at_start=True, distributed=False, desc=f"x-cross {'+'.join(xc.adapters)}",
-              callback=callback)
+              validate_at_start=True, desc=f"x-cross {'+'.join(xc.adapters)}", callback=callback)
     result = XCrossTrainResult(steps=res.steps, train_loss=res.train_loss, val=res.evals,
                                best_step=res.best_step if val_examples else res.steps, best_val_loss=res.best_loss,
                                stopped_early=res.stopped_early, seconds=res.seconds, n_train_examples=n_examples,
                                n_trainable=sum(p.numel() for g in groups for p in g["params"]))
-    if output_dir is not None:
+    if output_dir is not None and res.rank == 0:  # under torchrun every rank holds the same state
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         xc.save(out / "xcross")
         log = {"adapters": xc.adapters, "config": asdict(cfg), "trainable": xc.num_trainable(),
-               "extra_trainable": sum(p.numel() for p in extra), **result.to_dict()}
+               "extra_trainable": sum(p.numel() for p in extra), "world_size": res.world_size, **result.to_dict()}
         atomic_write_text(out / "train_log.json", json.dumps(log, indent=2) + "\n")
     return result
 
