@@ -141,3 +141,28 @@ class PairEncoder:
         """``input_ids, attention_mask [U*C, T]``, user-major (the C candidates of user 0 first), right-padded."""
         rows = [self.pair_ids(h, int(c)) for h, cands in zip(histories, candidates, strict=True) for c in cands]
         return pad_batch(rows, self.pad_id)
+
+
+class CompletionPairEncoder:
+    """(history, candidate) -> the causal-LM training row: next-item prompt + candidate title, with
+    labels on the title tokens only (exactly the rows :class:`xkern.serve.LikelihoodScorer` scores), so
+    a score summed over the labelled tokens is the title's log-likelihood after the prompt."""
+
+    def __init__(self, tokenizer: Any, titles: Sequence[str], domain: str | None = None,
+                 max_history: int = MAX_HISTORY, max_tokens: int = 384) -> None:
+        self.prompts = PromptEncoder(tokenizer, domain, max_history, max_prompt_tokens=max_tokens)
+        self.titles, self.domain = list(titles), domain
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(tokenizer, "eos_token_id", None)
+        self.pad_id = int(pad or 0)
+        self._prompt: dict[tuple[int, ...], list[int]] = {}
+
+    def pair(self, history: Sequence[int], item: int) -> dict[str, list[int]]:
+        key = tuple(int(i) for i in history)
+        if key not in self._prompt:
+            self._prompt[key] = self.prompts.prompt(titles_of(key, self.titles))
+        return prompt_completion_example(self._prompt[key], self.prompts.title(self.titles[int(item)] or ""))
+
+    def pair_ids(self, history: Sequence[int], item: int) -> list[int]:
+        return self.pair(history, item)["input_ids"]

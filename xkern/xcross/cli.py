@@ -49,6 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=float, default=1.0)
     p.add_argument("--bias", action="store_true", help="integrator bias")
     p.add_argument("--pooling", choices=("auto", "first", "last", "mean"), default="auto")
+    p.add_argument("--scoring", choices=("head", "likelihood"), default="head",
+                   help="head: pooled state + trained scoring head (any base); likelihood (decoders): the title's "
+                   "log-likelihood under the frozen LM head on the mixed streams, which starts from the source "
+                   "LoRAs' next-item skill")
     p.add_argument("--max-history", type=int, default=5)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
@@ -105,6 +109,7 @@ def cmd_train_xcross(args: argparse.Namespace) -> int:
     data = _domain(args)
     data = replace(data, train=subsample_train(data.train, args.fraction, args.seed))
     xc = XCrossModel(xm, names, beta=args.beta, gamma=args.gamma, pooling=args.pooling, bias=args.bias,
+                     scoring=args.scoring,
                      tokenizer=tok, titles=data.titles, domain=data.name, max_history=args.max_history,
                      max_tokens=args.max_tokens)
     out = Path(args.out)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xkern.data.encoding import PairEncoder, pad_batch
+from xkern.data.encoding import IGNORE, CompletionPairEncoder, PairEncoder, pad_batch, pad_rows
 from xkern.data.prompts import MAX_HISTORY
 from xkern.fileio import atomic_path, atomic_write_text
 from xkern.nn import BASE, XkernModel, routing_scope
@@ -121,12 +121,18 @@ class XCrossModel(nn.Module):
             ``"last"`` or ``"mean"``.
         bias: give every integrator a trainable bias (zero-initialized).
         head_dim: width of the head's hidden layer (default: the model's hidden size).
+        scoring: ``"head"`` (pool the mixed final hidden state, score it with a trained head; any base)
+            or ``"likelihood"`` (decoders: the candidate title's log-likelihood after the next-item
+            prompt under the base's frozen LM head applied to the mixed final hidden states, so the
+            source LoRAs' own next-item skill is the starting point; nothing but the integrators and
+            ``w`` is trained).
         tokenizer, titles, domain, max_history, max_tokens: how :meth:`score` turns item indices into
             prompts (see :class:`PairEncoder`); set or change them with :meth:`set_domain`.
     """
 
     def __init__(self, model: XkernModel, adapters: Sequence[str], beta: float = 1.0, gamma: float = 1.0,
-                 pooling: str = "auto", bias: bool = False, *, head_dim: int | None = None, tokenizer: Any = None,
+                 pooling: str = "auto", bias: bool = False, *, head_dim: int | None = None,
+                 scoring: str = "head", tokenizer: Any = None,
                  titles: Sequence[str] | None = None, domain: str | None = None, max_history: int = MAX_HISTORY,
                  max_tokens: int = 128) -> None:
         super().__init__()
@@ -163,8 +169,19 @@ class XCrossModel(nn.Module):
             if (bias and n > 1) else nn.ParameterList()
         self.has_bias = bool(bias)
         self.w = nn.Parameter(torch.full((n,), 1.0 / n))
-        self.head = ScoringHead(d, head_dim)
-        self.head_dim = head_dim or d
+        if scoring not in ("head", "likelihood"):
+            raise ValueError(f"scoring must be 'head' or 'likelihood', got {scoring!r}")
+        self.scoring = scoring
+        if scoring == "likelihood":
+            lm_head = model.model.get_output_embeddings() if hasattr(model.model, "get_output_embeddings") else None
+            if not self.decoder or lm_head is None:
+                raise ValueError("scoring='likelihood' needs a decoder with an LM head; encoders use scoring='head'")
+            self.__dict__["lm_head"] = lm_head  # frozen, the base's own
+            self.head = nn.Module()  # no trained head
+            self.head_dim = 0
+        else:
+            self.head = ScoringHead(d, head_dim)
+            self.head_dim = head_dim or d
         self.to(model.device)
         self._use_cache = "use_cache" in inspect.signature(self.base.forward).parameters
         self.encoder: PairEncoder | None = None
@@ -208,8 +225,22 @@ class XCrossModel(nn.Module):
             self._enc_args["max_history"] = max_history
         if max_tokens is not None:
             self._enc_args["max_tokens"] = max_tokens
-        self.encoder = PairEncoder(self.tokenizer, titles, domain, **self._enc_args)
+        enc_cls = CompletionPairEncoder if self.scoring == "likelihood" else PairEncoder
+        self.encoder = enc_cls(self.tokenizer, titles, domain, **self._enc_args)
         return self
+
+    def encode(self, pairs: Sequence[tuple[Sequence[int], int]]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                            torch.Tensor | None]:
+        """``(input_ids, attention_mask, labels)`` of (history, candidate) pairs, right-padded; ``labels``
+        (the title tokens, :data:`IGNORE` elsewhere) only for ``scoring="likelihood"``."""
+        if self.encoder is None:
+            raise ValueError("set_domain(titles, domain, tokenizer=...) first: scoring needs item titles")
+        if self.scoring == "likelihood":
+            rows = [self.encoder.pair(h, int(c)) for h, c in pairs]
+            ids, mask = pad_batch([r["input_ids"] for r in rows], self.encoder.pad_id)
+            return ids, mask, pad_rows([r["labels"] for r in rows], IGNORE)
+        ids, mask = pad_batch([self.encoder.pair_ids(h, int(c)) for h, c in pairs], self.encoder.pad_id)
+        return ids, mask, None
 
     # ---- forward -----------------------------------------------------------------------------------------
 
@@ -257,13 +288,24 @@ class XCrossModel(nn.Module):
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         return hidden.reshape(n, rows, *hidden.shape[1:])
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Scores ``[N]`` of N tokenized (history, candidate) pairs."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores ``[N]`` of N tokenized (history, candidate) pairs (``labels``: see :meth:`encode`)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         hidden = self.stream_hidden(input_ids, attention_mask)
         n, rows = hidden.shape[:2]
+        if self.scoring == "likelihood":
+            if labels is None:
+                raise ValueError("scoring='likelihood' needs labels (XCrossModel.encode gives them)")
+            mixed = (self.w.to(hidden.dtype)[:, None, None, None] * hidden).sum(0)  # [N, T, d]
+            target = labels.to(self.device)[:, 1:]
+            picked = target != IGNORE  # the hidden state at t predicts token t + 1
+            logits = self.lm_head(mixed[:, :-1][picked]).float()
+            logp = F.log_softmax(logits, dim=-1).gather(-1, target[picked][:, None]).squeeze(-1)
+            row = torch.arange(rows, device=self.device)[:, None].expand_as(target)[picked]
+            return torch.zeros(rows, device=self.device).index_add(0, row, logp)
         pooled = pool_hidden(hidden.reshape(n * rows, *hidden.shape[2:]), attention_mask.repeat(n, 1),
                              self.pooling_mode).reshape(n, rows, -1).float()
         mixed = (self.w.float()[:, None, None] * pooled).sum(0)  # pooling is linear: pool(sum w h) = sum w pool(h)
@@ -277,15 +319,15 @@ class XCrossModel(nn.Module):
         cands = np.asarray(candidates)
         if cands.ndim != 2 or cands.shape[0] != len(histories):
             raise ValueError(f"candidates must be [U={len(histories)}, C], got shape {cands.shape}")
-        rows = [self.encoder.pair_ids(h, int(c)) for h, cs in zip(histories, cands, strict=True) for c in cs]
+        rows = [(h, int(c)) for h, cs in zip(histories, cands, strict=True) for c in cs]
         out = torch.empty(len(rows), dtype=torch.float32)
         was_training = self.training
         self.eval()
         try:
             with torch.no_grad():
                 for s in range(0, len(rows), batch_size):
-                    ids, mask = pad_batch(rows[s:s + batch_size], self.encoder.pad_id)
-                    out[s:s + len(ids)] = self(ids, mask).float().cpu()
+                    ids, mask, labels = self.encode(rows[s:s + batch_size])
+                    out[s:s + len(ids)] = self(ids, mask, labels).float().cpu()
         finally:
             self.train(was_training)
         return out.reshape(cands.shape)
@@ -305,7 +347,8 @@ class XCrossModel(nn.Module):
         return {"format": FORMAT, "adapters": list(self.adapters),
                 "adapter_fingerprints": {a: adapter_fingerprint(self.model, a) for a in self.adapters if a != BASE},
                 "beta": self.beta, "gamma": self.gamma, "pooling": self.pooling, "bias": self.has_bias,
-                "head_dim": self.head_dim, "hidden_size": self.hidden_size, "num_layers": len(self.blocks),
+                "head_dim": self.head_dim, "scoring": self.scoring, "hidden_size": self.hidden_size,
+                "num_layers": len(self.blocks),
                 "base_model": getattr(self.model.config, "_name_or_path", None) or None,
                 "encoder": dict(self._enc_args)}
 
@@ -345,9 +388,10 @@ class XCrossModel(nn.Module):
                     raise ValueError(f"{path}: adapter {a!r} has other weights than the one it was trained with "
                                      f"(fingerprint {now} != {fp}); refusing to load (strict_fingerprint=False "
                                      f"to force)")
-        for key in ("hidden_size", "num_layers", "head_dim"):
-            mine = {"hidden_size": self.hidden_size, "num_layers": len(self.blocks), "head_dim": self.head_dim}[key]
-            if cfg[key] != mine:
+        for key in ("hidden_size", "num_layers", "head_dim", "scoring"):
+            mine = {"hidden_size": self.hidden_size, "num_layers": len(self.blocks), "head_dim": self.head_dim,
+                    "scoring": self.scoring}[key]
+            if cfg.get(key, "head" if key == "scoring" else None) != mine:
                 raise ValueError(f"{path}: {key}={cfg[key]} but this model has {mine}")
         if bool(cfg["bias"]) != self.has_bias:
             raise ValueError(f"{path}: bias={cfg['bias']} but this model has bias={self.has_bias}")
@@ -375,5 +419,6 @@ class XCrossModel(nn.Module):
         enc = dict(cfg.get("encoder", {}))
         enc.update({k: kwargs.pop(k) for k in ("max_history", "max_tokens") if k in kwargs})
         xc = cls(model, cfg["adapters"], beta=cfg["beta"], gamma=cfg["gamma"], pooling=cfg["pooling"],
-                 bias=cfg["bias"], head_dim=cfg["head_dim"], **enc, **kwargs)
+                 bias=cfg["bias"], head_dim=cfg["head_dim"] or None, scoring=cfg.get("scoring", "head"), **enc,
+                 **kwargs)
         return xc.load_state(path, strict_fingerprint=strict_fingerprint)

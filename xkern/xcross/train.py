@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from xkern.data.domain import DomainData
-from xkern.data.encoding import pad_batch
 from xkern.data.evaluate import evaluate_scorer
 from xkern.data.examples import next_item_pairs
 from xkern.data.metrics import evaluate_ranking
@@ -107,11 +106,8 @@ def example_loss(xc: XCrossModel, batch: Sequence[Example],
 
     ``forward``: what runs ``xc``'s forward (its DDP wrapper under ``torchrun``); ``xc`` itself by default.
     """
-    enc = xc.encoder
-    assert enc is not None
-    rows = [enc.pair_ids(h, int(c)) for h, cands, _ in batch for c in cands]
-    ids, mask = pad_batch(rows, enc.pad_id)
-    scores = (forward or xc)(ids, mask).view(len(batch), -1)
+    ids, mask, labels = xc.encode([(h, int(c)) for h, cands, _ in batch for c in cands])
+    scores = (forward or xc)(ids, mask, labels).view(len(batch), -1)
     target = torch.tensor([t for _, _, t in batch], device=scores.device)
     return F.cross_entropy(scores, target), scores
 

@@ -1,0 +1,72 @@
+"""X-Cross with the likelihood score (decoders): one stream is exactly the LoRA's own likelihood scorer;
+training the integrators and w lowers the validation loss; save/load keeps the mode; encoders refuse it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_model
+
+import xkern
+from xkern.data.encoding import PromptEncoder
+from xkern.data.synthetic import SyntheticConfig, make_synthetic
+from xkern.data.tokenizer import word_tokenizer
+from xkern.serve import LikelihoodScorer
+from xkern.xcross import XCrossModel, train
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from xkern.data.prompts import next_item_prompt, pointwise_prompt
+
+    domains = make_synthetic(SyntheticConfig(n_users=80, n_themes=4, n_tiers=2, items_per_cell=4, seed=0))
+    texts = [t for d in domains.values() for t in d.titles]
+    texts += [pointwise_prompt(["x"], "y", d) for d in domains] + [next_item_prompt(["x"], d) for d in domains]
+    texts += [str(i) for i in range(20)]
+    tok = word_tokenizer(texts)
+    base = tiny_model("llama", seed=3, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    xm = xkern.load_model(base, dtype=torch.float32, progress=False)
+    for i in range(2):
+        xm.add_adapter(f"a{i}", r=4, seed=i, init_lora_weights=False)
+    return domains["Tools"], tok, xm
+
+
+def test_one_stream_scores_exactly_as_the_adapters_likelihood_scorer(setup):
+    data, tok, xm = setup
+    xc = XCrossModel(xm, ["a1"], scoring="likelihood", tokenizer=tok, titles=data.titles, domain=data.name,
+                     max_history=3)
+    assert xc.num_trainable()["head"] == 0
+    hist = [list(s[:-1]) for s in list(data.test.values())[:4]]
+    cands = np.array([[s[-1], 0, 1, 2, 3] for s in list(data.test.values())[:4]])
+    ref = LikelihoodScorer(xm, PromptEncoder(tok, data.name, 3), data.titles, "a1")(hist, cands)
+    got = xc.score(hist, cands).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_training_the_mix_lowers_the_validation_loss_and_survives_save_load(setup, tmp_path):
+    data, tok, xm = setup
+    xc = XCrossModel(xm, ["a0", "a1"], scoring="likelihood", tokenizer=tok, max_history=3)
+    res = train(xc, data, n_neg=3, epochs=2, batch_size=8, lr=1e-2, max_train_users=32, max_val_users=16,
+                val_neg=4, progress=False, output_dir=tmp_path / "run")
+    assert res.best_val_loss < res.val[0]["loss"]
+    back = XCrossModel.load(tmp_path / "run" / "xcross", xm, tokenizer=tok, titles=data.titles, domain=data.name)
+    assert back.scoring == "likelihood"
+    hist, cands = [[0, 1, 2]], np.array([[3, 4, 5]])
+    xc.set_domain(data.titles, data.name)
+    torch.testing.assert_close(back.score(hist, cands), xc.score(hist, cands))
+
+
+def test_encoders_and_missing_labels_are_refused(setup):
+    data, tok, xm = setup
+    bert = xkern.load_model(tiny_model("bert", seed=0), dtype=torch.float32, progress=False)
+    bert.add_adapter("e", r=4)
+    with pytest.raises(ValueError, match="needs a decoder"):
+        XCrossModel(bert, ["e"], scoring="likelihood")
+    with pytest.raises(ValueError, match="scoring must be"):
+        XCrossModel(xm, ["a0"], scoring="lm")
+    xc = XCrossModel(xm, ["a0"], scoring="likelihood", tokenizer=tok, titles=data.titles, domain=data.name)
+    ids, mask, labels = xc.encode([([0, 1], 2)])
+    assert labels is not None and (labels != -100).any()
+    with pytest.raises(ValueError, match="needs labels"):
+        xc(ids, mask)
