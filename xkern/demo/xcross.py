@@ -3,8 +3,9 @@
 The quickstart's :class:`~xkern.demo.lm.LMDemo` trains one LoRA per source domain (next-item
 causal LM). X-Cross runs those adapters as streams of the same frozen base, and trains only its
 integrators, stream weights ``w`` and scoring head (fresh) on the target's training users at the
-row's fraction (validation and early stopping: the target's ``val`` users), then scores the
-candidates as a cross-encoder (history + candidate in one prompt, mean-pooled).
+row's fraction (validation and early stopping: the target's ``val`` users), then scores each
+candidate by its title's log-likelihood after the next-item prompt under the base's LM head applied to
+the mixed streams (``scoring="likelihood"``; ``"head"`` pools and scores with a trained head instead).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ class XCrossDemoConfig:
     max_history: int = 5
     max_tokens: int = 96
     score_batch_size: int = 240
+    # the tiny Llama is a decoder: score by the title's log-likelihood under its LM head on the mixed streams,
+    # which starts from the source LoRAs' next-item skill ("head": pooled state + a head trained from scratch)
+    scoring: str = "likelihood"
 
 
 def _build(ctx: Any, source_names: Sequence[str], cfg: XCrossDemoConfig):
@@ -36,7 +40,8 @@ def _build(ctx: Any, source_names: Sequence[str], cfg: XCrossDemoConfig):
 
     lm = lm_demo(ctx)
     adapters = [source_lora(ctx, s) for s in source_names]
-    xc = XCrossModel(lm.model, adapters, pooling=cfg.pooling, tokenizer=lm.tokenizer, titles=ctx.target.titles,
+    xc = XCrossModel(lm.model, adapters, pooling=cfg.pooling, scoring=cfg.scoring, tokenizer=lm.tokenizer,
+                     titles=ctx.target.titles,
                      domain=ctx.target.name, max_history=min(cfg.max_history, lm.cfg.max_history),
                      max_tokens=cfg.max_tokens)
     res = train(xc, ctx.target, n_neg=cfg.n_neg, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
@@ -60,5 +65,5 @@ def xcross_methods(source_names: Sequence[str], config: XCrossDemoConfig | None 
     def build(ctx: Any):
         return _build(ctx, names, ctx.options.get("xcross_config") or cfg)
 
-    return [Method("xcross", build, f"X-Cross over the LoRAs of {', '.join(names)}: integrators + w + head trained "
-                   "on the target (tiny NF4 Llama)", group="sources")]
+    return [Method("xcross", build, f"X-Cross over the LoRAs of {', '.join(names)}: integrators + w trained on the "
+                   "target, candidates scored by likelihood (tiny NF4 Llama)", group="sources")]
