@@ -81,6 +81,15 @@ class RowRouting:
             return self
         return RowRouting(self.ids.to(device), self.order.to(device), self.starts.to(device), self.n_adapters)
 
+    def sorted_ids(self) -> torch.Tensor:
+        """``ids[order]`` (int32), the adapter of each position in the sorted order; computed once per routing
+        (a device gather, no host sync) and shared by every layer that reads it."""
+        cached = self.__dict__.get("_sorted_ids")
+        if cached is None:
+            cached = self.ids[self.order.long()].contiguous()
+            object.__setattr__(self, "_sorted_ids", cached)
+        return cached
+
     def segments(self) -> list[tuple[int, torch.Tensor | slice]]:
         """``(adapter, rows)`` of every non-empty adapter segment; ``rows`` is a ``slice`` when the segment's
         rows are consecutive in the batch (samples keep their tokens together, X-Cross stacks streams),
