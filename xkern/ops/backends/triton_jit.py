@@ -256,6 +256,7 @@ class XCrossLaunchConfig:
     block_t: int = 16
     block_d: int = 128
     num_warps: int = 4
+    num_stages: int = 2
 
 
 def _next_pow2(v: int) -> int:
@@ -268,8 +269,12 @@ def xcross_default_config(n: int, d: int, device: torch.device) -> XCrossLaunchC
     if device.type != "cuda":
         return XCrossLaunchConfig(block_t=16, block_d=16, num_warps=1)
     n_pad = _next_pow2(n)
-    cap = 128 if n_pad <= 4 else (64 if n_pad <= 8 else 32)
-    return XCrossLaunchConfig(block_t=16, block_d=max(16, min(cap, _next_pow2(d))), num_warps=4)
+    # [n_pad, 16, block_d] float32 tiles and their layout conversions live in shared memory: the chunk shrinks
+    # with n so that n = 8 fits sm_80 (163 KiB) in every dtype; no load pipelining from n = 8 on
+    # (bench/gpu_compile_check.py, docs/kernels.md)
+    cap = 128 if n_pad <= 2 else (64 if n_pad <= 4 else (32 if n_pad <= 8 else 16))
+    return XCrossLaunchConfig(block_t=16, block_d=max(16, min(cap, _next_pow2(d))), num_warps=4,
+                              num_stages=2 if n_pad <= 4 else 1)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -294,12 +299,13 @@ def xcross_forward(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, 
         return out.to(h.dtype), z
     cfg = config or xcross_default_config(n, d, h.device)
     grid = (triton.cdiv(t, cfg.block_t),)
-    xcross_fwd_kernel[grid](
-        h, w, w if bias is None else bias, out, z,
-        t, d, float(beta), float(gamma),
-        h.stride(0), h.stride(1), h.stride(2),
-        w.stride(0), w.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
+    _launch(
+        xcross_fwd_kernel, grid,
+        (h, w, w if bias is None else bias, out, z,
+         t, d, float(beta), float(gamma),
+         h.stride(0), h.stride(1), h.stride(2),
+         w.stride(0), w.stride(1),
+         out.stride(0), out.stride(1), out.stride(2)), h.device, cfg.num_stages,
         N=n, N_PAD=_next_pow2(n), HAS_BIAS=bias is not None,
         LOW_PRECISION_DOT=h.is_cuda and h.dtype != torch.float32,
         BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_P=_block_p(n), num_warps=cfg.num_warps,
@@ -321,13 +327,14 @@ def xcross_input_grad(grad_out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, 
     z = z.float().contiguous()
     cfg = config or xcross_default_config(n, d, h.device)
     grid = (triton.cdiv(t, cfg.block_t),)
-    xcross_bwd_kernel[grid](
-        grad_out, h, w, z, dh, dz,
-        t, d, float(beta), float(gamma),
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        h.stride(0), h.stride(1), h.stride(2),
-        w.stride(0), w.stride(1),
-        dh.stride(0), dh.stride(1), dh.stride(2),
+    _launch(
+        xcross_bwd_kernel, grid,
+        (grad_out, h, w, z, dh, dz,
+         t, d, float(beta), float(gamma),
+         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+         h.stride(0), h.stride(1), h.stride(2),
+         w.stride(0), w.stride(1),
+         dh.stride(0), dh.stride(1), dh.stride(2)), h.device, cfg.num_stages,
         N=n, N_PAD=_next_pow2(n),
         BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_P=_block_p(n), num_warps=cfg.num_warps,
     )
@@ -439,13 +446,14 @@ def compile_cases() -> list[CompileCase]:
         for dtype in dtypes:
             const = dict(N=n, N_PAD=_next_pow2(n), BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_P=_block_p(n),
                          stride_hd=1, stride_wk=1, stride_od=1)
-            config = {"n": n, "BLOCK_T": cfg.block_t, "BLOCK_D": cfg.block_d, "num_warps": cfg.num_warps}
+            config = {"n": n, "BLOCK_T": cfg.block_t, "BLOCK_D": cfg.block_d, "num_warps": cfg.num_warps,
+                      "num_stages": cfg.num_stages}
             cases.append(_case("xcross_fwd_kernel", f"xcross-n{n}", config, dtype, xcross_fwd_kernel,
                                {"h_ptr": "x", "w_ptr": "x", "bias_ptr": "x", "out_ptr": "x", "z_ptr": "fp32"},
                                dict(const, HAS_BIAS=True, LOW_PRECISION_DOT=dtype != "float32"),
-                               cfg.num_warps, 3))
+                               cfg.num_warps, cfg.num_stages))
             cases.append(_case("xcross_bwd_kernel", f"xcross-n{n}", config, dtype, xcross_bwd_kernel,
                                {"g_ptr": "x", "h_ptr": "x", "w_ptr": "x", "z_ptr": "fp32", "dh_ptr": "x",
                                 "dz_ptr": "fp32"},
-                               dict(const, stride_gd=1), cfg.num_warps, 3))
+                               dict(const, stride_gd=1), cfg.num_warps, cfg.num_stages))
     return cases
