@@ -55,7 +55,9 @@ class RowRouting:
                 raise ValueError(f"adapter_ids must lie in [-1, {n_adapters - 1}], got values in [{lo}, {hi}]")
         ids32 = flat.to(torch.int32).contiguous()
         order = torch.argsort(ids32, stable=True).to(torch.int32)
-        counts = torch.bincount((ids32.long() + 1).clamp(0, n_adapters), minlength=n_adapters + 1)
+        slot = (ids32.long() + 1).clamp(0, n_adapters)  # scatter_add, not bincount: no host sync on a GPU
+        counts = torch.zeros(n_adapters + 1, dtype=torch.int64, device=flat.device).scatter_add_(
+            0, slot, torch.ones_like(slot))
         starts = torch.zeros(n_adapters + 2, dtype=torch.int32, device=flat.device)
         starts[1:] = torch.cumsum(counts[: n_adapters + 1], 0)
         return cls(ids32, order.contiguous(), starts, int(n_adapters))
