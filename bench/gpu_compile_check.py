@@ -46,6 +46,18 @@ _HEX = re.compile(r"\s*(?:`\()?0x([0-9a-f]+)")
 _BRA = re.compile(r"`\((?P<label>\.L_x_\d+)\)")
 
 
+def _bare_package() -> None:
+    """Import ``xkern`` without its package face (``xkern/__init__`` pulls in transformers & co.), so the check
+    runs in a minimal environment (torch + triton + numpy), e.g. a second venv with another Triton."""
+    try:
+        import xkern  # noqa: F401
+    except ImportError:
+        import types
+        face = types.ModuleType("xkern")
+        face.__path__ = [str(ROOT / "xkern")]
+        sys.modules["xkern"] = face
+
+
 def _bin(tool: str) -> str:
     import triton
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool)
@@ -170,14 +182,22 @@ def compile_one(case, arch: int) -> dict:
 
 def _work(item):
     idx, arch = item
+    _bare_package()
     from xkern.ops.backends.triton_jit import compile_cases
     return compile_one(compile_cases()[idx], arch)
 
 
-def run(only: str | None = None, archs=(80, 90), jobs: int = 1, limit: int | None = None) -> list[dict]:
+def _selected(case, only: str | None, exclude: str | None) -> bool:
+    name = f"{case.kernel} {case.path} {case.dtype}"
+    return (not only or only in name) and not (exclude and exclude in name)
+
+
+def run(only: str | None = None, archs=(80, 90), jobs: int = 1, limit: int | None = None,
+        exclude: str | None = None) -> list[dict]:
+    _bare_package()
     from xkern.ops.backends.triton_jit import compile_cases
     cases = compile_cases()
-    items = [(i, a) for i, c in enumerate(cases) for a in archs if not only or only in c.kernel or only in c.path]
+    items = [(i, a) for i, c in enumerate(cases) for a in archs if _selected(c, only, exclude)]
     if limit:
         items = items[:limit]
     if jobs > 1:
@@ -186,12 +206,18 @@ def run(only: str | None = None, archs=(80, 90), jobs: int = 1, limit: int | Non
     return [compile_one(cases[i], a) for i, a in items]
 
 
+def _record_key(r: dict) -> str:
+    return json.dumps([r["kernel"], r["path"], r["config"], r["dtype"], r["arch"]], sort_keys=True)
+
+
 def problems(records: list[dict]) -> list[str]:
     """What the check rejects: a failed compilation, shared memory over the limit, spills on the decode and
     mid paths, a 16-bit base GEMM without tensor-core instructions."""
     out = []
     for r in records:
         name = f"{r['kernel']} {r['path']} {r['config']} {r['arch']} {r['dtype']}"
+        if r.get("skipped"):
+            continue
         if not r["compiles"]:
             out.append(f"{name}: does not compile ({r.get('error')})")
             continue
@@ -207,7 +233,13 @@ def problems(records: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu-compile-check.json")
-    ap.add_argument("--only", help="kernels or paths containing this string")
+    ap.add_argument("--only", help="cases whose 'kernel path dtype' contains this string")
+    ap.add_argument("--exclude", help="leave out cases whose 'kernel path dtype' contains this string")
+    ap.add_argument("--skip", help="record cases whose 'kernel path dtype arch' contains this string as skipped, "
+                    "with --skip-reason, instead of compiling them (unless --merge brings a compiled record)")
+    ap.add_argument("--skip-reason", default="")
+    ap.add_argument("--merge", type=Path, nargs="*", default=[],
+                    help="earlier outputs whose records are kept unless this run recompiled them")
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--limit", type=int)
@@ -215,7 +247,26 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
     t0 = time.perf_counter()
-    records = run(args.only, tuple(args.arch), args.jobs, args.limit)
+    records = run(args.only, tuple(args.arch), args.jobs, args.limit, args.exclude)
+    seen = {_record_key(r) for r in records}
+    from xkern.ops.backends.triton_jit import compile_cases
+    current = {_record_key({"kernel": c.kernel, "path": c.path, "config": c.config, "dtype": c.dtype,
+                            "arch": ARCH_NAME[a]}) for c in compile_cases() for a in args.arch}
+    for path in args.merge:
+        for r in json.loads(path.read_text())["records"]:
+            if _record_key(r) not in seen and _record_key(r) in current:  # stale configurations are dropped
+                records.append(r)
+                seen.add(_record_key(r))
+    if args.skip:
+        for c in compile_cases():
+            for a in args.arch:
+                rec = {"kernel": c.kernel, "config": c.config, "arch": ARCH_NAME[a], "dtype": c.dtype, "path": c.path,
+                       "shared_limit": SHARED_LIMIT[a]}
+                if args.skip in f"{c.kernel} {c.path} {c.dtype} {ARCH_NAME[a]}" and _record_key(rec) not in seen:
+                    rec.update(compiles=None, skipped=args.skip_reason, regs=None, spill_bytes=None,
+                               shared_bytes=None, tensor_core=None)
+                    records.append(rec)
+                    seen.add(_record_key(rec))
     bad = problems(records)
     doc = {"triton": triton.__version__, "wall_s": round(time.perf_counter() - t0, 1),
            "problems": bad, "records": records}

@@ -81,25 +81,38 @@ PATHS = {
     "mid": LaunchConfig(32, 128, 64, num_warps=4, num_stages=3, shrink_m=32, shrink_k=64),
     "large": LaunchConfig(64, 128, 64, num_warps=8, num_stages=1, shrink_m=64, shrink_k=64, dequant_base=True),
 }
+#: float32 inputs: the dots run on CUDA cores (``input_precision="ieee"``), whose operand tiles live in registers:
+#: smaller K tiles keep the decode and mid paths free of spills (bench/gpu_compile_check.py)
+PATHS_FP32 = {
+    "decode": LaunchConfig(16, 32, 64, split_k=2, num_warps=4, num_stages=3, shrink_m=16, shrink_k=32),
+    "mid": LaunchConfig(32, 64, 32, num_warps=4, num_stages=3, shrink_m=32, shrink_k=32),
+    "large": LaunchConfig(64, 128, 64, num_warps=8, num_stages=1, shrink_m=64, shrink_k=32, dequant_base=True),
+}
+
+
+def _paths(dtype: torch.dtype) -> dict[str, LaunchConfig]:
+    return PATHS_FP32 if dtype == torch.float32 else PATHS
 
 
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def default_config(m: int, n_out: int, n_red: int, device: torch.device) -> LaunchConfig:
+def default_config(m: int, n_out: int, n_red: int, device: torch.device,
+                   dtype: torch.dtype = torch.bfloat16) -> LaunchConfig:
     """By regime: decode (M <= 16) streams W once, split over K to fill the GPU; mid tiles the fused GEMM;
     large M (> LARGE_M) dequantizes once and lets cuBLAS do the base. The CPU interpreter: small tiles."""
     if device.type != "cuda":  # interpreter: a few programs, a few K steps
         return LaunchConfig(block_m=16, block_n=32, block_k=32)
+    paths = _paths(dtype)
     if m <= 16:
-        cfg = PATHS["decode"]
+        cfg = paths["decode"]
         n_tiles = triton.cdiv(n_out, cfg.block_n)
         split_k = max(1, min(triton.cdiv(2 * _sm_count(device), n_tiles), n_red // (2 * cfg.block_k), 16))
         return LaunchConfig(**{**cfg.__dict__, "split_k": split_k})
     if m <= LARGE_M:
-        return PATHS["mid"]
-    return PATHS["large"]
+        return paths["mid"]
+    return paths["large"]
 
 
 def _weight_args(weight: NF4Tensor) -> tuple[torch.Tensor, ...]:
@@ -185,7 +198,7 @@ def _fused(x: torch.Tensor, weight: NF4Tensor, routing: RowRouting, shrink: torc
     m, n_red = x.shape
     k_w = weight.shape[1]
     dev = x.device
-    cfg = config or default_config(m, n_out, n_red, dev)
+    cfg = config or default_config(m, n_out, n_red, dev, x.dtype)
     has_lora = rank > 0 and bool(shrink.shape[0] > 0)
     block_r = _block_r(rank)
     low = x.is_cuda and x.dtype != torch.float32
@@ -213,7 +226,7 @@ def _fused(x: torch.Tensor, weight: NF4Tensor, routing: RowRouting, shrink: torc
     _launch(nf4_lora_kernel, grid,
             (x, order, sorted_ids, *_weight_args(weight), nf4_code(dev), xa, expand, scale, out, part, count,
              m, n_out, n_red, k_w, k_w // 2, rank, x.stride(0), x.stride(1), xa.stride(0), *expand_strides,
-             out.stride(0), out.stride(1)), dev, cfg.num_stages,
+             out.stride(0), out.stride(1)), dev, 1 if k_w % 2 else cfg.num_stages,  # odd K: element gathers
             BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, TRANS_W=transpose_w,
             GROUP=_group(k_w, weight.blocksize, tile_cols), ODD=k_w % 2 == 1, HAS_BASE=has_base, HAS_LORA=has_lora,
             SPLIT_K=split_k, LOW_PRECISION_DOT=low, EVEN_K=n_red % cfg.block_k == 0, EVEN_N=n_out % cfg.block_n == 0,
@@ -396,18 +409,18 @@ def compile_cases() -> list[CompileCase]:
                 "xa_ptr": "fp32", "u_ptr": "x", "scale_ptr": "fp32", "out_ptr": "x", "part_ptr": "fp32",
                 "count_ptr": "i32"}
     blocksize = 64  # bitsandbytes' default; W_COLS % 64 == 0 in every model layer (else GROUP = 2, "unaligned")
-    variants = [("decode", PATHS["decode"], 1), ("decode", PATHS["decode"], 2), ("mid", PATHS["mid"], 1),
-                ("large", PATHS["large"], 1)]
     for direction in ("forward", "input_grad"):
         trans = direction == "input_grad"
         ones = {"stride_xj": 1, "stride_oo": 1, ("stride_uo" if trans else "stride_ur"): 1}
-        for path, cfg, split in variants:
+        for path, split in (("decode", 1), ("decode", 2), ("mid", 1), ("large", 1)):
             extra = [("", False)] if path != "mid" or trans else [("", False), ("-unaligned", False), ("-odd", True)]
             for suffix, odd in extra:
                 for rank in (0, 16, 64):
-                    if cfg.dequant_base and rank == 0:
-                        continue  # large M without LoRA is cuBLAS alone
                     for dtype in dtypes:
+                        cfg = _paths(getattr(torch, dtype))[path]
+                        if cfg.dequant_base and rank == 0:
+                            continue  # large M without LoRA is cuBLAS alone
+                        stages = 1 if odd else cfg.num_stages
                         tile_cols = cfg.block_n if trans else cfg.block_k
                         group = 2 if suffix else min(blocksize, tile_cols)
                         const = dict(ones, BLOCKSIZE=blocksize, DOUBLE_QUANT=True, TRANS_W=trans, GROUP=group,
@@ -417,17 +430,18 @@ def compile_cases() -> list[CompileCase]:
                                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=_block_r(rank))
                         config = {"direction": direction, "rank": rank, "BLOCK_M": cfg.block_m,
                                   "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "SPLIT_K": split, "GROUP": group,
-                                  "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+                                  "num_warps": cfg.num_warps, "num_stages": stages}
                         if odd:
                             config["ODD"] = True
                         if cfg.dequant_base:
                             config = {k: v for k, v in config.items() if k not in ("BLOCK_K", "SPLIT_K", "GROUP")}
                             config["base"] = "cuBLAS"
                         cases.append(_case("nf4_lora_kernel", path + suffix, config, dtype, nf4_lora_kernel,
-                                           nf4_ptrs, const, cfg.num_warps, cfg.num_stages))
-    for path, cfg in PATHS.items():
+                                           nf4_ptrs, const, cfg.num_warps, stages))
+    for path in PATHS:
         for rank in (16, 64):
             for dtype in dtypes:
+                cfg = _paths(getattr(torch, dtype))[path]
                 const = dict(stride_xj=1, stride_dj=1, LOW_PRECISION_DOT=dtype != "float32", BLOCK_M=cfg.shrink_m,
                              BLOCK_K=cfg.shrink_k, BLOCK_R=_block_r(rank))
                 config = {"rows": path, "rank": rank, "BLOCK_M": cfg.shrink_m, "BLOCK_K": cfg.shrink_k,
