@@ -189,7 +189,7 @@ def _work(item):
 
 def _selected(case, only: str | None, exclude: str | None) -> bool:
     name = f"{case.kernel} {case.path} {case.dtype}"
-    return (not only or only in name) and not (exclude and exclude in name)
+    return (not only or any(o in name for o in only.split("|"))) and not (exclude and exclude in name)
 
 
 def run(only: str | None = None, archs=(80, 90), jobs: int = 1, limit: int | None = None,
@@ -233,7 +233,7 @@ def problems(records: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu-compile-check.json")
-    ap.add_argument("--only", help="cases whose 'kernel path dtype' contains this string")
+    ap.add_argument("--only", help="cases whose 'kernel path dtype' contains this string (alternatives separated by |)")
     ap.add_argument("--exclude", help="leave out cases whose 'kernel path dtype' contains this string")
     ap.add_argument("--skip", help="record cases whose 'kernel path dtype arch' contains this string as skipped, "
                     "with --skip-reason, instead of compiling them (unless --merge brings a compiled record)")
@@ -269,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                     seen.add(_record_key(rec))
     bad = problems(records)
     doc = {"triton": triton.__version__, "wall_s": round(time.perf_counter() - t0, 1),
+           "compile_s_total": round(sum(r.get("compile_s") or 0 for r in records), 1),
+           "merged_from": [p.name for p in args.merge],
            "problems": bad, "records": records}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")

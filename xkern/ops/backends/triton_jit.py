@@ -85,8 +85,8 @@ PATHS = {
 #: smaller K tiles keep the decode and mid paths free of spills (bench/gpu_compile_check.py)
 PATHS_FP32 = {
     "decode": LaunchConfig(16, 32, 64, split_k=2, num_warps=4, num_stages=3, shrink_m=16, shrink_k=32),
-    "mid": LaunchConfig(32, 64, 32, num_warps=4, num_stages=3, shrink_m=32, shrink_k=32),
-    "large": LaunchConfig(64, 128, 64, num_warps=8, num_stages=1, shrink_m=64, shrink_k=32, dequant_base=True),
+    "mid": LaunchConfig(32, 64, 32, num_warps=8, num_stages=3, shrink_m=32, shrink_k=32),
+    "large": LaunchConfig(64, 128, 64, num_warps=8, num_stages=1, shrink_m=32, shrink_k=32, dequant_base=True),
 }
 
 
