@@ -281,6 +281,145 @@ def bad_input() -> str:
     return "\n".join(lines) + "\n" + note + "\n"
 
 
+# --------------------------------------------------------------------------------------------- GPU compile check
+
+def _compile_check(name: str) -> dict:
+    return _load(name)
+
+
+_KERNEL_ORDER = ("nf4_lora_kernel", "lora_shrink_kernel", "nf4_dequantize_kernel", "xcross_fwd_kernel",
+                 "xcross_bwd_kernel")
+_PATH_ORDER = ("decode", "mid", "mid-unaligned", "mid-odd", "large", "shrink", "dequantize")
+
+
+def _cc_groups(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["kernel"], r["path"]), []).append(r)
+
+    def order(key: tuple[str, str]) -> tuple:
+        kernel, path = key
+        return (_PATH_ORDER.index(path) if path in _PATH_ORDER else len(_PATH_ORDER), path,
+                _KERNEL_ORDER.index(kernel) if kernel in _KERNEL_ORDER else 9)
+    return {k: groups[k] for k in sorted(groups, key=order)}
+
+
+def _cc_summary(doc: dict) -> list[str]:
+    lines = []
+    for (kernel, path), rs in _cc_groups(doc["records"]).items():
+        ok = [r for r in rs if r["compiles"]]
+        if not ok:
+            lines.append(f"| `{kernel}` | {path} | {len(rs)} | 0 ({sum(bool(r.get('skipped')) for r in rs)} skipped) | "
+                         "- | - | - | - | - | - |")
+            continue
+        over = sum(r["shared_bytes"] > r["shared_limit"] for r in ok)
+        spill = [r for r in ok if r["spill_bytes"]]
+        tc16 = [r for r in ok if r["dtype"] != "float32"]
+        tc = f"{sum(bool(r['tensor_core']) for r in tc16)}/{len(tc16)}" if tc16 else "-"
+        per = sorted(r["loop"].get("per_element") for r in ok if r.get("loop", {}).get("per_element"))
+        skipped = sum(bool(r.get("skipped")) for r in rs)
+        lines.append(f"| `{kernel}` | {path} | {len(rs)} | {len(ok)}" + (f" ({skipped} skipped)" if skipped else "")
+                     + f" | {min(r['regs'] for r in ok)}-"
+                     f"{max(r['regs'] for r in ok)} | {len(spill)} ({max((r['spill_bytes'] for r in spill), default=0)}"
+                     f" B max) | {max(r['shared_bytes'] for r in ok) / 1024:.0f} KiB | {over} | {tc} | "
+                     + (f"{per[0]:g}-{per[-1]:g}" if per else "-") + " |")
+    return lines
+
+
+def gpu_compile_summary() -> str:
+    """Before / after: per kernel and path, over arch x dtype x rank x direction."""
+    head = ("| kernel | path | compilations | compile | registers | with spills (max) | max shared | over the limit | "
+            "16-bit with HMMA/HGMMA | SASS per decoded element |")
+    out = []
+    for label, name in (("Before (the kernels as found)", "gpu-compile-check-before.json"),
+                        ("After", "gpu-compile-check.json")):
+        doc = _compile_check(name)
+        out += [f"**{label}** -- `bench/results/{name}`, Triton {doc['triton']}, {len(doc['records'])} compilations "
+                f"(sm_80 limit 163 KiB, sm_90a 227 KiB per block); problems found by the check: "
+                f"{len(doc['problems'])}.", "", head, "|" + "---|" * 10, *_cc_summary(doc), ""]
+    return "\n".join(out)
+
+
+def _main_loop_row(doc: dict, kernel: str, path: str, direction: str, rank: int, dtype: str, arch: str) -> dict | None:
+    for r in doc["records"]:
+        if (r["kernel"], r["path"], r["dtype"], r["arch"]) == (kernel, path, dtype, arch) and r["compiles"] \
+                and r["config"].get("direction") == direction and r["config"].get("rank") == rank \
+                and r["config"].get("SPLIT_K", 1) <= 2 and r.get("loop", {}).get("decoded_elements"):
+            return r
+    return None
+
+
+SASS_CLASSES = ("global_load", "shared", "mma", "float", "integer", "move", "local(spill)", "control")
+
+
+def gpu_compile_sass() -> str:
+    """SASS instructions per K step of nf4_lora_kernel's main loop, before and after (bf16, rank 16)."""
+    lines = ["| kernel state | path | direction | arch | tile (N x K) | threads | loop instructions | per element "
+             "(per thread) | " + " | ".join(SASS_CLASSES) + " |", "|" + "---|" * (8 + len(SASS_CLASSES))]
+    for label, name in (("before", "gpu-compile-check-before.json"), ("after", "gpu-compile-check.json")):
+        doc = _compile_check(name)
+        for path in ("decode", "mid"):
+            for direction in ("forward", "input_grad"):
+                for arch in ("sm_80", "sm_90a"):
+                    r = _main_loop_row(doc, "nf4_lora_kernel", path, direction, 16, "bfloat16", arch)
+                    if r is None:
+                        continue
+                    c, loop = r["config"], r["loop"]
+                    lines.append(f"| {label} | {path} | {direction} | {arch} | {c['BLOCK_N']} x {c['BLOCK_K']} | "
+                                 f"{c['num_warps'] * 32} | {loop['instructions']} | {loop['per_element']:g} | "
+                                 + " | ".join(str(loop["by_class"].get(k, 0)) for k in SASS_CLASSES) + " |")
+    return "\n".join(lines) + "\n"
+
+
+H200_HBM_TBS = 4.8
+H200_SMS, H200_GHZ = 132, 1.98
+
+
+def gpu_roofline() -> str:
+    """The decode path's distance to the H200 bandwidth roofline, from the SASS of the main loop: issue-bound
+    elements per clock (4 schedulers x 32 lanes per SM) against the bytes per element of NF4."""
+    lines = ["| kernel state | arch | SASS per element | issue-bound elements / clock / SM | issue-bound weight "
+             "TB/s | fraction of 4.8 TB/s |", "|---|---|---|---|---|---|"]
+    bytes_per_element = 0.5 + 1 / 64 + 4 / (64 * 256)  # packed code + absmax byte + absmax2 (double quant, bs 64)
+    for label, name in (("before", "gpu-compile-check-before.json"), ("after", "gpu-compile-check.json")):
+        doc = _compile_check(name)
+        for arch in ("sm_90a",):
+            r = _main_loop_row(doc, "nf4_lora_kernel", "decode", "forward", 16, "bfloat16", arch)
+            if r is None:
+                continue
+            per = r["loop"]["per_element"]
+            epc = 128 / per
+            tbs = epc * H200_SMS * H200_GHZ * 1e9 * bytes_per_element / 1e12
+            lines.append(f"| {label} | {arch} | {per:g} | {epc:.1f} | {tbs:.2f} | {tbs / H200_HBM_TBS:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def gpu_compile_triton36() -> str:
+    """The same matrix under Triton 3.6 (the GPU image's version), run once in a second venv."""
+    doc = _compile_check("gpu-compile-check-triton36.json")
+    n_ok = sum(bool(r["compiles"]) for r in doc["records"])
+    kinds: dict[str, int] = {}
+    for p in doc["problems"]:
+        kind = "spills" if "spills" in p else ("shared memory" if "shared" in p else "other")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return (f"Triton {doc['triton']} (`bench/results/gpu-compile-check-triton36.json`): {n_ok} of "
+            f"{len(doc['records'])} compilations succeed; {len(doc['problems'])} problems"
+            + (" (" + ", ".join(f"{v} {k}" for k, v in kinds.items()) + ")" if kinds else "") + ".\n")
+
+
+def gpu_compile_table() -> str:
+    """Every compilation of the after run."""
+    doc = _compile_check("gpu-compile-check.json")
+    lines = ["| kernel | path | config | arch | dtype | compiles | regs | spill B | shared B | limit B | HMMA | "
+             "loop instr |", "|" + "---|" * 12]
+    for r in doc["records"]:
+        cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items())
+        lines.append(f"| `{r['kernel']}` | {r['path']} | {cfg} | {r['arch']} | {r['dtype']} | {r['compiles']} | "
+                     f"{r['regs']} | {r['spill_bytes']} | {r['shared_bytes']} | {r['shared_limit']} | "
+                     f"{r['tensor_core']} | {r.get('loop', {}).get('instructions', '-')} |")
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------------------------- registry
 
 BLOCKS: dict[str, Callable[[], str]] = {
@@ -296,6 +435,11 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "quality-tools-baselines": quality_tools_baselines,
     "xcross-encoder-diagnosis": xcross_encoder_diagnosis,
     "sharded-eval-cpu": sharded_eval_cpu,
+    "gpu-compile-summary": gpu_compile_summary,
+    "gpu-compile-sass": gpu_compile_sass,
+    "gpu-roofline": gpu_roofline,
+    "gpu-compile-table": gpu_compile_table,
+    "gpu-compile-triton36": gpu_compile_triton36,
 }
 
 

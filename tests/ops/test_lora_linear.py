@@ -132,19 +132,45 @@ def test_gradients_match_autograd_of_reference(backend, dtype):
     assert A2.grad[0].abs().max() > 0 and B2.grad[2].abs().max() > 0
 
 
-@pytest.mark.parametrize("config", [tri.LaunchConfig(16, 16, 16, split_k=3), tri.LaunchConfig(16, 64, 64)])
-def test_triton_configs_split_k_and_wide_tiles(config):
-    """The small-M split-K variant (atomics over K slices, LoRA expand included) and one-tile shapes."""
-    x, weight, A, B, s, ids = _problem(5, 40, 100, [3, 5], seed=11)
+@pytest.mark.parametrize("config", [
+    tri.LaunchConfig(16, 16, 16, split_k=3),                    # deterministic split-K (last program sums)
+    tri.LaunchConfig(16, 64, 64),                               # one wide tile
+    tri.LaunchConfig(16, 32, 32, dequant_base=True),            # large-M path: dequantize + matmul, LoRA epilogue
+    tri.LaunchConfig(16, 16, 32, shrink_m=16, shrink_k=16),     # shrink tiles smaller than K
+])
+@pytest.mark.parametrize("m,n,k,ranks,blocksize", [
+    (5, 40, 100, [3, 5], 64),     # K % 8 != 0 and K % 64 != 0: per-byte scales from the flat index
+    (1, 48, 45, [2], 64),         # odd K: a byte holds the end of one row and the start of the next
+    (19, 64, 128, [4, 1, 6], 64),  # K, N multiples of every tile: unmasked columns, one scale per block
+    (6, 32, 256, [2, 2], 128),    # quantization block spanning several K tiles
+])
+def test_triton_configs_and_shapes(config, m, n, k, ranks, blocksize):
+    """Every launch variant of the Triton path (split-K, large-M, decode layouts) on odd and even shapes."""
+    g = torch.Generator().manual_seed(11 + m)
+    x, weight, A, B, s, ids = _problem(m, n, k, ranks, seed=11 + m)
+    weight = quantize_nf4(weight.dequantize(torch.float32).cpu(), blocksize=blocksize).to(DEVICE)
     expected = dense_lora_reference(x, weight.dequantize(torch.float32).cpu(), A, B, s, ids)
     x, A, B, s, ids = _dev(x, A, B, s, ids.int())
     routing = RowRouting.build(ids, A.shape[0])
-    y, xa = tri.lora_linear_forward(x, weight, A, B, s, routing, config=config)
-    torch.testing.assert_close(y.cpu().double(), expected, rtol=2e-4, atol=2e-4)
-    dx, g = tri.lora_linear_input_grad(torch.ones_like(y), weight, A, B, s, routing, config=config)
-    ref_dx, ref_g = _reference_input_grad(torch.ones_like(y), weight, A, B, s, routing)
+    for _ in range(2):  # the split-K counters are reset by the kernel: a second call sees them at zero
+        y, xa = tri.lora_linear_forward(x, weight, A, B, s, routing, config=config)
+        torch.testing.assert_close(y.cpu().double(), expected, rtol=2e-4, atol=2e-4)
+    grad = torch.randn(y.shape, generator=g).to(DEVICE)
+    dx, gb = tri.lora_linear_input_grad(grad, weight, A, B, s, routing, config=config)
+    ref_dx, ref_g = _reference_input_grad(grad, weight, A, B, s, routing)
     torch.testing.assert_close(dx, ref_dx, rtol=2e-4, atol=2e-4)
-    torch.testing.assert_close(g, ref_g, rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(gb, ref_g, rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(xa, (x @ A.transpose(1, 2))[ids.clamp(min=0).long(), torch.arange(m)]
+                               * (ids >= 0)[:, None], rtol=2e-4, atol=2e-4)
+
+
+def test_triton_dequantize_matches_reference_on_odd_sizes():
+    for shape, blocksize in (((7, 9), 64), ((33, 64), 64), ((4, 512), 256), ((3, 2048), 4096)):
+        w = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+        for dq in (False, True):
+            weight = quantize_nf4(w, blocksize=blocksize, double_quant=dq).to(DEVICE)
+            torch.testing.assert_close(tri.dequantize(weight, torch.float32), weight.dequantize(torch.float32),
+                                       rtol=0, atol=0)
 
 
 def _reference_input_grad(*args):

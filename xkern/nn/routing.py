@@ -22,6 +22,11 @@ import torch
 
 from xkern.ops.routing import RowRouting
 
+# Device copies of row routings, shared by all calls with the same (adapters, names, shape, device): a
+# forward captured in a CUDA graph then builds nothing and copies nothing host-to-device (the warm-up call
+# before the capture fills it). Bounded; the key holds only names, ints and the device.
+_DEVICE_ROWS: dict[tuple, RowRouting] = {}
+
 _CURRENT: contextvars.ContextVar[SampleRouting | None] = contextvars.ContextVar("xkern_routing", default=None)
 
 
@@ -51,13 +56,17 @@ class SampleRouting:
             raise ValueError(f"batch of {n_samples} samples but {len(names)} adapter names were given")
         rows_per_sample = math.prod(x.shape[1:-1]) if x.dim() > 1 else 1
         key = (active, names, n_samples, rows_per_sample, x.device)
-        cached = self._rows.get(key)
+        cached = self._rows.get(key) or _DEVICE_ROWS.get(key)
         if cached is None:
             slot = {n: i for i, n in enumerate(active)}
             per_name = [slot.get(n, -1) for n in names]
             repeat = n_samples // len(names)  # generate() expands each prompt (beams, num_return_sequences)
             ids = torch.tensor(per_name, dtype=torch.int32).repeat_interleave(repeat * rows_per_sample)
             cached = RowRouting.build(ids, len(active)).to(x.device)
+            if x.device.type == "cuda":  # kept across calls: a call replayed from a CUDA graph copies nothing
+                if len(_DEVICE_ROWS) >= 256:
+                    _DEVICE_ROWS.pop(next(iter(_DEVICE_ROWS)))
+                _DEVICE_ROWS[key] = cached
             self._rows[key] = cached
         return cached
 

@@ -57,7 +57,9 @@ class RowRouting:
                 raise InputError(f"adapter_ids must lie in [-1, {n_adapters - 1}], got values in [{lo}, {hi}]")
         ids32 = flat.to(torch.int32).contiguous()
         order = torch.argsort(ids32, stable=True).to(torch.int32)
-        counts = torch.bincount((ids32.long() + 1).clamp(0, n_adapters), minlength=n_adapters + 1)
+        slot = (ids32.long() + 1).clamp(0, n_adapters)  # scatter_add, not bincount: no host sync on a GPU
+        counts = torch.zeros(n_adapters + 1, dtype=torch.int64, device=flat.device).scatter_add_(
+            0, slot, torch.ones_like(slot))
         starts = torch.zeros(n_adapters + 2, dtype=torch.int32, device=flat.device)
         starts[1:] = torch.cumsum(counts[: n_adapters + 1], 0)
         return cls(ids32, order.contiguous(), starts, int(n_adapters))
@@ -82,6 +84,15 @@ class RowRouting:
         if self.device == device:
             return self
         return RowRouting(self.ids.to(device), self.order.to(device), self.starts.to(device), self.n_adapters)
+
+    def sorted_ids(self) -> torch.Tensor:
+        """``ids[order]`` (int32), the adapter of each position in the sorted order; computed once per routing
+        (a device gather, no host sync) and shared by every layer that reads it."""
+        cached = self.__dict__.get("_sorted_ids")
+        if cached is None:
+            cached = self.ids[self.order.long()].contiguous()
+            object.__setattr__(self, "_sorted_ids", cached)
+        return cached
 
     def segments(self) -> list[tuple[int, torch.Tensor | slice]]:
         """``(adapter, rows)`` of every non-empty adapter segment; ``rows`` is a ``slice`` when the segment's

@@ -38,7 +38,7 @@ register_backend("triton", device_types=("cuda",), opt_in_device_types=("cpu",),
 if importlib.util.find_spec("triton") is not None:
     import triton
 
-    from xkern.kernels.nf4_lora import nf4_dequantize_kernel, nf4_lora_kernel
+    from xkern.kernels.nf4_lora import lora_shrink_kernel, nf4_dequantize_kernel, nf4_lora_kernel
     from xkern.kernels.xcross import xcross_bwd_kernel, xcross_fwd_kernel
 
 
@@ -58,27 +58,61 @@ def _check_dtype(dtype: torch.dtype) -> None:
 
 @dataclass(frozen=True)
 class LaunchConfig:
+    """Tiles of ``nf4_lora_kernel`` (``block_*``, ``split_k``, warps, stages) and of the grouped shrink
+    (``shrink_m``, ``shrink_k``); ``dequant_base``: the large-M path (dequantize once + cuBLAS, then the
+    same kernel adds the LoRA term without a base loop)."""
+
     block_m: int
     block_n: int
     block_k: int
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    shrink_m: int = 16
+    shrink_k: int = 32
+    dequant_base: bool = False
 
 
-def default_config(m: int, n_out: int, n_red: int, device: torch.device) -> LaunchConfig:
-    """Block sizes by regime: decode (M <= 16) streams W once with split-K; larger M tiles the GEMM."""
+#: rows above which the CUDA path dequantizes W once and uses cuBLAS (see docs/kernels.md, "Large M")
+LARGE_M = 256
+#: the configurations the CUDA launcher picks, by path (split_k is chosen per call; 1 or >1 are two variants)
+PATHS = {
+    "decode": LaunchConfig(16, 32, 256, split_k=2, num_warps=4, num_stages=4, shrink_m=16, shrink_k=128),
+    "mid": LaunchConfig(32, 128, 64, num_warps=4, num_stages=3, shrink_m=32, shrink_k=64),
+    "large": LaunchConfig(64, 128, 64, num_warps=8, num_stages=1, shrink_m=64, shrink_k=64, dequant_base=True),
+}
+#: float32 inputs: the dots run on CUDA cores (``input_precision="ieee"``), whose operand tiles live in registers:
+#: smaller K tiles keep the decode and mid paths free of spills (bench/gpu_compile_check.py)
+PATHS_FP32 = {
+    "decode": LaunchConfig(16, 32, 64, split_k=2, num_warps=4, num_stages=3, shrink_m=16, shrink_k=32),
+    "mid": LaunchConfig(32, 64, 32, num_warps=8, num_stages=3, shrink_m=32, shrink_k=32),
+    "large": LaunchConfig(64, 128, 64, num_warps=8, num_stages=1, shrink_m=32, shrink_k=32, dequant_base=True),
+}
+
+
+def _paths(dtype: torch.dtype) -> dict[str, LaunchConfig]:
+    return PATHS_FP32 if dtype == torch.float32 else PATHS
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_config(m: int, n_out: int, n_red: int, device: torch.device,
+                   dtype: torch.dtype = torch.bfloat16) -> LaunchConfig:
+    """By regime: decode (M <= 16) streams W once, split over K to fill the GPU; mid tiles the fused GEMM;
+    large M (> LARGE_M) dequantizes once and lets cuBLAS do the base. The CPU interpreter: small tiles."""
     if device.type != "cuda":  # interpreter: a few programs, a few K steps
         return LaunchConfig(block_m=16, block_n=32, block_k=32)
+    paths = _paths(dtype)
     if m <= 16:
-        block_n, block_k = 64, 128
-        n_tiles = triton.cdiv(n_out, block_n)
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        split_k = max(1, min(triton.cdiv(2 * sms, n_tiles), n_red // (4 * block_k)))
-        return LaunchConfig(16, block_n, block_k, split_k=split_k, num_warps=4, num_stages=3)
-    if m <= 128:
-        return LaunchConfig(32, 128, 64, num_warps=4, num_stages=3)
-    return LaunchConfig(64, 128, 64, num_warps=8, num_stages=3)
+        cfg = paths["decode"]
+        n_tiles = triton.cdiv(n_out, cfg.block_n)
+        split_k = max(1, min(triton.cdiv(2 * _sm_count(device), n_tiles), n_red // (2 * cfg.block_k), 16))
+        return LaunchConfig(**{**cfg.__dict__, "split_k": split_k})
+    if m <= LARGE_M:
+        return paths["mid"]
+    return paths["large"]
 
 
 def _weight_args(weight: NF4Tensor) -> tuple[torch.Tensor, ...]:
@@ -88,18 +122,73 @@ def _weight_args(weight: NF4Tensor) -> tuple[torch.Tensor, ...]:
     return weight.packed, weight.absmax, dummy, dummy, dummy
 
 
+# Launch with a run-time check of the compiled kernel's shared memory: a configuration whose compiled
+# kernel needs more than the device allows is never launched; the launcher drops pipeline stages until it
+# fits (the compile check in bench/gpu_compile_check.py keeps the tables within the limits, so this is a
+# guard for GPUs with less shared memory than sm_80 / sm_90).
+_STAGES_THAT_FIT: dict[tuple, int] = {}
+
+
+def _shared_limit(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
+
+
+def _launch(kernel, grid, args: tuple, device: torch.device, num_stages: int, **meta) -> None:
+    if device.type != "cuda":
+        kernel[grid](*args, num_stages=num_stages, **meta)
+        return
+    key = (kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), device.index, num_stages,
+           tuple(sorted(meta.items())), tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+    stages = _STAGES_THAT_FIT.get(key)
+    if stages is not None:
+        kernel[grid](*args, num_stages=stages, **meta)
+        return
+    stages = num_stages
+    limit = _shared_limit(device)
+    while True:
+        compiled = kernel.warmup(*args, grid=grid, num_stages=stages, **meta)
+        if compiled.metadata.shared <= limit or stages == 1:
+            break
+        stages -= 1
+    if compiled.metadata.shared > limit:
+        raise RuntimeError(f"{key[0]} needs {compiled.metadata.shared} bytes of shared memory per block, "
+                           f"the device allows {limit}")
+    _STAGES_THAT_FIT[key] = stages
+    kernel[grid](*args, num_stages=stages, **meta)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(n: int, device: torch.device) -> torch.Tensor:
+    """Split-K arrival counters, zero between launches (the last program of a tile resets its own)."""
+    c = _COUNTERS.get(device)
+    if c is None or c.numel() < n:
+        c = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = c
+    return c
+
+
 @register_kernel("dequantize_nf4", "triton")
 def dequantize(weight: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(weight.shape, dtype=_store_dtype(dtype, weight.device), device=weight.device)
     block = 1024
     grid = (triton.cdiv(weight.numel, block),)
-    nf4_dequantize_kernel[grid](*_weight_args(weight), nf4_code(weight.device), out, weight.numel,
-                                BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, BLOCK=block)
+    _launch(nf4_dequantize_kernel, grid, (*_weight_args(weight), nf4_code(weight.device), out, weight.numel),
+            weight.device, 3, BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant,
+            ODD=weight.numel % 2 == 1, BLOCK=block)
     return out.to(dtype)
 
 
 def _block_r(rank: int) -> int:
     return max(16, triton.next_power_of_2(max(rank, 1)))
+
+
+def _group(w_cols: int, blocksize: int, tile_cols: int) -> int:
+    """Elements per absmax load in ``_w_tile``: the tile's share of a quantization block when the blocks
+    align with W's rows, else 2 (one per byte)."""
+    return min(blocksize, tile_cols) if w_cols % blocksize == 0 and w_cols % 2 == 0 else 2
 
 
 def _fused(x: torch.Tensor, weight: NF4Tensor, routing: RowRouting, shrink: torch.Tensor,
@@ -108,33 +197,43 @@ def _fused(x: torch.Tensor, weight: NF4Tensor, routing: RowRouting, shrink: torc
            config: LaunchConfig | None) -> tuple[torch.Tensor, torch.Tensor]:
     m, n_red = x.shape
     k_w = weight.shape[1]
-    cfg = config or default_config(m, n_out, n_red, x.device)
-    row_index = routing.order
-    sorted_ids = routing.ids[routing.order.long()].contiguous()
+    dev = x.device
+    cfg = config or default_config(m, n_out, n_red, dev, x.dtype)
     has_lora = rank > 0 and bool(shrink.shape[0] > 0)
     block_r = _block_r(rank)
-    if cfg.split_k > 1:
-        out = torch.zeros(m, n_out, dtype=torch.float32, device=x.device)
-    else:
-        out = torch.empty(m, n_out, dtype=_store_dtype(x.dtype, x.device), device=x.device)
-    xa = torch.zeros(m, block_r, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n_out, cfg.block_n), cfg.split_k)
-    w_stride_out, w_stride_red = (1, k_w) if transpose_w else (k_w, 1)
-    nf4_lora_kernel[grid](
-        x, row_index, sorted_ids,
-        *_weight_args(weight), nf4_code(x.device),
-        shrink, expand, scale,
-        out, xa,
-        m, n_out, n_red, rank,
-        x.stride(0), x.stride(1),
-        w_stride_out, w_stride_red,
-        *shrink_strides, *expand_strides,
-        out.stride(0), out.stride(1),
-        BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, HAS_LORA=has_lora, STORE_XA=has_lora,
-        SPLIT_K=cfg.split_k, LOW_PRECISION_DOT=x.is_cuda and x.dtype != torch.float32,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    low = x.is_cuda and x.dtype != torch.float32
+    # routing: built once per model forward (rows sorted by adapter, segment starts); nothing is re-sorted here
+    order = routing.order
+    sorted_ids = routing.sorted_ids()
+    xa = torch.empty(m, block_r, dtype=torch.float32, device=dev)
+    if has_lora:
+        grid = (triton.cdiv(m, cfg.shrink_m), shrink.shape[0] + 1)
+        _launch(lora_shrink_kernel, grid,
+                (x, order, routing.starts, shrink, xa, n_red, rank, x.stride(0), x.stride(1), *shrink_strides,
+                 xa.stride(0)), dev, 2,
+                LOW_PRECISION_DOT=low, BLOCK_M=cfg.shrink_m, BLOCK_K=cfg.shrink_k, BLOCK_R=block_r, num_warps=4)
+    out = torch.empty(m, n_out, dtype=_store_dtype(x.dtype, dev), device=dev)
+    has_base = not cfg.dequant_base
+    if not has_base:  # large M: dequantize once, cuBLAS, then the kernel adds the LoRA term in place
+        w = dequantize(weight, x.dtype if x.is_cuda else torch.float32)
+        base = x.to(w.dtype) @ (w if transpose_w else w.t())
+        out.copy_(base)
+    split_k = cfg.split_k if has_base else 1
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n_out, cfg.block_n), split_k)
+    part = torch.empty(split_k, m, n_out, dtype=torch.float32, device=dev) if split_k > 1 else xa
+    count = _counters(grid[0] * grid[1], dev) if split_k > 1 else order
+    tile_cols = cfg.block_n if transpose_w else cfg.block_k
+    _launch(nf4_lora_kernel, grid,
+            (x, order, sorted_ids, *_weight_args(weight), nf4_code(dev), xa, expand, scale, out, part, count,
+             m, n_out, n_red, k_w, k_w // 2, rank, x.stride(0), x.stride(1), xa.stride(0), *expand_strides,
+             out.stride(0), out.stride(1)), dev, 1 if k_w % 2 else cfg.num_stages,  # odd K: element gathers
+            BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, TRANS_W=transpose_w,
+            GROUP=_group(k_w, weight.blocksize, tile_cols), ODD=k_w % 2 == 1, HAS_BASE=has_base, HAS_LORA=has_lora,
+            SPLIT_K=split_k, LOW_PRECISION_DOT=low, EVEN_K=n_red % cfg.block_k == 0, EVEN_N=n_out % cfg.block_n == 0,
+            W64=weight.packed.numel() >= 2**31, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, BLOCK_R=block_r, num_warps=cfg.num_warps)
+    if not has_lora and rank > 0:  # an empty bank: the (unused) secondary output is zero
+        xa.zero_()
     return out.to(x.dtype), xa[:, :rank]
 
 
@@ -170,6 +269,7 @@ class XCrossLaunchConfig:
     block_t: int = 16
     block_d: int = 128
     num_warps: int = 4
+    num_stages: int = 2
 
 
 def _next_pow2(v: int) -> int:
@@ -182,8 +282,12 @@ def xcross_default_config(n: int, d: int, device: torch.device) -> XCrossLaunchC
     if device.type != "cuda":
         return XCrossLaunchConfig(block_t=16, block_d=16, num_warps=1)
     n_pad = _next_pow2(n)
-    cap = 128 if n_pad <= 4 else (64 if n_pad <= 8 else 32)
-    return XCrossLaunchConfig(block_t=16, block_d=max(16, min(cap, _next_pow2(d))), num_warps=4)
+    # [n_pad, 16, block_d] float32 tiles and their layout conversions live in shared memory: the chunk shrinks
+    # with n so that n = 8 fits sm_80 (163 KiB) in every dtype; no load pipelining from n = 8 on
+    # (bench/gpu_compile_check.py, docs/kernels.md)
+    cap = 128 if n_pad <= 2 else (64 if n_pad <= 4 else (32 if n_pad <= 8 else 16))
+    return XCrossLaunchConfig(block_t=16, block_d=max(16, min(cap, _next_pow2(d))), num_warps=4,
+                              num_stages=2 if n_pad <= 4 else 1)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -208,12 +312,13 @@ def xcross_forward(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, 
         return out.to(h.dtype), z
     cfg = config or xcross_default_config(n, d, h.device)
     grid = (triton.cdiv(t, cfg.block_t),)
-    xcross_fwd_kernel[grid](
-        h, w, w if bias is None else bias, out, z,
-        t, d, float(beta), float(gamma),
-        h.stride(0), h.stride(1), h.stride(2),
-        w.stride(0), w.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
+    _launch(
+        xcross_fwd_kernel, grid,
+        (h, w, w if bias is None else bias, out, z,
+         t, d, float(beta), float(gamma),
+         h.stride(0), h.stride(1), h.stride(2),
+         w.stride(0), w.stride(1),
+         out.stride(0), out.stride(1), out.stride(2)), h.device, cfg.num_stages,
         N=n, N_PAD=_next_pow2(n), HAS_BIAS=bias is not None,
         LOW_PRECISION_DOT=h.is_cuda and h.dtype != torch.float32,
         BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_P=_block_p(n), num_warps=cfg.num_warps,
@@ -235,14 +340,134 @@ def xcross_input_grad(grad_out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, 
     z = z.float().contiguous()
     cfg = config or xcross_default_config(n, d, h.device)
     grid = (triton.cdiv(t, cfg.block_t),)
-    xcross_bwd_kernel[grid](
-        grad_out, h, w, z, dh, dz,
-        t, d, float(beta), float(gamma),
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        h.stride(0), h.stride(1), h.stride(2),
-        w.stride(0), w.stride(1),
-        dh.stride(0), dh.stride(1), dh.stride(2),
+    _launch(
+        xcross_bwd_kernel, grid,
+        (grad_out, h, w, z, dh, dz,
+         t, d, float(beta), float(gamma),
+         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+         h.stride(0), h.stride(1), h.stride(2),
+         w.stride(0), w.stride(1),
+         dh.stride(0), dh.stride(1), dh.stride(2)), h.device, cfg.num_stages,
         N=n, N_PAD=_next_pow2(n),
         BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_P=_block_p(n), num_warps=cfg.num_warps,
     )
     return dh.to(h.dtype), dz
+
+
+# --------------------------------------------------------------------------------------------- compile matrix
+
+@dataclass(frozen=True)
+class CompileCase:
+    """One compilation the launchers can ask for: a kernel, its constexprs and launch options, per dtype.
+
+    ``bench/gpu_compile_check.py`` compiles every case for sm_80 and sm_90a (ahead of time, no GPU
+    needed) and records registers, spills and shared memory; ``tests/kernels`` checks a subset."""
+
+    kernel: str
+    path: str
+    config: dict
+    dtype: str
+    fn: object
+    signature: dict
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.kernel}|{self.path}|" + ",".join(f"{k}={v}" for k, v in sorted(self.config.items())) \
+            + f"|{self.dtype}"
+
+
+_TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+
+def _case(kernel: str, path: str, config: dict, dtype: str, fn, ptrs: dict[str, str], constexprs: dict,
+          num_warps: int, num_stages: int) -> CompileCase:
+    """Signature by argument name: ``ptrs`` gives pointer element types ('x' = the activation dtype),
+    ``constexprs`` the compile-time values (strides equal to 1 included: Triton specializes them)."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ptrs:
+            t = ptrs[name]
+            sig[name] = "*" + (_TRITON_TYPES[dtype] if t == "x" else t)
+        else:
+            sig[name] = "fp32" if name in ("beta", "gamma") else "i32"
+    return CompileCase(kernel, path, config, dtype, fn, sig, dict(constexprs), num_warps, num_stages)
+
+
+def compile_cases() -> list[CompileCase]:
+    """Every (kernel, configuration the launchers can pick, dtype)."""
+    if importlib.util.find_spec("triton") is None:
+        return []
+    cases: list[CompileCase] = []
+    dtypes = ("float16", "bfloat16", "float32")
+    nf4_ptrs = {"x_ptr": "x", "row_index_ptr": "i32", "ids_ptr": "i32", "packed_ptr": "u8", "absmax_ptr": "u8",
+                "absmax2_ptr": "fp32", "code2_ptr": "fp32", "offset_ptr": "fp32", "code_ptr": "fp32",
+                "xa_ptr": "fp32", "u_ptr": "x", "scale_ptr": "fp32", "out_ptr": "x", "part_ptr": "fp32",
+                "count_ptr": "i32"}
+    blocksize = 64  # bitsandbytes' default; W_COLS % 64 == 0 in every model layer (else GROUP = 2, "unaligned")
+    for direction in ("forward", "input_grad"):
+        trans = direction == "input_grad"
+        ones = {"stride_xj": 1, "stride_oo": 1, ("stride_uo" if trans else "stride_ur"): 1}
+        for path, split in (("decode", 1), ("decode", 2), ("mid", 1), ("large", 1)):
+            extra = [("", False)] if path != "mid" or trans else [("", False), ("-unaligned", False), ("-odd", True)]
+            for suffix, odd in extra:
+                for rank in (0, 16, 64):
+                    for dtype in dtypes:
+                        cfg = _paths(getattr(torch, dtype))[path]
+                        if cfg.dequant_base and rank == 0:
+                            continue  # large M without LoRA is cuBLAS alone
+                        stages = 1 if odd else cfg.num_stages
+                        tile_cols = cfg.block_n if trans else cfg.block_k
+                        group = 2 if suffix else min(blocksize, tile_cols)
+                        const = dict(ones, BLOCKSIZE=blocksize, DOUBLE_QUANT=True, TRANS_W=trans, GROUP=group,
+                                     ODD=odd, HAS_BASE=not cfg.dequant_base, HAS_LORA=rank > 0, SPLIT_K=split,
+                                     LOW_PRECISION_DOT=dtype != "float32", EVEN_K=not suffix, EVEN_N=not suffix,
+                                     W64=False, BLOCK_M=cfg.block_m,
+                                     BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=_block_r(rank))
+                        config = {"direction": direction, "rank": rank, "BLOCK_M": cfg.block_m,
+                                  "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "SPLIT_K": split, "GROUP": group,
+                                  "num_warps": cfg.num_warps, "num_stages": stages}
+                        if odd:
+                            config["ODD"] = True
+                        if cfg.dequant_base:
+                            config = {k: v for k, v in config.items() if k not in ("BLOCK_K", "SPLIT_K", "GROUP")}
+                            config["base"] = "cuBLAS"
+                        cases.append(_case("nf4_lora_kernel", path + suffix, config, dtype, nf4_lora_kernel,
+                                           nf4_ptrs, const, cfg.num_warps, stages))
+    for path in PATHS:
+        for rank in (16, 64):
+            for dtype in dtypes:
+                cfg = _paths(getattr(torch, dtype))[path]
+                const = dict(stride_xj=1, stride_dj=1, LOW_PRECISION_DOT=dtype != "float32", BLOCK_M=cfg.shrink_m,
+                             BLOCK_K=cfg.shrink_k, BLOCK_R=_block_r(rank))
+                config = {"rows": path, "rank": rank, "BLOCK_M": cfg.shrink_m, "BLOCK_K": cfg.shrink_k,
+                          "num_warps": 4, "num_stages": 2}
+                cases.append(_case("lora_shrink_kernel", "shrink", config, dtype, lora_shrink_kernel,
+                                   {"x_ptr": "x", "order_ptr": "i32", "starts_ptr": "i32", "d_ptr": "x",
+                                    "xa_ptr": "fp32"}, const, 4, 2))
+    for dtype in dtypes:
+        cases.append(_case("nf4_dequantize_kernel", "dequantize", {"BLOCK": 1024}, dtype, nf4_dequantize_kernel,
+                           {"packed_ptr": "u8", "absmax_ptr": "u8", "absmax2_ptr": "fp32", "code2_ptr": "fp32",
+                            "offset_ptr": "fp32", "code_ptr": "fp32", "out_ptr": "x"},
+                           dict(BLOCKSIZE=64, DOUBLE_QUANT=True, ODD=False, BLOCK=1024), 4, 3))
+    d_model = 4096
+    for n in (2, 3, 4, 8):
+        cfg = xcross_default_config(n, d_model, torch.device("cuda"))
+        for dtype in dtypes:
+            const = dict(N=n, N_PAD=_next_pow2(n), BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_P=_block_p(n),
+                         stride_hd=1, stride_wk=1, stride_od=1)
+            config = {"n": n, "BLOCK_T": cfg.block_t, "BLOCK_D": cfg.block_d, "num_warps": cfg.num_warps,
+                      "num_stages": cfg.num_stages}
+            cases.append(_case("xcross_fwd_kernel", f"xcross-n{n}", config, dtype, xcross_fwd_kernel,
+                               {"h_ptr": "x", "w_ptr": "x", "bias_ptr": "x", "out_ptr": "x", "z_ptr": "fp32"},
+                               dict(const, HAS_BIAS=True, LOW_PRECISION_DOT=dtype != "float32"),
+                               cfg.num_warps, cfg.num_stages))
+            cases.append(_case("xcross_bwd_kernel", f"xcross-n{n}", config, dtype, xcross_bwd_kernel,
+                               {"g_ptr": "x", "h_ptr": "x", "w_ptr": "x", "z_ptr": "fp32", "dh_ptr": "x",
+                                "dz_ptr": "fp32"},
+                               dict(const, stride_gd=1), cfg.num_warps, cfg.num_stages))
+    return cases
