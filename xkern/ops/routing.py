@@ -55,6 +55,8 @@ class RowRouting:
             lo, hi = int(flat.min()), int(flat.max())
             if lo < -1 or hi >= n_adapters:
                 raise InputError(f"adapter_ids must lie in [-1, {n_adapters - 1}], got values in [{lo}, {hi}]")
+        elif flat.numel() and not torch.compiler.is_compiling():  # on a GPU: checked there, without a host sync
+            torch._assert_async(((flat >= -1) & (flat < n_adapters)).all(), "adapter_ids out of range")
         ids32 = flat.to(torch.int32).contiguous()
         order = torch.argsort(ids32, stable=True).to(torch.int32)
         slot = (ids32.long() + 1).clamp(0, n_adapters)  # scatter_add, not bincount: no host sync on a GPU
