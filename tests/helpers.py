@@ -6,6 +6,7 @@ as ``helpers`` (pytest puts tests/ on sys.path).
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,17 @@ import torch
 
 from xkern.data.domain import DomainData
 from xkern.data.prompts import listwise_prompt, next_item_prompt
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative: str):
+    """A repository script that is not a package module (``bench/docs_tables.py``, ``examples/x.py``), imported."""
+    path = REPO_ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def random_lora_bank(ranks, n: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

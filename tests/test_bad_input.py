@@ -3,26 +3,16 @@ bench/results/bad-input.json (the table in docs/errors.md), so neither the code 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 
 from xkern.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bad_input", ROOT / "bench" / "bad_input.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-BENCH = _bench()
+BENCH = load_script("bench/bad_input.py")
 RECORDED = {c["id"]: c for c in json.loads(BENCH.OUT.read_text())["cases"]}
 
 

@@ -1,17 +1,15 @@
 """Every results table in docs/ and the README is generated from a committed JSON and matches it."""
 
-import importlib.util
 import json
 from pathlib import Path
+
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tables():
-    spec = importlib.util.spec_from_file_location("docs_tables", ROOT / "bench" / "docs_tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/docs_tables.py")
 
 
 def test_generated_blocks_match_their_json():

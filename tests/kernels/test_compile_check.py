@@ -10,7 +10,6 @@ kernel and path, including the cases that used to fail -- is compiled now and mu
 checks (and reproduce the table's numbers under the Triton version that wrote it). ~1 minute.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_script
 
 pytest.importorskip("triton")
 from xkern.ops.backends import triton_jit as tri  # noqa: E402
@@ -29,10 +29,7 @@ ARCHS = {"sm_80": 80, "sm_90a": 90}
 
 
 def _check_module():
-    spec = importlib.util.spec_from_file_location("gpu_compile_check", ROOT / "bench" / "gpu_compile_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/gpu_compile_check.py")
 
 
 def _key(kernel, path, config, dtype, arch):
