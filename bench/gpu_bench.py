@@ -177,16 +177,7 @@ def bench_runtime(args) -> dict:
         eager = step()
         rows.append({"config": "decode_step_eager", "median_ms": round(timer(step) * 1e3, 3), "batch": batch})
         if device == "cuda":
-            static_ids = ids.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    xm(static_ids, adapter_names=adapters, use_cache=False)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = xm(static_ids, adapter_names=adapters, use_cache=False).logits
+            graph, out = xm.capture_cuda_graph(ids.clone(), adapters, use_cache=False)
             graph.replay()
             torch.cuda.synchronize()
             err = float((out.float() - eager.float()).abs().max())

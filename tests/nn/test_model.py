@@ -11,6 +11,7 @@ from helpers import tiny_model
 
 import xkern
 from xkern.adapters import AdapterError
+from xkern.errors import InputError
 from xkern.nn import NF4LoRALinear
 
 peft = pytest.importorskip("peft")
@@ -261,3 +262,9 @@ def test_empty_batch_and_a_broken_adapter_stay_contained():
     assert torch.isfinite(logits[0]).all() and torch.isfinite(logits[2]).all()
     empty = xm(input_ids=ids[:0], attention_mask=torch.ones_like(ids[:0]), adapter_names=[])
     assert empty.logits.shape == (0, 6, logits.shape[-1])
+
+
+def test_cuda_graph_capture_refuses_cpu_inputs():
+    xm = xkern.load_model(tiny_model("llama"), dtype=torch.float32, progress=False)
+    with pytest.raises(InputError, match="CUDA device"):
+        xm.capture_cuda_graph(torch.zeros(2, 1, dtype=torch.long))

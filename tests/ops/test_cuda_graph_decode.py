@@ -19,16 +19,8 @@ def test_mixed_adapter_decode_step_replays_from_a_cuda_graph(backend, monkeypatc
     names = ["a0", "a2", BASE, "a1", "a2", "a0"]
     vocab = xm.model.config.vocab_size
     static_ids = torch.randint(0, vocab, (len(names), 1), device="cuda")
+    graph, static_logits = xm.capture_cuda_graph(static_ids, names, use_cache=False)
     with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: compiles kernels, builds and caches routing and banks
-            for _ in range(2):
-                xm(static_ids, adapter_names=names, use_cache=False)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_logits = xm(static_ids, adapter_names=names, use_cache=False).logits
         for seed in (1, 2):
             static_ids.copy_(torch.randint(0, vocab, static_ids.shape, device="cuda",
                                            generator=torch.Generator(device="cuda").manual_seed(seed)))

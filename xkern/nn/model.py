@@ -31,7 +31,7 @@ from xkern.adapters.peft_format import (
 )
 from xkern.adapters.peft_format import load_adapter as read_adapter
 from xkern.adapters.peft_format import save_adapter as write_adapter
-from xkern.errors import FormatError
+from xkern.errors import FormatError, InputError
 from xkern.fileio import atomic_path, atomic_write_text
 from xkern.nn.linear import NF4LoRALinear
 from xkern.nn.patch import linear_layers, quantize_linears
@@ -128,6 +128,28 @@ class XkernModel(nn.Module):
         """``transformers`` ``generate`` (KV cache included), each prompt with its own adapter."""
         with routing_scope(self.routing(adapter_names, self._batch_size(args, kwargs))):
             return self.model.generate(*args, **kwargs)
+
+    @torch.no_grad()
+    def capture_cuda_graph(self, input_ids: torch.Tensor, adapter_names: str | Sequence[str] | None = None,
+                           warmup: int = 2, **kwargs: Any) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """One forward (a decode step) captured in a CUDA graph: ``(graph, logits)``.
+
+        Write the next tokens into ``input_ids`` in place, call ``graph.replay()`` and read ``logits``.
+        The warm-up runs on a side stream first, as capture requires: it compiles the kernels and fills
+        the routing and bank caches, so the captured forward copies nothing from the host.
+        """
+        if input_ids.device.type != "cuda":
+            raise InputError(f"a CUDA graph needs input_ids on a CUDA device, got {input_ids.device}")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self(input_ids, adapter_names=adapter_names, **kwargs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self(input_ids, adapter_names=adapter_names, **kwargs).logits
+        return graph, logits
 
     # ---- adapters -------------------------------------------------------------------------------
 
