@@ -303,7 +303,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from xkern.data.baselines import make_scorer
     from xkern.data.confidence import paired_table, quality_row
     from xkern.data.evaluate import format_table, score_candidates, write_report
-    from xkern.data.metrics import evaluate_ranking, pessimistic_ranks
+    from xkern.data.metrics import metrics_from_ranks, pessimistic_ranks
     from xkern.data.negatives import build_candidates
 
     start, load_start = time.perf_counter(), os.getloadavg()[0]
@@ -321,9 +321,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         scores = score_candidates(scorer, cands, args.batch_size, progress=not args.no_progress, desc=name,
                                   distributed=world > 1)
         timing[name] = {"fit_seconds": round(t1 - t0, 2), "score_seconds": round(time.perf_counter() - t1, 2)}
-        results.append({"scorer": name, **evaluate_ranking(scores, cands.target, args.ks), "n_users": len(cands)})
+        ranks = pessimistic_ranks(scores, cands.target)  # once, for the table and the intervals
+        results.append({"scorer": name, **metrics_from_ranks(ranks, args.ks), "n_users": len(cands)})
         fit = scorer.summary() if hasattr(scorer, "summary") else {}
-        rows.append(quality_row(name, pessimistic_ranks(scores, cands.target), target=data.name,
+        rows.append(quality_row(name, ranks, target=data.name,
                                 sources=list(args.sources), trainable_params=fit.get("trainable_params", 0),
                                 val_loss_start=fit.get("val_loss_start"), val_loss_best=fit.get("val_loss_best"),
                                 n_boot=args.n_boot, seed=args.seed, split=args.split))
