@@ -47,6 +47,8 @@ CASES: list[dict] = [
     dict(id="version", argv=["--version"], before="\"the following arguments are required: COMMAND\""),
     dict(id="scale-string", python=SCALE, argv=[], before="accepted silently"),
     dict(id="extra-and-no-models", argv=["demo", "--extra", "foo", "--no-models"], before="accepted silently"),
+    dict(id="demo-unknown-extra", argv=["demo", "--extra", "foo"],
+         before="(not in the issue's list) the table's header printed first, then the error"),
     dict(id="fractions-zero", argv=["demo", "--fractions", "0"],
          before="the error came only after a progress bar had started"),
     dict(id="data-stats-missing-folder", argv=["data", "stats", "--data", "./nonexistent"],

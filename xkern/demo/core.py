@@ -77,9 +77,18 @@ class DemoConfig:
     extra: tuple[str, ...] = ("xcross", "weave")  # model rows beyond the LoRA rows (() for LoRA only)
     profile: str = "quick"  # model-row settings when lm_config / xcross_config are None (see profile_configs)
 
+    def __post_init__(self) -> None:  # refused before any row runs (or a worker process starts)
+        check_extra(self.extra)
+
 
 EXTRA_ROWS = ("xcross", "weave")
 PROFILES = ("quick", "full")
+
+
+def check_extra(extra: Sequence[str]) -> None:
+    unknown = sorted(set(extra) - set(EXTRA_ROWS))
+    if unknown:
+        raise ValueError(f"unknown extra demo rows {unknown}; choose from {EXTRA_ROWS}")
 
 
 def profile_configs(profile: str) -> tuple[Any, Any]:
@@ -108,9 +117,7 @@ def model_methods(source_names: Sequence[str], extra: Sequence[str] = ()) -> lis
     rows over the source LoRAs and the WeaveRec rows (hybrid LoRAs and their merge with the target LoRA)."""
     from xkern.demo.lm import lora_methods
 
-    unknown = sorted(set(extra) - set(EXTRA_ROWS))
-    if unknown:
-        raise ValueError(f"unknown extra demo rows {unknown}; choose from {EXTRA_ROWS}")
+    check_extra(extra)
     methods = lora_methods(source_names)
     if "xcross" in extra:
         from xkern.demo.xcross import xcross_methods
