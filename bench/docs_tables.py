@@ -263,6 +263,29 @@ def sharded_eval_cpu() -> str:
 
 # --------------------------------------------------------------------------------------------- bad input
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def fsdp_memory_cpu() -> str:
+    run = _load("fsdp-memory-cpu.json")
+    cols = ("nf4_buffers", "frozen_params", "trainable", "grads", "optimizer_state")
+    head = "| processes | parallel | NF4 base (replicated) | other frozen parameters | trainable | gradients | " \
+        "optimizer state | s / step |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in run["runs"]:
+        lines.append(f"| {r['processes']} | {r['parallel']} | " + " | ".join(_mib(r[c]) for c in cols)
+                     + f" | {r['seconds_per_step']:.2f} |")
+    lines += ["", f"Measured per rank after 2 of {run['steps']} steps: {run['model']}; {run['machine']}; load average "
+              f"{run['load_average'][0]} at the start and {run['load_average'][1]} at the end.", "",
+              "Computed from the shapes (not measured), Qwen2-7B with NF4 linear layers, bf16 embeddings, lm_head "
+              "and norms, LoRA r 16 on every linear layer (float32 parameters, gradients and Adam state):", "",
+              head.replace(" s / step |", "").rstrip(), "|---|---|---|---|---|---|---|"]
+    for r in run["computed_qwen2_7b"]:
+        lines.append(f"| {r['processes']} | {r['parallel']} | " + " | ".join(_mib(r[c]) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def bad_input() -> str:
     """bench/bad_input.py's cases: the issue's report (before) against the measured message and exit code."""
     run = _load("bad-input.json")
@@ -435,6 +458,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "quality-tools-baselines": quality_tools_baselines,
     "xcross-encoder-diagnosis": xcross_encoder_diagnosis,
     "sharded-eval-cpu": sharded_eval_cpu,
+    "fsdp-memory-cpu": fsdp_memory_cpu,
     "gpu-compile-summary": gpu_compile_summary,
     "gpu-compile-sass": gpu_compile_sass,
     "gpu-roofline": gpu_roofline,

@@ -85,3 +85,12 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="data folder not found"):
         main(["data", "stats", "--data", "./nonexistent", "--debug"])
+
+
+def test_under_torchrun_the_error_names_the_rank(monkeypatch, capsys):
+    """A rank that stops on bad input says which process of the job it is (torchrun starts all with the same argv)."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = main(["data", "stats", "--data", "./nonexistent"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("xkern data stats (rank 1 of 2): error:") and "nonexistent" in err

@@ -655,6 +655,13 @@ def _check_before_work(args: argparse.Namespace) -> None:
         read_config(adapter_dir)
 
 
+def _where(args: argparse.Namespace) -> str:
+    """The command, and under ``torchrun`` which process of the job says it."""
+    command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return f"{command} (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else command
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _take_flag(argv, "--debug") or os.environ.get("XKERN_DEBUG", "0") == "1"
@@ -678,10 +685,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         message = str(e).strip()
-        command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
-        print(f"xkern {command}: error: {message.splitlines()[0] if message else type(e).__name__}",
+        print(f"xkern {_where(args)}: error: {message.splitlines()[0] if message else type(e).__name__}",
               file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a collective that failed because another process of the job stopped
+        dist = sys.modules.get("torch.distributed")
+        if debug or dist is None or not isinstance(e, getattr(dist, "DistError", ())):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"xkern {_where(args)}: error: a collective failed, most likely because another process of the job "
+              f"stopped (torchrun names it); {first}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"xkern {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -39,3 +39,12 @@ def gather_rows(local: np.ndarray, world: int) -> np.ndarray:
     parts: list[np.ndarray | None] = [None] * world
     dist.all_gather_object(parts, local)
     return np.concatenate([p for p in parts if p is not None], axis=0)
+
+
+def sum_over_ranks(values: list[int], world: int) -> list[int]:
+    """Elementwise sum of per-rank counts (on every rank); ``values`` itself when ``world == 1``."""
+    if world == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t)
+    return [int(v) for v in t]

@@ -183,3 +183,24 @@ def test_commands_derive_their_training_flags_from_the_config():
     assert (xcfg.n_neg, xcfg.patience, xcfg.lr, xcfg.keep_best) == (7, None, 1e-3, True)
     with pytest.raises(SystemExit):
         parser.parse_args(["train-lora", "--domain", "Tools", "--warmup-steps", "three"])
+
+
+def test_a_loss_that_stops_being_finite_stops_training_before_the_update():
+    """No silent NaN weights: the loop raises at the first non-finite loss; the parameters keep their last values."""
+    from xkern.train.loop import StaticData, TrainingDivergedError, fit
+
+    module = torch.nn.Linear(3, 1)
+    seen: list[torch.Tensor] = []
+
+    def loss_fn(mod, batch):
+        seen.append(mod.weight.detach().clone())
+        x = torch.ones(len(batch), 3)
+        out = mod(x).pow(2).mean()
+        return out * float("nan") if len(seen) == 3 else out
+
+    cfg = TrainConfig(batch_size=2, max_steps=5, lr=1e-2, progress=False)
+    with pytest.raises(TrainingDivergedError, match="training diverged at step 3") as err:
+        fit(module, [{"params": list(module.parameters())}], StaticData(list(range(8))), loss_fn, cfg,
+            distributed=False)
+    assert isinstance(err.value, FloatingPointError)
+    assert torch.equal(module.weight.detach(), seen[2]) and torch.isfinite(module.weight).all()

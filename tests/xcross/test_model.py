@@ -217,3 +217,49 @@ def test_cli_train_xcross(domains, tokenizer, tmp_path):
     assert back.has_bias and back.adapters == ["a0", "a1"]
     with pytest.raises(SystemExit):
         parser.parse_args(["train-xcross", "--model", "m", "--adapter", "no-equals-sign", "--target", "Tools"])
+
+
+def test_interrupted_training_resumes_to_the_same_result(domains, tokenizer, tmp_path):
+    """X-Cross's checkpoint (integrators, w, head, the co-trained LoRA, optimizer, position, best state)."""
+    def run(out, stop_after=None):
+        xm = _model(tokenizer)
+        xc = XCrossModel(xm, ["a0", "a1"], tokenizer=tokenizer, max_history=3)
+        res = train(xc, domains["Tools"], n_neg=3, max_steps=6, batch_size=4, lr=1e-2, max_train_users=32,
+                    max_val_users=8, val_neg=3, eval_every=1, patience=None, keep_best=True, progress=False,
+                    output_dir=out, extra_params=xm.adapter_parameters("a1"), extra_lr=1e-2, stop_after=stop_after)
+        return xm, xc, res
+
+    xm_one, xc_one, whole = run(tmp_path / "whole")
+    _, _, first = run(tmp_path / "cut", stop_after=3)
+    assert first.steps == 3
+    state = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 3 and state["optimizer_keys"] == "index"  # the LoRA lives outside the X-Cross module
+    xm_two, xc_two, second = run(tmp_path / "cut")  # a fresh process's models, resumed from the checkpoint
+    assert second.steps == 6
+    assert [v["step"] for v in second.val] == [v["step"] for v in whole.val]
+    np.testing.assert_allclose([v["loss"] for v in second.val], [v["loss"] for v in whole.val], rtol=1e-5)
+    assert second.best_step == whole.best_step
+    for a, b in zip(xc_two.trainable_parameters(), xc_one.trainable_parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    for a, b in zip(xm_two.adapter_parameters("a1"), xm_one.adapter_parameters("a1"), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert any(not torch.equal(a, b) for a, b in zip(xm_two.adapter_parameters("a1"),
+                                                     _model(tokenizer).adapter_parameters("a1"), strict=True))
+
+
+def test_activation_checkpointing_trains_the_same(domains, tokenizer):
+    """--grad-checkpointing reaches X-Cross's base (it was ignored before): same steps, same integrators."""
+    runs = []
+    for on in (False, True):
+        xm = _model(tokenizer)
+        xc = XCrossModel(xm, ["a0", "a1"], tokenizer=tokenizer, max_history=3)
+        during = []
+        res = train(xc, domains["Tools"], n_neg=3, max_steps=3, batch_size=4, lr=1e-2, max_train_users=16,
+                    max_val_users=4, val_neg=3, progress=False, grad_checkpointing=on, keep_best=False,
+                    extra_params=xm.adapter_parameters("a1"), extra_lr=1e-2,
+                    callback=lambda step, loss, hf=xm.model, seen=during: seen.append(hf.is_gradient_checkpointing))
+        assert during == [on] * 3 and not xm.model.is_gradient_checkpointing  # on while training only
+        runs.append((res, [p.detach().clone() for p in [*xc.trainable_parameters(), *xm.adapter_parameters("a1")]]))
+    np.testing.assert_allclose(runs[0][0].train_loss, runs[1][0].train_loss, rtol=1e-5)
+    for a, b in zip(runs[0][1], runs[1][1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

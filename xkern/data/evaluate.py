@@ -65,10 +65,15 @@ def evaluate_scorer(
     batch_size: int = 256,
     progress: bool = False,
     desc: str = "scoring",
+    distributed: bool = False,
 ) -> dict[str, float]:
-    """Metrics of `scorer` on `cands` (see evaluate_ranking) plus n_users and seconds."""
+    """Metrics of `scorer` on `cands` (see evaluate_ranking) plus n_users and seconds.
+
+    ``distributed``: under ``torchrun`` the users are split across ranks (see score_candidates); every
+    rank returns the metrics one process gives.
+    """
     t0 = time.perf_counter()
-    scores = score_candidates(scorer, cands, batch_size, progress, desc)
+    scores = score_candidates(scorer, cands, batch_size, progress, desc, distributed=distributed)
     result: dict[str, float] = dict(evaluate_ranking(scores, cands.target, ks))
     result["n_users"] = len(cands)
     result["seconds"] = round(time.perf_counter() - t0, 3)

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -36,6 +37,18 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from xkern.distributed import dist_setup
+from xkern.errors import InputError, XkernError
+from xkern.train.checkpoint import rng_state, set_rng_state
+from xkern.train.sharding import (
+    like,
+    load_optimizer_state,
+    optimizer_state,
+    release,
+    set_gradient_sync,
+    shard,
+    whole,
+    whole_parameters,
+)
 
 
 def option(default: Any, help: str, **kw: Any) -> Any:
@@ -65,6 +78,9 @@ class TrainConfig:
     save_every: int | None = option(None, "optimizer steps between checkpoints", cli=False)
     log_every: int = option(1, "steps between log entries", cli=False)
     progress: bool = option(True, "show a progress bar", cli=False)
+    parallel: str = option("ddp", "under torchrun: 'ddp' (every rank holds the trainable parameters) or 'fsdp' "
+                           "(FSDP2: parameters, gradients and optimizer state sharded per transformer block)",
+                           choices=("ddp", "fsdp"))
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -77,6 +93,8 @@ class TrainConfig:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.epochs <= 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
 
 
 def with_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
@@ -160,11 +178,16 @@ class StaticData:
 
 
 class Checkpointer(Protocol):
-    """Resumable state of one run: the trainable parameters, the optimizer, the loop's position."""
+    """Resumable state of one run (see :class:`xkern.train.checkpoint.DirectoryCheckpoint`)."""
 
-    def load(self, opt: torch.optim.Optimizer) -> dict[str, Any] | None: ...
+    def load(self) -> dict[str, Any] | None:
+        """Restore the trained parameters; return the loop state (``step``, ``train_loss``, ``evals``,
+        ``optimizer``, ``rng``, ``examples_per_step``, ...) or ``None`` when there is nothing to resume."""
+        ...
 
-    def save(self, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None: ...
+    def save(self, state: dict[str, Any]) -> None:
+        """Write the loop state and the trained parameters (rank 0 only; the parameters are whole)."""
+        ...
 
 
 @dataclass
@@ -231,14 +254,28 @@ def fit(module: torch.nn.Module, param_groups: Sequence[dict[str, Any]], data: E
     """
     cfg.validate()
     rank, world = dist_setup() if distributed else (0, 1)
+    fsdp = world > 1 and cfg.parallel == "fsdp"
+    first = data.examples(0)
+    if len(first) == 0:
+        raise ValueError("the training dataset is empty")
+    examples_per_step = cfg.batch_size * world * cfg.grad_accum
+    loaded = checkpointer.load() if checkpointer is not None else None  # into the whole parameters, before sharding
+    if loaded is not None:
+        _check_resume(loaded, cfg, world, examples_per_step)
+    owned = {id(p) for p in module.parameters()}
+    outside = [p for g in param_groups for p in g["params"] if id(p) not in owned]  # trained, not the module's
+    by_name = not outside  # optimizer state keyed by parameter name: loads under any sharding
+    device = next((p.device for g in param_groups for p in g["params"]), torch.device("cpu"))
+    use_bf16 = device.type == "cuda" and cfg.bf16 in ("auto", True)
+    if cfg.bf16 is True and device.type != "cuda":
+        raise ValueError("bf16 autocast needs a CUDA device")
+    if fsdp:
+        param_groups = shard(module, hf_model, param_groups, bf16=use_bf16)
     params = [p for g in param_groups for p in g["params"]]
     base_lrs = [float(g.get("lr", cfg.lr)) for g in param_groups]
     opt = torch.optim.AdamW([{"params": list(g["params"]), "lr": lr} for g, lr in zip(param_groups, base_lrs,
                                                                                         strict=True)],
                             lr=cfg.lr, weight_decay=cfg.weight_decay)
-    first = data.examples(0)
-    if len(first) == 0:
-        raise ValueError("the training dataset is empty")
     global_batch = cfg.batch_size * world
     batches_per_epoch = max(len(first) // global_batch, 1)
     steps_per_epoch = max(batches_per_epoch // cfg.grad_accum, 1)
@@ -246,15 +283,25 @@ def fit(module: torch.nn.Module, param_groups: Sequence[dict[str, Any]], data: E
     eval_every = cfg.eval_every
 
     result = FitResult(steps=0, total_steps=total, world_size=world, rank=rank)
-    if checkpointer is not None:
-        state = checkpointer.load(opt)
-        if state is not None:
-            result.steps = int(state["step"])
-            result.train_loss = list(state["train_loss"])
-            result.evals = [dict(e) for e in state["evals"]]
-    device = next((p.device for p in params), torch.device("cpu"))
+    if loaded is not None:
+        keys = loaded.get("optimizer_keys", "index")
+        if keys != ("names" if by_name else "index"):
+            raise InputError(f"checkpoint {loaded.get('path')} keys its optimizer state by {keys}, this run by "
+                             f"{'names' if by_name else 'index'} (other trained parameters); remove it to start over")
+        load_optimizer_state(module, opt, loaded["optimizer"], by_name)
+        set_rng_state(loaded["rng"])
+        result.steps = int(loaded["step"])
+        result.train_loss = list(loaded["train_loss"])
+        result.evals = [dict(e) for e in loaded["evals"]]
     best = [p.detach().clone() for p in params] if cfg.keep_best else None
     bad = 0
+    for e in result.evals:  # where early stopping and keep-best stood when the checkpoint was written
+        if result.best_loss is None or e["loss"] < result.best_loss:
+            result.best_loss, result.best_step, bad = e["loss"], int(e["step"]), 0
+        else:
+            bad += 1
+    if loaded is not None and cfg.keep_best and loaded.get("best") is not None:
+        best = [like(b, p) for b, p in zip(loaded["best"], params, strict=True)]
 
     def run_validation(step: int) -> bool:
         """Validate, track the best; True when early stopping says stop."""
@@ -269,19 +316,32 @@ def fit(module: torch.nn.Module, param_groups: Sequence[dict[str, Any]], data: E
         bad += 1
         return cfg.patience is not None and bad >= cfg.patience
 
+    last_saved = [result.steps if loaded is not None else None]
+
+    def save_checkpoint() -> None:
+        """Every rank takes part (FSDP gathers the optimizer state and the parameters); rank 0 writes."""
+        state = {**_state(result), "optimizer": optimizer_state(module, opt, by_name),
+                 "optimizer_keys": "names" if by_name else "index", "rng": rng_state(),
+                 "examples_per_step": examples_per_step, "world_size": world, "batch_size": cfg.batch_size,
+                 "grad_accum": cfg.grad_accum, "total_steps": total,
+                 "best": [whole(b) for b in best] if best is not None else None}
+        with whole_parameters(module) if fsdp else contextlib.nullcontext():
+            if rank == 0:
+                checkpointer.save(state)
+        last_saved[0] = result.steps
+        if world > 1:
+            dist.barrier()  # no rank runs ahead of a checkpoint it might be asked to resume from
+
     if validate is not None and validate_at_start and result.steps == 0:
         run_validation(0)
 
     wrapped: torch.nn.Module = module
-    owned = {id(p) for p in module.parameters()}
-    outside = [p for p in params if id(p) not in owned]  # trained, but not the module's (DDP does not see them)
-    if world > 1:
+    if world > 1 and not fsdp:
         # the frozen NF4 base is identical on every rank: sync only the trainable gradients
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    use_bf16 = device.type == "cuda" and cfg.bf16 in ("auto", True)
-    if cfg.bf16 is True and device.type != "cuda":
-        raise ValueError("bf16 autocast needs a CUDA device")
+        with warnings.catch_warnings():  # broadcast_buffers=False: also no sync at init (the NF4 base is big)
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+            wrapped = torch.nn.parallel.DistributedDataParallel(
+                module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
     cache: dict[int, tuple[Sequence[Any], list[int]]] = {}
 
@@ -311,7 +371,10 @@ def fit(module: torch.nn.Module, param_groups: Sequence[dict[str, Any]], data: E
                     examples, order = epoch(e)
                     lo = b * global_batch + rank * cfg.batch_size
                     batch = [examples[i] for i in order[lo:lo + cfg.batch_size]]
-                    sync = contextlib.nullcontext() if world == 1 or k == cfg.grad_accum - 1 else wrapped.no_sync()
+                    last = k == cfg.grad_accum - 1
+                    if fsdp:
+                        set_gradient_sync(module, last)
+                    sync = contextlib.nullcontext() if world == 1 or fsdp or last else wrapped.no_sync()
                     amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
                     with sync, amp:
                         loss = loss_fn(wrapped, batch) / cfg.grad_accum
@@ -323,14 +386,19 @@ def fit(module: torch.nn.Module, param_groups: Sequence[dict[str, Any]], data: E
                             p.grad = torch.zeros_like(p)
                         dist.all_reduce(p.grad)
                         p.grad.div_(world)
+                    t = torch.tensor([step_loss], device=device)
+                    dist.all_reduce(t)  # every rank sees the same loss, so every rank stops alike below
+                    step_loss = float(t) / world
+                grad_norm = None
                 if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                if not math.isfinite(step_loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+                    raise TrainingDivergedError(
+                        f"training diverged at step {step + 1}: loss {step_loss}, gradient norm {grad_norm}; the "
+                        f"parameters were not updated (last checkpoint: step {last_saved[0]}). Lower the learning "
+                        f"rate (now {cfg.lr:g}) or add warm-up steps")
                 opt.step()
                 step += 1
-                if world > 1:
-                    t = torch.tensor([step_loss], device=device)
-                    dist.all_reduce(t)
-                    step_loss = float(t) / world
                 result.train_loss.append(step_loss)
                 bar.update(1)
                 post = {"loss": f"{step_loss:.4f}"}
@@ -344,8 +412,8 @@ def fit(module: torch.nn.Module, param_groups: Sequence[dict[str, Any]], data: E
                     stop = run_validation(step)
                     module.train()
                 result.steps = step
-                if checkpointer is not None and rank == 0 and cfg.save_every and step % cfg.save_every == 0:
-                    checkpointer.save(opt, _state(result))
+                if checkpointer is not None and cfg.save_every and step % cfg.save_every == 0:
+                    save_checkpoint()
                 if stop:
                     result.stopped_early = True
                     break
@@ -355,16 +423,38 @@ def fit(module: torch.nn.Module, param_groups: Sequence[dict[str, Any]], data: E
         for p in params:
             p.requires_grad_(False)
     result.steps = step
-    if cfg.keep_best and best is not None and result.best_step is not None:
+    result.seconds = time.perf_counter() - start
+    if checkpointer is not None:  # the parameters as trained so far: a resumed run continues from them
+        save_checkpoint()
+    if cfg.keep_best and best is not None and result.best_step is not None and result.finished:
         with torch.no_grad():
             for p, b in zip(params, best, strict=True):
                 p.copy_(b)
-    result.seconds = time.perf_counter() - start
-    if checkpointer is not None and rank == 0:
-        checkpointer.save(opt, _state(result))
+    if fsdp:
+        release(module)
     if world > 1:
         dist.barrier()
     return result
+
+
+class TrainingDivergedError(XkernError, FloatingPointError):
+    """The loss or the gradient stopped being finite; the parameters keep their last finite values."""
+
+
+def _check_resume(saved: dict[str, Any], cfg: TrainConfig, world: int, examples_per_step: int) -> None:
+    """A checkpoint resumes exactly when each optimizer step takes the same examples; else refuse, saying how."""
+    before = saved.get("examples_per_step")
+    where = saved.get("path", "the checkpoint")
+    if before is None or int(before) == examples_per_step:
+        return
+    was = f"{saved.get('world_size', '?')} process(es) x batch {saved.get('batch_size', '?')} x accumulation " \
+          f"{saved.get('grad_accum', '?')}"
+    per_rank = int(before) // (world * cfg.grad_accum) if int(before) % (world * cfg.grad_accum) == 0 else None
+    hint = f"pass batch_size={per_rank} (--batch-size {per_rank}) to resume with {world} process(es), or " \
+        if per_rank else ""
+    raise InputError(f"checkpoint {where} was written at {before} examples per optimizer step ({was}); this "
+                     f"run takes {examples_per_step} ({world} x {cfg.batch_size} x {cfg.grad_accum}), so the data "
+                     f"order would not continue where it stopped: {hint}remove {where} to start over")
 
 
 def _state(result: FitResult) -> dict[str, Any]:

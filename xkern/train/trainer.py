@@ -11,25 +11,22 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from xkern.adapters.peft_format import load_adapter as read_adapter
-from xkern.errors import FormatError
-from xkern.fileio import atomic_path, atomic_write_text
+from xkern.fileio import atomic_write_text
 from xkern.nn.model import XkernModel
+from xkern.train.checkpoint import STATE_NAME, DirectoryCheckpoint, resumable_checkpoint
 from xkern.train.loop import StaticData, TrainConfig, dist_setup, fit, with_overrides
 from xkern.train.objectives import OBJECTIVES, Objective, model_pad_id
 
 CHECKPOINT_DIR = "checkpoint"
-STATE_NAME = "state.json"  # written last: a checkpoint directory holding it is whole
+__all__ = ["STATE_NAME", "AdapterCheckpoint", "TrainResult", "evaluate_loss", "resumable_checkpoint", "train_lora"]
 LOG_NAME = "train_log.json"
 
 
@@ -44,21 +41,6 @@ class TrainResult:
     @property
     def final_eval_loss(self) -> float | None:
         return self.eval_loss[-1][1] if self.eval_loss else None
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -83,23 +65,32 @@ def evaluate_loss(model: XkernModel, adapter: str, dataset: Sequence[dict[str, A
     return total / max(count, 1)
 
 
-class AdapterCheckpoint:
+class AdapterCheckpoint(DirectoryCheckpoint):
     """Checkpoints of one adapter under ``ckpt``: its PEFT files, the optimizer and RNG state, the loop's position."""
 
     def __init__(self, model: XkernModel, adapter: str, ckpt: Path, cfg: TrainConfig, resume: bool) -> None:
-        self.model, self.adapter, self.ckpt, self.cfg, self.resume = model, adapter, ckpt, cfg, resume
+        super().__init__(ckpt, resume)
+        self.model, self.adapter, self.cfg = model, adapter, cfg
 
-    def load(self, opt: torch.optim.Optimizer) -> dict[str, Any] | None:
-        found = resumable_checkpoint(self.ckpt) if self.resume else None
-        if found is None:
-            return None
-        step, history, evals = _load_checkpoint(self.model, self.adapter, opt, found)
-        return {"step": step, "train_loss": history, "evals": [{"step": s, "loss": v} for s, v in evals]}
+    def save(self, state: dict[str, Any]) -> None:
+        super().save({**state, "config": asdict(self.cfg)})
 
-    def save(self, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        evals = [(int(e["step"]), float(e["loss"])) for e in state["evals"]]
-        _save_checkpoint(self.model, self.adapter, opt, self.ckpt, state["step"], state["train_loss"], evals,
-                         self.cfg)
+    def write_params(self, folder: Path) -> None:
+        self.model.save_adapter(self.adapter, folder / "adapter")
+
+    def read_params(self, folder: Path) -> None:
+        saved = read_adapter(folder / "adapter")
+        layers = self.model.nf4_layers
+        mine = {m for m, lay in layers.items() if self.adapter in lay.lora_A}
+        if set(saved.modules) != mine:
+            raise ValueError(f"checkpoint {folder} holds an adapter for other modules than {self.adapter!r}")
+        with torch.no_grad():
+            for module, w in saved.modules.items():
+                lay = layers[module]
+                if lay.lora_A[self.adapter].shape != w.A.shape or lay.lora_B[self.adapter].shape != w.B.shape:
+                    raise ValueError(f"checkpoint {folder}: {module} has other shapes than adapter {self.adapter!r}")
+                lay.lora_A[self.adapter].copy_(w.A)
+                lay.lora_B[self.adapter].copy_(w.B)
 
 
 def train_lora(model: XkernModel, adapter_name: str, dataset: Sequence[dict[str, Any]], *,
@@ -158,69 +149,3 @@ def train_lora(model: XkernModel, adapter_name: str, dataset: Sequence[dict[str,
 
         dist.barrier()
     return result
-
-
-def _save_checkpoint(model: XkernModel, adapter: str, opt: torch.optim.Optimizer, ckpt: Path, step: int,
-                     history: list[float], evals: list[tuple[int, float]], cfg: TrainConfig) -> None:
-    """Write the checkpoint so that a process killed at any instant leaves one whole checkpoint behind.
-
-    The new one is built in ``<ckpt>.tmp`` (``state.json`` last: it marks a whole checkpoint), the
-    current one steps aside to ``<ckpt>.old``, the new one takes its name, and only then is the old one
-    removed. :func:`resumable_checkpoint` picks whichever is whole.
-    """
-    tmp, old = ckpt.with_name(ckpt.name + ".tmp"), ckpt.with_name(ckpt.name + ".old")
-    if tmp.exists():  # left by a save that was killed before it finished
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_adapter(adapter, tmp / "adapter")
-    with atomic_path(tmp / "optimizer.pt") as part:
-        torch.save({"optimizer": opt.state_dict(), "rng": _rng_state()}, part)
-    atomic_write_text(tmp / STATE_NAME, json.dumps({"step": step, "train_loss": history, "eval_loss": evals,
-                                                    "config": asdict(cfg)}, indent=2) + "\n")
-    if (ckpt / STATE_NAME).is_file():
-        if old.exists():
-            shutil.rmtree(old)
-        ckpt.rename(old)
-    elif ckpt.exists():  # a partial directory that never held a whole checkpoint
-        shutil.rmtree(ckpt)
-    tmp.rename(ckpt)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def resumable_checkpoint(ckpt: str | os.PathLike) -> Path | None:
-    """The whole checkpoint at ``ckpt``, or the previous one a killed save left beside it; ``None`` if neither."""
-    ckpt = Path(ckpt)
-    for candidate in (ckpt, ckpt.with_name(ckpt.name + ".old")):
-        if (candidate / STATE_NAME).is_file():
-            return candidate
-    return None
-
-
-def _load_checkpoint(model: XkernModel, adapter: str, opt: torch.optim.Optimizer,
-                     ckpt: Path) -> tuple[int, list[float], list[tuple[int, float]]]:
-    try:
-        state = json.loads((ckpt / STATE_NAME).read_text())
-        step, history, evals = int(state["step"]), list(state["train_loss"]), [tuple(e) for e in state["eval_loss"]]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-        raise FormatError(f"{ckpt / STATE_NAME} is damaged ({e!r}); remove {ckpt} to start over") from e
-    saved = read_adapter(ckpt / "adapter")
-    layers = model.nf4_layers
-    mine = {m for m, lay in layers.items() if adapter in lay.lora_A}
-    if set(saved.modules) != mine:
-        raise ValueError(f"checkpoint {ckpt} holds an adapter for other modules than {adapter!r}")
-    with torch.no_grad():
-        for module, w in saved.modules.items():
-            lay = layers[module]
-            if lay.lora_A[adapter].shape != w.A.shape or lay.lora_B[adapter].shape != w.B.shape:
-                raise ValueError(f"checkpoint {ckpt}: {module} has other shapes than adapter {adapter!r}")
-            lay.lora_A[adapter].copy_(w.A)
-            lay.lora_B[adapter].copy_(w.B)
-    try:
-        blob = torch.load(ckpt / "optimizer.pt", weights_only=False)
-        opt.load_state_dict(blob["optimizer"])
-    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:  # torch.load's errors on a damaged file
-        raise FormatError(f"{ckpt / 'optimizer.pt'} is damaged ({type(e).__name__}); remove {ckpt} to start "
-                          "over") from e
-    _set_rng_state(blob["rng"])
-    return step, history, evals

@@ -7,6 +7,7 @@ Wire it into the ``xkern`` command with ``xkern.weave.cli.register(subparsers)``
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,8 @@ def cmd_weave(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     result = run_weave(cfg, log=print if not args.no_progress else (lambda *a, **k: None))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank holds the result; rank 0 writes it
+        return 0
     path = write_report(Path(args.out), result)  # before printing: a closed pipe must not cost the results
     print(f"target={result['target']}  sources={','.join(result['sources'])}  users={result['n_eval_users']}  "
           f"model: {result['model']}")

@@ -32,6 +32,7 @@ from xkern.data.domain import DomainData
 from xkern.data.encoding import PromptEncoder
 from xkern.data.evaluate import evaluate_scorer, format_table
 from xkern.data.negatives import build_candidates
+from xkern.distributed import dist_setup, sum_over_ranks
 from xkern.serve import LikelihoodScorer, ListwiseGenerationScorer, PrefixLikelihoodScorer
 from xkern.weave.data import domain_examples, mix_domains
 from xkern.weave.merging import merge_loaded, select_merge_weights
@@ -142,8 +143,18 @@ def _examples(cfg: WeaveConfig, tok: Any, d: DomainData) -> list[dict[str, Any]]
 
 def run_weave(cfg: WeaveConfig, domains: dict[str, DomainData] | None = None, model: Any = None,
               tokenizer: Any = None, log: Any = print) -> dict[str, Any]:
-    """Run the experiment of ``cfg``; returns a JSON-ready dict (rows, speed, adapters, timings)."""
+    """Run the experiment of ``cfg``; returns a JSON-ready dict (rows, speed, adapters, timings).
+
+    Under ``torchrun`` every rank runs it: each adapter trains data-parallel (``train_lora``), each
+    evaluation splits the users across ranks, and every rank returns the same result; ``log`` is
+    called on rank 0 only.
+    """
     t_start = time.perf_counter()
+    rank, world = dist_setup()
+    if rank != 0:
+        def log(*args: Any, **kwargs: Any) -> None:
+            return None
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     for r in cfg.rows:
@@ -204,7 +215,7 @@ def run_weave(cfg: WeaveConfig, domains: dict[str, DomainData] | None = None, mo
 
         def val_ndcg(adapter: str) -> float:
             sc = PrefixLikelihoodScorer(model, enc, target.titles, adapter, cfg.user_batch, cfg.row_batch)
-            return evaluate_scorer(sc, val, (10,), batch_size=len(val))["NDCG@10"]
+            return evaluate_scorer(sc, val, (10,), batch_size=len(val), distributed=True)["NDCG@10"]
 
         t1 = time.perf_counter()
         best, table = select_merge_weights(model, names, val_ndcg, step)
@@ -240,10 +251,11 @@ def run_weave(cfg: WeaveConfig, domains: dict[str, DomainData] | None = None, mo
                     if cfg.listwise_fallback == "next_item" else None)
                 sc = ListwiseGenerationScorer(model, enc, target.titles, adapter, cfg.max_history, cfg.user_batch,
                                               cfg.row_batch, cfg.max_new_tokens, fallback_scorer=fb)
-            m = evaluate_scorer(sc, cands, (1, 3, 10), batch_size=256)
+            m = evaluate_scorer(sc, cands, (1, 3, 10), batch_size=256, distributed=True)
             rec = {"method": row, "mode": mode, **m}
-            if mode == "listwise":
-                rec.update(exact=sc.stats["exact"], fallback=sc.stats["fallback"])
+            if mode == "listwise":  # each rank counted its own users
+                exact, fallback = sum_over_ranks([sc.stats["exact"], sc.stats["fallback"]], world)
+                rec.update(exact=exact, fallback=fallback)
             results.append(rec)
             log(f"  {row:16s} {mode:10s} HR@1 {m['HR@1']:.3f} HR@10 {m['HR@10']:.3f} NDCG@10 {m['NDCG@10']:.3f}"
                 f" ({m['seconds']:.0f} s)")
@@ -262,6 +274,7 @@ def run_weave(cfg: WeaveConfig, domains: dict[str, DomainData] | None = None, mo
         "rows": results,
         "train_seconds": round(train_s, 2),
         "seconds": round(time.perf_counter() - t_start, 2),
+        "world_size": world,
     }
 
 

@@ -115,8 +115,25 @@ def cmd_train_xcross(args: argparse.Namespace) -> int:
     out = Path(args.out)
     config = config_from_args(XCrossTrainConfig, args, progress=not args.no_progress)
     res = train(xc, data, output_dir=out, config=config)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 alone reports and evaluates
-        return 0
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun rank 0 alone reports and writes
+    counts = xc.num_trainable()
+    if rank == 0:
+        print(f"trained X-Cross over {names} on {data.name}: {res.steps} steps, {res.n_train_examples} examples, "
+              f"best val loss {res.best_val_loss} at step {res.best_step}"
+              f"{' (early stop)' if res.stopped_early else ''}, {counts['total']:,} trainable parameters")
+        print(f"wrote {out / 'xcross'}")
+    if args.eval_users:  # every rank scores its share of the test users
+        max_users = None if args.eval_users < 0 else args.eval_users
+        m = evaluate(xc, data, "test", args.eval_neg, args.seed, max_users, progress=not args.no_progress,
+                     distributed=True)
+        if rank == 0:
+            path = write_report(out / "metrics.json", {"kind": "xkern-train-xcross", "adapters": names,
+                                                        "target": data.name, "metrics": m, "trainable": counts,
+                                                        "config": {k: v for k, v in vars(args).items()
+                                                                   if k != "func"}})
+            print(json.dumps(m))
+            print(f"wrote {path}")
+    return 0
     counts = xc.num_trainable()
     print(f"trained X-Cross over {names} on {data.name}: {res.steps} steps, {res.n_train_examples} examples, "
           f"best val loss {res.best_val_loss} at step {res.best_step}"

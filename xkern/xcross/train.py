@@ -32,6 +32,7 @@ from xkern.data.negatives import build_candidates, sample_uniform, user_rng
 from xkern.data.splits import sample_users
 from xkern.fileio import atomic_write_text
 from xkern.nn.model import XkernModel
+from xkern.train.checkpoint import ParameterCheckpoint
 from xkern.train.loop import TrainConfig, fit, option, with_overrides
 from xkern.xcross.model import XCrossModel
 
@@ -150,15 +151,19 @@ class _XCrossEpochs:
 
 def train(xc: XCrossModel, data: DomainData, *, config: XCrossTrainConfig | None = None,
           extra_params: Sequence[nn.Parameter] = (), output_dir: str | os.PathLike | None = None,
-          callback: Callable[[int, float], None] | None = None, **overrides: Any) -> XCrossTrainResult:
+          resume: bool = True, callback: Callable[[int, float], None] | None = None,
+          stop_after: int | None = None, **overrides: Any) -> XCrossTrainResult:
     """Train the integrators, ``w`` and the head of ``xc`` (plus ``extra_params``) on ``data``.
 
     ``data.train`` gives the training examples (1 positive + ``n_neg`` negatives each), ``data.val``
     the validation lists (``val_neg`` fixed negatives) used for early stopping: after every
     ``eval_every`` steps the validation loss is measured, the best state is kept, and training
     stops after ``patience`` validations without improvement. The best state is restored at the end.
-    ``output_dir``: the trained X-Cross parameters (``xcross/``) and ``train_log.json`` go there.
-    Keyword overrides set :class:`XCrossTrainConfig` fields.
+    ``output_dir``: the trained X-Cross parameters (``xcross/``), ``train_log.json`` and the resumable
+    checkpoint (``checkpoint/``: X-Cross's and ``extra_params``' tensors, optimizer, RNG, position;
+    written at the end and every ``save_every`` steps, by rank 0 under ``torchrun``) go there; an
+    existing checkpoint is resumed when ``resume``. ``stop_after``: stop after that many optimizer
+    steps of this call (an interruption, for tests). Keyword overrides set :class:`XCrossTrainConfig` fields.
     """
     cfg = with_overrides(config or XCrossTrainConfig(), overrides)
     if not isinstance(xc, XCrossModel):
@@ -186,9 +191,13 @@ def train(xc: XCrossModel, data: DomainData, *, config: XCrossTrainConfig | None
     steps_per_epoch = max(n_examples // cfg.batch_size, 1)
     if cfg.eval_every is None:
         cfg = dataclasses.replace(cfg, eval_every=steps_per_epoch)  # validate once per epoch
+    checkpointer = None
+    if output_dir is not None:
+        checkpointer = ParameterCheckpoint(checkpoint_names(xc, extra), Path(output_dir) / "checkpoint", resume)
     res = fit(xc, groups, epochs, lambda module, batch: example_loss(xc, batch, forward=module)[0], cfg,
               validate=(lambda: validate(xc, val_examples, cfg.score_batch_size)) if val_examples else None,
-              validate_at_start=True, desc=f"x-cross {'+'.join(xc.adapters)}", callback=callback)
+              validate_at_start=True, desc=f"x-cross {'+'.join(xc.adapters)}", callback=callback,
+              checkpointer=checkpointer, stop_after=stop_after, hf_model=xc.model.model)
     result = XCrossTrainResult(steps=res.steps, train_loss=res.train_loss, val=res.evals,
                                best_step=res.best_step if val_examples else res.steps, best_val_loss=res.best_loss,
                                stopped_early=res.stopped_early, seconds=res.seconds, n_train_examples=n_examples,
@@ -201,6 +210,15 @@ def train(xc: XCrossModel, data: DomainData, *, config: XCrossTrainConfig | None
                "extra_trainable": sum(p.numel() for p in extra), "world_size": res.world_size, **result.to_dict()}
         atomic_write_text(out / "train_log.json", json.dumps(log, indent=2) + "\n")
     return result
+
+
+def checkpoint_names(xc: XCrossModel, extra: Sequence[nn.Parameter]) -> dict[str, nn.Parameter]:
+    """Stable names of what :func:`train` trains: ``xcross.<name>`` and ``model.<name>`` for ``extra``."""
+    named = {f"xcross.{n}": p for n, p in xc.named_parameters() if any(p is q for q in xc.trainable_parameters())}
+    by_id = {id(p): n for n, p in xc.model.named_parameters()}
+    for i, p in enumerate(extra):
+        named[f"model.{by_id.get(id(p), f'extra{i}')}"] = p
+    return named
 
 
 def train_adapter_scorer(model: XkernModel, adapter: str, data: DomainData, tokenizer: Any, *,
@@ -229,10 +247,13 @@ def init_head_from(xc: XCrossModel, sources: Sequence[XCrossModel]) -> None:
 
 def evaluate(xc: XCrossModel, data: DomainData, split: str = "test", n_neg: int = 29, seed: int = 0,
              max_users: int | None = None, ks: Sequence[int] = (1, 3, 10), batch_size: int = 64,
-             progress: bool = False) -> dict[str, float]:
-    """HR@K / NDCG@K / MRR of ``xc`` on ``data``'s ``split`` (target + ``n_neg`` uniform negatives)."""
+             progress: bool = False, distributed: bool = False) -> dict[str, float]:
+    """HR@K / NDCG@K / MRR of ``xc`` on ``data``'s ``split`` (target + ``n_neg`` uniform negatives).
+
+    ``distributed``: under ``torchrun`` each rank scores its share of the users (same metrics on every rank).
+    """
     cands = build_candidates(data, split, n_neg, "uniform", seed, max_users)
     xc.set_domain(data.titles, data.name)
     users_per_call = max(1, 4 * batch_size // (n_neg + 1))
     return evaluate_scorer(xc.scorer(batch_size), cands, ks, batch_size=users_per_call, progress=progress,
-                           desc="+".join(xc.adapters))
+                           desc="+".join(xc.adapters), distributed=distributed)

@@ -1,0 +1,160 @@
+"""Resumable checkpoints on disk: one directory per run that a killed process never leaves half written.
+
+A checkpoint directory holds the trained parameters (in a format of the subclass's choice), the
+optimizer and RNG state (``optimizer.pt``) and the loop's position (``state.json``, written last:
+a directory that holds it is whole). :class:`DirectoryCheckpoint` does the writing and reading;
+subclasses say how their parameters are stored: :class:`ParameterCheckpoint` (named tensors in
+safetensors, any module) here, the PEFT adapter of ``train_lora`` in :mod:`xkern.train.trainer`.
+
+The state records the examples per optimizer step (batch x processes x accumulation), so a run can
+resume under another world size exactly when that product is the same; the optimizer state is keyed
+by parameter name where the loop can (see :func:`xkern.train.sharding.optimizer_state`), so a
+checkpoint written under FSDP loads into one process and back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from xkern.errors import FormatError
+from xkern.fileio import atomic_path, atomic_write_text
+
+STATE_NAME = "state.json"  # written last: a checkpoint directory holding it is whole
+BLOB_NAME = "optimizer.pt"
+BLOB_KEYS = ("optimizer", "rng", "best")  # what goes to optimizer.pt (tensors); the rest is state.json
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resumable_checkpoint(ckpt: str | os.PathLike) -> Path | None:
+    """The whole checkpoint at ``ckpt``, or the previous one a killed save left beside it; ``None`` if neither."""
+    ckpt = Path(ckpt)
+    for candidate in (ckpt, ckpt.with_name(ckpt.name + ".old")):
+        if (candidate / STATE_NAME).is_file():
+            return candidate
+    return None
+
+
+class DirectoryCheckpoint:
+    """The :class:`~xkern.train.loop.Checkpointer` of one run under ``ckpt``; subclasses store the parameters."""
+
+    def __init__(self, ckpt: str | os.PathLike, resume: bool = True) -> None:
+        self.ckpt, self.resume = Path(ckpt), resume
+
+    # ---- what a subclass provides ---------------------------------------------------------------
+
+    def write_params(self, folder: Path) -> None:
+        raise NotImplementedError
+
+    def read_params(self, folder: Path) -> None:
+        """Copy the stored parameters into the live ones (checking names and shapes)."""
+        raise NotImplementedError
+
+    # ---- the Checkpointer protocol --------------------------------------------------------------
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Write ``state`` (the loop's; ``optimizer`` and ``rng`` go to ``optimizer.pt``) and the parameters.
+
+        The new checkpoint is built in ``<ckpt>.tmp`` (``state.json`` last), the current one steps aside
+        to ``<ckpt>.old``, the new one takes its name, and only then is the old one removed; a process
+        killed at any instant leaves one whole checkpoint that :func:`resumable_checkpoint` finds.
+        """
+        ckpt = self.ckpt
+        tmp, old = ckpt.with_name(ckpt.name + ".tmp"), ckpt.with_name(ckpt.name + ".old")
+        if tmp.exists():  # left by a save that was killed before it finished
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        self.write_params(tmp)
+        blob = {k: state[k] for k in BLOB_KEYS if k in state}
+        with atomic_path(tmp / BLOB_NAME) as part:
+            torch.save(blob, part)
+        rest = {k: v for k, v in state.items() if k not in blob}
+        atomic_write_text(tmp / STATE_NAME, json.dumps(rest, indent=2) + "\n")
+        if (ckpt / STATE_NAME).is_file():
+            if old.exists():
+                shutil.rmtree(old)
+            ckpt.rename(old)
+        elif ckpt.exists():  # a partial directory that never held a whole checkpoint
+            shutil.rmtree(ckpt)
+        tmp.rename(ckpt)
+        if old.exists():
+            shutil.rmtree(old)
+
+    def load(self) -> dict[str, Any] | None:
+        """Restore the parameters and return the loop state (with ``optimizer`` and ``rng``), or ``None``."""
+        found = resumable_checkpoint(self.ckpt) if self.resume else None
+        if found is None:
+            return None
+        try:
+            state = json.loads((found / STATE_NAME).read_text())
+            state["step"] = int(state["step"])
+            state["train_loss"] = [float(x) for x in state["train_loss"]]
+            if "evals" not in state:  # checkpoints written before the loop kept whole validation records
+                state["evals"] = [{"step": int(s), "loss": float(v)} for s, v in state.pop("eval_loss")]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"{found / STATE_NAME} is damaged ({e!r}); remove {found} to start over") from e
+        self.read_params(found)
+        try:
+            blob = torch.load(found / BLOB_NAME, weights_only=False)
+            state["optimizer"], state["rng"], state["best"] = blob["optimizer"], blob["rng"], blob.get("best")
+        except (RuntimeError, EOFError, OSError, KeyError, ValueError, TypeError) as e:  # torch.load on a damaged file
+            raise FormatError(f"{found / BLOB_NAME} is damaged ({type(e).__name__}); remove {found} to start "
+                              "over") from e
+        state["path"] = str(found)
+        return state
+
+
+class ParameterCheckpoint(DirectoryCheckpoint):
+    """Checkpoints of named tensors (``params.safetensors``): X-Cross's integrators, head and co-trained LoRA."""
+
+    FILE = "params.safetensors"
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], ckpt: str | os.PathLike, resume: bool = True) -> None:
+        super().__init__(ckpt, resume)
+        self.params = params
+
+    def write_params(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        with atomic_path(folder / self.FILE) as part:
+            save_file({k: p.detach().cpu().contiguous() for k, p in self.params.items()}, str(part))
+
+    def read_params(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        try:
+            saved = load_file(str(folder / self.FILE))
+        except (OSError, RuntimeError, ValueError) as e:  # missing, truncated or not safetensors
+            raise FormatError(f"{folder / self.FILE} is damaged or missing ({e}); remove {folder} to start "
+                              "over") from e
+        if set(saved) != set(self.params):
+            missing, extra = sorted(set(self.params) - set(saved)), sorted(set(saved) - set(self.params))
+            raise FormatError(f"checkpoint {folder} holds other parameters than this run trains (missing "
+                              f"{missing[:3]}, unexpected {extra[:3]}); remove it to start over")
+        with torch.no_grad():
+            for k, p in self.params.items():
+                if saved[k].shape != p.shape:
+                    raise FormatError(f"checkpoint {folder}: {k} has shape {tuple(saved[k].shape)}, this run's "
+                                      f"has {tuple(p.shape)}; remove it to start over")
+                p.copy_(saved[k])
