@@ -244,6 +244,26 @@ def xcross_encoder_diagnosis() -> str:
     return "\n".join(lines) + "\n" + note + "\n"
 
 
+def xcross_integrator_stability() -> str:
+    run = _load("xcross-integrator-stability.json")
+    lines = ["| layer | token RMS, median | token RMS, max | largest entry |", "|---|---|---|---|"]
+    for r in run["hidden_scale"][::5] + ([run["hidden_scale"][-1]] if len(run["hidden_scale"]) % 5 != 1 else []):
+        lines.append(f"| {r['layer']} | {r['rms_median']:.2f} | {r['rms_max']:.1f} | {r['abs_max']:.0f} |")
+    lines += ["", "| integrator | title score | lr | training loss per step | stopped on a non-finite loss at step | "
+                  "val loss start -> end | val HR@1 start -> end |", "|---|---|---|---|---|---|---|"]
+    for r in run["runs"]:
+        val = f"{r['val_start']:.3f} -> {r['val_end']:.3f}" if r.get("diverged_at") is None else "-"
+        hr = f"{r['val_hr1_start']:.3f} -> {r['val_hr1_end']:.3f}" if r.get("diverged_at") is None else "-"
+        lines.append(f"| {r['integrator_norm']} | {r.get('likelihood_reduce', 'sum')} | {r['lr']:g} | "
+                     f"{', '.join(f'{x:.2f}' for x in r['train_loss'])} | "
+                     f"{r['diverged_at'] or 'no'} | {val} | {hr} |")
+    lines += ["", f"{run['base']}, adapters {' + '.join(run['adapters'])} -> {run['target']}; {run['steps']} steps of "
+              f"{run['batch_size']} users x (1 + {run['negatives']}) candidates, validation on {run['val_users']} "
+              f"users x {run['val_candidates']} candidates (chance loss {run['chance_val_loss']}); {run['machine']}, "
+              f"load average {run['load_average_end']} at the end (`python examples/xcross_integrator_stability.py`)."]
+    return "\n".join(lines) + "\n"
+
+
 def sharded_eval_cpu() -> str:
     """bench/bench_sharded_eval.py: one process against two, same users and scorers."""
     run = _load("sharded-eval-cpu.json")
@@ -458,6 +478,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "quality-tools-baselines": quality_tools_baselines,
     "xcross-encoder-diagnosis": xcross_encoder_diagnosis,
     "sharded-eval-cpu": sharded_eval_cpu,
+    "xcross-integrator-stability": xcross_integrator_stability,
     "fsdp-memory-cpu": fsdp_memory_cpu,
     "gpu-compile-summary": gpu_compile_summary,
     "gpu-compile-sass": gpu_compile_sass,

@@ -37,9 +37,10 @@ xc = XCrossModel(xm, ["a0", "a1"], tokenizer=tok, max_history=3)
 import os
 if os.environ.get("RANK", "0") == "0":
     xm.save_adapter("a1", {out!r} + "/a1-init")
+extra = xm.adapter_parameters("a1") if {parallel!r} == "ddp" else []
 train(xc, domains["Tools"], n_neg=3, max_steps=4, batch_size={bs}, lr=1e-2, max_train_users=32, max_val_users=8,
-      val_neg=3, progress=False, output_dir={out!r}, extra_params=xm.adapter_parameters("a1"), extra_lr=1e-2,
-      keep_best=False)
+      val_neg=3, progress=False, output_dir={out!r}, extra_params=extra, extra_lr=1e-2,
+      keep_best=False, parallel={parallel!r})
 if torch.distributed.is_initialized():
     torch.distributed.barrier()
 xm.save_adapter("a1", {out!r} + "/a1")
@@ -56,7 +57,7 @@ def test_two_processes_train_what_one_process_trains(tmp_path):
     env.pop("WORLD_SIZE", None)
     for name, bs in (("ddp", 4), ("one", 8)):
         (tmp_path / f"{name}.py").write_text(SCRIPT.format(tests=str(REPO / "tests"), bs=bs,
-                                                           out=str(tmp_path / name)))
+                                                           out=str(tmp_path / name), parallel="ddp"))
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
           str(tmp_path / "ddp.py")], tmp_path, env)
     _run([sys.executable, str(tmp_path / "one.py")], tmp_path, env)
@@ -79,3 +80,25 @@ def test_two_processes_train_what_one_process_trains(tmp_path):
     for k in a_one:
         torch.testing.assert_close(a_ddp[k], a_one[k], atol=5e-5, rtol=1e-4)
     assert any(not torch.equal(a_one[k], init[k]) for k in a_one)  # the LoRA did train
+
+
+def test_fsdp_trains_the_integrators_one_process_trains(tmp_path):
+    """--parallel fsdp on X-Cross shards its own parameters (integrators, w, head); the base stays replicated."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("WORLD_SIZE", None)
+    for name, bs, parallel in (("fsdp", 4, "fsdp"), ("one", 8, "fsdp")):  # one process: fsdp is a no-op there
+        (tmp_path / f"{name}.py").write_text(SCRIPT.format(tests=str(REPO / "tests"), bs=bs, out=str(tmp_path / name),
+                                                           parallel=parallel))
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29549",
+          str(tmp_path / "fsdp.py")], tmp_path, env)
+    _run([sys.executable, str(tmp_path / "one.py")], tmp_path, env)
+    logs = [json.loads((tmp_path / n / "train_log.json").read_text()) for n in ("fsdp", "one")]
+    assert [g["world_size"] for g in logs] == [2, 1] and logs[0]["config"]["parallel"] == "fsdp"
+    torch.testing.assert_close(torch.tensor(logs[0]["train_loss"]), torch.tensor(logs[1]["train_loss"]),
+                               atol=1e-5, rtol=1e-4)
+    fsdp = load_file(str(tmp_path / "fsdp" / "xcross" / "xcross.safetensors"))
+    one = load_file(str(tmp_path / "one" / "xcross" / "xcross.safetensors"))
+    assert fsdp.keys() == one.keys()
+    for k in sorted(set(one) - {"head.out.bias"}):  # as above: the head's output bias has no real gradient
+        torch.testing.assert_close(fsdp[k], one[k], atol=5e-5, rtol=1e-4)
+    assert any(torch.count_nonzero(one[k]) for k in one if k.startswith("w_concat"))  # the integrators did train

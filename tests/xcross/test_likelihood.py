@@ -70,3 +70,17 @@ def test_encoders_and_missing_labels_are_refused(setup):
     assert labels is not None and (labels != -100).any()
     with pytest.raises(ValueError, match="needs labels"):
         xc(ids, mask)
+
+
+def test_mean_reduce_divides_each_title_by_its_token_count(setup):
+    data, tok, xm = setup
+    kw = dict(scoring="likelihood", tokenizer=tok, titles=data.titles, domain=data.name, max_history=3)
+    total, mean = XCrossModel(xm, ["a0", "a1"], **kw), XCrossModel(xm, ["a0", "a1"], likelihood_reduce="mean", **kw)
+    pairs = [(list(s[:-1]), int(c)) for s in list(data.test.values())[:3] for c in (s[-1], 0, 5)]
+    ids, mask, labels = total.encode(pairs)
+    n_tokens = (labels[:, 1:] != -100).sum(1).float()
+    assert (n_tokens > 1).any()  # titles of several tokens, so the two reductions differ
+    with torch.no_grad():
+        torch.testing.assert_close(mean(ids, mask, labels), total(ids, mask, labels) / n_tokens)
+    with pytest.raises(ValueError, match="likelihood_reduce"):
+        XCrossModel(xm, ["a0"], likelihood_reduce="max", **kw)

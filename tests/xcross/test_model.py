@@ -263,3 +263,40 @@ def test_activation_checkpointing_trains_the_same(domains, tokenizer):
     np.testing.assert_allclose(runs[0][0].train_loss, runs[1][0].train_loss, rtol=1e-5)
     for a, b in zip(runs[0][1], runs[1][1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_rms_integrator_norm_reads_scale_free_hidden_states(tokenizer, tmp_path):
+    """integrator_norm='rms': z = W [h_1; ..; h_n] / rms(token), the mixing of h itself unchanged."""
+    from xkern.ops import xcross_integrate
+
+    xm = _model(tokenizer)
+    xc = XCrossModel(xm, ["a0", "a1"], tokenizer=tokenizer, max_history=3, integrator_norm="rms")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in xc.w_concat:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    hook = xc._make_hook(0, 2)
+    h = torch.randn(2 * 3, 5, xc.hidden_size, generator=g)
+    h[:, 0] *= 1000.0  # a "massive activation" token
+    out = hook(None, (), h)
+    # the definition, written out: z from the RMS-normalized token, mixing applied to h
+    hv = h.reshape(2, 3, 5, -1)
+    s = hv.pow(2).mean(dim=(0, -1), keepdim=True).add(1e-6).sqrt()
+    z = torch.einsum("pk,ntk->ntp", xc.w_concat[0], torch.cat([hv[0] / s[0], hv[1] / s[0]], dim=-1))
+    zd, zi = z[..., :2], z[..., 2:]
+    want = torch.stack([hv[0] + zd[..., 0:1] * hv[1] + zi[..., 0:1] * (hv[0] - hv[1]),
+                        hv[1] + zd[..., 1:2] * hv[0] + zi[..., 1:2] * (hv[1] - hv[0])]).reshape(h.shape)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(hook(None, (), h * 7.0), out * 7.0, rtol=1e-4, atol=1e-2)  # z does not scale with h
+    plain = xcross_integrate(hv, xc.w_concat[0], 1.0, 1.0).reshape(h.shape)
+    assert not torch.allclose(plain, out, rtol=1e-2)  # and it is not the paper's form
+    with torch.no_grad():
+        for p in xc.w_concat:
+            p.zero_()
+    torch.testing.assert_close(hook(None, (), h), h)  # zero-initialized integrators: the streams pass unchanged
+    with pytest.raises(ValueError, match="integrator_norm"):
+        XCrossModel(xm, ["a0", "a1"], integrator_norm="layer")
+    xc.save(tmp_path / "xc")
+    assert XCrossModel.load(tmp_path / "xc", xm).integrator_norm == "rms"
+    with pytest.raises(ValueError, match="integrator_norm"):  # weights trained with one form refuse the other
+        XCrossModel(xm, ["a0", "a1"]).load_state(tmp_path / "xc")

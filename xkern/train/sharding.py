@@ -121,6 +121,11 @@ def optimizer_state(module: nn.Module, opt: torch.optim.Optimizer, by_name: bool
         return opt.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+    fsdp = _fsdp()
+    for m in module.modules():  # a forward without backward (validation) leaves the root unsharded:
+        if isinstance(m, fsdp.FSDPModule):  # register the sharded parameters the optimizer holds again
+            m.reshard()
+
     return get_optimizer_state_dict(module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 

@@ -49,6 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=float, default=1.0)
     p.add_argument("--bias", action="store_true", help="integrator bias")
     p.add_argument("--pooling", choices=("auto", "first", "last", "mean"), default="auto")
+    p.add_argument("--integrator-norm", choices=("none", "rms"), default="none",
+                   help="'rms': the integrators read each token's hidden states divided by their RMS (stable on "
+                        "bases with massive activations, such as SmolLM2); 'none': the paper's form (default)")
+    p.add_argument("--likelihood-reduce", choices=("sum", "mean"), default="sum",
+                   help="--scoring likelihood: a candidate's score is the sum (default) or the mean of its title "
+                        "tokens' log-probabilities")
     p.add_argument("--scoring", choices=("head", "likelihood"), default="head",
                    help="head: pooled state + trained scoring head (any base); likelihood (decoders): the title's "
                    "log-likelihood under the frozen LM head on the mixed streams, which starts from the source "
@@ -109,6 +115,7 @@ def cmd_train_xcross(args: argparse.Namespace) -> int:
     data = _domain(args)
     data = replace(data, train=subsample_train(data.train, args.fraction, args.seed))
     xc = XCrossModel(xm, names, beta=args.beta, gamma=args.gamma, pooling=args.pooling, bias=args.bias,
+                     integrator_norm=args.integrator_norm, likelihood_reduce=args.likelihood_reduce,
                      scoring=args.scoring,
                      tokenizer=tok, titles=data.titles, domain=data.name, max_history=args.max_history,
                      max_tokens=args.max_tokens)

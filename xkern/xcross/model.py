@@ -36,6 +36,7 @@ from xkern.nn import BASE, XkernModel, routing_scope
 from xkern.ops.xcross_integrate import xcross_integrate
 
 POOLINGS = ("auto", "first", "last", "mean")
+INTEGRATOR_NORMS = ("none", "rms")
 FORMAT = "xkern-xcross/1"
 CONFIG_NAME = "xcross_config.json"
 WEIGHTS_NAME = "xcross.safetensors"
@@ -126,13 +127,24 @@ class XCrossModel(nn.Module):
             prompt under the base's frozen LM head applied to the mixed final hidden states, so the
             source LoRAs' own next-item skill is the starting point; nothing but the integrators and
             ``w`` is trained).
+        integrator_norm: ``"none"`` (the paper's ``z = W_concat [h_1; ...; h_n]``) or ``"rms"``
+            (``z = W_concat [h_1; ...; h_n] / rms``, the root mean square of the token's n streams):
+            ``z`` then no longer scales with the hidden states. Decoders such as SmolLM2 carry a few
+            "massive activation" tokens (hidden RMS ~1000 against ~5 elsewhere); without the
+            normalization, one optimizer step on ``W_concat`` multiplies those tokens' states layer
+            after layer and training diverges (docs/xcross.md). The mixing itself is unchanged.
+        likelihood_reduce: ``scoring="likelihood"``: a candidate's score is the ``"sum"`` of its title
+            tokens' log-probabilities (``LikelihoodScorer``'s score) or their ``"mean"`` (no advantage
+            to short titles; the cross-entropy over candidates then starts near chance, not tens of nats
+            above it, see docs/xcross.md).
         tokenizer, titles, domain, max_history, max_tokens: how :meth:`score` turns item indices into
             prompts (see :class:`PairEncoder`); set or change them with :meth:`set_domain`.
     """
 
     def __init__(self, model: XkernModel, adapters: Sequence[str], beta: float = 1.0, gamma: float = 1.0,
                  pooling: str = "auto", bias: bool = False, *, head_dim: int | None = None,
-                 scoring: str = "head", tokenizer: Any = None,
+                 scoring: str = "head", integrator_norm: str = "none", likelihood_reduce: str = "sum",
+                 tokenizer: Any = None,
                  titles: Sequence[str] | None = None, domain: str | None = None, max_history: int = MAX_HISTORY,
                  max_tokens: int = 128) -> None:
         super().__init__()
@@ -168,6 +180,12 @@ class XCrossModel(nn.Module):
         self.integrator_bias = nn.ParameterList([nn.Parameter(torch.zeros(p)) for _ in range(n_layers)]) \
             if (bias and n > 1) else nn.ParameterList()
         self.has_bias = bool(bias)
+        if integrator_norm not in INTEGRATOR_NORMS:
+            raise ValueError(f"integrator_norm must be one of {INTEGRATOR_NORMS}, got {integrator_norm!r}")
+        self.integrator_norm = integrator_norm
+        if likelihood_reduce not in ("sum", "mean"):
+            raise ValueError(f"likelihood_reduce must be 'sum' or 'mean', got {likelihood_reduce!r}")
+        self.likelihood_reduce = likelihood_reduce
         self.w = nn.Parameter(torch.full((n,), 1.0 / n))
         if scoring not in ("head", "likelihood"):
             raise ValueError(f"scoring must be 'head' or 'likelihood', got {scoring!r}")
@@ -264,7 +282,14 @@ class XCrossModel(nn.Module):
             rows, *rest = h.shape
             hv = h.reshape(n, rows // n, *rest)
             bias = self.integrator_bias[layer].to(h.dtype) if self.has_bias else None
-            mixed = xcross_integrate(hv, self.w_concat[layer].to(h.dtype), self.beta, self.gamma, bias).reshape(h.shape)
+            w = self.w_concat[layer].to(h.dtype)
+            if self.integrator_norm == "rms":
+                # h~ is linear in h for a fixed z, and z is linear in h: integrating h / s and scaling back by s
+                # mixes h itself with z computed from h / s (s: the token's RMS over its n streams)
+                scale = hv.float().pow(2).mean(dim=(0, -1), keepdim=True).add(1e-6).sqrt().to(h.dtype)
+                mixed = (xcross_integrate(hv / scale, w, self.beta, self.gamma, bias) * scale).reshape(h.shape)
+            else:
+                mixed = xcross_integrate(hv, w, self.beta, self.gamma, bias).reshape(h.shape)
             return (mixed, *output[1:]) if isinstance(output, tuple) else mixed
 
         return hook
@@ -305,7 +330,10 @@ class XCrossModel(nn.Module):
             logits = self.lm_head(mixed[:, :-1][picked]).float()
             logp = F.log_softmax(logits, dim=-1).gather(-1, target[picked][:, None]).squeeze(-1)
             row = torch.arange(rows, device=self.device)[:, None].expand_as(target)[picked]
-            return torch.zeros(rows, device=self.device).index_add(0, row, logp)
+            total = torch.zeros(rows, device=self.device).index_add(0, row, logp)
+            if self.likelihood_reduce == "mean":
+                total = total / picked.sum(1).clamp_min(1).to(total.dtype)
+            return total
         pooled = pool_hidden(hidden.reshape(n * rows, *hidden.shape[2:]), attention_mask.repeat(n, 1),
                              self.pooling_mode).reshape(n, rows, -1).float()
         mixed = (self.w.float()[:, None, None] * pooled).sum(0)  # pooling is linear: pool(sum w h) = sum w pool(h)
@@ -347,7 +375,9 @@ class XCrossModel(nn.Module):
         return {"format": FORMAT, "adapters": list(self.adapters),
                 "adapter_fingerprints": {a: adapter_fingerprint(self.model, a) for a in self.adapters if a != BASE},
                 "beta": self.beta, "gamma": self.gamma, "pooling": self.pooling, "bias": self.has_bias,
-                "head_dim": self.head_dim, "scoring": self.scoring, "hidden_size": self.hidden_size,
+                "head_dim": self.head_dim, "scoring": self.scoring, "integrator_norm": self.integrator_norm,
+                "likelihood_reduce": self.likelihood_reduce,
+                "hidden_size": self.hidden_size,
                 "num_layers": len(self.blocks),
                 "base_model": getattr(self.model.config, "_name_or_path", None) or None,
                 "encoder": dict(self._enc_args)}
@@ -356,7 +386,8 @@ class XCrossModel(nn.Module):
         out = {f"w_concat.{i}": p for i, p in enumerate(self.w_concat)}
         out.update({f"integrator_bias.{i}": p for i, p in enumerate(self.integrator_bias)})
         out["w"] = self.w
-        out.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        # parameters, not state_dict(): under FSDP2 state_dict() hands out the shards, not the whole tensors
+        out.update({f"head.{k}": v for k, v in self.head.named_parameters()})
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -388,10 +419,12 @@ class XCrossModel(nn.Module):
                     raise ValueError(f"{path}: adapter {a!r} has other weights than the one it was trained with "
                                      f"(fingerprint {now} != {fp}); refusing to load (strict_fingerprint=False "
                                      f"to force)")
-        for key in ("hidden_size", "num_layers", "head_dim", "scoring"):
+        defaults = {"scoring": "head", "integrator_norm": "none", "likelihood_reduce": "sum"}  # older checkpoints
+        for key in ("hidden_size", "num_layers", "head_dim", "scoring", "integrator_norm", "likelihood_reduce"):
             mine = {"hidden_size": self.hidden_size, "num_layers": len(self.blocks), "head_dim": self.head_dim,
-                    "scoring": self.scoring}[key]
-            if cfg.get(key, "head" if key == "scoring" else None) != mine:
+                    "scoring": self.scoring, "integrator_norm": self.integrator_norm,
+                    "likelihood_reduce": self.likelihood_reduce}[key]
+            if cfg.get(key, defaults.get(key)) != mine:
                 raise ValueError(f"{path}: {key}={cfg[key]} but this model has {mine}")
         if bool(cfg["bias"]) != self.has_bias:
             raise ValueError(f"{path}: bias={cfg['bias']} but this model has bias={self.has_bias}")
@@ -419,6 +452,8 @@ class XCrossModel(nn.Module):
         enc = dict(cfg.get("encoder", {}))
         enc.update({k: kwargs.pop(k) for k in ("max_history", "max_tokens") if k in kwargs})
         xc = cls(model, cfg["adapters"], beta=cfg["beta"], gamma=cfg["gamma"], pooling=cfg["pooling"],
-                 bias=cfg["bias"], head_dim=cfg["head_dim"] or None, scoring=cfg.get("scoring", "head"), **enc,
+                 bias=cfg["bias"], head_dim=cfg["head_dim"] or None, scoring=cfg.get("scoring", "head"),
+                 integrator_norm=cfg.get("integrator_norm", "none"),
+                 likelihood_reduce=cfg.get("likelihood_reduce", "sum"), **enc,
                  **kwargs)
         return xc.load_state(path, strict_fingerprint=strict_fingerprint)
