@@ -560,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "plot",
-        help="plot demo/eval metrics and benchmark JSON as PNG",
+        help="plot demo/eval metrics, learning curves (train_log.json) and benchmark JSON as PNG",
         description="Plot demo/eval results (metrics across methods and data fractions) and "
         "benchmark JSON (bench/results/*.json) as PNG files.",
     )

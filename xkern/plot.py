@@ -1,4 +1,5 @@
-"""PNG plots of xkern results: recommendation metrics (demo / eval JSON) and kernel benchmarks.
+"""PNG plots of xkern results: recommendation metrics (demo / eval JSON), learning curves (the
+``train_log.json`` of ``xkern train-lora`` / ``train-xcross``) and kernel benchmarks.
 
 Readers are tolerant on purpose: benchmark JSON is written by several scripts over time, so a record
 only needs a name-like field and an `ms`-like number; other numeric `*_ms` / `baseline*` fields
@@ -36,6 +37,8 @@ def classify(obj: Any) -> str:
         return "demo"
     if isinstance(obj, dict) and obj.get("kind") == "xkern-eval":
         return "eval"
+    if isinstance(obj, dict) and isinstance(obj.get("train_loss"), list):
+        return "train-log"
     if bench_records(obj):
         return "bench"
     raise ValueError("unrecognised results JSON (expected an xkern demo/eval report or benchmark records)")
@@ -156,6 +159,52 @@ def plot_bench(records: list[dict[str, Any]], out: str | Path, title: str = "ker
     return _save(fig, out)
 
 
+def learning_curve(log: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
+    """``{series: [(step, value), ...]}`` from a ``train_log.json`` of ``xkern train-lora`` or ``train-xcross``.
+
+    Training loss per step (a list of numbers, or of ``{"step", "loss"}``), and each validation
+    series (``val`` / ``eval_loss`` records: ``loss``, and ``mrr`` / ``hr@1`` where X-Cross has them).
+    """
+    out: dict[str, list[tuple[int, float]]] = {}
+    train = log.get("train_loss") or []
+    out["train loss"] = [(int(e["step"]), float(e["loss"])) if isinstance(e, dict) else (i + 1, float(e))
+                         for i, e in enumerate(train)]
+    for record in log.get("val") or log.get("eval_loss") or []:
+        if isinstance(record, dict):
+            step = int(record["step"])
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    out.setdefault(f"val {key}", []).append((step, float(value)))
+        else:  # [step, loss]
+            out.setdefault("val loss", []).append((int(record[0]), float(record[1])))
+    return {k: v for k, v in out.items() if v}
+
+
+def plot_learning_curve(log: dict[str, Any], out: str | Path, title: str = "learning curve") -> Path:
+    """Losses (left) and validation ranking metrics (right, where logged) against the optimizer step."""
+    series = learning_curve(log)
+    if not series:
+        raise ValueError("the training log holds no losses to plot")
+    ranking = {k: v for k, v in series.items() if not k.endswith("loss")}
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2 if ranking else 1, figsize=(10 if ranking else 6, 3.6), squeeze=False)
+    for name, points in series.items():
+        if name.endswith("loss"):
+            axes[0][0].plot(*zip(*points, strict=True), marker="o" if name.startswith("val") else None,
+                            markersize=3, label=name)
+    axes[0][0].set_xlabel("optimizer step")
+    axes[0][0].set_ylabel("loss")
+    axes[0][0].legend()
+    for name, points in ranking.items():
+        axes[0][1].plot(*zip(*points, strict=True), marker="o", markersize=3, label=name)
+    if ranking:
+        axes[0][1].set_xlabel("optimizer step")
+        axes[0][1].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
 def _save(fig: Any, out: str | Path) -> Path:
     p = Path(out)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -175,6 +224,10 @@ def plot_files(
         target = Path(out_dir) / f"{Path(path).stem}.png"
         if kind == "bench":
             written.append(plot_bench(bench_records(obj), target, title=Path(path).stem))
+        elif kind == "train-log":  # every run's log is train_log.json: name the PNG after the run's folder
+            run = Path(path).resolve().parent.name
+            written.append(plot_learning_curve(obj, Path(out_dir) / f"{run}-{Path(path).stem}.png",
+                                               title=f"{run}: learning curve"))
         else:
             title = f"{obj.get('target') or obj.get('domain', '')} ({kind})"
             written.append(plot_metrics(metric_rows(obj), target, metrics, title=title))

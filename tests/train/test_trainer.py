@@ -48,6 +48,11 @@ def test_loss_goes_down_and_only_the_adapter_moves(tmp_path):
     assert not any(p.requires_grad for p in xm.parameters())
     log = json.loads((tmp_path / "train_log.json").read_text())
     assert log["finished"] and len(log["train_loss"]) == 16 and log["eval_loss"][-1]["loss"] == res.final_eval_loss
+    from xkern.plot import learning_curve  # what `xkern plot train_log.json` draws
+
+    curve = learning_curve(log)
+    assert curve["train loss"] == [(i + 1, pytest.approx(v)) for i, v in enumerate(res.train_loss)]
+    assert curve["val loss"] == [(s, pytest.approx(v)) for s, v in res.eval_loss]
     fresh = _model()
     fresh.delete_adapter("a")
     fresh.load_adapter(tmp_path / "adapter", "a")

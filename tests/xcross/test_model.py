@@ -168,6 +168,15 @@ def test_train_updates_only_xcross_params_and_improves(domains, tokenizer, tmp_p
     assert log["trainable"]["total"] == res.n_trainable
     back = XCrossModel.load(tmp_path / "run" / "xcross", xm)
     torch.testing.assert_close(back.w, xc.w)
+    # the learning curve of this run, as `xkern plot runs/.../train_log.json` draws it
+    from xkern.plot import learning_curve, plot_files
+
+    curve = learning_curve(log)
+    assert [v for _, v in curve["train loss"]] == pytest.approx(res.train_loss)
+    assert curve["val loss"] == [(v["step"], pytest.approx(v["loss"])) for v in res.val]
+    assert {"val mrr", "val hr@1"} <= set(curve)
+    png = plot_files([tmp_path / "run" / "train_log.json"], tmp_path / "png")[0]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_early_stopping(domains, tokenizer):
