@@ -319,15 +319,16 @@ def fit(module: torch.nn.Module, param_groups: Sequence[dict[str, Any]], data: E
     last_saved = [result.steps if loaded is not None else None]
 
     def save_checkpoint() -> None:
-        """Every rank takes part (FSDP gathers the optimizer state and the parameters); rank 0 writes."""
-        state = {**_state(result), "optimizer": optimizer_state(module, opt, by_name),
-                 "optimizer_keys": "names" if by_name else "index", "rng": rng_state(),
-                 "examples_per_step": examples_per_step, "world_size": world, "batch_size": cfg.batch_size,
-                 "grad_accum": cfg.grad_accum, "total_steps": total,
-                 "best": [whole(b) for b in best] if best is not None else None}
-        with whole_parameters(module) if fsdp else contextlib.nullcontext():
-            if rank == 0:
-                checkpointer.save(state)
+        """Every rank takes part under FSDP (it gathers the optimizer state and the parameters); rank 0 writes."""
+        if fsdp or rank == 0:  # under DDP the other ranks would build a state nobody writes
+            state = {**_state(result), "optimizer": optimizer_state(module, opt, by_name),
+                     "optimizer_keys": "names" if by_name else "index", "rng": rng_state(),
+                     "examples_per_step": examples_per_step, "world_size": world, "batch_size": cfg.batch_size,
+                     "grad_accum": cfg.grad_accum, "total_steps": total,
+                     "best": [whole(b) for b in best] if best is not None else None}
+            with whole_parameters(module) if fsdp else contextlib.nullcontext():
+                if rank == 0:
+                    checkpointer.save(state)
         last_saved[0] = result.steps
         if world > 1:
             dist.barrier()  # no rank runs ahead of a checkpoint it might be asked to resume from

@@ -42,6 +42,11 @@ def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, _fsdp().FSDPModule)
 
 
+def _groups(module: nn.Module) -> list[Any]:
+    """The FSDP groups inside ``module`` (the blocks and the root ``shard`` wrapped)."""
+    return [m for m in module.modules() if is_sharded(m)]
+
+
 def shard(module: nn.Module, hf_model: nn.Module | None, param_groups: Sequence[dict[str, Any]],
           bf16: bool = False) -> list[dict[str, Any]]:
     """``fully_shard`` the blocks of ``hf_model`` and ``module`` (the root); returns ``param_groups`` remapped.
@@ -56,10 +61,9 @@ def shard(module: nn.Module, hf_model: nn.Module | None, param_groups: Sequence[
         raise InputError(f"parallel='fsdp' shards the parameters of the module it trains; {len(missing)} trained "
                          "parameter(s) live outside it (as X-Cross's co-trained LoRA): use parallel='ddp'")
     if is_sharded(module):
-        for m in module.modules():
-            if isinstance(m, fsdp.FSDPModule):
-                m.reshard()
-                m.set_reshard_after_forward(True)
+        for m in _groups(module):
+            m.reshard()
+            m.set_reshard_after_forward(True)
     else:
         policy = fsdp.MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
             else fsdp.MixedPrecisionPolicy()
@@ -78,8 +82,7 @@ def set_gradient_sync(module: nn.Module, on: bool) -> None:
 @contextlib.contextmanager
 def whole_parameters(module: nn.Module) -> Iterator[None]:
     """Every rank gathers the full parameters (collective) for the body, then shards them again."""
-    fsdp = _fsdp()
-    groups = [m for m in module.modules() if isinstance(m, fsdp.FSDPModule)]
+    groups = _groups(module)
     for m in groups:
         m.unshard()
     try:
@@ -91,11 +94,9 @@ def whole_parameters(module: nn.Module) -> Iterator[None]:
 
 def release(module: nn.Module) -> None:
     """Leave ``module`` with whole parameters after training, so it serves and saves like an unsharded one."""
-    fsdp = _fsdp()
-    for m in module.modules():
-        if isinstance(m, fsdp.FSDPModule):
-            m.unshard()
-            m.set_reshard_after_forward(False)
+    for m in _groups(module):
+        m.unshard()
+        m.set_reshard_after_forward(False)
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:
@@ -121,11 +122,8 @@ def optimizer_state(module: nn.Module, opt: torch.optim.Optimizer, by_name: bool
         return opt.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    fsdp = _fsdp()
-    for m in module.modules():  # a forward without backward (validation) leaves the root unsharded:
-        if isinstance(m, fsdp.FSDPModule):  # register the sharded parameters the optimizer holds again
-            m.reshard()
-
+    for m in _groups(module):  # a forward without backward (validation) leaves the root unsharded:
+        m.reshard()  # register the sharded parameters the optimizer holds again
     return get_optimizer_state_dict(module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 

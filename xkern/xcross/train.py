@@ -214,7 +214,8 @@ def train(xc: XCrossModel, data: DomainData, *, config: XCrossTrainConfig | None
 
 def checkpoint_names(xc: XCrossModel, extra: Sequence[nn.Parameter]) -> dict[str, nn.Parameter]:
     """Stable names of what :func:`train` trains: ``xcross.<name>`` and ``model.<name>`` for ``extra``."""
-    named = {f"xcross.{n}": p for n, p in xc.named_parameters() if any(p is q for q in xc.trainable_parameters())}
+    trainable = {id(q) for q in xc.trainable_parameters()}
+    named = {f"xcross.{n}": p for n, p in xc.named_parameters() if id(p) in trainable}
     by_id = {id(p): n for n, p in xc.model.named_parameters()}
     for i, p in enumerate(extra):
         named[f"model.{by_id.get(id(p), f'extra{i}')}"] = p
