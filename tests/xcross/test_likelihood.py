@@ -84,3 +84,31 @@ def test_mean_reduce_divides_each_title_by_its_token_count(setup):
         torch.testing.assert_close(mean(ids, mask, labels), total(ids, mask, labels) / n_tokens)
     with pytest.raises(ValueError, match="likelihood_reduce"):
         XCrossModel(xm, ["a0"], likelihood_reduce="max", **kw)
+
+
+@pytest.mark.parametrize("norm,reduce", [("none", "sum"), ("rms", "mean")])
+def test_shared_prefix_scores_equal_one_forward_per_pair(setup, norm, reduce):
+    """Prefix sharing (each user's prompt once through the n streams, its KV cache reused for every
+    candidate) gives the scores of one full forward per (history, candidate) pair, with integrators on."""
+    data, tok, xm = setup
+    xc = XCrossModel(xm, ["a0", "a1", "__base__"], scoring="likelihood", integrator_norm=norm,
+                     likelihood_reduce=reduce, bias=True, tokenizer=tok, titles=data.titles, domain=data.name,
+                     max_history=3)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in [*xc.w_concat, *xc.integrator_bias]:
+            p.normal_(0, 0.05)
+        xc.w.copy_(torch.tensor([0.5, 0.3, 0.4]))
+    seqs = list(data.test.values())[:5]
+    hist = [list(s[:-1])[-k:] for s, k in zip(seqs, (1, 3, 2, 4, 1), strict=True)]  # prompts of different lengths
+    cands = np.array([[s[-1], 0, 5, 9, 13, 17, 21] for s in seqs])
+    full = xc.score(hist, cands, batch_size=16, prefix_sharing=False)
+    for batch in (7, 16, 64):  # one user per prefill; two; all five
+        torch.testing.assert_close(xc.score(hist, cands, batch_size=batch), full, rtol=1e-4, atol=1e-4)
+    assert full.std(dim=1).min() > 0  # the candidates are told apart: not a constant
+
+
+def test_causal_lm_face_is_refused_for_head_scoring(setup):
+    data, tok, xm = setup
+    with pytest.raises(ValueError, match="likelihood"):
+        XCrossModel(xm, ["a0", "a1"], tokenizer=tok).causal_lm()

@@ -309,3 +309,34 @@ def test_rms_integrator_norm_reads_scale_free_hidden_states(tokenizer, tmp_path)
     assert XCrossModel.load(tmp_path / "xc", xm).integrator_norm == "rms"
     with pytest.raises(ValueError, match="integrator_norm"):  # weights trained with one form refuse the other
         XCrossModel(xm, ["a0", "a1"]).load_state(tmp_path / "xc")
+
+
+def test_candidate_pooling_reads_only_the_candidate_part(domains, tokenizer):
+    """pooling='candidate': the head reads the w-mix of the streams' mean over the candidate's tokens only."""
+    xm = _model(tokenizer)
+    data = domains["Tools"]
+    xc = XCrossModel(xm, ["a0", "a1"], pooling="candidate", tokenizer=tokenizer, titles=data.titles,
+                     domain=data.name, max_history=3)
+    with torch.no_grad():
+        for p in xc.w_concat:
+            p.normal_(0, 0.02)
+        xc.w.copy_(torch.tensor([0.3, 0.9]))
+    _, hists, _ = data.examples("test")
+    pairs = [(hists[0], 1), (hists[1][:1], 2), (hists[2], 3)]  # histories of different lengths: padding
+    ids, mask, span = xc.encode(pairs)
+    for i, (h, c) in enumerate(pairs):  # the span is exactly the candidate part, before the closing tokens
+        row = xc.encoder.pair_ids(h, c)
+        cand = xc.encoder.candidate_ids(c)
+        on = span[i].nonzero().flatten().tolist()
+        assert [row[j] for j in on] == cand and on[-1] == len(row) - len(xc.encoder.tail_ids) - 1
+    with torch.no_grad():
+        hidden = xc.stream_hidden(ids, mask).float()  # [n, N, T, d]
+        m = span[None, :, :, None].float()
+        pooled = (hidden * m).sum(2) / m.sum(2)
+        expected = xc.head((xc.w[:, None, None] * pooled).sum(0))
+        torch.testing.assert_close(xc(ids, mask, span), expected, atol=1e-5, rtol=1e-5)
+        other = pool_hidden(hidden.reshape(-1, *hidden.shape[2:]), mask.repeat(2, 1), "mean")
+        assert not torch.allclose(xc.head((xc.w[:, None, None] * other.view(2, 3, -1)).sum(0)), expected)
+    with pytest.raises(ValueError, match="candidate mask"):
+        xc(ids, mask)
+    xc.score(hists[:2], np.array([[1, 2], [3, 4]]))  # the scoring path builds the mask itself

@@ -48,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--gamma", type=float, default=1.0)
     p.add_argument("--bias", action="store_true", help="integrator bias")
-    p.add_argument("--pooling", choices=("auto", "first", "last", "mean"), default="auto")
+    p.add_argument("--pooling", choices=("auto", "first", "last", "mean", "candidate"), default="auto",
+                   help="head scoring: what the head reads ('candidate': the mean over the candidate's tokens)")
     p.add_argument("--integrator-norm", choices=("none", "rms"), default="none",
                    help="'rms': the integrators read each token's hidden states divided by their RMS (stable on "
                         "bases with massive activations, such as SmolLM2); 'none': the paper's form (default)")

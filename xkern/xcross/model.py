@@ -35,7 +35,7 @@ from xkern.fileio import atomic_path, atomic_write_text
 from xkern.nn import BASE, XkernModel, routing_scope
 from xkern.ops.xcross_integrate import xcross_integrate
 
-POOLINGS = ("auto", "first", "last", "mean")
+POOLINGS = ("auto", "first", "last", "mean", "candidate")
 INTEGRATOR_NORMS = ("none", "rms")
 FORMAT = "xkern-xcross/1"
 CONFIG_NAME = "xcross_config.json"
@@ -80,7 +80,7 @@ def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Te
     if mode == "mean":
         m = mask.to(hidden.dtype).unsqueeze(-1)
         return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-    raise ValueError(f"pooling must be one of {POOLINGS[1:]}, got {mode!r}")
+    raise ValueError(f"pooling must be one of ('first', 'last', 'mean'), got {mode!r}")
 
 
 class ScoringHead(nn.Module):
@@ -119,7 +119,9 @@ class XCrossModel(nn.Module):
         adapters: the n adapter names, one stream each, in stream order.
         beta, gamma: integrator weights of the direct and difference terms (python floats).
         pooling: ``"auto"`` (first token for encoders, last non-pad token for decoders), ``"first"``,
-            ``"last"`` or ``"mean"``.
+            ``"last"``, ``"mean"`` (all tokens) or ``"candidate"`` (mean over the candidate part of the
+            pair only: on real data the [CLS] and mean features of one user's candidates are nearly
+            the same vector, the history dominating them; see docs/xcross.md).
         bias: give every integrator a trainable bias (zero-initialized).
         head_dim: width of the head's hidden layer (default: the model's hidden size).
         scoring: ``"head"`` (pool the mixed final hidden state, score it with a trained head; any base)
@@ -249,16 +251,25 @@ class XCrossModel(nn.Module):
 
     def encode(self, pairs: Sequence[tuple[Sequence[int], int]]) -> tuple[torch.Tensor, torch.Tensor,
                                                                             torch.Tensor | None]:
-        """``(input_ids, attention_mask, labels)`` of (history, candidate) pairs, right-padded; ``labels``
-        (the title tokens, :data:`IGNORE` elsewhere) only for ``scoring="likelihood"``."""
+        """``(input_ids, attention_mask, labels)`` of (history, candidate) pairs, right-padded. The third is
+        ``scoring="likelihood"``'s labels (the title tokens, :data:`IGNORE` elsewhere), ``pooling="candidate"``'s
+        candidate mask (1 on the candidate part of each pair), or None."""
         if self.encoder is None:
             raise ValueError("set_domain(titles, domain, tokenizer=...) first: scoring needs item titles")
         if self.scoring == "likelihood":
             rows = [self.encoder.pair(h, int(c)) for h, c in pairs]
             ids, mask = pad_batch([r["input_ids"] for r in rows], self.encoder.pad_id)
             return ids, mask, pad_rows([r["labels"] for r in rows], IGNORE)
-        ids, mask = pad_batch([self.encoder.pair_ids(h, int(c)) for h, c in pairs], self.encoder.pad_id)
-        return ids, mask, None
+        rows = [self.encoder.pair_ids(h, int(c)) for h, c in pairs]
+        ids, mask = pad_batch(rows, self.encoder.pad_id)
+        if self.pooling_mode != "candidate":
+            return ids, mask, None
+        span = torch.zeros_like(mask)
+        tail = len(self.encoder.tail_ids)
+        for i, ((_, c), row) in enumerate(zip(pairs, rows, strict=True)):
+            end = len(row) - tail
+            span[i, end - len(self.encoder.candidate_ids(int(c))):end] = 1
+        return ids, mask, span
 
     # ---- forward -----------------------------------------------------------------------------------------
 
@@ -315,7 +326,7 @@ class XCrossModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Scores ``[N]`` of N tokenized (history, candidate) pairs (``labels``: see :meth:`encode`)."""
+        """Scores ``[N]`` of N tokenized (history, candidate) pairs (``labels``: the third item of :meth:`encode`)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
@@ -334,19 +345,31 @@ class XCrossModel(nn.Module):
             if self.likelihood_reduce == "mean":
                 total = total / picked.sum(1).clamp_min(1).to(total.dtype)
             return total
-        pooled = pool_hidden(hidden.reshape(n * rows, *hidden.shape[2:]), attention_mask.repeat(n, 1),
-                             self.pooling_mode).reshape(n, rows, -1).float()
+        pool_mask, mode = attention_mask, self.pooling_mode
+        if mode == "candidate":
+            if labels is None:
+                raise ValueError("pooling='candidate' needs the candidate mask (the third item of XCrossModel.encode)")
+            pool_mask, mode = labels.to(self.device) * attention_mask, "mean"
+        pooled = pool_hidden(hidden.reshape(n * rows, *hidden.shape[2:]), pool_mask.repeat(n, 1),
+                             mode).reshape(n, rows, -1).float()
         mixed = (self.w.float()[:, None, None] * pooled).sum(0)  # pooling is linear: pool(sum w h) = sum w pool(h)
         return self.head(mixed)
 
     def score(self, histories: Sequence[Sequence[int]], candidates: np.ndarray | Sequence[Sequence[int]],
-              batch_size: int = 64) -> torch.Tensor:
-        """Scores ``[U, C]`` of every (history, candidate) pair, ``batch_size`` pairs (x n streams) per forward."""
+              batch_size: int = 64, prefix_sharing: bool = True) -> torch.Tensor:
+        """Scores ``[U, C]`` of every (history, candidate) pair, ``batch_size`` pairs (x n streams) per forward.
+
+        ``scoring="likelihood"`` with ``prefix_sharing``: each user's prompt runs once through the n
+        streams and its KV cache serves all the user's candidates (the same scores as one forward per
+        pair, which ``prefix_sharing=False`` runs, for a fraction of the cost).
+        """
         if self.encoder is None:
             raise ValueError("set_domain(titles, domain, tokenizer=...) first: score needs item titles")
         cands = np.asarray(candidates)
         if cands.ndim != 2 or cands.shape[0] != len(histories):
             raise ValueError(f"candidates must be [U={len(histories)}, C], got shape {cands.shape}")
+        if self.scoring == "likelihood" and prefix_sharing:
+            return self._score_shared_prefix(histories, cands, batch_size)
         rows = [(h, int(c)) for h, cs in zip(histories, cands, strict=True) for c in cs]
         out = torch.empty(len(rows), dtype=torch.float32)
         was_training = self.training
@@ -359,6 +382,34 @@ class XCrossModel(nn.Module):
         finally:
             self.train(was_training)
         return out.reshape(cands.shape)
+
+    def causal_lm(self) -> XCrossCausalLM:
+        """This likelihood X-Cross as a causal LM (``input_ids -> logits`` of the w-mixed streams, with a
+        KV cache), the interface ``xkern.serve``'s prefix scoring runs on."""
+        if self.scoring != "likelihood":
+            raise ValueError("causal_lm() needs scoring='likelihood'")
+        return XCrossCausalLM(self)
+
+    def _score_shared_prefix(self, histories: Sequence[Sequence[int]], cands: np.ndarray,
+                             batch_size: int) -> torch.Tensor:
+        from xkern.serve.scoring import PrefixLikelihoodScorer
+
+        enc = self.encoder
+        assert isinstance(enc, CompletionPairEncoder)
+        per_user = cands.shape[1]
+        scorer = PrefixLikelihoodScorer(self.causal_lm(), enc.prompts, enc.titles,
+                                        user_batch=max(1, batch_size // max(per_user, 1)), row_batch=batch_size)
+        was_training = self.training
+        self.eval()
+        try:
+            sums = torch.from_numpy(scorer(histories, cands))
+        finally:
+            self.train(was_training)
+        if self.likelihood_reduce == "mean":
+            counts = torch.tensor([[len(enc.prompts.title(enc.titles[int(c)] or "")) for c in row] for row in cands],
+                                  dtype=torch.float64)
+            sums = sums / counts.clamp_min(1)
+        return sums.float()
 
     def scorer(self, batch_size: int = 64):
         """A ``xkern.data`` Scorer (numpy out) over :meth:`score`."""
@@ -457,3 +508,78 @@ class XCrossModel(nn.Module):
                  likelihood_reduce=cfg.get("likelihood_reduce", "sum"), **enc,
                  **kwargs)
         return xc.load_state(path, strict_fingerprint=strict_fingerprint)
+
+
+class XCrossCausalLM:
+    """A likelihood :class:`XCrossModel` seen as a causal LM, for ``xkern.serve.scoring.prefill`` and
+    ``score_continuations``: the n streams of B rows run stacked (``[n*B]``, stream-major) with the
+    integrators, and the logits are the frozen LM head on ``sum_m w_m h~_m``.
+
+    The KV cache it hands out keeps all n streams of a row in that row: each layer's keys and values are
+    ``[B, n*H, T, D]`` (the streams' heads side by side), so gathering cache rows per candidate (what
+    ``select_cache`` does) keeps every stream of a prompt together. ``adapter_names`` is ignored: the
+    streams' adapters are X-Cross's.
+    """
+
+    def __init__(self, xc: XCrossModel) -> None:
+        self.xc = xc
+        self.config = xc.model.config
+        self._cache_arg = "cache" if "cache" in inspect.signature(xc.base.forward).parameters else "past_key_values"
+
+    @property
+    def device(self) -> torch.device:
+        return self.xc.device
+
+    def eval(self) -> XCrossCausalLM:
+        self.xc.eval()
+        return self
+
+    def _streams_cache(self, cache: Any, n: int) -> Any:
+        """``[B, n*H, T, D]`` rows -> the base's ``[n*B, H, T, D]`` stream-major cache."""
+        from transformers import DynamicCache
+
+        data = []
+        for layer in cache.layers:
+            k, v = layer.keys, layer.values
+            b, nh, t, dim = k.shape
+            data.append(tuple(x.view(b, n, nh // n, t, dim).transpose(0, 1).reshape(n * b, nh // n, t, dim)
+                              for x in (k, v)))
+        return DynamicCache(ddp_cache_data=data)
+
+    def _rows_cache(self, cache: Any, n: int) -> Any:
+        """The base's ``[n*B, H, T, D]`` cache -> ``[B, n*H, T, D]`` rows."""
+        from transformers import DynamicCache
+
+        data = []
+        for layer in cache.layers:
+            k, v = layer.keys, layer.values
+            nb, h, t, dim = k.shape
+            data.append(tuple(x.view(n, nb // n, h, t, dim).transpose(0, 1).reshape(nb // n, n * h, t, dim)
+                              for x in (k, v)))
+        return DynamicCache(ddp_cache_data=data)
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None, past_key_values: Any = None, use_cache: bool = False,
+                 logits_to_keep: int = 0, adapter_names: Any = None) -> Any:
+        from types import SimpleNamespace
+
+        xc = self.xc
+        n, rows = xc.n_streams, input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        kwargs: dict[str, Any] = {"input_ids": input_ids.repeat(n, 1), "attention_mask": attention_mask.repeat(n, 1),
+                                  "use_cache": use_cache}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids.repeat(n, 1)
+        if past_key_values is not None:  # transformers 5 names it `cache`, earlier releases `past_key_values`
+            kwargs[self._cache_arg] = self._streams_cache(past_key_values, n)
+        names = [a for a in xc.adapters for _ in range(rows)]
+        with routing_scope(xc.model.routing(names, len(names))), xc._integrators(n):
+            out = xc.base(**kwargs)
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        mixed = (xc.w.to(hidden.dtype)[:, None, None, None] * hidden.reshape(n, rows, *hidden.shape[1:])).sum(0)
+        cache = self._rows_cache(getattr(out, self._cache_arg), n) if use_cache else None
+        return SimpleNamespace(logits=xc.lm_head(mixed), past_key_values=cache)
