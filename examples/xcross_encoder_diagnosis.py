@@ -17,7 +17,16 @@ On the NF4 all-MiniLM-L6-v2 base with no adapter (the state every LoRA starts fr
 4. **Gradient norms per parameter group** at the first step of LoRA + head training with the
    library's defaults (head, lora_A, lora_B), for each pooling.
 
-Writes ``bench/results/xcross-encoder-diagnosis.json``.
+5. **Can LoRA + head fit a fixed batch of real examples?** (``--fixed-batch``: 8 users x 5 candidates,
+   AdamW, the loss per step; the trainer and the gradients are sound if it reaches ~0.)
+6. **Does LoRA + head learn across users?** (``--train-runs POOLING:HEAD_LR:LORA_LR:USERS,...``: the
+   library's ``train_adapter_scorer`` on that many training users, 1 + 3 candidates, batch 16, one
+   epoch; validation loss / MRR every ``--eval-every`` steps, and at the end the spread of the scores
+   within a user: a spread near 0 with the training loss at ln(1 + K) means the scores collapsed to a
+   constant.)
+
+Writes ``bench/results/xcross-encoder-diagnosis.json``; ``--fixed-batch`` and ``--train-runs`` add
+their parts to the recorded file (``--skip-features``: only those parts).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -131,6 +141,57 @@ def grad_norms(xm, tok, data, examples, pooling: str, seed: int) -> dict[str, fl
         xm.delete_adapter(name)
 
 
+def fixed_batch_fit(xm, tok, data, pooling: str, steps: int, lr: float, seed: int) -> dict:
+    """LoRA + head on one fixed batch of 8 real training examples: the loss per step."""
+    from xkern.xcross.model import XCrossModel
+    from xkern.xcross.train import candidate_examples, example_loss
+
+    torch.manual_seed(seed)
+    name = f"fit-{pooling}"
+    xm.add_adapter(name, r=8, lora_alpha=16, seed=seed)
+    try:
+        xc = XCrossModel(xm, [name], pooling=pooling, tokenizer=tok, titles=data.titles, domain=data.name,
+                         max_history=3, max_tokens=80)
+        batch = candidate_examples(data, "train", n_neg=4, seed=seed)[:8]
+        opt = torch.optim.AdamW([*xc.trainable_parameters(), *xm.train_only(name)], lr=lr, weight_decay=0.0)
+        losses = []
+        for _ in range(steps):
+            loss, _ = example_loss(xc, batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(round(float(loss.detach()), 4))
+        return {"pooling": pooling, "lr": lr, "examples": len(batch), "candidates": 5, "loss": losses}
+    finally:
+        xm.delete_adapter(name)
+
+
+def training_run(xm, tok, data, spec: str, eval_every: int, seed: int) -> dict:
+    """One LoRA + head training (``POOLING:HEAD_LR:LORA_LR:USERS``) and whether its scores collapsed."""
+    from xkern.xcross.train import candidate_examples, train_adapter_scorer
+
+    pooling, head_lr, lora_lr, users = spec.split(":")
+    name = f"run-{pooling}"
+    xm.add_adapter(name, r=8, lora_alpha=16, seed=seed)
+    t0 = time.perf_counter()
+    try:
+        xc, res = train_adapter_scorer(xm, name, data, tok, pooling=pooling, max_history=3, max_tokens=80,
+                                       max_train_users=int(users), epochs=1, batch_size=16, n_neg=3,
+                                       lr=float(head_lr), extra_lr=float(lora_lr), warmup_steps=10,
+                                       eval_every=eval_every, patience=None, keep_best=False, max_val_users=120,
+                                       max_per_user=1, seed=seed, progress=False)
+        val = candidate_examples(data, "val", 9, seed, -1, None)[:120]
+        scores = xc.score([h for h, _, _ in val], [c for _, c, _ in val])
+        spread = float(scores.std(dim=1).mean())
+    finally:
+        xm.delete_adapter(name)
+    tail = res.train_loss[-20:]
+    return {"pooling": pooling, "head_lr": float(head_lr), "lora_lr": float(lora_lr), "train_users": int(users),
+            "steps": res.steps, "negatives": 3, "chance_train_loss": math.log(4), "val": res.val,
+            "train_loss_last20_mean": sum(tail) / len(tail), "val_score_spread_within_user": spread,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str((ROOT / ".." / "shared" / "data" / "amazon-xcross").resolve()))
@@ -141,8 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "xcross-encoder-diagnosis.json"))
+    p.add_argument("--fixed-batch", action="store_true", help="add the fixed-batch fit (both poolings)")
+    p.add_argument("--train-runs", default="", help="POOLING:HEAD_LR:LORA_LR:USERS,... LoRA + head trainings to add")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--skip-features", action="store_true", help="keep the recorded feature/head-only parts")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.skip_features:
+        return add_training_parts(args)
 
     import xkern
     from xkern.adapters import BASE
@@ -187,6 +254,35 @@ def main(argv: list[str] | None = None) -> int:
                                        for pl in ("first", "mean")}
     print("gradient norms at step 0:", json.dumps(report["grad_norms_first_step"]))
     report["seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"wrote {write_report(args.out, report)}")
+    return add_training_parts(args) if (args.fixed_batch or args.train_runs) else 0
+
+
+def add_training_parts(args: argparse.Namespace) -> int:
+    """``--fixed-batch`` / ``--train-runs`` into the recorded report (runs of the same spec are replaced)."""
+    import xkern
+    from xkern.data.domain import load_processed
+    from xkern.data.evaluate import write_report
+    from xkern.nn.pretrained import load_tokenizer, minilm_dir
+
+    report = json.loads(Path(args.out).read_text())
+    data = load_processed(args.data, args.target, max_words=6)
+    xm = xkern.load_model(str(minilm_dir()), dtype=torch.float32, progress=False)
+    tok = load_tokenizer(minilm_dir())
+    if args.fixed_batch:
+        report["fixed_batch"] = [fixed_batch_fit(xm, tok, data, pl, 12, 1e-3, args.seed)
+                                 for pl in ("first", "candidate")]
+        for r in report["fixed_batch"]:
+            print(f"fixed batch, {r['pooling']} pooling: loss {r['loss'][0]:.3f} -> {r['loss'][-1]:.4f} in 12 steps")
+    runs = {(r["pooling"], r["head_lr"], r["lora_lr"], r["train_users"]): r for r in report.get("training_runs", [])}
+    for spec in filter(None, args.train_runs.split(",")):
+        r = training_run(xm, tok, data, spec, args.eval_every, args.seed)
+        runs[(r["pooling"], r["head_lr"], r["lora_lr"], r["train_users"])] = r
+        print(json.dumps({k: v for k, v in r.items() if k != "val"}), [round(v["loss"], 4) for v in r["val"]])
+        report["training_runs"] = list(runs.values())
+        write_report(args.out, report)  # after every run: a long series keeps what it finished
+    report["training_runs"] = list(runs.values())
+    report["training_parts_load_average"] = [round(x, 2) for x in os.getloadavg()]
     print(f"wrote {write_report(args.out, report)}")
     return 0
 
