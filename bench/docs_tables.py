@@ -218,6 +218,23 @@ def quality_tools_baselines() -> str:
     return quality_table("quality-Tools-baselines.json")
 
 
+def quality_tools_likelihood() -> str:
+    run = _load("quality-Tools-likelihood.json")
+    lines = ["| row | trainable params | val loss start -> best | steps |", "|---|---|---|---|"]
+    for r in run["rows"]:
+        if r.get("val_loss_start") is None or r["method"] == "sasrec":
+            continue
+        lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['val_loss_start']:.3f} -> "
+                     f"{r['val_loss_best']:.3f} | {r.get('steps')} |")
+    kinds: dict[str, list[str]] = {}
+    for r in run["rows"]:
+        if r.get("val_loss_kind"):
+            kinds.setdefault(r["val_loss_kind"], []).append(r["method"])
+    what = "; ".join(f"{', '.join(names)}: {kind}" for kind, names in kinds.items())
+    return (quality_table("quality-Tools-likelihood.json") + f"\nTraining, validation loss on each run's own "
+            f"validation users ({what}):\n\n" + "\n".join(lines) + "\n")
+
+
 def xcross_encoder_diagnosis() -> str:
     """examples/xcross_encoder_diagnosis.py: features, head-only learning and gradient norms per pooling."""
     run = _load("xcross-encoder-diagnosis.json")
@@ -241,7 +258,46 @@ def xcross_encoder_diagnosis() -> str:
             "training: " + "; ".join(f"`{k}` pooling: head {v['head']:.3f}, lora_B {v['lora_B']:.3f}, lora_A "
                                       f"{v['lora_A']:.3f}" for k, v in g.items())
             + f". {run['seconds']} s wall (`python examples/xcross_encoder_diagnosis.py`).")
-    return "\n".join(lines) + "\n" + note + "\n"
+    out = "\n".join(lines) + "\n" + note + "\n"
+    if run.get("fixed_batch"):
+        out += ("\nLoRA + head on one fixed batch of real examples (8 users x 5 candidates, chance loss 1.609, AdamW "
+                "lr 1e-3; `--fixed-batch`):\n\n| pooling | loss at steps 1, 2, 4, 8, 12 |\n|---|---|\n")
+        for r in run["fixed_batch"]:
+            out += f"| {r['pooling']} | " + ", ".join(f"{r['loss'][i]:.4f}" for i in (0, 1, 3, 7, 11)) + " |\n"
+    if run.get("training_runs"):
+        out += ("\nLoRA + head across users (`--train-runs`): one epoch over that many Tools training users, 1 + 3 "
+                "candidates, batch 16, 10 warm-up steps; validation on 120 users x 10 candidates (chance 2.303):\n\n"
+                "| pooling | head lr | LoRA lr | users (steps) | train loss, last 20 steps (chance 1.386) | "
+                "val loss per validation | val MRR first -> last | score spread within a user | seconds |\n"
+                "|---|---|---|---|---|---|---|---|---|\n")
+        for r in run["training_runs"]:
+            out += (f"| {r['pooling']} | {r['head_lr']:g} | {r['lora_lr']:g} | {r['train_users']} ({r['steps']}) | "
+                    f"{r['train_loss_last20_mean']:.3f} | " + ", ".join(f"{v['loss']:.3f}" for v in r["val"])
+                    + f" | {r['val'][0]['mrr']:.3f} -> {r['val'][-1]['mrr']:.3f} | "
+                    f"{r['val_score_spread_within_user']:.3f} | {r['seconds']:.0f} |\n")
+        load = run.get("training_parts_load_average")
+        if load:
+            out += f"\nLoad average after these runs: {', '.join(str(x) for x in load)} (1, 5, 15 min).\n"
+    return out
+
+
+def xcross_scoring_cpu() -> str:
+    run = _load("xcross-scoring-cpu.json")
+    s = run["seconds_per_user"]
+    return "\n".join([
+        "| scoring | seconds per user (30 candidates) |", "|---|---|",
+        f"| X-Cross, one forward per (user, candidate) pair | {s['xcross_per_pair']:.2f} |",
+        f"| X-Cross, shared prefix | {s['xcross_shared_prefix']:.2f} |",
+        f"| one adapter, shared prefix (`PrefixLikelihoodScorer`) | {s['one_adapter_shared_prefix']:.2f} |",
+        "",
+        f"{run['base']}, {run['streams']} streams, {run['users']} {run['target']} test users x {run['candidates']} "
+        f"candidates (prompts {run['mean_prompt_tokens']:.0f} tokens, titles {run['mean_title_tokens']:.1f} tokens on "
+        f"average), {run['threads']} threads, median of {run['reps']}; shared prefix "
+        f"{run['speedup_shared_prefix']:.2f}x faster than one forward per pair, {run['xcross_vs_one_adapter']:.2f}x "
+        f"the cost of one adapter; largest difference between the two X-Cross scorings "
+        f"{run['max_abs_score_difference']:.1e} (mean log-probability per title token); load average "
+        f"{run['load_average'][0]} at the start, {run['load_average'][1]} at the end "
+        "(`python bench/bench_xcross_scoring.py --users 4 --reps 2`).", ""])
 
 
 def xcross_integrator_stability() -> str:
@@ -476,9 +532,11 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "runtime-cpu": runtime_cpu,
     "bad-input": bad_input,
     "quality-tools-baselines": quality_tools_baselines,
+    "quality-tools-likelihood": quality_tools_likelihood,
     "xcross-encoder-diagnosis": xcross_encoder_diagnosis,
     "sharded-eval-cpu": sharded_eval_cpu,
     "xcross-integrator-stability": xcross_integrator_stability,
+    "xcross-scoring-cpu": xcross_scoring_cpu,
     "fsdp-memory-cpu": fsdp_memory_cpu,
     "gpu-compile-summary": gpu_compile_summary,
     "gpu-compile-sass": gpu_compile_sass,

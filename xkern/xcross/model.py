@@ -34,6 +34,7 @@ from xkern.data.prompts import MAX_HISTORY
 from xkern.fileio import atomic_path, atomic_write_text
 from xkern.nn import BASE, XkernModel, routing_scope
 from xkern.ops.xcross_integrate import xcross_integrate
+from xkern.serve.scoring import PrefixLikelihoodScorer
 
 POOLINGS = ("auto", "first", "last", "mean", "candidate")
 INTEGRATOR_NORMS = ("none", "rms")
@@ -392,8 +393,6 @@ class XCrossModel(nn.Module):
 
     def _score_shared_prefix(self, histories: Sequence[Sequence[int]], cands: np.ndarray,
                              batch_size: int) -> torch.Tensor:
-        from xkern.serve.scoring import PrefixLikelihoodScorer
-
         enc = self.encoder
         assert isinstance(enc, CompletionPairEncoder)
         per_user = cands.shape[1]

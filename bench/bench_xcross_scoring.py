@@ -1,0 +1,103 @@
+"""Likelihood X-Cross scoring cost on a real decoder: one forward per (user, candidate) pair against a
+shared prefix (each user's prompt once through the n streams, its KV cache reused for the candidates).
+
+SmolLM2-135M-Instruct (the packaged GGUF, NF4 base), n = 2 LoRA adapters (r 16, random weights: the cost
+does not depend on their values) as X-Cross streams with random integrators, the data's test users
+(history + 30 candidates: the target and 29 uniform negatives). Reported per user: seconds with and
+without prefix sharing (interleaved, median of ``--reps``), their ratio, the one-adapter prefix scorer
+(``xkern.serve.PrefixLikelihoodScorer``) for the cost of n streams against one, and the largest
+difference between the two X-Cross scorings (they compute the same scores).
+
+    OMP_NUM_THREADS=2 python bench/bench_xcross_scoring.py   # -> bench/results/xcross-scoring-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=None, help="processed domain folders root (default: the workplace's Amazon data)")
+    p.add_argument("--target", default="Tools")
+    p.add_argument("--users", type=int, default=4)
+    p.add_argument("--max-history", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64, help="pairs per forward (both ways)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "xcross-scoring-cpu.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    import xkern
+    from xkern.data.domain import load_processed, require_data_root
+    from xkern.data.encoding import PromptEncoder
+    from xkern.data.evaluate import write_report
+    from xkern.data.negatives import build_candidates
+    from xkern.nn.pretrained import load_tokenizer, smollm2_gguf
+    from xkern.serve import PrefixLikelihoodScorer
+    from xkern.xcross import XCrossModel
+
+    load_start = os.getloadavg()[0]
+    data = load_processed(require_data_root(args.data), args.target)
+    cands = build_candidates(data, "test", 29, "uniform", 0, args.users)
+    hists = [list(h) for h in cands.histories]
+    path = smollm2_gguf()
+    xm = xkern.load_model(str(path), dtype=torch.float32, progress=False)
+    tok = load_tokenizer(path)
+    for i in range(2):
+        xm.add_adapter(f"s{i}", r=16, lora_alpha=32, seed=i, init_lora_weights=False)
+    xc = XCrossModel(xm, ["s0", "s1"], scoring="likelihood", integrator_norm="rms", likelihood_reduce="mean",
+                     tokenizer=tok, titles=data.titles, domain=data.name, max_history=args.max_history)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for w in xc.w_concat:
+            w.normal_(0, 1e-3)  # at 1e-2 the random mix already wrecks the model (scores double)
+    one = PrefixLikelihoodScorer(xm, PromptEncoder(tok, data.name, args.max_history), data.titles, "s0",
+                                 user_batch=max(1, args.batch_size // 30), row_batch=args.batch_size)
+    cases = {
+        "xcross_per_pair": lambda: xc.score(hists, cands.items, args.batch_size, prefix_sharing=False),
+        "xcross_shared_prefix": lambda: xc.score(hists, cands.items, args.batch_size, prefix_sharing=True),
+        "one_adapter_shared_prefix": lambda: one(hists, cands.items),
+    }
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    outputs = {}
+    for _ in range(args.reps):
+        for name, fn in cases.items():
+            t = time.perf_counter()
+            outputs[name] = fn()
+            times[name].append(time.perf_counter() - t)
+    per_user = {k: statistics.median(v) / len(hists) for k, v in times.items()}
+    diff = float((outputs["xcross_per_pair"] - outputs["xcross_shared_prefix"]).abs().max())
+    prompt_tokens = [len(xc.encoder.prompts.prompt([data.titles[i] for i in h])) for h in hists]
+    title_tokens = [len(xc.encoder.prompts.title(data.titles[int(c)])) for row in cands.items for c in row]
+    report = {
+        "kind": "xcross-scoring", "base": "SmolLM2-135M-Instruct (NF4)", "streams": 2, "target": data.name,
+        "users": len(hists), "candidates": int(cands.items.shape[1]), "max_history": args.max_history,
+        "batch_size": args.batch_size, "reps": args.reps, "threads": torch.get_num_threads(),
+        "mean_prompt_tokens": float(np.mean(prompt_tokens)), "mean_title_tokens": float(np.mean(title_tokens)),
+        "seconds_per_user": per_user, "times": times,
+        "speedup_shared_prefix": per_user["xcross_per_pair"] / per_user["xcross_shared_prefix"],
+        "xcross_vs_one_adapter": per_user["xcross_shared_prefix"] / per_user["one_adapter_shared_prefix"],
+        "max_abs_score_difference": diff,
+        "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+    }
+    for k, v in per_user.items():
+        print(f"{k:<28} {v:.3f} s/user")
+    print(f"shared prefix: {report['speedup_shared_prefix']:.2f}x faster; 2 streams / 1 adapter "
+          f"{report['xcross_vs_one_adapter']:.2f}x; max |score difference| {diff:.2e}")
+    print(f"wrote {write_report(args.out, report)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
