@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     import xkern
-    from xkern.data.baselines import make_scorer
+    from xkern.data.baselines import baseline_quality_rows
     from xkern.data.confidence import paired_comparison, quality_row
     from xkern.data.domain import load_processed, require_data_root
     from xkern.data.evaluate import score_candidates, write_report
@@ -147,13 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"--lora NAME=DIR (also scored alone) or --source NAME=DIR, with the stream's name")
         xc = XCrossModel.load(run / "xcross", xm, tokenizer=tok)
         add_row(name, xc, xcross_log(run), list(cfg["adapters"]))
-    for name in filter(None, args.baselines.split(",")):
-        scorer = make_scorer(name, data, seed=args.seed)
-        ranks = pessimistic_ranks(score_candidates(scorer, cands, 256), cands.target)
-        fit = scorer.summary() if hasattr(scorer, "summary") else {}
-        rows.append(quality_row(name, ranks, target=data.name, trainable_params=fit.get("trainable_params", 0),
-                                val_loss_start=fit.get("val_loss_start"), val_loss_best=fit.get("val_loss_best"),
-                                n_boot=args.n_boot, seed=args.seed, split="test"))
+    rows += baseline_quality_rows(data, cands, list(filter(None, args.baselines.split(","))), args.seed, args.n_boot)
 
     def pair(a: dict, b: dict) -> dict:
         return {"a": a["method"], "a_fraction": a["fraction"], "b": b["method"], "b_fraction": b["fraction"],

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     import xkern
-    from xkern.data.baselines import make_scorer
+    from xkern.data.baselines import baseline_quality_rows
     from xkern.data.confidence import quality_row
     from xkern.data.domain import load_processed
     from xkern.data.evaluate import score_candidates, write_report
@@ -187,14 +187,13 @@ def main(argv: list[str] | None = None) -> int:
                      sources)
         print(f"[{time.perf_counter() - t0:.0f}s] fraction {frac:g} done", flush=True)
 
-    log["baselines"] = baseline_rows(target, args.eval_users, args.seed)
-    for name in filter(None, args.baselines.split(",")):
-        scorer = make_scorer(name, target, seed=args.seed)
-        ranks = pessimistic_ranks(score_candidates(scorer, cands, 256), cands.target)
-        fit = scorer.summary() if hasattr(scorer, "summary") else {}
-        quality.append(quality_row(name, ranks, target=target.name, trainable_params=fit.get("trainable_params", 0),
-                                   val_loss_start=fit.get("val_loss_start"), val_loss_best=fit.get("val_loss_best"),
-                                   n_boot=args.n_boot, seed=args.seed, split="test"))
+    baselines = baseline_quality_rows(target, cands, list(filter(None, args.baselines.split(","))), args.seed,
+                                      args.n_boot)
+    quality += baselines
+    # the log's table rows (random, popularity, item-markov, as before), from the same ranks: each baseline
+    # is scored once
+    log["baselines"] = [{"scorer": b["method"], **metrics_from_ranks(b["ranks"], (1, 10)), "n_users": b["n_users"]}
+                        for b in baselines if b["method"] in ("random", "popularity", "item-markov")]
     log["seconds"] = round(time.perf_counter() - t0, 1)
     qpath = Path(args.quality_out or ROOT / "bench" / "results" / f"quality-{args.target}-xcross.json")
     write_report(qpath, {

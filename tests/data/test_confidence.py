@@ -53,3 +53,18 @@ def test_quality_rows_and_their_paired_table():
     assert all(len(v) == 3 for v in rows[0]["metrics"].values())
     table = paired_table(rows)
     assert [(t["a"], t["b"]) for t in table] == [("a", "b"), ("a", "c"), ("b", "c")]
+
+
+def test_baseline_quality_rows_rank_the_given_candidates_like_evaluate_scorer(tiny_domain):
+    from xkern.data.baselines import baseline_quality_rows, make_scorer
+    from xkern.data.evaluate import evaluate_scorer
+    from xkern.data.negatives import build_candidates
+
+    cands = build_candidates(tiny_domain, "test", 5, "uniform", 0, None)
+    rows = baseline_quality_rows(tiny_domain, cands, ["random", "popularity"], seed=0, n_boot=50)
+    assert [r["method"] for r in rows] == ["random", "popularity"]
+    for r in rows:
+        expected = evaluate_scorer(make_scorer(r["method"], tiny_domain, seed=0), cands, (1, 10))
+        assert r["n_users"] == len(cands) and r["target"] == "Tiny" and r["trainable_params"] == 0
+        for m in ("HR@1", "HR@10", "NDCG@10", "MRR"):
+            assert r["metrics"][m][0] == pytest.approx(expected[m])

@@ -221,6 +221,25 @@ def make_scorer(name: str, data: DomainData, seed: int = 0, sources: Sequence[Do
     raise ValueError(f"unknown scorer {name!r} ({', '.join(SCORERS)})")
 
 
+def baseline_quality_rows(data: DomainData, cands: CandidateSet, names: Sequence[str], seed: int = 0,
+                          n_boot: int = 2000, split: str = "test") -> list[dict[str, Any]]:
+    """Rows of the quality results format (``xkern.data.confidence.quality_row``: per-user ranks and
+    bootstrap intervals) for the named baselines, each ranked on exactly ``cands``."""
+    from xkern.data.confidence import quality_row
+    from xkern.data.evaluate import score_candidates
+    from xkern.data.metrics import pessimistic_ranks
+
+    rows = []
+    for name in names:
+        scorer = make_scorer(name, data, seed=seed)
+        ranks = pessimistic_ranks(score_candidates(scorer, cands, 256), cands.target)
+        fit = scorer.summary() if hasattr(scorer, "summary") else {}
+        rows.append(quality_row(name, ranks, target=data.name, trainable_params=fit.get("trainable_params", 0),
+                                val_loss_start=fit.get("val_loss_start"), val_loss_best=fit.get("val_loss_best"),
+                                n_boot=n_boot, seed=seed, split=split))
+    return rows
+
+
 def evaluate_baselines(data: DomainData, cands: CandidateSet,
                        names: Sequence[str] = ("random", "popularity", "item-markov"), seed: int = 0,
                        ks: Sequence[int] = (1, 10)) -> list[dict[str, Any]]:
