@@ -70,16 +70,21 @@ def prefill(model: Any, prompts: Sequence[Sequence[int]], adapter: str | Sequenc
     return Prefill(out.past_key_values, last, mask, mask.sum(-1))
 
 
-def select_cache(cache: Any, index: torch.Tensor) -> Any:
-    """A new DynamicCache holding rows ``index`` of ``cache`` (each layer's keys and values gathered)."""
+def map_cache(cache: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """A new DynamicCache with ``fn`` applied to every layer's keys and values (full attention only)."""
     from transformers import DynamicCache
 
     data = []
     for layer in cache.layers:
         if getattr(layer, "is_sliding", False):
             raise NotImplementedError("prefix scoring supports full-attention layers only")
-        data.append((layer.keys.index_select(0, index), layer.values.index_select(0, index)))
+        data.append((fn(layer.keys), fn(layer.values)))
     return DynamicCache(ddp_cache_data=data)
+
+
+def select_cache(cache: Any, index: torch.Tensor) -> Any:
+    """A new DynamicCache holding rows ``index`` of ``cache`` (each layer's keys and values gathered)."""
+    return map_cache(cache, lambda x: x.index_select(0, index))
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ from xkern.data.prompts import MAX_HISTORY
 from xkern.fileio import atomic_path, atomic_write_text
 from xkern.nn import BASE, XkernModel, routing_scope
 from xkern.ops.xcross_integrate import xcross_integrate
-from xkern.serve.scoring import PrefixLikelihoodScorer
+from xkern.serve.scoring import PrefixLikelihoodScorer, map_cache
 
 POOLINGS = ("auto", "first", "last", "mean", "candidate")
 INTEGRATOR_NORMS = ("none", "rms")
@@ -535,27 +535,19 @@ class XCrossCausalLM:
 
     def _streams_cache(self, cache: Any, n: int) -> Any:
         """``[B, n*H, T, D]`` rows -> the base's ``[n*B, H, T, D]`` stream-major cache."""
-        from transformers import DynamicCache
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            b, nh, t, dim = x.shape
+            return x.view(b, n, nh // n, t, dim).transpose(0, 1).reshape(n * b, nh // n, t, dim)
 
-        data = []
-        for layer in cache.layers:
-            k, v = layer.keys, layer.values
-            b, nh, t, dim = k.shape
-            data.append(tuple(x.view(b, n, nh // n, t, dim).transpose(0, 1).reshape(n * b, nh // n, t, dim)
-                              for x in (k, v)))
-        return DynamicCache(ddp_cache_data=data)
+        return map_cache(cache, fn)
 
     def _rows_cache(self, cache: Any, n: int) -> Any:
         """The base's ``[n*B, H, T, D]`` cache -> ``[B, n*H, T, D]`` rows."""
-        from transformers import DynamicCache
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            nb, h, t, dim = x.shape
+            return x.view(n, nb // n, h, t, dim).transpose(0, 1).reshape(nb // n, n * h, t, dim)
 
-        data = []
-        for layer in cache.layers:
-            k, v = layer.keys, layer.values
-            nb, h, t, dim = k.shape
-            data.append(tuple(x.view(n, nb // n, h, t, dim).transpose(0, 1).reshape(nb // n, n * h, t, dim)
-                              for x in (k, v)))
-        return DynamicCache(ddp_cache_data=data)
+        return map_cache(cache, fn)
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
