@@ -38,6 +38,22 @@ def test_prefix_scores_equal_independent_scores(lm, domain, adapter):
     assert np.all(ref < 0) and np.ptp(ref) > 1.0  # non-trivial scores
 
 
+def test_calibrated_scores_are_the_likelihood_minus_the_empty_history_likelihood(lm, domain):
+    """calibrate=True: log p(title | user's prompt) - log p(title | empty-history prompt), the prior
+    scored independently here; repeated items (across users and within a row) are scored once."""
+    model, tok = lm
+    enc = PromptEncoder(tok, domain.name, max_history=5)
+    hist, cands = _batch(domain)
+    cands[1, :3] = cands[0, :3]  # items shared between users
+    cands[2, 1] = cands[2, 0]  # and repeated within a row
+    raw = LikelihoodScorer(model, enc, domain.titles, "a", batch_size=11)(hist, cands)
+    empty = LikelihoodScorer(model, enc, domain.titles, "a", batch_size=11)([[] for _ in hist], cands)
+    sc = PrefixLikelihoodScorer(model, enc, domain.titles, "a", 2, 5, calibrate=True)
+    np.testing.assert_allclose(sc.prior(cands), empty, rtol=1e-5, atol=1e-4)
+    assert len(sc._prior) == len(np.unique(cands))
+    np.testing.assert_allclose(sc(hist, cands), raw - empty, rtol=1e-5, atol=1e-4)
+    assert np.ptp(empty) > 1.0 and not np.allclose(raw, empty, atol=1e-2)  # both parts are real
+
 def test_prefix_scoring_mixed_adapters_per_user(lm, domain):
     """One prefill + one continuation batch with a different adapter per user = each user alone."""
     from xkern.serve import score_continuations

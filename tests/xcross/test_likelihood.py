@@ -108,6 +108,28 @@ def test_shared_prefix_scores_equal_one_forward_per_pair(setup, norm, reduce):
     assert full.std(dim=1).min() > 0  # the candidates are told apart: not a constant
 
 
+def test_calibrated_score_subtracts_each_titles_empty_history_score(setup):
+    """score(calibrate=True) = score - title_prior, and title_prior is the score after an empty history
+    (computed here by one forward per pair), under the same mean reduction; head scoring refuses it."""
+    data, tok, xm = setup
+    xc = XCrossModel(xm, ["a0", "a1"], scoring="likelihood", integrator_norm="rms", likelihood_reduce="mean",
+                     tokenizer=tok, titles=data.titles, domain=data.name, max_history=3)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in xc.w_concat:
+            p.normal_(0, 0.05)
+    seqs = list(data.test.values())[:3]
+    hist = [list(s[:-1])[-2:] for s in seqs]
+    cands = np.array([[s[-1], 0, 5, 9, 13] for s in seqs])
+    empty = xc.score([[] for _ in seqs], cands, batch_size=16, prefix_sharing=False)
+    torch.testing.assert_close(xc.title_prior(cands), empty, rtol=1e-4, atol=1e-4)
+    calibrated = xc.score(hist, cands, batch_size=16, calibrate=True)
+    torch.testing.assert_close(calibrated, xc.score(hist, cands, batch_size=16) - empty, rtol=1e-4, atol=1e-4)
+    assert calibrated.abs().max() > 1e-3
+    with pytest.raises(ValueError, match="likelihood"):
+        XCrossModel(xm, ["a0"], tokenizer=tok, titles=data.titles, domain=data.name).score(hist, cands,
+                                                                                          calibrate=True)
+
 def test_causal_lm_face_is_refused_for_head_scoring(setup):
     data, tok, xm = setup
     with pytest.raises(ValueError, match="likelihood"):

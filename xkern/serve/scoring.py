@@ -133,13 +133,21 @@ class PrefixLikelihoodScorer:
     and its KV cache is reused for all the user's candidates (``row_batch`` candidate rows per
     forward). ``prompt_fn(history_titles, candidate_titles) -> token ids`` replaces the encoder's
     prompt (e.g. the listwise prompt, which also lists the candidates).
+
+    ``calibrate=True`` subtracts each title's :meth:`prior`, its log-probability after the same prompt
+    with an empty history (domain-conditional PMI, Holtzman et al. 2021): an LM's likelihood of a
+    title is mostly about the title itself (its words, its length), the same for every user, and that
+    part drowns the user-conditional part the ranking is after.
     """
 
     def __init__(self, model: Any, enc: Any, titles: Sequence[str], adapter: str = BASE, user_batch: int = 8,
                  row_batch: int = 64,
-                 prompt_fn: Callable[[list[str], list[str]], list[int]] | None = None) -> None:
+                 prompt_fn: Callable[[list[str], list[str]], list[int]] | None = None,
+                 calibrate: bool = False) -> None:
         self.model, self.enc, self.titles, self.adapter = model, enc, titles, adapter
         self.user_batch, self.row_batch, self.prompt_fn = user_batch, row_batch, prompt_fn
+        self.calibrate = calibrate
+        self._prior: dict[int, float] = {}  # item -> log p(title | empty-history prompt), filled on demand
 
     def prompts(self, histories: Sequence[Sequence[int]], candidates: np.ndarray) -> list[list[int]]:
         out = []
@@ -161,7 +169,22 @@ class PrefixLikelihoodScorer:
             conts = [[self.enc.title(self.titles[i] or "") for i in row] for row in candidates[s:e].tolist()]
             for k, v in enumerate(score_continuations(self.model, pre, conts, self.adapter, self.row_batch)):
                 scores[s + k] = v
-        return scores
+        return scores - self.prior(candidates) if self.calibrate else scores
+
+    @torch.no_grad()
+    def prior(self, candidates: np.ndarray) -> np.ndarray:
+        """Summed log-probability of each candidate's title after the prompt of an empty history, shaped
+        like ``candidates``; one prefill, each distinct item scored once (cached on the scorer)."""
+        candidates = np.asarray(candidates)
+        todo = sorted({int(i) for i in candidates.ravel().tolist()} - self._prior.keys())
+        if todo:
+            self.model.eval()
+            prompt = self.enc.prompt([]) if self.prompt_fn is None else self.prompt_fn([], [])
+            pre = prefill(self.model, [prompt], self.adapter)
+            conts = [[self.enc.title(self.titles[i] or "") for i in todo]]
+            values = score_continuations(self.model, pre, conts, self.adapter, self.row_batch)[0]
+            self._prior.update(zip(todo, values.tolist(), strict=True))
+        return np.vectorize(self._prior.__getitem__, otypes=[np.float64])(candidates)
 
 
 class LikelihoodScorer:

@@ -357,18 +357,23 @@ class XCrossModel(nn.Module):
         return self.head(mixed)
 
     def score(self, histories: Sequence[Sequence[int]], candidates: np.ndarray | Sequence[Sequence[int]],
-              batch_size: int = 64, prefix_sharing: bool = True) -> torch.Tensor:
+              batch_size: int = 64, prefix_sharing: bool = True, calibrate: bool = False) -> torch.Tensor:
         """Scores ``[U, C]`` of every (history, candidate) pair, ``batch_size`` pairs (x n streams) per forward.
 
         ``scoring="likelihood"`` with ``prefix_sharing``: each user's prompt runs once through the n
         streams and its KV cache serves all the user's candidates (the same scores as one forward per
-        pair, which ``prefix_sharing=False`` runs, for a fraction of the cost).
+        pair, which ``prefix_sharing=False`` runs, for a fraction of the cost). ``calibrate``: minus
+        :meth:`title_prior` (likelihood scoring only).
         """
         if self.encoder is None:
             raise ValueError("set_domain(titles, domain, tokenizer=...) first: score needs item titles")
         cands = np.asarray(candidates)
         if cands.ndim != 2 or cands.shape[0] != len(histories):
             raise ValueError(f"candidates must be [U={len(histories)}, C], got shape {cands.shape}")
+        if calibrate:
+            if self.scoring != "likelihood":
+                raise ValueError("calibrate needs scoring='likelihood' (a classification score has no title prior)")
+            return self.score(histories, cands, batch_size, prefix_sharing) - self.title_prior(cands, batch_size)
         if self.scoring == "likelihood" and prefix_sharing:
             return self._score_shared_prefix(histories, cands, batch_size)
         rows = [(h, int(c)) for h, cs in zip(histories, cands, strict=True) for c in cs]
@@ -391,8 +396,19 @@ class XCrossModel(nn.Module):
             raise ValueError("causal_lm() needs scoring='likelihood'")
         return XCrossCausalLM(self)
 
-    def _score_shared_prefix(self, histories: Sequence[Sequence[int]], cands: np.ndarray,
+    def title_prior(self, candidates: np.ndarray | Sequence[Sequence[int]], batch_size: int = 64) -> torch.Tensor:
+        """``[U, C]``: each candidate title's score (same reduction) after the prompt of an empty
+        history, the user-independent part of a likelihood score; ``score - title_prior`` is the
+        domain-conditional PMI (see :class:`xkern.serve.PrefixLikelihoodScorer`)."""
+        if self.scoring != "likelihood":
+            raise ValueError("title_prior needs scoring='likelihood'")
+        if self.encoder is None:
+            raise ValueError("set_domain(titles, domain, tokenizer=...) first: title_prior needs item titles")
+        return self._score_shared_prefix(None, np.asarray(candidates), batch_size)
+
+    def _score_shared_prefix(self, histories: Sequence[Sequence[int]] | None, cands: np.ndarray,
                              batch_size: int) -> torch.Tensor:
+        """Prefix-shared likelihood scores; ``histories=None``: the empty-history prior of each title."""
         enc = self.encoder
         assert isinstance(enc, CompletionPairEncoder)
         per_user = cands.shape[1]
@@ -401,7 +417,7 @@ class XCrossModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            sums = torch.from_numpy(scorer(histories, cands))
+            sums = torch.from_numpy(scorer(histories, cands) if histories is not None else scorer.prior(cands))
         finally:
             self.train(was_training)
         if self.likelihood_reduce == "mean":
