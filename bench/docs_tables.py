@@ -222,17 +222,57 @@ def quality_tools_likelihood() -> str:
     run = _load("quality-Tools-likelihood.json")
     lines = ["| row | trainable params | val loss start -> best | steps |", "|---|---|---|---|"]
     for r in run["rows"]:
-        if r.get("val_loss_start") is None or r["method"] == "sasrec":
+        if r.get("val_loss_start") is None or r["method"] == "sasrec" or r.get("score", "likelihood") != "likelihood":
             continue
         lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['val_loss_start']:.3f} -> "
                      f"{r['val_loss_best']:.3f} | {r.get('steps')} |")
     kinds: dict[str, list[str]] = {}
     for r in run["rows"]:
-        if r.get("val_loss_kind"):
+        if r.get("val_loss_kind") and r.get("score", "likelihood") == "likelihood":
             kinds.setdefault(r["val_loss_kind"], []).append(r["method"])
     what = "; ".join(f"{', '.join(names)}: {kind}" for kind, names in kinds.items())
-    return (quality_table("quality-Tools-likelihood.json") + f"\nTraining, validation loss on each run's own "
-            f"validation users ({what}):\n\n" + "\n".join(lines) + "\n")
+    pmi_pairs = _pmi_pairs(run)
+    agree = run.get("rank_agreement_with_title_prior", {})
+    prior = ("" if not agree else "\nShare of test users whose target lands at the same rank as under the title "
+             "prior alone (the score after an empty history), per model, raw likelihood / PMI: " + "; ".join(
+                 f"{n} {a['likelihood']:.2f} / {a['pmi']:.2f}" for n, a in agree.items()) + ".\n")
+    return (quality_table("quality-Tools-likelihood.json") + prior + pmi_pairs + "\nTraining, validation loss on "
+            f"each run's own validation users ({what}):\n\n" + "\n".join(lines) + "\n")
+
+
+def _pmi_pairs(run: dict) -> str:
+    """Each model's PMI row minus its raw row on HR@1 and MRR, paired over the same users (from the ranks)."""
+    from xkern.data.confidence import paired_comparison
+
+    by = {r["method"]: r for r in run["rows"]}
+    n_boot, seed = run["config"].get("n_boot", 2000), run.get("seed", 0)
+    lines = []
+    for r in run["rows"]:
+        if r.get("score") != "pmi" or r.get("same_model_as"):
+            continue
+        cells = []
+        for metric in ("HR@1", "MRR"):
+            p = paired_comparison(r["ranks"], by[r["model"]]["ranks"], metric, n_boot, seed)
+            cells.append(f"{p['diff']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]")
+        lines.append(f"| {r['method']} - {r['model']} | " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    return ("\nPMI minus raw likelihood, same model and users (paired bootstrap, 95%):\n\n"
+            "| A - B | HR@1 difference | MRR difference |\n|---|---|---|\n" + "\n".join(lines) + "\n")
+
+
+def quality_tools_weave() -> str:
+    """examples/weave_amazon.py --quality: WeaveRec's rows with intervals, and each row's validation loss."""
+    run = _load("quality-Tools-weave.json")
+    lines = ["| row | trainable params | val loss: base -> row |", "|---|---|---|"]
+    for r in run["rows"]:
+        if r.get("mode") in (None, "likelihood") and r.get("val_loss_best") is not None and r["method"] != "sasrec":
+            lines.append(f"| {r.get('model', r['method'])} | {r['trainable_params']:,} | "
+                         f"{r['val_loss_start']:.3f} -> {r['val_loss_best']:.3f} |")
+    cfg = run["config"]
+    return (quality_table("quality-Tools-weave.json") + f"\nTraining: {cfg['train_users']} users per domain, "
+            f"{run['train_seconds']:.0f} s of {run['wall_seconds']:.0f} s wall. Validation ({cfg['val_loss']}, "
+            f"{cfg['val_users']} users):\n\n" + "\n".join(lines) + "\n")
 
 
 def xcross_encoder_diagnosis() -> str:
@@ -533,6 +573,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "bad-input": bad_input,
     "quality-tools-baselines": quality_tools_baselines,
     "quality-tools-likelihood": quality_tools_likelihood,
+    "quality-tools-weave": quality_tools_weave,
     "xcross-encoder-diagnosis": xcross_encoder_diagnosis,
     "sharded-eval-cpu": sharded_eval_cpu,
     "xcross-integrator-stability": xcross_integrator_stability,

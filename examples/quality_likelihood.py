@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--calibrate", action="store_true",
+                   help="also a calibrated row per model, NAME+pmi: the score minus the title's score after an "
+                        "empty history (domain-conditional PMI; one extra prompt per model, each item once)")
     p.add_argument("--out", default=None, help="default: bench/results/quality-<target>-likelihood.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     xm = xkern.load_model(path, dtype=torch.float32, progress=False)
     tok = load_tokenizer(path)
     fractions = {n: float(f) for n, _, f in (v.partition("=") for v in args.fraction)}
-    rows, timing, seen = [], {}, {}
+    rows, timing, seen, agree = [], {}, {}, {}
 
     def fingerprint(xc: XCrossModel) -> str:
         """The model's identity: its streams' adapter weights and its own trained tensors."""
@@ -120,18 +123,30 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         key = fingerprint(xc)
         if key in seen:  # e.g. X-Cross runs whose best validation was step 0: the same model, the same scores
-            ranks, info = seen[key][1], {**info, "same_model_as": seen[key][0]}
+            variants, info = seen[key][1], {**info, "same_model_as": seen[key][0]}
         else:
             xc.set_domain(data.titles, data.name, tokenizer=tok, max_history=args.max_history)
             scores = score_candidates(xc.scorer(args.batch_size), cands,
                                       batch_size=max(1, args.batch_size // 30 * 4), progress=True, desc=name)
-            ranks = pessimistic_ranks(scores, cands.target)
-            seen[key] = (name, ranks)
+            variants = {"likelihood": pessimistic_ranks(scores, cands.target)}
+            if args.calibrate:
+                prior = xc.title_prior(cands.items, args.batch_size).numpy()
+                variants["pmi"] = pessimistic_ranks(scores - prior, cands.target)
+                variants["prior"] = pessimistic_ranks(prior, cands.target)
+            seen[key] = (name, variants)
         timing[name] = round(time.perf_counter() - t, 1)
-        rows.append(quality_row(name, ranks, target=data.name, sources=sources, fraction=fractions.get(name, "-"),
-                                n_boot=args.n_boot, seed=args.seed, split="test", **info))
-        m = metrics_from_ranks(ranks, (1, 10))
-        print(f"{name}: HR@1 {m['HR@1']:.3f} HR@10 {m['HR@10']:.3f} MRR {m['MRR']:.3f} ({timing[name]} s)", flush=True)
+        for score, ranks in variants.items():
+            if score == "prior":  # kept for the agreement check below, not a model row
+                continue
+            method = name if score == "likelihood" else f"{name}+{score}"
+            rows.append(quality_row(method, ranks, target=data.name, sources=sources,
+                                    fraction=fractions.get(name, "-"), n_boot=args.n_boot, seed=args.seed,
+                                    split="test", model=name, score=score, **info))
+            m = metrics_from_ranks(ranks, (1, 10))
+            print(f"{method}: HR@1 {m['HR@1']:.3f} HR@10 {m['HR@10']:.3f} MRR {m['MRR']:.3f} ({timing[name]} s)",
+                  flush=True)
+        if "prior" in variants:
+            agree[name] = {s: float((variants[s] == variants["prior"]).mean()) for s in ("likelihood", "pmi")}
 
     for name, run in _pairs(args.source):
         xm.load_adapter(str(run / "adapter"), name)
@@ -156,15 +171,20 @@ def main(argv: list[str] | None = None) -> int:
     xcross_names = {n for n, _ in _pairs(args.xcross)}
     lora_names = {n for n, _ in _pairs(args.lora)}
     refs = [r for r in rows if r["method"] in ("popularity", "sasrec")]
-    paired = [pair(a, b) for a in rows if a["method"] in xcross_names
-              for b in rows if b["method"] in lora_names and b["fraction"] == a["fraction"]]
-    paired += [pair(a, b) for a in rows if a["method"] in xcross_names | lora_names for b in refs]
+    paired = [pair(a, b) for a in rows if a.get("model") in xcross_names
+              for b in rows if b.get("model") in lora_names and b["fraction"] == a["fraction"]
+              and b["score"] == a["score"]]
+    paired += [pair(a, b) for a in rows if a.get("model") in xcross_names | lora_names for b in refs]
+    paired += [pair(a, b) for a in rows if a.get("score") == "pmi"
+               for b in rows if b["method"] == a["model"]]  # calibrated vs raw, same model
     out = Path(args.out or ROOT / "bench" / "results" / f"quality-{data.name}-likelihood.json")
     path_out = write_report(out, {
         "kind": "xkern-quality", "domain": data.name, "split": "test", "seed": args.seed,
         "config": {"n_neg": 29, "negatives": "uniform", "n_boot": args.n_boot, "model": args.model,
-                   "max_history": args.max_history, "score": "mean log-probability of the title after the prompt"},
+                   "max_history": args.max_history, "score": "mean log-probability of the title after the prompt",
+                   "pmi": "the same minus its mean log-probability after the prompt of an empty history"},
         "rows": rows, "paired": paired, "score_seconds": timing,
+        "rank_agreement_with_title_prior": agree,
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)],
         "machine": f"the 2-core CPU VM, {torch.get_num_threads()} torch threads",

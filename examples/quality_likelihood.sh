@@ -38,4 +38,4 @@ for f in 0.25 0.5 1.0; do
   rows+=(--lora "lora-$K=$OUT/lora-$K" --xcross "xcross-$K=$OUT/xcross-$K" --fraction "lora-$K=$f"
          --fraction "xcross-$K=$f")
 done
-python examples/quality_likelihood.py --data "$DATA" --target "$TARGET" --eval-users "$EVAL" "${rows[@]}"
+python examples/quality_likelihood.py --data "$DATA" --target "$TARGET" --eval-users "$EVAL" --calibrate "${rows[@]}"
