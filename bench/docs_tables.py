@@ -261,6 +261,19 @@ def _pmi_pairs(run: dict) -> str:
             "| A - B | HR@1 difference | MRR difference |\n|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
+def xcross_likelihood_lr() -> str:
+    """The likelihood X-Cross trainings on the 80-user pool at two learning rates: validation per step."""
+    lines = ["| run | lr | batch (users x candidates) | steps | validation loss per step (chance 2.303) "
+             "| training loss min / max (ln 2 = 0.693) |", "|---|---|---|---|---|---|"]
+    for name in ("xcross-80", "xcross-80-lr1e-4"):
+        log = _load(f"logs/quality-Tools-likelihood/{name}-train_log.json")
+        cfg, train = log["config"], [t["loss"] if isinstance(t, dict) else t for t in log["train_loss"]]
+        val = ", ".join(f"{v['step']}: {v['loss']:.3f}" for v in log["val"])
+        lines.append(f"| {name} | {cfg['lr']:g} | {cfg['batch_size']} x {1 + cfg['n_neg']} | {log['steps']} | {val} "
+                     f"| {min(train):.3f} / {max(train):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def quality_tools_weave() -> str:
     """examples/weave_amazon.py --quality: WeaveRec's rows with intervals, and each row's validation loss."""
     run = _load("quality-Tools-weave.json")
@@ -574,6 +587,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "quality-tools-baselines": quality_tools_baselines,
     "quality-tools-likelihood": quality_tools_likelihood,
     "quality-tools-weave": quality_tools_weave,
+    "xcross-likelihood-lr": xcross_likelihood_lr,
     "xcross-encoder-diagnosis": xcross_encoder_diagnosis,
     "sharded-eval-cpu": sharded_eval_cpu,
     "xcross-integrator-stability": xcross_integrator_stability,
