@@ -52,3 +52,22 @@ def test_committed_quality_results_follow_the_format_and_their_ranks():
         methods = {r["method"] for r in run["rows"]}
         for p in run.get("paired", []):
             assert p["a"] in methods and p["b"] in methods and p["n_users"] in n_users
+
+
+def test_weave_amazon_script_runs_end_to_end_and_writes_the_quality_format(tmp_path):
+    """examples/weave_amazon.py on the synthetic domains and the tiny base: the run JSON, the doc block,
+    and the quality file whose rows (models and baselines) rank the same users."""
+    wa = _load("weave_amazon")
+    doc, quality = tmp_path / "weave.md", tmp_path / "quality.json"
+    assert wa.main(["--json", str(tmp_path / "run.json"), "--doc", str(doc), "--quality", str(quality),
+                    "--n-boot", "50", "--data", "synthetic", "--model", "tiny", "--layers", "2",
+                    "--tiny-pretrain-steps", "2", "--synthetic-users", "30", "--train-users", "6",
+                    "--eval-users", "5", "--max-steps", "1", "--rows", "target-only,weave-merge",
+                    "--modes", "likelihood,pmi", "--format", "next_item", "--speed-users", "0"]) == 0
+    assert "<!-- weave-amazon:begin -->" in doc.read_text()
+    q = json.loads(quality.read_text())
+    methods = [r["method"] for r in q["rows"]]
+    assert methods == ["target-only/likelihood", "target-only/pmi", "weave-merge/likelihood", "weave-merge/pmi",
+                       "random", "popularity", "item-markov", "sasrec"]
+    assert all(r["n_users"] == 5 and len(r["ranks"]) == 5 for r in q["rows"])
+    assert {(p["a"], p["b"]) for p in q["paired"]} >= {("weave-merge/pmi", "target-only/pmi")}

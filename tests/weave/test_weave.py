@@ -212,18 +212,35 @@ def test_weave_cli_through_register(tmp_path, capsys):
     args = parser.parse_args(["weave", "--synthetic-users", "30", "--train-users", "8", "--eval-users", "4",
                               "--speed-users", "1", "--max-steps", "1", "--rows", "target-only,weave-merge",
                               "--format", "next_item", "--max-new-tokens", "3", "--tiny-pretrain-steps", "2",
+                              "--modes", "likelihood,pmi,listwise", "--val-users", "5",
                               "--out", str(out), "--no-progress"])
     assert args.func(args) == 0
     text = capsys.readouterr().out
     assert "weave-merge" in text and "prefix-KV likelihood scoring" in text
     res = json.loads(out.read_text())
+    modes = ("likelihood", "pmi", "listwise")
     assert {(r["method"], r["mode"]) for r in res["rows"]} == {
-        (m, mode) for m in ("target-only", "weave-merge") for mode in ("likelihood", "listwise")}
+        (m, mode) for m in ("target-only", "weave-merge") for mode in modes}
     assert res["speed"]["max_abs_score_diff"] < 1e-3
+    assert np.isfinite(res["val_loss_base"]) and 0 < res["val_users"] <= 5
+    by = {(r["method"], r["mode"]): r for r in res["rows"]}
     for r in res["rows"]:
         assert 0 <= r["HR@1"] <= r["HR@10"] <= 1 and r["n_users"] == 4
+        ranks = np.asarray(r["ranks"])  # the metrics are those of the per-user ranks kept beside them
+        assert r["HR@10"] == pytest.approx((ranks < 10).mean()) and r["MRR"] == pytest.approx((1 / (ranks + 1)).mean())
+        assert r["val_loss"] == by[(r["method"], "likelihood")]["val_loss"] != res["val_loss_base"]
         if r["mode"] == "listwise":
             assert r["exact"] + r["fallback"] == 4
+    # a merge is charged every LoRA merged into it: the target and one hybrid per source, all rank r
+    assert by[("weave-merge", "pmi")]["trainable_params"] == 3 * by[("target-only", "pmi")]["trainable_params"] > 0
+
+    from xkern.weave.experiment import quality_pairs, quality_rows
+    rows = quality_rows(res, n_boot=50)
+    assert [r["method"] for r in rows] == [f"{r['method']}/{r['mode']}" for r in res["rows"]]
+    assert rows[0]["val_loss_start"] == res["val_loss_base"] and rows[0]["metrics"]["HR@10"][1] <= rows[0][
+        "metrics"]["HR@10"][0] <= rows[0]["metrics"]["HR@10"][2]
+    pairs = quality_pairs(rows, n_boot=50)
+    assert {(p["a"], p["b"]) for p in pairs} == {(f"weave-merge/{m}", f"target-only/{m}") for m in modes}
     with pytest.raises(SystemExit):
         parser.parse_args(["weave", "--format", "nope"])
 

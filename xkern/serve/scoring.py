@@ -174,7 +174,8 @@ class PrefixLikelihoodScorer:
     @torch.no_grad()
     def prior(self, candidates: np.ndarray) -> np.ndarray:
         """Summed log-probability of each candidate's title after the prompt of an empty history, shaped
-        like ``candidates``; one prefill, each distinct item scored once (cached on the scorer)."""
+        like ``candidates``; one prefill, each distinct item scored once and cached on the scorer (a
+        scorer is for fixed weights: make a new one after training)."""
         candidates = np.asarray(candidates)
         todo = sorted({int(i) for i in candidates.ravel().tolist()} - self._prior.keys())
         if todo:

@@ -10,9 +10,12 @@ Rows (each scored on the same target test candidates, 1 positive + ``n_neg`` neg
 - ``joint``: one LoRA trained on target + all sources' examples;
 - ``hybrid-<src>``: each hybrid LoRA alone; ``base``: no adapter.
 
-Merges are served exactly (one adapter of rank ``sum r_i`` through the core op). Two prediction
-modes: ``likelihood`` (prefix-KV likelihood of each candidate title after the next-item prompt)
-and ``listwise`` (generation from the listwise prompt, matched to a candidate; fallbacks counted).
+Merges are served exactly (one adapter of rank ``sum r_i`` through the core op). Prediction modes:
+``likelihood`` (prefix-KV likelihood of each candidate title after the next-item prompt), ``pmi``
+(the same minus the title's likelihood after an empty history, see
+:class:`xkern.serve.PrefixLikelihoodScorer`) and ``listwise`` (generation from the listwise prompt,
+matched to a candidate; fallbacks counted). Each row also carries its per-user ranks and its
+causal-LM loss on the target's validation users (the base model's loss is the start point).
 Also measured: the prefix-KV scorer against independent (prompt, candidate) scoring on the same
 users (time ratio and the largest score difference).
 """
@@ -20,7 +23,7 @@ users (time ratio and the largest score difference).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +33,19 @@ import torch
 from xkern.adapters.peft_format import BASE
 from xkern.data.domain import DomainData
 from xkern.data.encoding import PromptEncoder
-from xkern.data.evaluate import evaluate_scorer, format_table
+from xkern.data.evaluate import evaluate_scorer, format_table, score_candidates
+from xkern.data.examples import causal_lm_examples
+from xkern.data.metrics import metrics_from_ranks, pessimistic_ranks
 from xkern.data.negatives import build_candidates
 from xkern.distributed import dist_setup, sum_over_ranks
 from xkern.serve import LikelihoodScorer, ListwiseGenerationScorer, PrefixLikelihoodScorer
+from xkern.train import evaluate_loss
 from xkern.weave.data import domain_examples, mix_domains
 from xkern.weave.merging import merge_loaded, select_merge_weights
 from xkern.weave.train import train_adapter
 
 ROWS = ("base", "target-only", "plain-merge", "weave-merge", "weave-merge-val", "joint", "hybrids")
-MODES = ("likelihood", "listwise")
+MODES = ("likelihood", "pmi", "listwise")
 TABLE_METRICS = ("HR@1", "HR@10", "NDCG@10")
 
 
@@ -68,7 +74,7 @@ class WeaveConfig:
     val_users: int = 32
     select_step: float | None = None  # e.g. 0.25: choose merge weights on validation (row weave-merge-val)
     rows: tuple[str, ...] = ("target-only", "plain-merge", "weave-merge", "joint")
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = ("likelihood", "listwise")
     speed_users: int = 8  # users for the prefix-vs-independent timing (0: skip)
     user_batch: int = 8
     row_batch: int = 64
@@ -195,8 +201,20 @@ def run_weave(cfg: WeaveConfig, domains: dict[str, DomainData] | None = None, mo
             adapters[name] = train_adapter(model, name, ex, **kw)
             log(f"  {adapters[name]}")
     train_s = time.perf_counter() - t0
+    n_params = {name: sum(p.numel() for p in model.adapter_parameters(name)) for name in adapters}
+
+    def trained_params(row: str) -> int:
+        """Parameters trained for a row: the LoRAs it serves (a merge: every LoRA merged into it)."""
+        parts = {"target-only": ["target"], "joint": ["joint"],
+                 "plain-merge": ["target", *(f"source-{s}" for s in cfg.sources)],
+                 "weave-merge": ["target", *(f"hybrid-{s}" for s in cfg.sources)],
+                 "weave-merge-val": ["target", *(f"hybrid-{s}" for s in cfg.sources)]}.get(row, [row])
+        return sum(n_params.get(a, 0) for a in parts)
 
     enc = PromptEncoder(tokenizer, target.name, max_history=cfg.max_history)
+    val_users = sorted(target.val)[: cfg.val_users]
+    val_examples = causal_lm_examples(enc, replace(target, val={u: target.val[u] for u in val_users}), "val")
+    val_loss_base = evaluate_loss(model, BASE, val_examples, batch_size=cfg.batch_size) if val_examples else None
     cands = build_candidates(target, "test", cfg.n_neg, "uniform", cfg.seed, cfg.eval_users)
     served: dict[str, str] = {}
     if "base" in rows:
@@ -240,19 +258,25 @@ def run_weave(cfg: WeaveConfig, domains: dict[str, DomainData] | None = None, mo
     results = []
     for row, adapter in served.items():
         cached = None
+        val_loss = evaluate_loss(model, adapter, val_examples, batch_size=cfg.batch_size) if val_examples else None
         for mode in cfg.modes:
-            if mode == "likelihood":
-                sc: Any = PrefixLikelihoodScorer(model, enc, target.titles, adapter, cfg.user_batch, cfg.row_batch)
-                if cfg.listwise_fallback == "next_item":
-                    sc = cached = CachedScorer(sc)
+            if mode in ("likelihood", "pmi"):
+                if cached is None:
+                    cached = CachedScorer(PrefixLikelihoodScorer(model, enc, target.titles, adapter, cfg.user_batch,
+                                                                 cfg.row_batch))
+                sc: Any = cached if mode == "likelihood" else CalibratedScorer(cached, PrefixLikelihoodScorer(
+                    model, enc, target.titles, adapter, cfg.user_batch, cfg.row_batch))
             else:
-                fb = cached if cached is not None else (
-                    PrefixLikelihoodScorer(model, enc, target.titles, adapter, cfg.user_batch, cfg.row_batch)
-                    if cfg.listwise_fallback == "next_item" else None)
+                fb = (cached or PrefixLikelihoodScorer(model, enc, target.titles, adapter, cfg.user_batch,
+                                                       cfg.row_batch)) if cfg.listwise_fallback == "next_item" else None
                 sc = ListwiseGenerationScorer(model, enc, target.titles, adapter, cfg.max_history, cfg.user_batch,
                                               cfg.row_batch, cfg.max_new_tokens, fallback_scorer=fb)
-            m = evaluate_scorer(sc, cands, (1, 3, 10), batch_size=256, distributed=True)
-            rec = {"method": row, "mode": mode, **m}
+            t_mode = time.perf_counter()
+            ranks = pessimistic_ranks(score_candidates(sc, cands, 256, distributed=True), cands.target)
+            m = {**metrics_from_ranks(ranks, (1, 3, 10)), "n_users": len(cands),
+                 "seconds": round(time.perf_counter() - t_mode, 3)}
+            rec = {"method": row, "mode": mode, **m, "val_loss": val_loss, "trainable_params": trained_params(row),
+                   "ranks": ranks.tolist()}
             if mode == "listwise":  # each rank counted its own users
                 exact, fallback = sum_over_ranks([sc.stats["exact"], sc.stats["fallback"]], world)
                 rec.update(exact=exact, fallback=fallback)
@@ -271,11 +295,23 @@ def run_weave(cfg: WeaveConfig, domains: dict[str, DomainData] | None = None, mo
         "adapters": adapters,
         "selection": selection,
         "speed": speed,
+        "val_loss_base": val_loss_base,
+        "val_users": len(val_users),
         "rows": results,
         "train_seconds": round(train_s, 2),
         "seconds": round(time.perf_counter() - t_start, 2),
         "world_size": world,
     }
+
+
+class CalibratedScorer:
+    """``scorer``'s scores minus each candidate title's prior (``prior_scorer.prior``), the ``pmi`` mode."""
+
+    def __init__(self, scorer: Any, prior_scorer: PrefixLikelihoodScorer) -> None:
+        self.scorer, self.prior_scorer = scorer, prior_scorer
+
+    def __call__(self, histories: Any, candidates: np.ndarray) -> np.ndarray:
+        return np.asarray(self.scorer(histories, candidates)) - self.prior_scorer.prior(candidates)
 
 
 class CachedScorer:
@@ -338,3 +374,38 @@ def results_table(result: dict[str, Any], markdown: bool = False) -> str:
         lines.append("| " + " | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])
                                        for c in cols) + " |")
     return "\n".join(lines)
+
+
+def quality_rows(result: dict[str, Any], n_boot: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
+    """The rows of :func:`run_weave`'s result in the quality results format (issue 17): one per
+    (method, mode), named ``method/mode``, with bootstrap intervals over its per-user ranks; the
+    validation loss starts at the base model's and ends at the served adapter's (no selection)."""
+    from xkern.data.confidence import quality_row
+
+    out = []
+    for r in result["rows"]:
+        extra = {k: r[k] for k in ("exact", "fallback") if k in r}
+        out.append(quality_row(f"{r['method']}/{r['mode']}", r["ranks"], target=result["target"],
+                               sources=[] if r["method"] == "target-only" else result["sources"],
+                               trainable_params=r["trainable_params"], val_loss_start=result["val_loss_base"],
+                               val_loss_best=r["val_loss"], n_boot=n_boot, seed=seed, split="test",
+                               model=r["method"], mode=r["mode"], **extra))
+    return out
+
+
+def quality_pairs(rows: list[dict[str, Any]], n_boot: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
+    """Paired HR@10 comparisons the WeaveRec claim is about, per mode: the WeaveRec merge against the
+    plain merge, the target-only LoRA and joint training; each model row against popularity and SASRec."""
+    from xkern.data.confidence import paired_comparison
+
+    def pair(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        return {"a": a["method"], "b": b["method"], **paired_comparison(a["ranks"], b["ranks"], "HR@10", n_boot, seed)}
+
+    by = {(r.get("model"), r.get("mode")): r for r in rows}
+    out = []
+    for (model, mode), a in by.items():
+        if model in ("weave-merge", "weave-merge-val"):
+            out += [pair(a, by[(b, mode)]) for b in ("plain-merge", "target-only", "joint") if (b, mode) in by]
+    refs = [r for r in rows if r["method"] in ("popularity", "sasrec")]
+    out += [pair(a, b) for a in rows if a.get("mode") for b in refs]
+    return out
