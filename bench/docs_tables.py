@@ -209,8 +209,9 @@ def quality_table(name: str) -> str:
             f"{cfg.get('n_neg', 29) + 1} candidates each ({cfg.get('negatives', 'uniform')} negatives, seed "
             f"{run.get('seed')}); intervals: percentile bootstrap over users, {cfg.get('n_boot', 2000)} resamples.")
     if "wall_seconds" in run:
-        note += (f" {run['wall_seconds']} s wall on {run.get('machine', 'the 2-core CPU VM')}, load average "
-                 f"{run['load_average'][0]} at the start and {run['load_average'][1]} at the end.")
+        note += f" {run['wall_seconds']} s wall on {run.get('machine', 'the 2-core CPU VM')}"
+        load = run.get("load_average")
+        note += f", load average {load[0]} at the start and {load[1]} at the end." if load else "."
     return "\n".join(lines) + "\n" + note + "\n"
 
 
