@@ -257,18 +257,15 @@ def run_weave(cfg: WeaveConfig, domains: dict[str, DomainData] | None = None, mo
         raise ValueError(f"listwise_fallback must be 'listwise' or 'next_item', got {cfg.listwise_fallback!r}")
     results = []
     for row, adapter in served.items():
+        prefix = PrefixLikelihoodScorer(model, enc, target.titles, adapter, cfg.user_batch, cfg.row_batch)
         cached = None
         val_loss = evaluate_loss(model, adapter, val_examples, batch_size=cfg.batch_size) if val_examples else None
         for mode in cfg.modes:
             if mode in ("likelihood", "pmi"):
-                if cached is None:
-                    cached = CachedScorer(PrefixLikelihoodScorer(model, enc, target.titles, adapter, cfg.user_batch,
-                                                                 cfg.row_batch))
-                sc: Any = cached if mode == "likelihood" else CalibratedScorer(cached, PrefixLikelihoodScorer(
-                    model, enc, target.titles, adapter, cfg.user_batch, cfg.row_batch))
+                cached = cached or CachedScorer(prefix)
+                sc: Any = cached if mode == "likelihood" else CalibratedScorer(cached, prefix)
             else:
-                fb = (cached or PrefixLikelihoodScorer(model, enc, target.titles, adapter, cfg.user_batch,
-                                                       cfg.row_batch)) if cfg.listwise_fallback == "next_item" else None
+                fb = (cached or prefix) if cfg.listwise_fallback == "next_item" else None
                 sc = ListwiseGenerationScorer(model, enc, target.titles, adapter, cfg.max_history, cfg.user_batch,
                                               cfg.row_batch, cfg.max_new_tokens, fallback_scorer=fb)
             t_mode = time.perf_counter()
