@@ -493,6 +493,28 @@ def gpu_compile_summary() -> str:
     return "\n".join(out)
 
 
+def gpu_compile_xcross() -> str:
+    """X-Cross kernels per stream count before / after the coefficient-gather rewrite (slowest compilation too)."""
+    lines = ["| kernel | n | version | compiled | skipped | registers | spill B (max) | shared KiB (max) | "
+             "slowest compilation s |", "|" + "---|" * 9]
+    docs = (("before", _compile_check("gpu-compile-check-xcross-before.json")),
+            ("after", _compile_check("gpu-compile-check.json")))
+    for kernel in ("xcross_fwd_kernel", "xcross_bwd_kernel"):
+        for n in (2, 3, 4, 8):
+            for label, doc in docs:
+                rs = [r for r in doc["records"] if r["kernel"] == kernel and r["path"] == f"xcross-n{n}"]
+                ok = [r for r in rs if r["compiles"]]
+                skipped = sum(bool(r.get("skipped")) for r in rs)
+                if not ok:
+                    lines.append(f"| `{kernel}` | {n} | {label} | 0 | {skipped} | - | - | - | - |")
+                    continue
+                lines.append(f"| `{kernel}` | {n} | {label} | {len(ok)} | {skipped} | {min(r['regs'] for r in ok)}-"
+                             f"{max(r['regs'] for r in ok)} | {max(r['spill_bytes'] for r in ok)} | "
+                             f"{max(r['shared_bytes'] for r in ok) / 1024:.0f} | "
+                             f"{max(r.get('compile_s') or 0 for r in ok):.1f} |")
+    return "\n".join(lines)
+
+
 def _main_loop_row(doc: dict, kernel: str, path: str, direction: str, rank: int, dtype: str, arch: str) -> dict | None:
     for r in doc["records"]:
         if (r["kernel"], r["path"], r["dtype"], r["arch"]) == (kernel, path, dtype, arch) and r["compiles"] \
@@ -595,6 +617,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "xcross-scoring-cpu": xcross_scoring_cpu,
     "fsdp-memory-cpu": fsdp_memory_cpu,
     "gpu-compile-summary": gpu_compile_summary,
+    "gpu-compile-xcross": gpu_compile_xcross,
     "gpu-compile-sass": gpu_compile_sass,
     "gpu-roofline": gpu_roofline,
     "gpu-compile-table": gpu_compile_table,

@@ -100,8 +100,10 @@ def test_pair_order_is_m_major_then_partner_ascending():
                 torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
-# (n, d, leading dims): d odd / a multiple of the interpreter's BLOCK_D=16; 1 token, odd counts, > one token block
-CASES = [(2, 37, (1,)), (3, 32, (21,)), (4, 37, (17,)), (3, 16, (1,)), (2, 32, (33,)), (3, 37, (2, 3, 5))]
+# (n, d, leading dims): d odd / a multiple of the interpreter's BLOCK_D=16; 1 token, odd counts, > one token block;
+# n = 5 pads the streams to 8, n = 8 is the largest n the launcher's table covers
+CASES = [(2, 37, (1,)), (3, 32, (21,)), (4, 37, (17,)), (3, 16, (1,)), (2, 32, (33,)), (3, 37, (2, 3, 5)),
+         (5, 19, (18,)), (8, 16, (17,))]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

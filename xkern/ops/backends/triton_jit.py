@@ -299,6 +299,11 @@ def _block_p(n: int) -> int:
     return max(16, _next_pow2(2 * n * (n - 1)))
 
 
+def _block_pk(n: int) -> int:
+    """Width of the ``dz`` slices of the backward's ``dz @ w`` (a float32 dot keeps a slice row per thread)."""
+    return min(32, _block_p(n))
+
+
 @register_kernel("xcross_integrate.forward", "triton")
 def xcross_forward(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, beta: float, gamma: float,
                    config: XCrossLaunchConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,18 +343,19 @@ def xcross_input_grad(grad_out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, 
     if t == 0:
         return dh.to(h.dtype), dz
     z = z.float().contiguous()
+    gram = torch.empty((t, n * n), dtype=torch.float32, device=h.device)  # scratch: G[t, m, m'] = <g_m, h_m'>
     cfg = config or xcross_default_config(n, d, h.device)
     grid = (triton.cdiv(t, cfg.block_t),)
     _launch(
         xcross_bwd_kernel, grid,
-        (grad_out, h, w, z, dh, dz,
+        (grad_out, h, w, z, dh, dz, gram,
          t, d, float(beta), float(gamma),
          grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
          h.stride(0), h.stride(1), h.stride(2),
          w.stride(0), w.stride(1),
          dh.stride(0), dh.stride(1), dh.stride(2)), h.device, cfg.num_stages,
         N=n, N_PAD=_next_pow2(n),
-        BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_P=_block_p(n), num_warps=cfg.num_warps,
+        BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_P=_block_p(n), BLOCK_PK=_block_pk(n), num_warps=cfg.num_warps,
     )
     return dh.to(h.dtype), dz
 
@@ -468,6 +474,6 @@ def compile_cases() -> list[CompileCase]:
                                cfg.num_warps, cfg.num_stages))
             cases.append(_case("xcross_bwd_kernel", f"xcross-n{n}", config, dtype, xcross_bwd_kernel,
                                {"g_ptr": "x", "h_ptr": "x", "w_ptr": "x", "z_ptr": "fp32", "dh_ptr": "x",
-                                "dz_ptr": "fp32"},
-                               dict(const, stride_gd=1), cfg.num_warps, cfg.num_stages))
+                                "dz_ptr": "fp32", "gram_ptr": "fp32"},
+                               dict(const, stride_gd=1, BLOCK_PK=_block_pk(n)), cfg.num_warps, cfg.num_stages))
     return cases
