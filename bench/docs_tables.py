@@ -262,16 +262,23 @@ def _pmi_pairs(run: dict) -> str:
             "| A - B | HR@1 difference | MRR difference |\n|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
+XCROSS_LR_RUNS = ("xcross-80", "xcross-80-lr1e-4", "xcross-80-lr1e-5")
+
+
 def xcross_likelihood_lr() -> str:
-    """The likelihood X-Cross trainings on the 80-user pool at two learning rates: validation per step."""
-    lines = ["| run | lr | batch (users x candidates) | steps | validation loss per step (chance 2.303) "
-             "| training loss min / max (ln 2 = 0.693) |", "|---|---|---|---|---|---|"]
-    for name in ("xcross-80", "xcross-80-lr1e-4"):
+    """The likelihood X-Cross trainings on the 80-user pool at several learning rates: validation per step."""
+    lines = ["| run | lr | objective | batch (users x candidates) | steps | validation users | validation loss per "
+             "step (chance 2.303) | validation MRR first -> best | training loss min / max (ln 2 = 0.693) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in XCROSS_LR_RUNS:
         log = _load(f"logs/quality-Tools-likelihood/{name}-train_log.json")
         cfg, train = log["config"], [t["loss"] if isinstance(t, dict) else t for t in log["train_loss"]]
         val = ", ".join(f"{v['step']}: {v['loss']:.3f}" for v in log["val"])
-        lines.append(f"| {name} | {cfg['lr']:g} | {cfg['batch_size']} x {1 + cfg['n_neg']} | {log['steps']} | {val} "
-                     f"| {min(train):.3f} / {max(train):.3f} |")
+        best = next(v for v in log["val"] if v["step"] == log["best_step"])
+        lines.append(f"| {name} | {cfg['lr']:g} | {'PMI' if cfg.get('calibrate') else 'raw'} | {cfg['batch_size']} x "
+                     f"{1 + cfg['n_neg']} | {log['steps']} | {cfg['max_val_users']} | {val} | "
+                     f"{log['val'][0]['mrr']:.3f} -> {best['mrr']:.3f} (step {log['best_step']}) | "
+                     f"{min(train):.3f} / {max(train):.3f} |")
     return "\n".join(lines) + "\n"
 
 

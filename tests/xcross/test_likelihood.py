@@ -3,6 +3,8 @@ training the integrators and w lowers the validation loss; save/load keeps the m
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -129,6 +131,48 @@ def test_calibrated_score_subtracts_each_titles_empty_history_score(setup):
     with pytest.raises(ValueError, match="likelihood"):
         XCrossModel(xm, ["a0"], tokenizer=tok, titles=data.titles, domain=data.name).score(hist, cands,
                                                                                           calibrate=True)
+
+def test_calibrated_training_loss_scores_are_the_pmi_scores_and_train(setup, tmp_path):
+    """example_loss(calibrate=True): the scores it takes the cross-entropy of are score(calibrate=True), the
+    gradient reaches the integrators through both terms, and training on it lowers its validation loss."""
+    from xkern.xcross.train import example_loss
+
+    data, tok, xm = setup
+    xc = XCrossModel(xm, ["a0", "a1"], scoring="likelihood", integrator_norm="rms", likelihood_reduce="mean",
+                     tokenizer=tok, titles=data.titles, domain=data.name, max_history=3)
+    with torch.no_grad():
+        torch.manual_seed(2)
+        for p in xc.w_concat:
+            p.normal_(0, 0.05)
+    seqs = list(data.test.values())[:3]
+    batch = [(list(s[:-1])[-2:], np.array([s[-1], 0, 5, 9]), 0) for s in seqs]
+    hist, cands = [b[0] for b in batch], np.stack([b[1] for b in batch])
+    loss, scores = example_loss(xc, batch, calibrate=True)
+    torch.testing.assert_close(scores.detach(), xc.score(hist, cands, batch_size=16, calibrate=True),
+                               rtol=1e-4, atol=1e-4)
+    raw_loss, raw = example_loss(xc, batch)
+    assert (scores - raw).abs().max() > 1e-3  # the prior is subtracted, not zero
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in xc.w_concat)
+    # the calibrated loss falls on a fixed batch (its gradient is the loss's: it can be fitted)
+    opt = torch.optim.Adam(xc.trainable_parameters(), lr=1e-1)
+    start = float(loss)
+    for _ in range(20):
+        opt.zero_grad()
+        step_loss = example_loss(xc, batch, calibrate=True)[0]
+        step_loss.backward()
+        opt.step()
+    assert float(example_loss(xc, batch, calibrate=True)[0]) < 0.8 * start
+    res = train(xc, data, n_neg=3, epochs=1, batch_size=8, lr=1e-3, max_train_users=16, max_val_users=8,
+                val_neg=4, progress=False, calibrate=True, output_dir=tmp_path / "pmi")
+    log = json.loads((tmp_path / "pmi" / "train_log.json").read_text())
+    assert log["config"]["calibrate"] and len(res.val) >= 2 and np.isfinite(res.best_val_loss)
+    head = XCrossModel(xm, ["a0"], tokenizer=tok, titles=data.titles, domain=data.name)
+    with pytest.raises(ValueError, match="likelihood"):
+        example_loss(head, batch, calibrate=True)
+    with pytest.raises(ValueError, match="likelihood"):
+        train(head, data, calibrate=True, max_train_users=4, progress=False)
+
 
 def test_causal_lm_face_is_refused_for_head_scoring(setup):
     data, tok, xm = setup

@@ -55,6 +55,9 @@ class XCrossTrainConfig(TrainConfig):
     val_neg: int = option(9, "fixed negatives per validation user")
     max_val_users: int | None = option(200, "validation users")
     score_batch_size: int = option(64, "(history, candidate) pairs per scoring forward")
+    calibrate: bool = option(False, "likelihood scoring: train and validate on each candidate's score minus its "
+                             "score after an empty history (PMI; removes the title prior that dominates raw "
+                             "likelihoods)")
 
     def validate(self) -> None:
         super().validate()
@@ -101,20 +104,29 @@ def _pick_users(train: dict[int, list[int]], cap: int | None, seed: int) -> set[
     return set(sample_users(list(train), cap, seed))
 
 
-def example_loss(xc: XCrossModel, batch: Sequence[Example],
-                 forward: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def example_loss(xc: XCrossModel, batch: Sequence[Example], forward: nn.Module | None = None,
+                 calibrate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean cross-entropy of the targets among their candidates, scores [B, 1 + K]).
 
     ``forward``: what runs ``xc``'s forward (its DDP wrapper under ``torchrun``); ``xc`` itself by default.
+    ``calibrate`` (likelihood scoring): each score minus the same candidate's score after an empty history,
+    both differentiable, so the integrators learn the history-dependent part rather than the title prior.
     """
+    run = forward or xc
     ids, mask, labels = xc.encode([(h, int(c)) for h, cands, _ in batch for c in cands])
-    scores = (forward or xc)(ids, mask, labels).view(len(batch), -1)
+    scores = run(ids, mask, labels).view(len(batch), -1)
+    if calibrate:
+        if xc.scoring != "likelihood":
+            raise ValueError("calibrate needs scoring='likelihood' (a classification score has no title prior)")
+        ids, mask, labels = xc.encode([([], int(c)) for _, cands, _ in batch for c in cands])
+        scores = scores - run(ids, mask, labels).view(len(batch), -1)
     target = torch.tensor([t for _, _, t in batch], device=scores.device)
     return F.cross_entropy(scores, target), scores
 
 
 @torch.no_grad()
-def validate(xc: XCrossModel, examples: Sequence[Example], batch_size: int = 64) -> dict[str, float]:
+def validate(xc: XCrossModel, examples: Sequence[Example], batch_size: int = 64,
+             calibrate: bool = False) -> dict[str, float]:
     """Mean loss, MRR and HR@1 over fixed candidate lists (eval mode, no gradients)."""
     if not examples:
         return {}
@@ -125,7 +137,7 @@ def validate(xc: XCrossModel, examples: Sequence[Example], batch_size: int = 64)
     try:
         for s in range(0, len(examples), per):
             chunk = examples[s:s + per]
-            loss, sc = example_loss(xc, chunk)
+            loss, sc = example_loss(xc, chunk, calibrate=calibrate)
             losses.append(float(loss) * len(chunk))
             scores.append(sc.float().cpu())
     finally:
@@ -194,8 +206,12 @@ def train(xc: XCrossModel, data: DomainData, *, config: XCrossTrainConfig | None
     checkpointer = None
     if output_dir is not None:
         checkpointer = ParameterCheckpoint(checkpoint_names(xc, extra), Path(output_dir) / "checkpoint", resume)
-    res = fit(xc, groups, epochs, lambda module, batch: example_loss(xc, batch, forward=module)[0], cfg,
-              validate=(lambda: validate(xc, val_examples, cfg.score_batch_size)) if val_examples else None,
+    if cfg.calibrate and xc.scoring != "likelihood":
+        raise ValueError("calibrate needs scoring='likelihood' (a classification score has no title prior)")
+    res = fit(xc, groups, epochs,
+              lambda module, batch: example_loss(xc, batch, forward=module, calibrate=cfg.calibrate)[0], cfg,
+              validate=(lambda: validate(xc, val_examples, cfg.score_batch_size, cfg.calibrate))
+              if val_examples else None,
               validate_at_start=True, desc=f"x-cross {'+'.join(xc.adapters)}", callback=callback,
               checkpointer=checkpointer, stop_after=stop_after, hf_model=xc.model.model)
     result = XCrossTrainResult(steps=res.steps, train_loss=res.train_loss, val=res.evals,
