@@ -156,13 +156,13 @@ def test_calibrated_training_loss_scores_are_the_pmi_scores_and_train(setup, tmp
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in xc.w_concat)
     # the calibrated loss falls on a fixed batch (its gradient is the loss's: it can be fitted)
     opt = torch.optim.Adam(xc.trainable_parameters(), lr=1e-1)
-    start = float(loss)
+    start = float(loss.detach())
     for _ in range(20):
         opt.zero_grad()
         step_loss = example_loss(xc, batch, calibrate=True)[0]
         step_loss.backward()
         opt.step()
-    assert float(example_loss(xc, batch, calibrate=True)[0]) < 0.8 * start
+    assert float(example_loss(xc, batch, calibrate=True)[0].detach()) < 0.8 * start
     res = train(xc, data, n_neg=3, epochs=1, batch_size=8, lr=1e-3, max_train_users=16, max_val_users=8,
                 val_neg=4, progress=False, calibrate=True, output_dir=tmp_path / "pmi")
     log = json.loads((tmp_path / "pmi" / "train_log.json").read_text())

@@ -183,6 +183,8 @@ def train(xc: XCrossModel, data: DomainData, *, config: XCrossTrainConfig | None
     if xc.tokenizer is None:
         raise ValueError("the XCrossModel needs a tokenizer (XCrossModel(..., tokenizer=...))")
     cfg.validate()
+    if cfg.calibrate and xc.scoring != "likelihood":
+        raise ValueError("calibrate needs scoring='likelihood' (a classification score has no title prior)")
     xc.set_domain(data.titles, data.name)
     users = _pick_users(data.train, cfg.max_train_users, cfg.seed)
     epochs = _XCrossEpochs(data, cfg, users)
@@ -206,8 +208,6 @@ def train(xc: XCrossModel, data: DomainData, *, config: XCrossTrainConfig | None
     checkpointer = None
     if output_dir is not None:
         checkpointer = ParameterCheckpoint(checkpoint_names(xc, extra), Path(output_dir) / "checkpoint", resume)
-    if cfg.calibrate and xc.scoring != "likelihood":
-        raise ValueError("calibrate needs scoring='likelihood' (a classification score has no title prior)")
     res = fit(xc, groups, epochs,
               lambda module, batch: example_loss(xc, batch, forward=module, calibrate=cfg.calibrate)[0], cfg,
               validate=(lambda: validate(xc, val_examples, cfg.score_batch_size, cfg.calibrate))
