@@ -262,7 +262,7 @@ def _pmi_pairs(run: dict) -> str:
             "| A - B | HR@1 difference | MRR difference |\n|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
-XCROSS_LR_RUNS = ("xcross-80", "xcross-80-lr1e-4", "xcross-80-lr1e-5", "xcross-80-lr3e-5")
+XCROSS_LR_RUNS = ("xcross-80", "xcross-80-lr1e-4", "xcross-80-lr1e-5", "xcross-80-lr3e-5", "xcross-80-pmi-lr1e-5")
 
 
 def xcross_likelihood_lr() -> str:
