@@ -226,13 +226,12 @@ def baseline_quality_rows(data: DomainData, cands: CandidateSet, names: Sequence
     """Rows of the quality results format (``xkern.data.confidence.quality_row``: per-user ranks and
     bootstrap intervals) for the named baselines, each ranked on exactly ``cands``."""
     from xkern.data.confidence import quality_row
-    from xkern.data.evaluate import score_candidates
-    from xkern.data.metrics import pessimistic_ranks
+    from xkern.data.evaluate import rank_candidates
 
     rows = []
     for name in names:
         scorer = make_scorer(name, data, seed=seed)
-        ranks = pessimistic_ranks(score_candidates(scorer, cands, 256), cands.target)
+        ranks = rank_candidates(scorer, cands, 256)
         fit = scorer.summary() if hasattr(scorer, "summary") else {}
         rows.append(quality_row(name, ranks, target=data.name, trainable_params=fit.get("trainable_params", 0),
                                 val_loss_start=fit.get("val_loss_start"), val_loss_best=fit.get("val_loss_best"),

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from xkern.data.metrics import evaluate_ranking, to_numpy
+from xkern.data.metrics import metrics_from_ranks, pessimistic_ranks, to_numpy
 from xkern.data.negatives import CandidateSet
 from xkern.fileio import atomic_write_text
 
@@ -73,11 +73,19 @@ def evaluate_scorer(
     rank returns the metrics one process gives.
     """
     t0 = time.perf_counter()
-    scores = score_candidates(scorer, cands, batch_size, progress, desc, distributed=distributed)
-    result: dict[str, float] = dict(evaluate_ranking(scores, cands.target, ks))
+    ranks = rank_candidates(scorer, cands, batch_size, progress, desc, distributed=distributed)
+    result: dict[str, float] = dict(metrics_from_ranks(ranks, ks))
     result["n_users"] = len(cands)
     result["seconds"] = round(time.perf_counter() - t0, 3)
     return result
+
+
+def rank_candidates(scorer: Scorer, cands: CandidateSet, batch_size: int = 256, progress: bool = False,
+                    desc: str = "scoring", distributed: bool = False) -> np.ndarray:
+    """Each user's 1-based rank of the target under ``scorer`` (ties count against it), for the callers
+    that keep per-user ranks (bootstrap intervals, paired comparisons) as well as the metrics."""
+    scores = score_candidates(scorer, cands, batch_size, progress, desc, distributed=distributed)
+    return pessimistic_ranks(scores, cands.target)
 
 
 def _version(pkg: str) -> str | None:

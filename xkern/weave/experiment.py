@@ -33,9 +33,9 @@ import torch
 from xkern.adapters.peft_format import BASE
 from xkern.data.domain import DomainData
 from xkern.data.encoding import PromptEncoder
-from xkern.data.evaluate import evaluate_scorer, format_table, score_candidates
+from xkern.data.evaluate import evaluate_scorer, format_table, rank_candidates
 from xkern.data.examples import causal_lm_examples
-from xkern.data.metrics import metrics_from_ranks, pessimistic_ranks
+from xkern.data.metrics import metrics_from_ranks
 from xkern.data.negatives import build_candidates
 from xkern.distributed import dist_setup, sum_over_ranks
 from xkern.serve import LikelihoodScorer, ListwiseGenerationScorer, PrefixLikelihoodScorer
@@ -269,7 +269,7 @@ def run_weave(cfg: WeaveConfig, domains: dict[str, DomainData] | None = None, mo
                 sc = ListwiseGenerationScorer(model, enc, target.titles, adapter, cfg.max_history, cfg.user_batch,
                                               cfg.row_batch, cfg.max_new_tokens, fallback_scorer=fb)
             t_mode = time.perf_counter()
-            ranks = pessimistic_ranks(score_candidates(sc, cands, 256, distributed=True), cands.target)
+            ranks = rank_candidates(sc, cands, 256, distributed=True)
             m = {**metrics_from_ranks(ranks, (1, 3, 10)), "n_users": len(cands),
                  "seconds": round(time.perf_counter() - t_mode, 3)}
             rec = {"method": row, "mode": mode, **m, "val_loss": val_loss, "trainable_params": trained_params(row),
