@@ -245,6 +245,38 @@ def test_weave_cli_through_register(tmp_path, capsys):
         parser.parse_args(["weave", "--format", "nope"])
 
 
+def test_weave_load_adapters_scores_what_the_saving_run_trained(tmp_path):
+    """--load-adapters: a second run scores the first run's saved adapters, trains nothing, and ranks
+    and validates exactly as the run that trained them; a missing adapter fails before any is loaded."""
+    from xkern.weave.cli import register
+
+    parser = argparse.ArgumentParser(prog="xkern")
+    register(parser.add_subparsers(dest="command"))
+    common = ["weave", "--synthetic-users", "30", "--train-users", "8", "--eval-users", "4", "--speed-users", "0",
+              "--max-steps", "2", "--lr", "5e-2", "--rows", "target-only,weave-merge", "--format", "next_item",
+              "--tiny-pretrain-steps", "2", "--modes", "likelihood", "--val-users", "5", "--no-progress"]
+    saved = tmp_path / "adapters"
+    runs = []
+    for i, extra in enumerate((["--save-adapters", str(saved)], ["--load-adapters", str(saved)])):
+        out = tmp_path / f"run{i}.json"
+        args = parser.parse_args([*common, *extra, "--out", str(out)])
+        assert args.func(args) == 0
+        runs.append(json.loads(out.read_text()))
+    first, second = runs
+    assert set(second["adapters"]) == {"target", "hybrid-Toys", "hybrid-Sports"}
+    assert all("loaded_from" in a and "steps" not in a for a in second["adapters"].values())
+    assert all(a["steps"] == 2 for a in first["adapters"].values())
+    assert [(r["method"], r["ranks"]) for r in second["rows"]] == [(r["method"], r["ranks"]) for r in first["rows"]]
+    for a, b in zip(first["rows"], second["rows"], strict=True):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-6) and a["val_loss"] < first["val_loss_base"]
+
+    from xkern.weave.experiment import load_saved_adapters
+    model, _ = tiny_lm([titled_domain("Tools", 20)])
+    with pytest.raises(FileNotFoundError, match="joint"):
+        load_saved_adapters(model, saved, ["target", "joint"])  # joint was never trained
+    assert "target" not in model.adapter_configs
+
+
 def test_weave_demo_rows():
     from xkern.data.synthetic import SyntheticConfig
     from xkern.demo.core import DemoConfig, run_demo

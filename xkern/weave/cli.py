@@ -65,6 +65,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="candidates listed in listwise training prompts")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--save-adapters", default=None, help="directory for the trained adapters (PEFT format)")
+    p.add_argument("--load-adapters", default=None,
+                   help="directory of an earlier run's --save-adapters: load its adapters instead of training")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/weave/results.json", help="JSON output (default runs/weave/results.json)")
     p.add_argument("--no-progress", action="store_true")
@@ -88,7 +90,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
                        speed_users=args.speed_users, max_new_tokens=args.max_new_tokens,
                        listwise_fallback=args.listwise_fallback, n_candidates_train=args.listwise_train_candidates,
                        threads=args.threads,
-                       save_adapters=args.save_adapters, seed=args.seed, progress=not args.no_progress)
+                       save_adapters=args.save_adapters, load_adapters=args.load_adapters, seed=args.seed,
+                       progress=not args.no_progress)
 
 
 def cmd_weave(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ users (time ratio and the largest score difference).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -83,6 +84,7 @@ class WeaveConfig:
     threads: int | None = None
     seed: int = 0
     save_adapters: str | None = None  # directory: every trained adapter saved there in PEFT format
+    load_adapters: str | None = None  # directory of an earlier save_adapters: load the adapters, train none
     progress: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -147,6 +149,25 @@ def _examples(cfg: WeaveConfig, tok: Any, d: DomainData) -> list[dict[str, Any]]
                            max_examples=cfg.train_users)
 
 
+def load_saved_adapters(model: Any, directory: str | os.PathLike, names: list[str]) -> dict[str, Any]:
+    """Load ``<directory>/<name>/adapter`` (the layout ``save_adapters`` writes) for every name.
+
+    Lets a run score new modes on the adapters of an earlier run without training them again. All
+    are checked before any is loaded, so a missing one leaves the model as it was.
+    """
+    root = Path(directory)
+    paths = {name: root / name / "adapter" for name in names}
+    missing = [str(p) for p in paths.values() if not (p / "adapter_config.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"load_adapters={str(directory)!r}: no saved adapter at {', '.join(missing)} "
+                                f"(expected <dir>/<name>/adapter from an earlier run's save_adapters)")
+    info: dict[str, Any] = {}
+    for name, path in paths.items():
+        model.load_adapter(path, name)
+        info[name] = {"loaded_from": str(path), "r": model.adapter_configs[name].get("r")}
+    return info
+
+
 def run_weave(cfg: WeaveConfig, domains: dict[str, DomainData] | None = None, model: Any = None,
               tokenizer: Any = None, log: Any = print) -> dict[str, Any]:
     """Run the experiment of ``cfg``; returns a JSON-ready dict (rows, speed, adapters, timings).
@@ -195,8 +216,11 @@ def run_weave(cfg: WeaveConfig, domains: dict[str, DomainData] | None = None, mo
         order = np.random.default_rng(cfg.seed).permutation(len(joint))
         plan.append(("joint", [joint[i] for i in order]))
     adapters: dict[str, Any] = {}
+    if cfg.load_adapters is not None:
+        adapters = load_saved_adapters(model, cfg.load_adapters, [name for name, _ in plan if name in need])
+        log(f"loaded {', '.join(adapters)} from {cfg.load_adapters}")
     for name, ex in plan:
-        if name in need:
+        if name in need and name not in adapters:
             log(f"training {name} on {len(ex)} examples ...")
             adapters[name] = train_adapter(model, name, ex, **kw)
             log(f"  {adapters[name]}")
