@@ -296,6 +296,66 @@ def quality_tools_weave() -> str:
             f"{cfg['val_users']} users):\n\n" + "\n".join(lines) + "\n")
 
 
+def _cross_file_pairs(run: dict, ref: dict, pairs: list[tuple[str, str]], metrics: tuple[str, ...]) -> str:
+    """Rows of ``run`` minus rows of ``ref`` (another JSON ranked on the same candidates), paired per user.
+
+    The two files must hold the same users and candidates: their popularity rows (no model, no seed)
+    must rank every user's target identically, or the comparison is refused."""
+    from xkern.data.confidence import paired_comparison
+
+    def popularity(r: dict) -> list[int]:
+        return next(row["ranks"] for row in r["rows"] if row["method"] == "popularity")
+
+    if popularity(run) != popularity(ref):
+        raise ValueError("cross-file pairs need the same test users and candidates (popularity ranks differ)")
+    a_rows, b_rows = {r["method"]: r for r in run["rows"]}, {r["method"]: r for r in ref["rows"]}
+    n_boot, seed = run["config"].get("n_boot", 2000), run.get("seed", 0)
+    lines = ["| A - B (same users) | " + " | ".join(f"{m} difference [95% CI]" for m in metrics) + " |",
+             "|---|" + "---|" * len(metrics)]
+    for a, b in pairs:
+        cells = []
+        for m in metrics:
+            d = paired_comparison(a_rows[a]["ranks"], b_rows[b]["ranks"], m, n_boot, seed)
+            cells.append(f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
+        lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+XCROSS_LR_SCORED = ("xcross-80-lr1e-5", "xcross-80-pmi-lr1e-5")
+
+
+def quality_tools_likelihood_lr() -> str:
+    """The lr 1e-5 X-Cross models (raw and PMI objective) ranked on the test users of the main likelihood
+    table, and paired against the step-0 mix (xcross-80) there."""
+    run, ref = _load("quality-Tools-likelihood-lr.json"), _load("quality-Tools-likelihood.json")
+    pairs = [(f"{name}{suffix}", f"xcross-80{suffix}") for name in XCROSS_LR_SCORED for suffix in ("", "+pmi")]
+    by = {r["method"]: r for r in run["rows"]}
+    cfgs = {n: _load(f"logs/quality-Tools-likelihood/{n}-train_log.json")["config"] for n in XCROSS_LR_SCORED}
+    val = "; ".join(f"{n} ({'PMI' if cfgs[n].get('calibrate') else 'raw'} cross-entropy over 1 + "
+                    f"{cfgs[n]['val_neg']} candidates, {cfgs[n]['max_val_users']} users): {by[n]['val_loss_start']:.3f}"
+                    f" -> {by[n]['val_loss_best']:.3f} in {by[n]['steps']} steps" for n in XCROSS_LR_SCORED)
+    return (quality_table("quality-Tools-likelihood-lr.json") + f"\nValidation loss, step 0 -> kept: {val}.\n"
+            "\nAgainst the step-0 mix (`xcross-80` of the "
+            "table above: `W_concat = 0`, `w = 1/2`), same users and candidates, paired bootstrap:\n\n"
+            + _cross_file_pairs(run, ref, pairs, ("HR@1", "HR@10", "MRR")))
+
+
+def quality_tools_weave_listwise() -> str:
+    """Listwise generation of the WeaveRec rows (the saved adapters of quality-Tools-weave.json, reloaded),
+    with intervals, exact/fallback counts, and each row against its own likelihood mode."""
+    run, ref = _load("quality-Tools-weave-listwise.json"), _load("quality-Tools-weave.json")
+    models = [r for r in run["rows"] if r.get("mode") == "listwise"]
+    ref_loss = {r["model"]: r["val_loss_best"] for r in ref["rows"] if r.get("mode") == "likelihood"}
+    same = all(abs(r["val_loss_best"] - ref_loss[r["model"]]) < 1e-4 for r in models)
+    counts = "; ".join(f"{r['model']} {r['exact']}/{r['fallback']}" for r in models)
+    pairs = [(r["method"], f"{r['model']}/likelihood") for r in models]
+    return (quality_table("quality-Tools-weave-listwise.json") + f"\nUsers whose generated title matched a "
+            f"candidate exactly / fell back to the likelihood: {counts}. The reloaded adapters' validation "
+            f"losses {'equal' if same else 'DIFFER FROM'} those of the likelihood table (to 1e-4).\n\n"
+            "Listwise generation against the likelihood mode of the same adapters, same users, paired bootstrap:"
+            "\n\n" + _cross_file_pairs(run, ref, pairs, ("HR@1", "HR@10", "MRR")))
+
+
 def xcross_encoder_diagnosis() -> str:
     """examples/xcross_encoder_diagnosis.py: features, head-only learning and gradient norms per pooling."""
     run = _load("xcross-encoder-diagnosis.json")
@@ -617,6 +677,8 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "quality-tools-baselines": quality_tools_baselines,
     "quality-tools-likelihood": quality_tools_likelihood,
     "quality-tools-weave": quality_tools_weave,
+    "quality-tools-weave-listwise": quality_tools_weave_listwise,
+    "quality-tools-likelihood-lr": quality_tools_likelihood_lr,
     "xcross-likelihood-lr": xcross_likelihood_lr,
     "xcross-encoder-diagnosis": xcross_encoder_diagnosis,
     "sharded-eval-cpu": sharded_eval_cpu,
