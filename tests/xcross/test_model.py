@@ -199,6 +199,36 @@ def test_train_adapter_scorer_trains_lora_and_head(domains, tokenizer):
     assert any(not torch.equal(a, b) for a, b in zip(before, xm.adapter_parameters("t"), strict=True))
 
 
+def test_w_concat_lr_zero_freezes_the_integrators_and_trains_the_rest(domains, tokenizer, tmp_path):
+    """w_concat_lr=0: W_concat stays as it was while w and the biases move, and the run's log counts only
+    what it trained; a separate W_concat rate reaches its own optimizer group; negative rates are refused."""
+    xm = _model(tokenizer)
+    xc = XCrossModel(xm, ["a0", "a1"], bias=True, tokenizer=tokenizer, max_history=3)
+    with torch.no_grad():
+        for q in xc.w_concat:
+            q.normal_(0, 1e-2)
+    w_before = [q.clone() for q in xc.w_concat]
+    rest_before = [q.clone() for q in (*xc.integrator_bias, xc.w)]
+    res = train(xc, domains["Tools"], n_neg=2, max_steps=3, batch_size=4, lr=1e-2, w_concat_lr=0.0,
+                max_train_users=16, max_val_users=8, val_neg=3, progress=False, output_dir=tmp_path / "run")
+    assert all(torch.equal(a, b) for a, b in zip(w_before, xc.w_concat, strict=True))
+    assert all(not torch.equal(a, b) for a, b in zip(rest_before, (*xc.integrator_bias, xc.w), strict=True))
+    counts = xc.num_trainable()
+    n_w = sum(q.numel() for q in xc.w_concat)
+    assert res.n_trainable == counts["total"] - n_w
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert log["trainable"]["total"] == counts["total"] - n_w and log["trainable"]["frozen_w_concat"] == n_w
+
+    rest_trained = [q.clone() for q in (*xc.integrator_bias, xc.w)]
+    train(xc, domains["Tools"], n_neg=2, max_steps=2, batch_size=4, lr=1e-9, w_concat_lr=1e-2, max_train_users=16,
+          max_val_users=8, progress=False)  # W_concat's own rate: Adam moves it by ~1e-2 per step, the rest by ~1e-9
+    assert all((a - b).abs().max() > 1e-3 for a, b in zip(w_before, xc.w_concat, strict=True))
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-7) for a, b in zip(rest_trained, (*xc.integrator_bias, xc.w),
+                                                                        strict=True))
+    with pytest.raises(ValueError, match="w_concat_lr"):
+        train(xc, domains["Tools"], max_steps=1, w_concat_lr=-1.0, progress=False)
+
+
 def test_cli_train_xcross(domains, tokenizer, tmp_path):
     from xkern.xcross.cli import register
 

@@ -50,6 +50,9 @@ class XCrossTrainConfig(TrainConfig):
     keep_best: bool = option(True, "restore the parameters of the best validation at the end")
     n_neg: int = option(4, "K sampled negatives per training example")
     extra_lr: float | None = option(None, "learning rate of extra_params (adapter weights); default lr")
+    w_concat_lr: float | None = option(None, "learning rate of the integrators' W_concat (default lr; 0 freezes "
+                                       "them, so only w, the biases and the head train: the low-dimensional "
+                                       "part can then take a larger lr)")
     max_per_user: int | None = option(1, "training positions per user sequence (the last ones)")
     max_train_users: int | None = option(None, "cap on training users (seeded choice)")
     val_neg: int = option(9, "fixed negatives per validation user")
@@ -63,6 +66,10 @@ class XCrossTrainConfig(TrainConfig):
         super().validate()
         if self.n_neg < 1:
             raise ValueError("batch_size and n_neg must be >= 1")
+        for name in ("extra_lr", "w_concat_lr"):
+            v = getattr(self, name)
+            if v is not None and not v >= 0:
+                raise ValueError(f"{name} must be >= 0 (or None: lr), got {v}")
 
 
 @dataclass
@@ -195,13 +202,17 @@ def train(xc: XCrossModel, data: DomainData, *, config: XCrossTrainConfig | None
 
     for p in xc.model.parameters():
         p.requires_grad_(False)
-    own = xc.trainable_parameters()
+    integrators = {id(q) for q in xc.w_concat}
+    frozen = list(xc.w_concat) if cfg.w_concat_lr == 0 else []
+    own = [q for q in xc.trainable_parameters() if id(q) not in integrators]
     extra = list(extra_params)
-    for p in own + extra:
-        p.requires_grad_(True)
+    for p in own + extra + list(xc.w_concat):
+        p.requires_grad_(not any(p is q for q in frozen))
     groups = [{"params": own, "lr": cfg.lr}]
+    if xc.w_concat and not frozen:
+        groups.append({"params": list(xc.w_concat), "lr": cfg.lr if cfg.w_concat_lr is None else cfg.w_concat_lr})
     if extra:
-        groups.append({"params": extra, "lr": cfg.extra_lr or cfg.lr})
+        groups.append({"params": extra, "lr": cfg.lr if cfg.extra_lr is None else cfg.extra_lr})
     steps_per_epoch = max(n_examples // cfg.batch_size, 1)
     if cfg.eval_every is None:
         cfg = dataclasses.replace(cfg, eval_every=steps_per_epoch)  # validate once per epoch
@@ -222,7 +233,12 @@ def train(xc: XCrossModel, data: DomainData, *, config: XCrossTrainConfig | None
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         xc.save(out / "xcross")
-        log = {"adapters": xc.adapters, "config": asdict(cfg), "trainable": xc.num_trainable(),
+        trainable = xc.num_trainable()
+        if frozen:  # the frozen integrators' weights are not trained parameters of this run
+            n_frozen = sum(q.numel() for q in frozen)
+            trainable = {**trainable, "integrators": trainable["integrators"] - n_frozen,
+                         "total": trainable["total"] - n_frozen, "frozen_w_concat": n_frozen}
+        log = {"adapters": xc.adapters, "config": asdict(cfg), "trainable": trainable,
                "extra_trainable": sum(p.numel() for p in extra), "world_size": res.world_size, **result.to_dict()}
         atomic_write_text(out / "train_log.json", json.dumps(log, indent=2) + "\n")
     return result
