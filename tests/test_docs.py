@@ -77,3 +77,25 @@ def test_the_xcross_lr_prose_holds():
     assert gains == [0.011, 0.006]
     text = (ROOT / "docs" / "xcross.md").read_text()
     assert "HR@10 rises by 0.033 over step 0" in text and "(0.011 and 0.006 nats)" in text
+
+
+def test_the_weave_listwise_prose_holds():
+    """docs/weave.md's reading of listwise generation, checked on the per-user ranks and counts."""
+    import numpy as np
+
+    from xkern.data.confidence import paired_comparison
+
+    listwise = {r["method"]: r for r in json.loads(
+        (ROOT / "bench/results/quality-Tools-weave-listwise.json").read_text())["rows"]}
+    likelihood = _ranks("quality-Tools-weave.json")
+    assert listwise["popularity"]["ranks"] == likelihood["popularity"]  # the same users and candidates
+    exact = {m: listwise[f"{m}/listwise"]["exact"] for m in ("weave-merge", "joint", "target-only")}
+    assert exact == {"weave-merge": 96, "joint": 97, "target-only": 65}
+    merge = np.asarray(listwise["weave-merge/listwise"]["ranks"])
+    assert (merge == 0).mean() == (np.asarray(listwise["random"]["ranks"]) == 0).mean() == 4 / 120
+    mrr = paired_comparison(merge, likelihood["weave-merge/likelihood"], "MRR")
+    assert mrr["ci_high"] < 0  # below its own likelihood mode
+    vs_target = paired_comparison(merge, listwise["target-only/listwise"]["ranks"], "HR@10")
+    assert round(vs_target["diff"], 3) == -0.042 and vs_target["ci_high"] < 0
+    text = (ROOT / "docs" / "weave.md").read_text()
+    assert "for 96-97 of 120 users (the target-only LoRA 65)" in text and "HR@1 falls to random" in text
