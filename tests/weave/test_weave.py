@@ -275,6 +275,10 @@ def test_weave_load_adapters_scores_what_the_saving_run_trained(tmp_path):
     with pytest.raises(FileNotFoundError, match="joint"):
         load_saved_adapters(model, saved, ["target", "joint"])  # joint was never trained
     assert "target" not in model.adapter_configs
+    model.add_adapter("hybrid-Toys", r=2)
+    with pytest.raises(ValueError, match="already loaded"):
+        load_saved_adapters(model, saved, ["target", "hybrid-Toys"])
+    assert "target" not in model.adapter_configs
 
 
 def test_weave_demo_rows():

@@ -161,6 +161,9 @@ def load_saved_adapters(model: Any, directory: str | os.PathLike, names: list[st
     if missing:
         raise FileNotFoundError(f"load_adapters={str(directory)!r}: no saved adapter at {', '.join(missing)} "
                                 f"(expected <dir>/<name>/adapter from an earlier run's save_adapters)")
+    clashing = [name for name in names if name in model.adapter_configs]
+    if clashing:
+        raise ValueError(f"adapters {clashing} are already loaded in the model; load_adapters would replace them")
     info: dict[str, Any] = {}
     for name, path in paths.items():
         model.load_adapter(path, name)

@@ -202,15 +202,17 @@ def train(xc: XCrossModel, data: DomainData, *, config: XCrossTrainConfig | None
 
     for p in xc.model.parameters():
         p.requires_grad_(False)
-    integrators = {id(q) for q in xc.w_concat}
+    # W_concat gets its own optimizer group only when it has its own rate: the default keeps the one-group
+    # layout, so checkpoints written before w_concat_lr existed still resume
+    split = {id(q) for q in xc.w_concat} if cfg.w_concat_lr is not None else set()
     frozen = list(xc.w_concat) if cfg.w_concat_lr == 0 else []
-    own = [q for q in xc.trainable_parameters() if id(q) not in integrators]
+    own = [q for q in xc.trainable_parameters() if id(q) not in split]
     extra = list(extra_params)
-    for p in own + extra + list(xc.w_concat):
+    for p in xc.trainable_parameters() + extra:
         p.requires_grad_(not any(p is q for q in frozen))
     groups = [{"params": own, "lr": cfg.lr}]
-    if xc.w_concat and not frozen:
-        groups.append({"params": list(xc.w_concat), "lr": cfg.lr if cfg.w_concat_lr is None else cfg.w_concat_lr})
+    if split and not frozen:
+        groups.append({"params": list(xc.w_concat), "lr": cfg.w_concat_lr})
     if extra:
         groups.append({"params": extra, "lr": cfg.lr if cfg.extra_lr is None else cfg.extra_lr})
     steps_per_epoch = max(n_examples // cfg.batch_size, 1)
