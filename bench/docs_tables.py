@@ -187,17 +187,22 @@ def _ci(v: list[float]) -> str:
     return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
 
 
-def quality_table(name: str) -> str:
-    """Rows of a quality JSON (``xkern eval`` or a model run): metrics with 95% bootstrap intervals, then
-    the paired HR@10 differences of every row against the first trained one."""
-    run = _load(name)
-    rows = run["rows"]
+def _metric_rows(rows: list[dict]) -> list[str]:
+    """Quality rows as table lines: each metric's mean with its 95% bootstrap interval."""
     metrics = list(rows[0]["metrics"])
     lines = ["| method | fraction | users | trainable params | " + " | ".join(metrics) + " |",
              "|" + "---|" * (4 + len(metrics))]
     for r in rows:
         lines.append(f"| {r['method']} | {r['fraction']} | {r['n_users']} | {r['trainable_params']:,} | "
                      + " | ".join(_ci(r["metrics"][m]) for m in metrics) + " |")
+    return lines
+
+
+def quality_table(name: str) -> str:
+    """Rows of a quality JSON (``xkern eval`` or a model run): metrics with 95% bootstrap intervals, then
+    the paired HR@10 differences of every row against the first trained one."""
+    run = _load(name)
+    lines = _metric_rows(run["rows"])
     lines += ["", "| A - B (same users) | HR@10 difference [95% CI] | p |", "|---|---|---|"]
     cfg = run.get("config", {})
     floor = 2 / cfg.get("n_boot", 2000)  # no resample on the other side of zero
@@ -262,20 +267,23 @@ def _pmi_pairs(run: dict) -> str:
             "| A - B | HR@1 difference | MRR difference |\n|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
-XCROSS_LR_RUNS = ("xcross-80", "xcross-80-lr1e-4", "xcross-80-lr1e-5", "xcross-80-lr3e-5", "xcross-80-pmi-lr1e-5")
+XCROSS_LR_RUNS = ("xcross-80", "xcross-80-lr1e-4", "xcross-80-lr1e-5", "xcross-80-lr3e-5", "xcross-80-pmi-lr1e-5",
+                  "xcross-80-pmi-bias-lr3e-3")
 
 
 def xcross_likelihood_lr() -> str:
     """The likelihood X-Cross trainings on the 80-user pool at several learning rates: validation per step."""
-    lines = ["| run | lr | objective | batch (users x candidates) | steps | validation users | validation loss per "
-             "step (chance 2.303) | validation MRR first -> best | training loss min / max (ln 2 = 0.693) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | lr | trained (parameters) | objective | batch (users x candidates) | steps | validation users | "
+             "validation loss per step (chance 2.303) | validation MRR first -> best | training loss min / max "
+             "(ln 2 = 0.693) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name in XCROSS_LR_RUNS:
         log = _load(f"logs/quality-Tools-likelihood/{name}-train_log.json")
         cfg, train = log["config"], [t["loss"] if isinstance(t, dict) else t for t in log["train_loss"]]
         val = ", ".join(f"{v['step']}: {v['loss']:.3f}" for v in log["val"])
         best = next(v for v in log["val"] if v["step"] == log["best_step"])
-        lines.append(f"| {name} | {cfg['lr']:g} | {'PMI' if cfg.get('calibrate') else 'raw'} | {cfg['batch_size']} x "
+        what = "biases + w, W_concat frozen" if log["trainable"].get("frozen_w_concat") else "W_concat + w"
+        lines.append(f"| {name} | {cfg['lr']:g} | {what} ({log['trainable']['total']:,}) | "
+                     f"{'PMI' if cfg.get('calibrate') else 'raw'} | {cfg['batch_size']} x "
                      f"{1 + cfg['n_neg']} | {log['steps']} | {cfg['max_val_users']} | {val} | "
                      f"{log['val'][0]['mrr']:.3f} -> {best['mrr']:.3f} (step {log['best_step']}) | "
                      f"{min(train):.3f} / {max(train):.3f} |")
@@ -296,48 +304,60 @@ def quality_tools_weave() -> str:
             f"{cfg['val_users']} users):\n\n" + "\n".join(lines) + "\n")
 
 
-def _cross_file_pairs(run: dict, ref: dict, pairs: list[tuple[str, str]], metrics: tuple[str, ...]) -> str:
-    """Rows of ``run`` minus rows of ``ref`` (another JSON ranked on the same candidates), paired per user.
+def _cross_file_pairs(ref: dict, pairs: list[tuple[dict, str, str]], metrics: tuple[str, ...]) -> str:
+    """Row A of a run minus row B of ``ref`` (JSONs ranked on the same candidates), paired per user.
 
-    The two files must hold the same users and candidates: their popularity rows (no model, no seed)
-    must rank every user's target identically, or the comparison is refused."""
+    Each run must hold the same users and candidates as ``ref``: their popularity rows (no model, no
+    seed) must rank every user's target identically, or the comparison is refused."""
     from xkern.data.confidence import paired_comparison
 
     def popularity(r: dict) -> list[int]:
         return next(row["ranks"] for row in r["rows"] if row["method"] == "popularity")
 
-    if popularity(run) != popularity(ref):
-        raise ValueError("cross-file pairs need the same test users and candidates (popularity ranks differ)")
-    a_rows, b_rows = {r["method"]: r for r in run["rows"]}, {r["method"]: r for r in ref["rows"]}
-    n_boot, seed = run["config"].get("n_boot", 2000), run.get("seed", 0)
+    b_rows = {r["method"]: r for r in ref["rows"]}
+    n_boot, seed = ref["config"].get("n_boot", 2000), ref.get("seed", 0)
     lines = ["| A - B (same users) | " + " | ".join(f"{m} difference [95% CI]" for m in metrics) + " |",
              "|---|" + "---|" * len(metrics)]
-    for a, b in pairs:
+    for run, a, b in pairs:
+        if popularity(run) != popularity(ref):
+            raise ValueError("cross-file pairs need the same test users and candidates (popularity ranks differ)")
+        a_row = next(r for r in run["rows"] if r["method"] == a)
         cells = []
         for m in metrics:
-            d = paired_comparison(a_rows[a]["ranks"], b_rows[b]["ranks"], m, n_boot, seed)
+            d = paired_comparison(a_row["ranks"], b_rows[b]["ranks"], m, n_boot, seed)
             cells.append(f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
         lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-XCROSS_LR_SCORED = ("xcross-80-lr1e-5", "xcross-80-pmi-lr1e-5")
+# the later X-Cross trainings on the 80-user pool that were ranked on the test users, and their JSON
+XCROSS_LR_SCORED = {"xcross-80-lr1e-5": "quality-Tools-likelihood-lr.json",
+                    "xcross-80-pmi-lr1e-5": "quality-Tools-likelihood-lr.json",
+                    "xcross-80-pmi-bias-lr3e-3": "quality-Tools-likelihood-bias.json"}
 
 
 def quality_tools_likelihood_lr() -> str:
-    """The lr 1e-5 X-Cross models (raw and PMI objective) ranked on the test users of the main likelihood
-    table, and paired against the step-0 mix (xcross-80) there."""
-    run, ref = _load("quality-Tools-likelihood-lr.json"), _load("quality-Tools-likelihood.json")
-    pairs = [(f"{name}{suffix}", f"xcross-80{suffix}") for name in XCROSS_LR_SCORED for suffix in ("", "+pmi")]
-    by = {r["method"]: r for r in run["rows"]}
+    """The later X-Cross models (lr 1e-5 raw and PMI objective; biases only at lr 3e-3) ranked on the test
+    users of the main likelihood table, and paired against the step-0 mix (xcross-80) there."""
+    ref = _load("quality-Tools-likelihood.json")
+    runs = {n: _load(f) for n, f in XCROSS_LR_SCORED.items()}
+    by = {n: next(r for r in runs[n]["rows"] if r["method"] == n) for n in XCROSS_LR_SCORED}
+    extra = [r for f in sorted(set(XCROSS_LR_SCORED.values()) - {"quality-Tools-likelihood-lr.json"})
+             for r in _load(f)["rows"] if r.get("model") in XCROSS_LR_SCORED]
+    pairs = [(runs[n], f"{n}{suffix}", f"xcross-80{suffix}") for n in XCROSS_LR_SCORED for suffix in ("", "+pmi")]
     cfgs = {n: _load(f"logs/quality-Tools-likelihood/{n}-train_log.json")["config"] for n in XCROSS_LR_SCORED}
     val = "; ".join(f"{n} ({'PMI' if cfgs[n].get('calibrate') else 'raw'} cross-entropy over 1 + "
                     f"{cfgs[n]['val_neg']} candidates, {cfgs[n]['max_val_users']} users): {by[n]['val_loss_start']:.3f}"
                     f" -> {by[n]['val_loss_best']:.3f} in {by[n]['steps']} steps" for n in XCROSS_LR_SCORED)
-    return (quality_table("quality-Tools-likelihood-lr.json") + f"\nValidation loss, step 0 -> kept: {val}.\n"
-            "\nAgainst the step-0 mix (`xcross-80` of the "
-            "table above: `W_concat = 0`, `w = 1/2`), same users and candidates, paired bootstrap:\n\n"
-            + _cross_file_pairs(run, ref, pairs, ("HR@1", "HR@10", "MRR")))
+    more = ""
+    if extra:
+        notes = "; ".join(f"`bench/results/{f}`: {_load(f)['wall_seconds']} s wall, load average "
+                          f"{_load(f)['load_average'][0]} at the start and {_load(f)['load_average'][1]} at the end"
+                          for f in sorted(set(XCROSS_LR_SCORED.values()) - {"quality-Tools-likelihood-lr.json"}))
+        more = ("\nRanked the same way in a later run (" + notes + "):\n\n" + "\n".join(_metric_rows(extra)) + "\n")
+    return (quality_table("quality-Tools-likelihood-lr.json") + more + f"\nValidation loss, step 0 -> kept: {val}.\n"
+            "\nAgainst the step-0 mix (`xcross-80` of the table above: `W_concat = 0`, `w = 1/2`), same users and "
+            "candidates, paired bootstrap:\n\n" + _cross_file_pairs(ref, pairs, ("HR@1", "HR@10", "MRR")))
 
 
 def quality_tools_weave_listwise() -> str:
@@ -348,12 +368,12 @@ def quality_tools_weave_listwise() -> str:
     ref_loss = {r["model"]: r["val_loss_best"] for r in ref["rows"] if r.get("mode") == "likelihood"}
     same = all(abs(r["val_loss_best"] - ref_loss[r["model"]]) < 1e-4 for r in models)
     counts = "; ".join(f"{r['model']} {r['exact']}/{r['fallback']}" for r in models)
-    pairs = [(r["method"], f"{r['model']}/likelihood") for r in models]
+    pairs = [(run, r["method"], f"{r['model']}/likelihood") for r in models]
     return (quality_table("quality-Tools-weave-listwise.json") + f"\nUsers whose generated title matched a "
             f"candidate exactly / fell back to the likelihood: {counts}. The reloaded adapters' validation "
             f"losses {'equal' if same else 'DIFFER FROM'} those of the likelihood table (to 1e-4).\n\n"
             "Listwise generation against the likelihood mode of the same adapters, same users, paired bootstrap:"
-            "\n\n" + _cross_file_pairs(run, ref, pairs, ("HR@1", "HR@10", "MRR")))
+            "\n\n" + _cross_file_pairs(ref, pairs, ("HR@1", "HR@10", "MRR")))
 
 
 def xcross_encoder_diagnosis() -> str:

@@ -75,8 +75,22 @@ def test_the_xcross_lr_prose_holds():
     gains = [round(rows[n]["val_loss_start"] - rows[n]["val_loss_best"], 3)
              for n in ("xcross-80-lr1e-5", "xcross-80-pmi-lr1e-5")]
     assert gains == [0.011, 0.006]
+    bias = {r["method"]: r for r in json.loads((ROOT / "bench/results/quality-Tools-likelihood-bias.json")
+                                               .read_text())["rows"]}
+    assert bias["popularity"]["ranks"] == step0["popularity"]
+    name = "xcross-80-pmi-bias-lr3e-3"
+    assert round(bias[name]["val_loss_start"] - bias[name]["val_loss_best"], 3) == 0.013
+    assert bias[name]["trainable_params"] == 122
+    pmi = np.asarray(bias[f"{name}+pmi"]["ranks"])
+    assert (pmi == 0).sum() == 14 and round(float((1 / (pmi + 1)).mean()), 3) == 0.233  # HR@1 0.117
+    assert bias["sasrec"]["metrics"]["HR@1"][0] == (pmi == 0).mean()
+    from xkern.data.confidence import paired_comparison
+    for metric in ("HR@1", "MRR"):
+        d = paired_comparison(pmi, step0["xcross-80+pmi"], metric)
+        assert d["ci_low"] < 0 < d["ci_high"], metric
     text = (ROOT / "docs" / "xcross.md").read_text()
-    assert "HR@10 rises by 0.033 over step 0" in text and "(0.011 and 0.006 nats)" in text
+    assert "HR@10 rises by 0.033 over step 0" in text and "(0.011, 0.006 and 0.013 nats)" in text
+    assert "(+0.017 HR@1, +0.011 MRR)" in text
 
 
 def test_the_weave_listwise_prose_holds():
