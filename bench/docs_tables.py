@@ -340,10 +340,11 @@ def quality_tools_likelihood_lr() -> str:
     """The later X-Cross models (lr 1e-5 raw and PMI objective; biases only at lr 3e-3) ranked on the test
     users of the main likelihood table, and paired against the step-0 mix (xcross-80) there."""
     ref = _load("quality-Tools-likelihood.json")
-    runs = {n: _load(f) for n, f in XCROSS_LR_SCORED.items()}
+    files = {f: _load(f) for f in sorted(set(XCROSS_LR_SCORED.values()))}
+    runs = {n: files[f] for n, f in XCROSS_LR_SCORED.items()}
     by = {n: next(r for r in runs[n]["rows"] if r["method"] == n) for n in XCROSS_LR_SCORED}
-    extra = [r for f in sorted(set(XCROSS_LR_SCORED.values()) - {"quality-Tools-likelihood-lr.json"})
-             for r in _load(f)["rows"] if r.get("model") in XCROSS_LR_SCORED]
+    later = {f: run for f, run in files.items() if f != "quality-Tools-likelihood-lr.json"}
+    extra = [r for run in later.values() for r in run["rows"] if r.get("model") in XCROSS_LR_SCORED]
     pairs = [(runs[n], f"{n}{suffix}", f"xcross-80{suffix}") for n in XCROSS_LR_SCORED for suffix in ("", "+pmi")]
     cfgs = {n: _load(f"logs/quality-Tools-likelihood/{n}-train_log.json")["config"] for n in XCROSS_LR_SCORED}
     val = "; ".join(f"{n} ({'PMI' if cfgs[n].get('calibrate') else 'raw'} cross-entropy over 1 + "
@@ -351,9 +352,9 @@ def quality_tools_likelihood_lr() -> str:
                     f" -> {by[n]['val_loss_best']:.3f} in {by[n]['steps']} steps" for n in XCROSS_LR_SCORED)
     more = ""
     if extra:
-        notes = "; ".join(f"`bench/results/{f}`: {_load(f)['wall_seconds']} s wall, load average "
-                          f"{_load(f)['load_average'][0]} at the start and {_load(f)['load_average'][1]} at the end"
-                          for f in sorted(set(XCROSS_LR_SCORED.values()) - {"quality-Tools-likelihood-lr.json"}))
+        notes = "; ".join(f"`bench/results/{f}`: {run['wall_seconds']} s wall, load average "
+                          f"{run['load_average'][0]} at the start and {run['load_average'][1]} at the end"
+                          for f, run in later.items())
         more = ("\nRanked the same way in a later run (" + notes + "):\n\n" + "\n".join(_metric_rows(extra)) + "\n")
     return (quality_table("quality-Tools-likelihood-lr.json") + more + f"\nValidation loss, step 0 -> kept: {val}.\n"
             "\nAgainst the step-0 mix (`xcross-80` of the table above: `W_concat = 0`, `w = 1/2`), same users and "
