@@ -205,11 +205,11 @@ def train(xc: XCrossModel, data: DomainData, *, config: XCrossTrainConfig | None
     # W_concat gets its own optimizer group only when it has its own rate: the default keeps the one-group
     # layout, so checkpoints written before w_concat_lr existed still resume
     split = {id(q) for q in xc.w_concat} if cfg.w_concat_lr is not None else set()
-    frozen = list(xc.w_concat) if cfg.w_concat_lr == 0 else []
+    frozen = split if cfg.w_concat_lr == 0 else set()
     own = [q for q in xc.trainable_parameters() if id(q) not in split]
     extra = list(extra_params)
     for p in xc.trainable_parameters() + extra:
-        p.requires_grad_(not any(p is q for q in frozen))
+        p.requires_grad_(id(p) not in frozen)
     groups = [{"params": own, "lr": cfg.lr}]
     if split and not frozen:
         groups.append({"params": list(xc.w_concat), "lr": cfg.w_concat_lr})
@@ -237,7 +237,7 @@ def train(xc: XCrossModel, data: DomainData, *, config: XCrossTrainConfig | None
         xc.save(out / "xcross")
         trainable = xc.num_trainable()
         if frozen:  # the frozen integrators' weights are not trained parameters of this run
-            n_frozen = sum(q.numel() for q in frozen)
+            n_frozen = sum(q.numel() for q in xc.w_concat)
             trainable = {**trainable, "integrators": trainable["integrators"] - n_frozen,
                          "total": trainable["total"] - n_frozen, "frozen_w_concat": n_frozen}
         log = {"adapters": xc.adapters, "config": asdict(cfg), "trainable": trainable,
