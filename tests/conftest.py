@@ -40,9 +40,10 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def bnb_dirs(tmp_path_factory) -> dict:
     """family -> a directory saved by transformers with BitsAndBytesConfig(load_in_4bit, nf4, double quant)."""
-    import helpers
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BitsAndBytesConfig
+
+    from tests import helpers
 
     root = tmp_path_factory.mktemp("bnb")
     out = {}
@@ -60,14 +61,14 @@ def bnb_dirs(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def domain():
-    import helpers
+    from tests import helpers
 
     return helpers.titled_domain()
 
 
 @pytest.fixture(scope="module")
 def lm(domain):
-    import helpers
+    from tests import helpers
 
     model, tok = helpers.tiny_lm([domain])
     model.add_adapter("a", r=4, init_lora_weights=False, seed=1)

@@ -1,7 +1,7 @@
 """Shared helpers of the tests: float64 references, tiny transformers models, tiny titled domains, PEFT adapters.
 
 Plain functions only; fixtures built from them live in tests/conftest.py. Tests import this module
-as ``helpers`` (pytest puts tests/ on sys.path).
+as ``tests.helpers`` (the repository root is on sys.path; see tests/__init__.py).
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import load_script
 
+from tests.helpers import load_script
 from xkern.cli import main
 
 BENCH = load_script("bench/bad_input.py")

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_lora_bank, tiny_model
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import xkern
+from tests.helpers import random_lora_bank, tiny_model
 from xkern import NF4Tensor, quantize_nf4
 from xkern.errors import FormatError, InputError, InputTypeError, NotFoundError, XkernError
 from xkern.ops import lora_linear

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_script
+
+from tests.helpers import load_script
 
 pytest.importorskip("triton")
 from xkern.ops.backends import triton_jit as tri  # noqa: E402

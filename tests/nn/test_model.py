@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
-from helpers import tiny_model
 
 import xkern
+from tests.helpers import tiny_model
 from xkern.adapters import AdapterError
 from xkern.errors import InputError
 from xkern.nn import NF4LoRALinear
@@ -170,7 +170,8 @@ def test_embedding_adapter_is_refused(tmp_path):
 
 def test_shape_mismatch_refused_before_any_change(tmp_path):
     import transformers
-    from helpers import tiny_config
+
+    from tests.helpers import tiny_config
 
     cfg = tiny_config("llama")
     cfg.intermediate_size = 96  # mlp shapes differ, attention shapes match

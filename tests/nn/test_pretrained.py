@@ -10,9 +10,9 @@ import importlib.util
 
 import pytest
 import torch
-from helpers import exact_bnb
 
 import xkern
+from tests.helpers import exact_bnb
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")

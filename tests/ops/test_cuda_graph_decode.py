@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from helpers import tiny_model
 
 import xkern
+from tests.helpers import tiny_model
 from xkern.nn import BASE
 
 

@@ -4,8 +4,8 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
-from helpers import dense_lora_reference, random_lora_bank
 
+from tests.helpers import dense_lora_reference, random_lora_bank
 from xkern import NF4Tensor, quantize_nf4
 from xkern.ops import RowRouting, lora_linear, select_backend
 from xkern.ops.backends import cpu_native

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import memorizable_examples, tiny_model
 
 import xkern
+from tests.helpers import memorizable_examples, tiny_model
 from xkern.errors import FormatError
 from xkern.train import train_lora
 from xkern.train.trainer import resumable_checkpoint
@@ -34,7 +34,7 @@ import os, pathlib, shutil, signal, sys
 sys.path.insert(0, {tests!r})
 import torch
 import safetensors.torch as st
-from helpers import memorizable_examples, tiny_model
+from tests.helpers import memorizable_examples, tiny_model
 import xkern
 from xkern.errors import FormatError
 from xkern.train import train_lora
@@ -113,7 +113,7 @@ def uninterrupted():
 def test_killed_during_checkpoint_write_resumes_to_the_uninterrupted_result(tmp_path, point, uninterrupted):
     out = tmp_path / "run"
     script = tmp_path / "child.py"
-    script.write_text(CHILD.format(tests=str(REPO / "tests"), point=point, out=str(out), kill_at=KILL_AT_SAVE,
+    script.write_text(CHILD.format(tests=str(REPO), point=point, out=str(out), kill_at=KILL_AT_SAVE,
                                    cfg=CFG))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300,

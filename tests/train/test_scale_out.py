@@ -22,7 +22,7 @@ import os, signal, sys
 sys.path.insert(0, {tests!r})
 import torch
 import xkern
-from helpers import memorizable_examples, tiny_model
+from tests.helpers import memorizable_examples, tiny_model
 from xkern.train import train_lora
 
 bs, out, parallel, stop_after, kill = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
@@ -73,7 +73,7 @@ def _assert_same_adapter(a: Path, b: Path) -> None:
 
 def test_fsdp_and_resume_under_another_world_size(tmp_path):
     script = tmp_path / "train.py"
-    script.write_text(SCRIPT.format(tests=str(REPO / "tests")))
+    script.write_text(SCRIPT.format(tests=str(REPO)))
     one, fsdp, cut = tmp_path / "one", tmp_path / "fsdp", tmp_path / "cut"
     _run(script, 1, "8", str(one), "ddp", "-", "-")
     _run(script, 2, "4", str(fsdp), "fsdp", "-", "-")
@@ -97,7 +97,7 @@ def test_fsdp_and_resume_under_another_world_size(tmp_path):
 
 def test_a_killed_rank_ends_the_job_and_leaves_a_whole_checkpoint(tmp_path):
     script = tmp_path / "train.py"
-    script.write_text(SCRIPT.format(tests=str(REPO / "tests")))
+    script.write_text(SCRIPT.format(tests=str(REPO)))
     one, run = tmp_path / "one", tmp_path / "run"
     _run(script, 1, "8", str(one), "ddp", "-", "-")
     killed = _run(script, 2, "4", str(run), "ddp", "-", "1:3", port=29563, ok=False)  # rank 1 dies after step 3

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import memorizable_examples, tiny_model
 
 import xkern
+from tests.helpers import memorizable_examples, tiny_model
 from xkern.train import TrainConfig, evaluate_loss, train_lora
 
 REPO = Path(__file__).resolve().parents[2]
@@ -133,7 +133,7 @@ DDP_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 import xkern
-from helpers import memorizable_examples, tiny_model
+from tests.helpers import memorizable_examples, tiny_model
 from xkern.train import train_lora
 xm = xkern.load_model(tiny_model("llama", initializer_range=0.2), dtype=torch.float32, progress=False)
 xm.add_adapter("a", r=8, lora_alpha=16, seed=1)
@@ -145,13 +145,13 @@ def test_torchrun_ddp_two_processes_matches_single_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("WORLD_SIZE", None)
     script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(REPO / "tests"), bs=4, out=str(tmp_path / "ddp")))
+    script.write_text(DDP_SCRIPT.format(tests=str(REPO), bs=4, out=str(tmp_path / "ddp")))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", "29533", str(script)], env=env, capture_output=True, text=True,
                           timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = tmp_path / "single.py"
-    single.write_text(DDP_SCRIPT.format(tests=str(REPO / "tests"), bs=8, out=str(tmp_path / "single")))
+    single.write_text(DDP_SCRIPT.format(tests=str(REPO), bs=8, out=str(tmp_path / "single")))
     proc = subprocess.run([sys.executable, str(single)], env=env, capture_output=True, text=True, timeout=300,
                           cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]

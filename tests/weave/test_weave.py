@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_lm, titled_domain
 
+from tests.helpers import tiny_lm, titled_domain
 from xkern.adapters import load_adapter
 from xkern.weave import (
     CompletionLM,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from helpers import save_peft_adapters
+
+from tests.helpers import save_peft_adapters
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 import xkern
-from helpers import tiny_model
+from tests.helpers import tiny_model
 from xkern.data.prompts import next_item_prompt, pointwise_prompt
 from xkern.data.synthetic import SyntheticConfig, make_synthetic
 from xkern.data.tokenizer import word_tokenizer
@@ -57,7 +57,7 @@ def _ddp_and_one(tmp_path, port: int, xc_kwargs: str = "", train_kwargs: str = "
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("WORLD_SIZE", None)
     for name, bs in (("ddp", 4), ("one", 8)):
-        (tmp_path / f"{name}.py").write_text(SCRIPT.format(tests=str(REPO / "tests"), bs=bs, out=str(tmp_path / name),
+        (tmp_path / f"{name}.py").write_text(SCRIPT.format(tests=str(REPO), bs=bs, out=str(tmp_path / name),
                                                            parallel="ddp", xc_kwargs=xc_kwargs,
                                                            train_kwargs=train_kwargs))
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
@@ -109,7 +109,7 @@ def test_fsdp_trains_the_integrators_one_process_trains(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("WORLD_SIZE", None)
     for name, bs, parallel in (("fsdp", 4, "fsdp"), ("one", 8, "fsdp")):  # one process: fsdp is a no-op there
-        (tmp_path / f"{name}.py").write_text(SCRIPT.format(tests=str(REPO / "tests"), bs=bs, out=str(tmp_path / name),
+        (tmp_path / f"{name}.py").write_text(SCRIPT.format(tests=str(REPO), bs=bs, out=str(tmp_path / name),
                                                            parallel=parallel, xc_kwargs="", train_kwargs=""))
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29549",
           str(tmp_path / "fsdp.py")], tmp_path, env)

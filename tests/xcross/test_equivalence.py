@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import exact_bnb
 
 import xkern
+from tests.helpers import exact_bnb
 from xkern.xcross import XCrossModel
 
 peft = pytest.importorskip("peft")

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_model
 
 import xkern
+from tests.helpers import tiny_model
 from xkern.data.synthetic import SyntheticConfig, make_synthetic
 from xkern.data.tokenizer import word_tokenizer
 from xkern.xcross import XCrossModel, candidate_examples, pool_hidden, train, train_adapter_scorer
