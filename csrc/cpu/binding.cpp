@@ -44,6 +44,7 @@ using xk::KernelTable;
 
 constexpr int64_t kSmallRows = 16;           // default largest M on the fused GEMV paths
 constexpr int64_t kSlabBytes = 8 << 20;      // float32 bytes of one decoded weight slab
+constexpr int64_t kBf16SlabBytes = 32 << 20; // bf16 bytes of one decoded weight slab (native bf16 path)
 constexpr int64_t kNestedBlock = 256;
 constexpr int64_t kAmxTileRows = 64;         // weight rows a thread decodes (bf16 hi + lo) and multiplies
 constexpr int64_t kAmxTileCols = 128;        // rows of x per brgemm call
@@ -302,6 +303,20 @@ void decode_rows(const KernelTable* kt, const xk::NF4W& w, int64_t K, int64_t n0
 
 int64_t slab_rows(int64_t N, int64_t K) { return std::max<int64_t>(1, std::min<int64_t>(N, kSlabBytes / (4 * K))); }
 
+// Decodes weight rows [n0, n0 + nb) into a bf16 slab ([nb, K]), each weight rounded to bf16 once.
+void decode_rows_bf16(const KernelTable* kt, const xk::NF4W& w, int64_t K, int64_t n0, int64_t nb, at::Tensor& slab) {
+  const int64_t e0 = n0 * K;
+  auto* out = reinterpret_cast<uint16_t*>(slab.data_ptr());
+  at::parallel_for(0, nb * K, 1 << 15, [&](int64_t b, int64_t e) { kt->dequant(w, e0 + b, e0 + e, out + b, xk::kBF16); });
+}
+
+// bf16 slabs hold more rows than float32 ones: the whole weight of every common projection fits one
+int64_t slab_rows_bf16(int64_t N, int64_t K) {
+  return std::max<int64_t>(1, std::min<int64_t>(N, kBf16SlabBytes / (2 * K)));
+}
+
+
+
 at::Tensor seg_rows(const at::Tensor& order, int64_t s0, int64_t s1) {
   return order.narrow(0, s0, s1 - s0).to(at::kLong);
 }
@@ -377,6 +392,64 @@ void segment_lora(const at::Tensor& order, int64_t s0, int64_t s1, const at::Ten
   out.index_add_(0, rows, at::mm(part, expand_t), scale);
 }
 
+// The native bf16 products (bitsandbytes' compute_dtype=bfloat16 and PEFT's semantics): the weight
+// decoded to bf16 once, one bf16 product per term with float32 accumulation inside oneDNN's GEMM,
+// the LoRA terms in bf16 (adapter weights rounded to bf16 for the product), results rounded to bf16.
+//   forward     out [M, N] = act W^T + s (act A^T) B^T, mid = act A^T        (act = x)
+//   input grad  out [M, K] = act W   + s (act B) A,     mid = act B          (act = dy)
+// mid comes back in float32 (the weight gradients read it); out is float32 when it accumulates over
+// several slabs of a large weight (input grad), bf16 otherwise.
+std::tuple<at::Tensor, at::Tensor> native_bf16(const KernelTable* kt, const xk::NF4W& w, int64_t N, int64_t K,
+                                                const at::Tensor& act, const at::Tensor& lora_A,
+                                                const at::Tensor& lora_B, const float* sc, const at::Tensor& order,
+                                                const at::Tensor& starts, int64_t n_adapters, int64_t r,
+                                                bool transposed) {
+  const auto bf16 = act.options().dtype(at::kBFloat16);
+  const int64_t M = act.size(0), out_cols = transposed ? K : N;
+  const int64_t nb_max = slab_rows_bf16(N, K);
+  at::Tensor slab = at::empty({nb_max, K}, bf16);
+  at::Tensor out;
+  if (nb_max == N) {
+    decode_rows_bf16(kt, w, K, 0, N, slab);
+    out = transposed ? at::mm(act, slab) : at::mm(act, slab.t());
+  } else {
+    // several slabs: the forward writes column blocks of out; the input grad sums in float32
+    out = transposed ? at::zeros({M, out_cols}, act.options().dtype(at::kFloat)) : at::empty({M, out_cols}, bf16);
+    for (int64_t n0 = 0; n0 < N; n0 += nb_max) {
+      const int64_t nb = std::min(nb_max, N - n0);
+      decode_rows_bf16(kt, w, K, n0, nb, slab);
+      at::Tensor s = slab.narrow(0, 0, nb);
+      if (transposed) {
+        out.add_(at::mm(act.narrow(1, n0, nb), s));
+      } else {
+        out.narrow(1, n0, nb).copy_(at::mm(act, s.t()));
+      }
+    }
+  }
+  at::Tensor mid = at::zeros({M, r}, act.options().dtype(at::kFloat));
+  if (r > 0) {
+    const int32_t* st = starts.data_ptr<int32_t>();
+    for (int64_t ad = 0; ad < n_adapters; ++ad) {
+      const int64_t s0 = st[ad + 1], s1 = st[ad + 2];
+      if (s1 == s0) continue;
+      at::Tensor a = lora_A[ad].to(at::kBFloat16), b = lora_B[ad].to(at::kBFloat16);
+      at::Tensor shrink_t = transposed ? b : a.t(), expand_t = transposed ? a : b.t();
+      const int64_t first = seg_range(order, s0, s1);
+      if (first >= 0) {
+        at::Tensor part = at::mm(act.narrow(0, first, s1 - s0), shrink_t);
+        mid.narrow(0, first, s1 - s0).copy_(part);
+        out.narrow(0, first, s1 - s0).add_(at::mm(part, expand_t), sc[ad]);
+      } else {
+        at::Tensor rows = seg_rows(order, s0, s1);
+        at::Tensor part = at::mm(act.index_select(0, rows), shrink_t);
+        mid.index_copy_(0, rows, part.to(at::kFloat));
+        out.index_add_(0, rows, at::mm(part, expand_t).to(out.scalar_type()), sc[ad]);
+      }
+    }
+  }
+  return {out, mid};
+}
+
 // y32 [M, N] = x W^T for a bf16 x on AMX: y^T = W x^T with weight rows as the brgemm A operand ([rows, K],
 // bf16 hi and lo parts) and x^T as the VNNI B operand ([K / 2, M, 2] bf16), both in the permuted
 // 32-chunk order of K.
@@ -431,7 +504,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
     const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& absmax2,
     const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& offset, int64_t n_out, int64_t k,
     int64_t blocksize, const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scale,
-    const at::Tensor& ids, const at::Tensor& order, const at::Tensor& starts) {
+    const at::Tensor& ids, const at::Tensor& order, const at::Tensor& starts, bool exact) {
   TORCH_CHECK_VALUE(n_out > 0 && k > 0, "n_out and k must be positive, got ", n_out, " and ", k);
   const int64_t N = n_out, K = k;
   const xk::NF4W w = make_weight(packed, absmax, absmax2, code2, offset, N * K, blocksize);
@@ -489,6 +562,9 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
     return {y, xa};
   }
 
+  if (!exact && x_dt == xk::kBF16) return native_bf16(kt, w, N, K, x, lora_A, lora_B, sc, order, starts, l.n_adapters, r,
+                                                      false);
+
   // large M or K % 32 != 0: decoded slabs + a matmul, LoRA per adapter segment
   at::Tensor x32 = as_f32(x);
   at::Tensor y32 = x_dt == xk::kF32 ? y : at::empty({M, N}, x.options().dtype(at::kFloat));
@@ -536,7 +612,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_input_grad(
     const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
     const std::optional<at::Tensor>& offset, int64_t n_out, int64_t k, int64_t blocksize, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& scale, const at::Tensor& ids, const at::Tensor& order,
-    const at::Tensor& starts) {
+    const at::Tensor& starts, bool exact) {
   TORCH_CHECK_VALUE(n_out > 0 && k > 0, "n_out and k must be positive, got ", n_out, " and ", k);
   const int64_t N = n_out, K = k;
   const xk::NF4W w = make_weight(packed, absmax, absmax2, code2, offset, N * K, blocksize);
@@ -548,6 +624,10 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_input_grad(
   if (M == 0) return {at::empty({0, K}, f32), at::zeros({0, r}, f32)};
   const KernelTable* kt = kernels();
   const float* sc = scale.data_ptr<float>();
+  if (!exact && grad_out.scalar_type() == at::kBFloat16 && !(K % 32 == 0 && M <= gemv_rows())) {
+    auto [dx, g] = native_bf16(kt, w, N, K, grad_out, lora_A, lora_B, sc, order, starts, l.n_adapters, r, true);
+    return {dx.to(at::kFloat), g};
+  }
   at::Tensor dy32 = as_f32(grad_out);
 
   if (K % 32 == 0 && M <= gemv_rows()) {
@@ -640,16 +720,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.doc() = "xkern native CPU kernels: fused NF4 + multi-adapter LoRA linear (scalar, AVX2, AVX-512)";
   m.def("lora_linear_forward", &lora_linear_forward, py::call_guard<py::gil_scoped_release>(),
-        "y = x W^T + scale[a] (x A[a]^T) B[a]^T per row (a = ids[m], -1: base only), computed in float32; "
+        "y = x W^T + scale[a] (x A[a]^T) B[a]^T per row (a = ids[m], -1: base only), computed in float32 (exact, "
+        "or any x but bf16), else for a bf16 x with the weight rounded to bf16 and bf16 products (native); "
         "returns (y [M, N] in x.dtype, xa [M, r] float32)",
         py::arg("x"), py::arg("packed"), py::arg("absmax"), py::arg("absmax2"), py::arg("code2"), py::arg("offset"),
         py::arg("n_out"), py::arg("k"), py::arg("blocksize"), py::arg("lora_A"), py::arg("lora_B"), py::arg("scale"),
-        py::arg("ids"), py::arg("order"), py::arg("starts"));
+        py::arg("ids"), py::arg("order"), py::arg("starts"), py::arg("exact") = true);
   m.def("lora_linear_input_grad", &lora_linear_input_grad, py::call_guard<py::gil_scoped_release>(),
-        "dx = dy W + scale[a] (dy B[a]) A[a] per row, float32; returns (dx [M, K], g = dy B[a] [M, r]) in float32",
+        "dx = dy W + scale[a] (dy B[a]) A[a] per row (bf16 products for a bf16 dy unless exact); "
+        "returns (dx [M, K], g = dy B[a] [M, r]) in float32",
         py::arg("grad_out"), py::arg("packed"), py::arg("absmax"), py::arg("absmax2"), py::arg("code2"),
         py::arg("offset"), py::arg("n_out"), py::arg("k"), py::arg("blocksize"), py::arg("lora_A"), py::arg("lora_B"),
-        py::arg("scale"), py::arg("ids"), py::arg("order"), py::arg("starts"));
+        py::arg("scale"), py::arg("ids"), py::arg("order"), py::arg("starts"), py::arg("exact") = true);
   m.def("dequantize_nf4", &dequantize_nf4, py::call_guard<py::gil_scoped_release>(),
         "The flat weight [numel] in dtype (computed in float32, then rounded to nearest even)", py::arg("packed"),
         py::arg("absmax"), py::arg("absmax2"), py::arg("code2"), py::arg("offset"), py::arg("numel"),

@@ -120,6 +120,7 @@ struct I {
   struct Bf16Tab {};
   static inline Bf16Tab make_bf16_tab(float) { return {}; }
   static inline void decode64_bf16(const uint8_t*, const Bf16Tab&, uint16_t*, uint16_t*) {}
+  static inline void decode64_bf16_nat(const uint8_t*, const Bf16Tab&, uint16_t*) {}
   static inline void load_perm32(const void* base, int dt, int64_t i, V* w) {
     deinterleave(load_cvt(base, dt, i), load_cvt(base, dt, i + 8), &w[0], &w[2]);
     deinterleave(load_cvt(base, dt, i + 16), load_cvt(base, dt, i + 24), &w[1], &w[3]);

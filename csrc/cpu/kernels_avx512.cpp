@@ -123,6 +123,16 @@ struct I {
     _mm512_storeu_si512(lo, _mm512_shuffle_i64x2(le, lw, _MM_SHUFFLE(1, 0, 1, 0)));
     _mm512_storeu_si512(lo + 32, _mm512_shuffle_i64x2(le, lw, _MM_SHUFFLE(3, 2, 3, 2)));
   }
+  // 32 bytes -> 64 bf16 weights (the table's hi parts, i.e. each weight rounded to bf16 once) in natural
+  // order: per byte one dword of two word indices, (high nibble, whole byte); vpermw reads 5 bits of
+  // each and the table is repeated, so the byte needs no mask
+  static inline void decode64_bf16_nat(const uint8_t* p, const Bf16Tab& t, uint16_t* out) {
+    for (int h = 0; h < 2; ++h) {
+      const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * h)));
+      const __m512i idx = _mm512_or_si512(_mm512_srli_epi32(d, 4), _mm512_slli_epi32(d, 16));
+      _mm512_storeu_si512(out + 32 * h, _mm512_permutexvar_epi16(idx, t.hi));
+    }
+  }
   static inline void load_perm32(const void* base, int dt, int64_t i, V* w) {
     const V a = load_cvt(base, dt, i), b = load_cvt(base, dt, i + 16);
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);

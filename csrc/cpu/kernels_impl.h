@@ -27,7 +27,31 @@ constexpr int NV = I::NV;
 // ---------------------------------------------------------------------------------------------
 // dequantize
 
+// bf16 output by lookups in the block's bf16 table, 64 weights a step (blocksize >= 64): the same
+// rounding as decoding to float32 and rounding each weight to nearest even
+void dequant_bf16_tables(const xk::NF4W& w, int64_t e0, int64_t e1, uint16_t* out) {
+  int64_t e = e0;
+  for (; e < e1 && (e & 63); ++e) out[e - e0] = f32_to_bf16(nf4_elem(w, e));
+  int64_t cur = -1;
+  I::Bf16Tab tab{};
+  for (; e + 64 <= e1; e += 64) {
+    const int64_t b = e >> w.bs_shift;
+    if (b != cur) {
+      tab = I::make_bf16_tab(block_scale(w, b));
+      cur = b;
+    }
+    I::decode64_bf16_nat(w.packed + (e >> 1), tab, out + (e - e0));
+  }
+  for (; e < e1; ++e) out[e - e0] = f32_to_bf16(nf4_elem(w, e));
+}
+
 void dequant(const xk::NF4W& w, int64_t e0, int64_t e1, void* out, int dt) {
+  if constexpr (I::kHasBf16Tables) {
+    if (dt == xk::kBF16 && w.bs_shift >= 6) {
+      dequant_bf16_tables(w, e0, e1, static_cast<uint16_t*>(out));
+      return;
+    }
+  }
   int64_t e = e0;
   for (; e < e1 && (e & 31); ++e) store1(out, dt, e - e0, nf4_elem(w, e));
   int64_t cur = -1;

@@ -56,6 +56,7 @@ struct I {
   struct Bf16Tab {};
   static inline Bf16Tab make_bf16_tab(float) { return {}; }
   static inline void decode64_bf16(const uint8_t*, const Bf16Tab&, uint16_t*, uint16_t*) {}
+  static inline void decode64_bf16_nat(const uint8_t*, const Bf16Tab&, uint16_t*) {}
   static inline void load_perm32(const void* base, int dt, int64_t i, V* w) {
     for (int j = 0; j < 16; ++j) {
       w[j] = load1(base, dt, i + 2 * j);

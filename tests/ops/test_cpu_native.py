@@ -184,6 +184,57 @@ def check_case(case):
     assert (xa[ids < 0] == 0).all() and (g[ids < 0] == 0).all()
 
 
+NATIVE_CASES = [c for c in CASES if c[6] == BF16]
+
+
+def abs_reference(x, dy, w, lora_A, lora_B, scale, ids):
+    """(y, xa, dx, g) of the absolute values: what each output's rounding errors are proportional to."""
+    x, dy = x.abs(), dy.abs()
+    wd = dequantize_nf4(w, torch.float64).abs()
+    y, dx = x.double() @ wd.T, dy.double() @ wd
+    xa = torch.zeros(x.shape[0], lora_A.shape[1], dtype=torch.float64)
+    g = torch.zeros_like(xa)
+    for i in range(x.shape[0]):
+        a = int(ids[i])
+        if a >= 0:
+            A, B, s = lora_A[a].double().abs(), lora_B[a].double().abs(), abs(float(scale[a]))
+            xa[i], g[i] = x[i].double() @ A.T, dy[i].double() @ B
+            y[i] += s * xa[i] @ B.T
+            dx[i] += s * g[i] @ A
+    return y, xa, dx, g
+
+
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=[f"m{c[0]}-n{c[1]}-k{c[2]}-bs{c[3]}" for c in NATIVE_CASES])
+def test_native_bf16_within_its_bound(case, isa, forced_path):
+    """Native bf16 (the weight and LoRA operands rounded to bf16, bf16 products, float32 accumulation, the
+    product and the sum rounded to bf16) stays within 2^-6 of |x| |W|^T + s |x A^T| |B|^T per element: six
+    roundings of 2^-9 each (weight, A, x A^T, B, the LoRA product, the output) bound it by 6 * 2^-9."""
+    m, n, k, bs, dq, ranks, x_dtype, lora_dtype = case
+    w, x, dy, A, B, s, ids = problem(m, n, k, bs, dq, ranks, x_dtype, lora_dtype, seed=m + n + k)
+    refs = reference(x, dy, w, A, B, s, ids)
+    bounds = abs_reference(x, dy, w, A, B, s, ids)
+    ids32, order, starts = routing(ids, A.shape[0])
+    y, xa = _cpu.lora_linear_forward(x, *weight_args(w), A, B, s, ids32, order, starts, False)
+    dx, g = _cpu.lora_linear_input_grad(dy, *weight_args(w), A, B, s, ids32, order, starts, False)
+    assert y.dtype == BF16 and dx.dtype == F32 and xa.dtype == F32 and g.dtype == F32
+    for name, got, ref, bound in zip(("y", "xa", "dx", "g"), (y, xa, dx, g), refs, bounds, strict=True):
+        assert torch.isfinite(got).all(), name
+        err = (got.double() - ref).abs()
+        assert (err <= 2**-6 * bound + 1e-30).all(), f"{name}: worst error / bound {(err / bound).max():.3g}"
+    assert (xa[ids < 0] == 0).all() and (g[ids < 0] == 0).all()
+
+
+def test_native_takes_effect_for_bf16_only(isa):
+    """bf16 x: native rounds the weight (its result differs from exact); float32 x: both are the same kernel."""
+    w, x, dy, A, B, s, ids = problem(64, 48, 256, 64, True, [4, 4])
+    ids32, order, starts = routing(ids, 2)
+    args = (*weight_args(w), A, B, s, ids32, order, starts)
+    for dtype, same in ((F32, True), (BF16, False)):
+        native = _cpu.lora_linear_forward(x.to(dtype), *args, False)[0]
+        exact = _cpu.lora_linear_forward(x.to(dtype), *args, True)[0]
+        assert torch.equal(native, exact) == same, dtype
+
+
 def test_isas_agree(threads):
     """Same algorithms; only the vector width (so the summation order) differs between instruction sets."""
     w, x, dy, A, B, s, ids = problem(8, 64, 512, 64, True, [8, 8])

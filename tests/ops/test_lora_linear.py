@@ -237,6 +237,25 @@ def test_empty_batch_gives_an_empty_result(backend):
     assert y3.shape == (2, 0, 24)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_precision_exact_rounds_once_and_native_stays_in_bf16_bounds(backend):
+    """exact: the float32 result rounded to bf16 once; native: within six bf16 roundings of |x| |W|^T + LoRA;
+    float32 activations: both precisions give the same result."""
+    x, weight, A, B, s, ids = _problem(40, 48, 256, [4, 4], torch.bfloat16, seed=3)
+    x, A, B, s, ids = _dev(x, A, B, s, ids)
+    f32 = lora_linear(x.float(), weight, A, B, s, ids, backend=backend)
+    exact = lora_linear(x, weight, A, B, s, ids, backend=backend, precision="exact")
+    native = lora_linear(x, weight, A, B, s, ids, backend=backend, precision="native")
+    assert exact.dtype == native.dtype == torch.bfloat16
+    torch.testing.assert_close(exact.float(), f32.to(torch.bfloat16).float(), rtol=2**-8, atol=0)
+    w_abs = weight.dequantize(torch.float32).abs()
+    abs_ref = dense_lora_reference(x.float().abs().cpu(), w_abs.cpu(), A.abs().cpu(), B.abs().cpu(), s.cpu(), ids.cpu())
+    assert ((native.cpu().double() - f32.cpu().double()).abs() <= 2**-6 * abs_ref + 1e-30).all()
+    for p in ("native", "exact"):
+        torch.testing.assert_close(lora_linear(x.float(), weight, A, B, s, ids, backend=backend, precision=p), f32,
+                                   rtol=0, atol=0)
+
+
 def test_invalid_inputs_are_refused_with_the_argument_named():
     x, weight, A, B, s, ids = _problem(4, 16, 64, [4, 4])
     with pytest.raises(ValueError, match="last dimension"):
@@ -271,6 +290,8 @@ def test_invalid_inputs_are_refused_with_the_argument_named():
         lora_linear(x, strided, A, B, s, ids)
     with pytest.raises(RuntimeError, match="backend .cuda. needs CUDA tensors"):
         lora_linear(x, weight, A, B, s, ids, backend="cuda")
+    with pytest.raises(ValueError, match=r"precision must be one of \('native', 'exact'\), got 'bf16'"):
+        lora_linear(x, weight, A, B, s, ids, precision="bf16")
 
 
 def test_backend_selection(monkeypatch):
@@ -301,7 +322,7 @@ def test_custom_op_registration_passes_opcheck():
     op = torch.ops.xkern.lora_linear_fwd.default
     routing = RowRouting.build(ids, A.shape[0])
     parts, meta = weight.parts()
-    args = (x.requires_grad_(), parts, meta, A, B, s, routing.ids, routing.order, routing.starts, "torch")
+    args = (x.requires_grad_(), parts, meta, A, B, s, routing.ids, routing.order, routing.starts, "torch", "native")
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 

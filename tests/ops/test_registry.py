@@ -27,9 +27,9 @@ def test_a_backend_added_at_run_time_is_chosen_when_requested(monkeypatch):
     registry.register_backend("probe", device_types=("cpu",), priority=-1)
 
     @registry.register_kernel("lora_linear.forward", "probe", supports=lambda x, *rest: x.shape[0] <= 4)
-    def fwd(x, weight, A, B, s, routing):
+    def fwd(x, weight, A, B, s, routing, precision):
         calls.append(x.shape[0])
-        return registry.kernel("lora_linear.forward", "torch")(x, weight, A, B, s, routing)
+        return registry.kernel("lora_linear.forward", "torch")(x, weight, A, B, s, routing, precision)
 
     w = quantize_nf4(torch.randn(16, 64))
     A, B = torch.randn(2, 4, 64), torch.randn(2, 16, 4)

@@ -46,6 +46,7 @@ class NF4LoRALinear(nn.Module):
         self.lora_B = nn.ParameterDict()
         self.scales: dict[str, float] = {}
         self._bank_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self.precision = "native"  # see xkern.ops.checks.PRECISIONS; XkernModel.set_precision sets every layer
 
     # ---- weight ---------------------------------------------------------------------------------
 
@@ -134,7 +135,7 @@ class NF4LoRALinear(nn.Module):
         active = routing.active(self.lora_A) if routing is not None and self.lora_A else ()
         rows = routing.rows(active, x, self.module_name or "?") if active else None
         a, b, s = self._bank(active, x.device)
-        y = lora_linear(x, self.nf4_weight, a, b, s, rows)
+        y = lora_linear(x, self.nf4_weight, a, b, s, rows, precision=self.precision)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

@@ -36,6 +36,7 @@ from xkern.fileio import atomic_path, atomic_write_text
 from xkern.nn.linear import NF4LoRALinear
 from xkern.nn.patch import linear_layers, quantize_linears
 from xkern.nn.routing import SampleRouting, routing_scope
+from xkern.ops.checks import check_precision
 
 _ATTN_DEFAULT = "sdpa"
 
@@ -62,6 +63,19 @@ class XkernModel(nn.Module):
     @property
     def nf4_layers(self) -> dict[str, NF4LoRALinear]:
         return dict(self._layers)
+
+    @property
+    def precision(self) -> str:
+        """How the NF4 layers multiply 16-bit activations (``xkern.ops.checks.PRECISIONS``)."""
+        return next(iter(self._layers.values())).precision
+
+    def set_precision(self, precision: str) -> None:
+        """``"native"``: bf16/fp16 activations multiplied in their own dtype (the weight rounded to it once,
+        float32 accumulation; bitsandbytes' ``compute_dtype`` and PEFT semantics, ~1e-3 of the output);
+        ``"exact"``: float32 products (~1e-6 before the final rounding). float32 models are exact under both."""
+        precision = check_precision(precision)
+        for layer in self._layers.values():
+            layer.precision = precision
 
     def routing(self, adapter_names: str | Sequence[str] | None, batch: int | None = None) -> SampleRouting | None:
         """The routing of one call: ``adapter_names`` checked (one per sample, or one for all); None = base only."""
@@ -381,18 +395,23 @@ def _load_hf(source: str | os.PathLike, dtype: torch.dtype, model_class: Any, at
 def load_model(model_or_path: nn.Module | str | os.PathLike, quantize: str = "nf4", dtype: torch.dtype = torch.bfloat16,
                device: torch.device | str | None = None, target_modules: str | Iterable[str] | None = None, *,
                model_class: Any = None, blocksize: int = 64, double_quant: bool = True,
-               attn_implementation: str | None = None, progress: bool = True) -> XkernModel:
+               attn_implementation: str | None = None, progress: bool = True,
+               precision: str = "native") -> XkernModel:
     """Wrap a ``transformers`` model with NF4 linear layers and an (empty) adapter bank.
 
     ``model_or_path``: a model directory (safetensors; a bitsandbytes NF4 checkpoint keeps its
     bytes), a ``.gguf`` file, or an ``nn.Module`` (converted in place). ``target_modules``: which
     linears become NF4 (PEFT's matching rules; default every linear inside a transformer block,
     leaving embeddings, ``lm_head`` and task heads in ``dtype``). ``dtype`` is the compute dtype.
+    ``precision``: how the NF4 layers multiply 16-bit activations, ``"native"`` (in the compute
+    dtype with float32 accumulation, as bitsandbytes and PEFT do) or ``"exact"`` (float32 products);
+    see :meth:`XkernModel.set_precision`.
     """
     if quantize != "nf4":
         raise ValueError(f"quantize={quantize!r}: only 'nf4' is supported")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    check_precision(precision)
     device = torch.device(device) if device is not None else None
     if isinstance(model_or_path, XkernModel):
         raise TypeError("model is already an XkernModel")
@@ -416,4 +435,6 @@ def load_model(model_or_path: nn.Module | str | os.PathLike, quantize: str = "nf
     if device is not None:
         model.to(device)
     model.eval()
-    return XkernModel(model, layers)
+    xm = XkernModel(model, layers)
+    xm.set_precision(precision)
+    return xm

@@ -18,7 +18,7 @@ import torch
 from xkern.errors import InputError, InputTypeError
 from xkern.nf4 import NF4Tensor
 from xkern.ops import reference, registry
-from xkern.ops.checks import FLOAT_DTYPES, check_float, check_one_device, check_tensor
+from xkern.ops.checks import FLOAT_DTYPES, check_float, check_one_device, check_precision, check_tensor
 from xkern.ops.routing import RowRouting
 
 FORWARD, INPUT_GRAD, DEQUANTIZE = "lora_linear.forward", "lora_linear.input_grad", "dequantize_nf4"
@@ -31,14 +31,15 @@ def _routing(ids: torch.Tensor, order: torch.Tensor, starts: torch.Tensor, n_ada
 @torch.library.custom_op("xkern::lora_linear_fwd", mutates_args=())
 def _lora_linear_fwd(x: torch.Tensor, weight_parts: list[torch.Tensor], weight_meta: list[int],
                      lora_A: torch.Tensor, lora_B: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor,
-                     order: torch.Tensor, starts: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                     order: torch.Tensor, starts: torch.Tensor, backend: str,
+                     precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     weight = NF4Tensor.from_parts(weight_parts, weight_meta)
     routing = _routing(ids, order, starts, lora_A.shape[0])
-    return registry.kernel(FORWARD, backend)(x, weight, lora_A, lora_B, scale, routing)
+    return registry.kernel(FORWARD, backend)(x, weight, lora_A, lora_B, scale, routing, precision)
 
 
 @_lora_linear_fwd.register_fake
-def _(x, weight_parts, weight_meta, lora_A, lora_B, scale, ids, order, starts, backend):
+def _(x, weight_parts, weight_meta, lora_A, lora_B, scale, ids, order, starts, backend, precision):
     return x.new_empty(x.shape[0], weight_meta[0]), x.new_empty(x.shape[0], lora_A.shape[1], dtype=torch.float32)
 
 
@@ -46,15 +47,16 @@ def _(x, weight_parts, weight_meta, lora_A, lora_B, scale, ids, order, starts, b
 def _lora_linear_input_grad(grad_out: torch.Tensor, weight_parts: list[torch.Tensor], weight_meta: list[int],
                             lora_A: torch.Tensor, lora_B: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor,
                             order: torch.Tensor, starts: torch.Tensor,
-                            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                            backend: str, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     weight = NF4Tensor.from_parts(weight_parts, weight_meta)
     routing = _routing(ids, order, starts, lora_A.shape[0])
-    dx, g = registry.kernel(INPUT_GRAD, backend)(grad_out.contiguous(), weight, lora_A, lora_B, scale, routing)
+    dx, g = registry.kernel(INPUT_GRAD, backend)(grad_out.contiguous(), weight, lora_A, lora_B, scale, routing,
+                                                 precision)
     return dx.float(), g
 
 
 @_lora_linear_input_grad.register_fake
-def _(grad_out, weight_parts, weight_meta, lora_A, lora_B, scale, ids, order, starts, backend):
+def _(grad_out, weight_parts, weight_meta, lora_A, lora_B, scale, ids, order, starts, backend, precision):
     return (grad_out.new_empty(grad_out.shape[0], weight_meta[1], dtype=torch.float32),
             grad_out.new_empty(grad_out.shape[0], lora_A.shape[1], dtype=torch.float32))
 
@@ -79,11 +81,11 @@ _DIFFERENTIABLE = {"x": 0, "lora_A": 3, "lora_B": 4}  # positions in the forward
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight_parts, weight_meta, lora_A, lora_B, scale, ids, order, starts, backend = inputs
+    x, weight_parts, weight_meta, lora_A, lora_B, scale, ids, order, starts, backend, precision = inputs
     _, xa = output
     ctx.n_parts = len(weight_parts)
     ctx.save_for_backward(x, lora_A, lora_B, scale, ids, order, starts, xa, *weight_parts)
-    ctx.weight_meta, ctx.backend = weight_meta, backend
+    ctx.weight_meta, ctx.backend, ctx.precision = weight_meta, backend, precision
 
 
 def _backward(ctx, grad_y, grad_xa):
@@ -98,7 +100,7 @@ def _backward(ctx, grad_y, grad_xa):
         weight = NF4Tensor.from_parts(weight_parts, ctx.weight_meta)
         backend = registry.choose(INPUT_GRAD, grad_y.device, (grad_y, weight, t["lora_A"], t["lora_B"]),
                                   prefer=ctx.backend)
-        dx32, g = _lora_linear_input_grad(*args, backend)
+        dx32, g = _lora_linear_input_grad(*args, backend, ctx.precision)
         dx = dx32.to(t["x"].dtype) if needs["x"] else None
     if needs["lora_A"] or needs["lora_B"]:
         if g is None:
@@ -107,7 +109,7 @@ def _backward(ctx, grad_y, grad_xa):
                                       t["starts"])
         d_a = d_a.to(t["lora_A"].dtype) if needs["lora_A"] else None
         d_b = d_b.to(t["lora_B"].dtype) if needs["lora_B"] else None
-    return dx, [None] * ctx.n_parts, None, d_a, d_b, None, None, None, None, None
+    return dx, [None] * ctx.n_parts, None, d_a, d_b, None, None, None, None, None, None
 
 
 _lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -119,10 +121,11 @@ class _EagerLoraLinear(torch.autograd.Function):
     ``torch.compile`` the custom ops run instead, so a tracer sees one opaque op per stage."""
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, weight, scale, routing, backend):
-        y, xa = registry.kernel(FORWARD, backend)(x, weight, lora_A, lora_B, scale, routing)
+    def forward(ctx, x, lora_A, lora_B, weight, scale, routing, backend, precision):
+        y, xa = registry.kernel(FORWARD, backend)(x, weight, lora_A, lora_B, scale, routing, precision)
         ctx.save_for_backward(x, lora_A, lora_B, xa)
         ctx.weight, ctx.scale, ctx.routing, ctx.backend = weight, scale, routing, backend
+        ctx.precision = precision
         return y
 
     @staticmethod
@@ -134,7 +137,8 @@ class _EagerLoraLinear(torch.autograd.Function):
         if needs_x or needs_a:
             backend = registry.choose(INPUT_GRAD, grad_y.device, (grad_y, ctx.weight, lora_A, lora_B),
                                       prefer=ctx.backend)
-            dx32, g = registry.kernel(INPUT_GRAD, backend)(grad_y, ctx.weight, lora_A, lora_B, ctx.scale, ctx.routing)
+            dx32, g = registry.kernel(INPUT_GRAD, backend)(grad_y, ctx.weight, lora_A, lora_B, ctx.scale, ctx.routing,
+                                                           ctx.precision)
             dx = dx32.to(x.dtype) if needs_x else None
         if needs_a or needs_b:
             if g is None:
@@ -142,7 +146,7 @@ class _EagerLoraLinear(torch.autograd.Function):
             d_a, d_b = reference.lora_weight_grads(x, grad_y, xa, g, ctx.scale, ctx.routing)
             d_a = d_a.to(lora_A.dtype) if needs_a else None
             d_b = d_b.to(lora_B.dtype) if needs_b else None
-        return dx, d_a, d_b, None, None, None, None
+        return dx, d_a, d_b, None, None, None, None, None
 
 
 def _validate(x, weight, lora_A, lora_B, scale, adapter_ids) -> None:
@@ -217,7 +221,8 @@ def _row_routing(adapter_ids: torch.Tensor | RowRouting | None, m: int, n_adapte
 
 def lora_linear(x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                 scale: torch.Tensor | float | Sequence[float],
-                adapter_ids: torch.Tensor | RowRouting | None = None, *, backend: str | None = None) -> torch.Tensor:
+                adapter_ids: torch.Tensor | RowRouting | None = None, *, backend: str | None = None,
+                precision: str = "native") -> torch.Tensor:
     """``y[m] = x[m] W^T + scale[a] * (x[m] A[a]^T) B[a]^T`` with ``a = adapter_ids[m]`` (``-1``: base only).
 
     Args:
@@ -230,10 +235,14 @@ def lora_linear(x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor, lora_B
             :class:`~xkern.ops.routing.RowRouting` built once for many calls on the same rows.
         backend: force a backend (``"torch"``, ``"cpu"``, ``"triton"``, ``"cuda"``; default
             ``XKERN_BACKEND`` or the device's best).
+        precision: ``"native"`` (16-bit activations multiplied in their own dtype with float32
+            accumulation, the weight rounded to it once: bitsandbytes' and PEFT's semantics) or
+            ``"exact"`` (float32 products for every dtype); see ``xkern.ops.checks.PRECISIONS``.
 
     Returns ``[..., N]`` in ``x.dtype``. Differentiable in ``x``, ``lora_A`` and ``lora_B``.
     """
     _validate(x, weight, lora_A, lora_B, scale, adapter_ids)
+    precision = check_precision(precision)
     n_out, k = weight.shape
     x2d = x.reshape(-1, k)
     if x2d.stride(-1) != 1:
@@ -244,11 +253,11 @@ def lora_linear(x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor, lora_B
     if torch.compiler.is_compiling():
         parts, meta = weight.parts()
         y, _ = _lora_linear_fwd(x2d, parts, meta, lora_A, lora_B, s, routing.ids, routing.order, routing.starts,
-                                chosen)
+                                chosen, precision)
     elif torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad):
-        y = _EagerLoraLinear.apply(x2d, lora_A, lora_B, weight, s, routing, chosen)
+        y = _EagerLoraLinear.apply(x2d, lora_A, lora_B, weight, s, routing, chosen, precision)
     else:  # inference: nothing to record for autograd or a tracer, so no custom-op dispatch (~40 us a call)
-        y, _ = registry.kernel(FORWARD, chosen)(x2d, weight, lora_A, lora_B, s, routing)
+        y, _ = registry.kernel(FORWARD, chosen)(x2d, weight, lora_A, lora_B, s, routing, precision)
     return y.reshape(*x.shape[:-1], n_out)
 
 

@@ -15,9 +15,32 @@ from xkern.nf4 import NF4Tensor, dequantize_nf4
 from xkern.ops.routing import RowRouting
 
 
+def _native(t: torch.Tensor, precision: str) -> bool:
+    """Whether ``t``'s products run in its own 16-bit dtype (see ``xkern.ops.checks.PRECISIONS``)."""
+    return precision == "native" and t.dtype in (torch.float16, torch.bfloat16)
+
+
+def _native_terms(act: torch.Tensor, weight: torch.Tensor, shrink: list[torch.Tensor], expand: list[torch.Tensor],
+                  scale: torch.Tensor, routing: RowRouting) -> tuple[torch.Tensor, torch.Tensor]:
+    """``act @ weight + s (act @ shrink[a]) @ expand[a]`` with every operand in ``act.dtype`` (16-bit products,
+    float32 accumulation inside the matmul, each product rounded to the dtype); the shrink comes back in float32."""
+    dt = act.dtype
+    out = act @ weight.to(dt)
+    mid = torch.zeros(act.shape[0], shrink[0].shape[-1] if shrink else 0, dtype=torch.float32, device=act.device)
+    for a, rows in routing.segments():
+        part = act[rows] @ shrink[a].to(dt)
+        mid[rows] = part.float()
+        out[rows] += (part @ expand[a].to(dt)) * scale[a].to(dt)
+    return out, mid
+
+
 def lora_linear_forward(x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                        scale: torch.Tensor, routing: RowRouting) -> tuple[torch.Tensor, torch.Tensor]:
+                        scale: torch.Tensor, routing: RowRouting,
+                        precision: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
     """``y = x W^T + s[a] (x A[a]^T) B[a]^T`` per row; also returns ``xa = x A[a]^T`` ([M, r], float32)."""
+    if _native(x, precision):
+        return _native_terms(x, dequantize_nf4(weight, x.dtype).T, [a.T for a in lora_A], [b.T for b in lora_B],
+                             scale.float(), routing)
     xf = x.float()
     y = xf @ dequantize_nf4(weight, torch.float32).T
     xa = torch.zeros(x.shape[0], lora_A.shape[1], dtype=torch.float32, device=x.device)
@@ -30,8 +53,13 @@ def lora_linear_forward(x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor
 
 
 def lora_linear_input_grad(grad_out: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                           scale: torch.Tensor, routing: RowRouting) -> tuple[torch.Tensor, torch.Tensor]:
+                           scale: torch.Tensor, routing: RowRouting,
+                           precision: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
     """``dX = dY W + s[a] (dY B[a]) A[a]``; also returns ``g = dY B[a]`` ([M, r], float32)."""
+    if _native(grad_out, precision):
+        dx, g = _native_terms(grad_out, dequantize_nf4(weight, grad_out.dtype), list(lora_B), list(lora_A),
+                              scale.float(), routing)
+        return dx.float(), g
     gf = grad_out.float()
     dx = gf @ dequantize_nf4(weight, torch.float32)
     g = torch.zeros(grad_out.shape[0], lora_A.shape[1], dtype=torch.float32, device=grad_out.device)

@@ -58,19 +58,21 @@ def _weight_args(weight: NF4Tensor) -> tuple:
 
 @register_kernel("lora_linear.forward", "cpu")
 def lora_linear_forward(x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                        scale: torch.Tensor, routing: RowRouting) -> tuple[torch.Tensor, torch.Tensor]:
+                        scale: torch.Tensor, routing: RowRouting,
+                        precision: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
     y, xa = extension().lora_linear_forward(x.contiguous(), *_weight_args(weight), lora_A.contiguous(),
                                             lora_B.contiguous(), scale.float().contiguous(), routing.ids,
-                                            routing.order, routing.starts)
+                                            routing.order, routing.starts, precision == "exact")
     return y, xa
 
 
 @register_kernel("lora_linear.input_grad", "cpu")
 def lora_linear_input_grad(grad_out: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                           scale: torch.Tensor, routing: RowRouting) -> tuple[torch.Tensor, torch.Tensor]:
+                           scale: torch.Tensor, routing: RowRouting,
+                           precision: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
     dx, g = extension().lora_linear_input_grad(grad_out.contiguous(), *_weight_args(weight), lora_A.contiguous(),
                                                lora_B.contiguous(), scale.float().contiguous(), routing.ids,
-                                               routing.order, routing.starts)
+                                               routing.order, routing.starts, precision == "exact")
     return dx, g
 
 

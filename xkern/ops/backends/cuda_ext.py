@@ -81,9 +81,11 @@ def _decode(x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor, lora_B: to
 
 @register_kernel("lora_linear.forward", "cuda", supports=supports)
 def lora_linear_forward(x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                        scale: torch.Tensor, routing: RowRouting, *, split_k: int = 0,
+                        scale: torch.Tensor, routing: RowRouting, precision: str = "exact", *, split_k: int = 0,
                         force_generic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``y = x W^T + s[a] (x A[a]^T) B[a]^T`` per row; also returns ``xa = x A[a]^T`` ([M, r], float32).
+
+    Both precisions: the weights are decoded and multiplied in float32 (exact is what native allows too).
 
     ``split_k`` (> 0 forces the number of K splits) and ``force_generic`` (byte-wise weight loads
     even where 16-byte loads work) are for tests and benchmarks.

@@ -194,14 +194,15 @@ def _group(w_cols: int, blocksize: int, tile_cols: int) -> int:
 def _fused(x: torch.Tensor, weight: NF4Tensor, routing: RowRouting, shrink: torch.Tensor,
            shrink_strides: tuple[int, int, int], expand: torch.Tensor, expand_strides: tuple[int, int, int],
            scale: torch.Tensor, rank: int, n_out: int, transpose_w: bool,
-           config: LaunchConfig | None) -> tuple[torch.Tensor, torch.Tensor]:
+           config: LaunchConfig | None, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     m, n_red = x.shape
     k_w = weight.shape[1]
     dev = x.device
     cfg = config or default_config(m, n_out, n_red, dev, x.dtype)
     has_lora = rank > 0 and bool(shrink.shape[0] > 0)
     block_r = _block_r(rank)
-    low = x.is_cuda and x.dtype != torch.float32
+    # 16-bit dots on the GPU in native precision (the interpreter's 16-bit arithmetic is wrong: float32 there)
+    low = x.is_cuda and x.dtype != torch.float32 and precision == "native"
     # routing: built once per model forward (rows sorted by adapter, segment starts); nothing is re-sorted here
     order = routing.order
     sorted_ids = routing.sorted_ids()
@@ -239,19 +240,19 @@ def _fused(x: torch.Tensor, weight: NF4Tensor, routing: RowRouting, shrink: torc
 
 @register_kernel("lora_linear.forward", "triton")
 def lora_linear_forward(x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                        scale: torch.Tensor, routing: RowRouting,
+                        scale: torch.Tensor, routing: RowRouting, precision: str = "exact",
                         config: LaunchConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused ``y = x W^T + s[a] (x A[a]^T) B[a]^T`` in one launch; also returns ``xa`` for backward."""
     rank = lora_A.shape[1]
     return _fused(x, weight, routing,
                   lora_A, (lora_A.stride(0), lora_A.stride(1), lora_A.stride(2)),
                   lora_B, (lora_B.stride(0), lora_B.stride(1), lora_B.stride(2)),
-                  scale, rank, weight.shape[0], transpose_w=False, config=config)
+                  scale, rank, weight.shape[0], transpose_w=False, config=config, precision=precision)
 
 
 @register_kernel("lora_linear.input_grad", "triton")
 def lora_linear_input_grad(grad_out: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                           scale: torch.Tensor, routing: RowRouting,
+                           scale: torch.Tensor, routing: RowRouting, precision: str = "exact",
                            config: LaunchConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused ``dX = dY W + s[a] (dY B[a]) A[a]`` (W read transposed in place); also returns ``dY B[a]``."""
     rank = lora_A.shape[1]
@@ -259,7 +260,7 @@ def lora_linear_input_grad(grad_out: torch.Tensor, weight: NF4Tensor, lora_A: to
     return _fused(grad_out, weight, routing,
                   lora_B, (lora_B.stride(0), lora_B.stride(2), lora_B.stride(1)),
                   lora_A, (lora_A.stride(0), lora_A.stride(2), lora_A.stride(1)),
-                  scale, rank, weight.shape[1], transpose_w=True, config=config)
+                  scale, rank, weight.shape[1], transpose_w=True, config=config, precision=precision)
 
 
 # --------------------------------------------------------------------------------------------- xcross_integrate
