@@ -56,6 +56,9 @@ constexpr int64_t kAmxKBlock = 1024;         // K per brgemm call (a multiple of
 bool cpu_supports(const std::string& isa) {
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
+  if (isa == "avx512_bf16") {
+    return xk::kernels_avx512bf16() != nullptr && cpu_supports("avx512") && __builtin_cpu_supports("avx512bf16");
+  }
   if (isa == "avx512") {
     return xk::kernels_avx512() != nullptr && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma") &&
@@ -69,7 +72,26 @@ bool cpu_supports(const std::string& isa) {
   return isa == "scalar";
 }
 
+// "avx512_bf16": the AVX-512 kernels, plus the AVX512-BF16 ones (bf16_kernels) for the native bf16 precision
+const KernelTable* avx512_bf16_table() {
+  static const KernelTable table = [] {
+    KernelTable t = *xk::kernels_avx512();
+    t.name = "avx512_bf16";
+    return t;
+  }();
+  return &table;
+}
+
+bool is_avx512(const KernelTable* kt) { return std::string(kt->name).rfind("avx512", 0) == 0; }
+
+// The AVX512-BF16 kernels under the "avx512_bf16" instruction set, else nullptr (the native bf16 precision
+// then runs its GEMV in float32 and its LoRA terms through ATen's bf16 matmuls).
+const xk::Bf16Kernels* bf16_kernels(const KernelTable* kt) {
+  return std::string(kt->name) == "avx512_bf16" ? xk::kernels_avx512bf16() : nullptr;
+}
+
 const KernelTable* table_for(const std::string& isa) {
+  if (isa == "avx512_bf16") return avx512_bf16_table();
   if (isa == "avx512") return xk::kernels_avx512();
   if (isa == "avx2") return xk::kernels_avx2();
   return xk::kernels_scalar();
@@ -77,7 +99,7 @@ const KernelTable* table_for(const std::string& isa) {
 
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out;
-  for (const char* isa : {"avx512", "avx2", "scalar"})
+  for (const char* isa : {"avx512_bf16", "avx512", "avx2", "scalar"})
     if (cpu_supports(isa)) out.emplace_back(isa);
   return out;
 }
@@ -116,12 +138,12 @@ bool amx_available() { return false; }
 
 // The AMX forward path: bf16 x, under the avx512 instruction set only (avx2 / scalar test the others).
 bool use_amx(const KernelTable* kt, int x_dt, int64_t M, int64_t K) {
-  return x_dt == xk::kBF16 && kt == xk::kernels_avx512() && K % 32 == 0 && M > gemv_rows() && amx_available();
+  return x_dt == xk::kBF16 && is_avx512(kt) && K % 32 == 0 && M > gemv_rows() && amx_available();
 }
 
 void set_isa(const std::string& name) {
-  TORCH_CHECK_VALUE(name == "avx512" || name == "avx2" || name == "scalar",
-                    "unknown instruction set '", name, "'; expected 'avx512', 'avx2' or 'scalar'");
+  TORCH_CHECK_VALUE(name == "avx512_bf16" || name == "avx512" || name == "avx2" || name == "scalar",
+                    "unknown instruction set '", name, "'; expected 'avx512_bf16', 'avx512', 'avx2' or 'scalar'");
   TORCH_CHECK_VALUE(cpu_supports(name), "this CPU cannot run the '", name, "' kernels (supported: ",
                     c10::Join(", ", supported_isas()), ")");
   g_kernels.store(table_for(name), std::memory_order_release);
@@ -131,6 +153,7 @@ std::string build_info() {
   std::string s = "xkern._cpu: NF4 + multi-adapter LoRA CPU kernels; compiled ISAs: scalar";
   if (xk::kernels_avx2()) s += ", avx2";
   if (xk::kernels_avx512()) s += ", avx512";
+  if (xk::kernels_avx512bf16()) s += ", avx512_bf16";
   s += "; this CPU supports: " + c10::Join(", ", supported_isas());
   s += "; in use: " + isa();
 #if defined(__VERSION__)
@@ -138,8 +161,10 @@ std::string build_info() {
 #endif
   s += "; threads: " + std::to_string(at::get_num_threads());
   s += "; fused GEMV paths for M <= " + std::to_string(gemv_rows()) + " and K % 32 == 0";
-  s += amx_available() ? "; AMX bf16 hi/lo matmul (ATen brgemm) for bf16 x and larger M under avx512"
-                       : "; no AMX brgemm (float32 slab matmul for larger M)";
+  s += amx_available() ? "; AMX bf16 hi/lo matmul (ATen brgemm) for exact bf16 x and larger M under avx512"
+                       : "; no AMX brgemm (float32 slab matmul for exact larger M)";
+  s += bf16_kernels(kernels()) ? "; native bf16: vdpbf16ps GEMV and LoRA kernels, oneDNN bf16 GEMM"
+                               : "; native bf16: float32 GEMV, oneDNN bf16 GEMM and LoRA matmuls";
   return s;
 }
 
@@ -392,6 +417,79 @@ void segment_lora(const at::Tensor& order, int64_t s0, int64_t s1, const at::Ten
   out.index_add_(0, rows, at::mm(part, expand_t), scale);
 }
 
+// One adapter's [rows, cols] LoRA matrix (float32 / bf16 / float16) as the bf16 pairs a vdpbf16ps lane
+// multiplies: out[p][c][t] = src(2p + t, c) for p < red_pad / 2, c < cols_pad (zero outside n_red x n_cols),
+// where src(i, c) = red_is_rows ? src[i][c] : src[c][i] (i runs over the reduced dimension).
+void pack_pairs(const at::Tensor& src, bool red_is_rows, int64_t red_pad, int64_t cols_pad, uint16_t* out) {
+  const int64_t n_red = red_is_rows ? src.size(0) : src.size(1), n_cols = red_is_rows ? src.size(1) : src.size(0);
+  const int64_t row_len = src.size(1);
+  std::fill(out, out + red_pad * cols_pad, uint16_t{0});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "pack_pairs", [&] {
+    const scalar_t* p = src.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n_red; ++i)
+      for (int64_t c = 0; c < n_cols; ++c) {
+        const float v = static_cast<float>(red_is_rows ? p[i * row_len + c] : p[c * row_len + i]);
+        out[((i / 2) * cols_pad + c) * 2 + (i & 1)] = c10::BFloat16(v).x;  // round to nearest even
+      }
+  });
+}
+
+// The LoRA terms of native_bf16 (below) by the AVX512-BF16 kernel: every adapter's operands packed once per
+// call, its rows in blocks of 16 (threads split the blocks of all adapters).
+void lora_bf16_fused(const xk::Bf16Kernels* bk, const at::Tensor& act, const at::Tensor& lora_A,
+                     const at::Tensor& lora_B, const float* sc, const at::Tensor& order, const at::Tensor& starts,
+                     int64_t n_adapters, int64_t r, bool transposed, at::Tensor& mid, at::Tensor& out) {
+  const int64_t rp = round_up(r, 16), n_red = act.size(1), n_out = out.size(1);
+  const int64_t red_pad = round_up(n_red, 2);
+  const int32_t* st = starts.data_ptr<int32_t>();
+  std::vector<int64_t> used;
+  for (int64_t ad = 0; ad < n_adapters; ++ad)
+    if (st[ad + 2] > st[ad + 1]) used.push_back(ad);
+  if (used.empty()) return;
+  const int64_t shrink_len = red_pad * rp, expand_len = rp * n_out;
+  at::Tensor packed = at::empty({static_cast<int64_t>(used.size()) * (shrink_len + expand_len)},
+                                act.options().dtype(at::kBFloat16));
+  auto* base = reinterpret_cast<uint16_t*>(packed.data_ptr());
+  std::vector<xk::LoraBf16Args> args(used.size());
+  at::parallel_for(0, static_cast<int64_t>(used.size()), 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t ad = used[u];
+      uint16_t* sh = base + u * (shrink_len + expand_len);
+      uint16_t* ex = sh + shrink_len;
+      at::Tensor a = lora_A[ad].contiguous(), b = lora_B[ad].contiguous();  // [r, K], [N, r]
+      // forward: S = A^T, E = B^T; input grad: S = B (reduce over N), E = A
+      pack_pairs(transposed ? b : a, transposed, red_pad, rp, sh);
+      pack_pairs(transposed ? a : b, transposed, rp, n_out, ex);
+      xk::LoraBf16Args& g = args[u];
+      g.act = reinterpret_cast<const uint16_t*>(act.data_ptr());
+      g.n_red = n_red;
+      g.rows = order.data_ptr<int32_t>() + st[ad + 1];
+      g.shrink = sh;
+      g.expand = ex;
+      g.r = r;
+      g.rp = rp;
+      g.n_out = n_out;
+      g.scale = sc[ad];
+      g.mid = mid.data_ptr<float>();
+      g.out = out.data_ptr();
+      g.out_dt = out.scalar_type() == at::kFloat ? xk::kF32 : xk::kBF16;
+    }
+  });
+  // work items: (adapter, first row of a block of 16 within its segment)
+  std::vector<std::pair<int64_t, int64_t>> items;
+  for (size_t u = 0; u < used.size(); ++u) {
+    const int64_t len = st[used[u] + 2] - st[used[u] + 1];
+    for (int64_t i = 0; i < len; i += xk::kLoraBf16Rows) items.emplace_back(static_cast<int64_t>(u), i);
+  }
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const auto [u, i] = items[t];
+      const int64_t len = st[used[u] + 2] - st[used[u] + 1];
+      bk->lora_rows(args[u], i, std::min(len, i + xk::kLoraBf16Rows));
+    }
+  });
+}
+
 // The native bf16 products (bitsandbytes' compute_dtype=bfloat16 and PEFT's semantics): the weight
 // decoded to bf16 once, one bf16 product per term with float32 accumulation inside oneDNN's GEMM,
 // the LoRA terms in bf16 (adapter weights rounded to bf16 for the product), results rounded to bf16.
@@ -427,7 +525,10 @@ std::tuple<at::Tensor, at::Tensor> native_bf16(const KernelTable* kt, const xk::
     }
   }
   at::Tensor mid = at::zeros({M, r}, act.options().dtype(at::kFloat));
-  if (r > 0) {
+  const xk::Bf16Kernels* bk = bf16_kernels(kt);
+  if (r > 0 && bk && round_up(r, 16) <= xk::kLoraBf16MaxRank) {
+    lora_bf16_fused(bk, act, lora_A, lora_B, sc, order, starts, n_adapters, r, transposed, mid, out);
+  } else if (r > 0) {
     const int32_t* st = starts.data_ptr<int32_t>();
     for (int64_t ad = 0; ad < n_adapters; ++ad) {
       const int64_t s0 = st[ad + 1], s1 = st[ad + 2];
@@ -500,6 +601,59 @@ void base_amx(const KernelTable* kt, const xk::NF4W& w, const at::Tensor& x, int
 // ------------------------------------------------------------------------------------------------
 // forward
 
+// Few rows of a bf16 x in native precision (K % 32 == 0): the shrink xa = x A[a]^T in float32 per row, then
+// the vdpbf16ps GEMV with the expand s[a] xa . B[a][n] added before each output's one rounding to bf16.
+std::tuple<at::Tensor, at::Tensor> gemv_bf16(const xk::Bf16Kernels* bk, const KernelTable* kt, const xk::NF4W& w,
+                                             const at::Tensor& x, int64_t N, int64_t K, const at::Tensor& lora_A,
+                                             const at::Tensor& lora_B, const Lora& l, const float* sc,
+                                             const at::Tensor& ids) {
+  const int64_t M = x.size(0), r = l.r;
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor xa = at::zeros({M, r}, f32);
+  at::Tensor coef = at::zeros({M, std::max<int64_t>(r, 1)}, f32);
+  const int32_t* id = ids.data_ptr<int32_t>();
+  if (r > 0) {
+    at::Tensor x32 = as_f32(x);
+    xk::ShrinkArgs s;
+    s.act = x32.data_ptr<float>();
+    s.M = M;
+    s.K = K;
+    s.r = r;
+    s.ids = id;
+    s.lora = lora_A.data_ptr();
+    s.lora_dt = l.a_dt;
+    s.out = xa.data_ptr<float>();
+    at::parallel_for(0, M, std::max<int64_t>(1, 32768 / (r * K)), [&](int64_t m0, int64_t m1) { kt->shrink_fwd(s, m0, m1); });
+    const float* xap = xa.data_ptr<float>();
+    float* cp = coef.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      if (id[m] >= 0)
+        for (int64_t j = 0; j < r; ++j) cp[m * r + j] = sc[id[m]] * xap[m * r + j];
+  }
+  // x chunk-major: [K / 32][M][32]
+  at::Tensor xc = at::empty({K * M}, x.options());
+  const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  auto* dst = reinterpret_cast<uint16_t*>(xc.data_ptr());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < K / 32; ++c) std::copy_n(src + m * K + c * 32, 32, dst + (c * M + m) * 32);
+  at::Tensor y = at::empty({M, N}, x.options());
+  xk::GemvBf16Args a;
+  a.w = w;
+  a.N = N;
+  a.K = K;
+  a.M = M;
+  a.x = dst;
+  a.ids = id;
+  a.coef = coef.data_ptr<float>();
+  a.r = r;
+  a.B = lora_B.data_ptr();
+  a.b_dt = l.b_dt;
+  a.y = y.data_ptr();
+  const int64_t grain = std::max<int64_t>(4, 65536 / (K * M));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { bk->gemv(a, n0, n1); });
+  return {y, xa};
+}
+
 std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
     const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& absmax2,
     const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& offset, int64_t n_out, int64_t k,
@@ -518,6 +672,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
   const int x_dt = float_dtype(x, "x");
   const float* sc = scale.data_ptr<float>();
 
+  if (K % 32 == 0 && M <= gemv_rows() && !exact && x_dt == xk::kBF16 && bf16_kernels(kt))
+    return gemv_bf16(bf16_kernels(kt), kt, w, x, N, K, lora_A, lora_B, l, sc, ids);
   if (K % 32 == 0 && M <= gemv_rows()) {
     at::Tensor x32 = as_f32(x);
     at::Tensor xp = at::empty({M, K}, x.options().dtype(at::kFloat));

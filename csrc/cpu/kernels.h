@@ -92,6 +92,50 @@ struct KernelTable {
   void (*pack_x_vnni)(const void* x, int x_dt, int64_t M, int64_t K, int64_t m0, int64_t m1, uint16_t* out);
 };
 
+// ---- AVX512-BF16 additions (native bf16 precision), used on top of the AVX-512 table ----
+
+constexpr int64_t kLoraBf16MaxRank = 256;  // padded ranks the fused bf16 LoRA kernel takes
+constexpr int64_t kLoraBf16Rows = 16;      // rows of one adapter per register block
+
+// The LoRA terms of rows rows[i0:i1) (all of one adapter), bf16 operands, float32 accumulation:
+//   mid[row, j] = act[row] . S[:, j]  (j < r, float32)
+//   out[row, n] += bf16(scale * mid[row]) . E[:, n]  (out bf16, rounded once, or float32)
+// forward: act = x [M][K], S = A^T, E = B^T; input grad: act = dy [M][N], S = B, E = A.
+struct LoraBf16Args {
+  const uint16_t* act = nullptr;  // bf16 [M][n_red]
+  int64_t n_red = 0;
+  const int32_t* rows = nullptr;
+  const uint16_t* shrink = nullptr;  // bf16 [ceil(n_red / 2)][rp][2]: S[2p + t][j] at (p, j, t), zero padded
+  const uint16_t* expand = nullptr;  // bf16 [rp / 2][n_out][2]: E[2q + t][n] at (q, n, t), zero padded
+  int64_t r = 0, rp = 0;             // rank and its padding to a multiple of 16 (<= kLoraBf16MaxRank)
+  int64_t n_out = 0;
+  float scale = 1.f;
+  float* mid = nullptr;  // [M][r]
+  void* out = nullptr;   // [M][n_out] in out_dt (kBF16 or kF32)
+  int out_dt = kBF16;
+};
+
+// GEMV of few rows in bf16: y[m, n] = x[m] . bf16(W[n]) + [a >= 0] coef[m] . B[a][n], rows n in [n0, n1).
+// Needs K % 32 == 0.
+struct GemvBf16Args {
+  NF4W w;
+  int64_t N = 0, K = 0, M = 0;
+  const uint16_t* x = nullptr;   // bf16 [K / 32][M][32], natural order inside a chunk
+  const int32_t* ids = nullptr;  // [M]
+  const float* coef = nullptr;   // [M][r] scale[a] * xa[m]
+  int64_t r = 0;
+  const void* B = nullptr;  // [n_adapters][N][r] in b_dt
+  int b_dt = kF32;
+  void* y = nullptr;  // [M][N] bf16
+};
+
+struct Bf16Kernels {
+  void (*lora_rows)(const LoraBf16Args& a, int64_t i0, int64_t i1);
+  void (*gemv)(const GemvBf16Args& a, int64_t n0, int64_t n1);
+};
+
+const Bf16Kernels* kernels_avx512bf16();  // nullptr when not compiled
+
 const KernelTable* kernels_scalar();
 const KernelTable* kernels_avx2();    // nullptr when not compiled (non-x86 compilers)
 const KernelTable* kernels_avx512();  // nullptr when not compiled

@@ -328,10 +328,10 @@ def test_dequantize_special_scales(dtype, isa):
 
 def test_isa_selection():
     assert _cpu.isa() in ISAS and "scalar" in ISAS
-    assert ISAS == [i for i in ("avx512", "avx2", "scalar") if i in ISAS]
+    assert ISAS == [i for i in ("avx512_bf16", "avx512", "avx2", "scalar") if i in ISAS]
     with pytest.raises(ValueError, match="unknown instruction set"):
         _cpu.set_isa("sse9")
-    for name in {"avx512", "avx2"} - set(ISAS):
+    for name in {"avx512_bf16", "avx512", "avx2"} - set(ISAS):
         with pytest.raises(ValueError, match="cannot run"):
             _cpu.set_isa(name)
     assert "xkern._cpu" in _cpu.build_info()

@@ -1,11 +1,15 @@
 """``NF4LoRALinear``: a frozen NF4 linear layer with a bank of LoRA adapters, run by the core op.
 
 Every adapter of the layer lives in it as a pair of parameters (``A [r, K]``, ``B [N, r]``) plus a
-scale. At forward time the adapters that the current batch uses are stacked (zero-padded to the
-largest rank) into the ``[n, r, K]`` / ``[n, N, r]`` bank the core op takes, and each row gets the
-id of its sample's adapter, so a mixed batch is ONE launch of ``xkern.ops.lora_linear``. The stacked
-bank is cached while the adapters do not change (inference); with gradients on it is rebuilt every
-call so that gradients flow back to the parameters.
+scale, and each row of a batch gets the bank slot of its sample's adapter, so a mixed batch is ONE
+launch of ``xkern.ops.lora_linear``. The parameters are views into one persistent bank per layer
+(``[n, r_max, K]`` / ``[n, N, r_max]``, ranks zero-padded; the layout the core op takes), so
+inference passes the bank itself: no stacked copy of the adapters per call or per layer, and an
+in-place update of a parameter (an optimizer step, ``copy_``) is the bank's update. The bank is
+rebuilt (and the parameters re-pointed into it) when adapters are added or removed, or when a
+parameter no longer lies in it (``.to()`` moved it, ``.data`` was replaced); adapters of different
+dtypes share no bank and are stacked per call. With gradients on, the active adapters are stacked
+per call so that gradients flow back to the parameters.
 
 Which adapter each sample uses comes from the :class:`~xkern.nn.routing.SampleRouting` that the
 model enters for the length of one call; the layer asks it for the row grouping of its input
@@ -45,7 +49,9 @@ class NF4LoRALinear(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.scales: dict[str, float] = {}
-        self._bank_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        # (slot names, A bank, B bank, scales key, scale tensor); see _persistent_bank
+        self._bank: tuple[tuple[str, ...], torch.Tensor, torch.Tensor, tuple, torch.Tensor] | None = None
+        self._base_bank: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.precision = "native"  # see xkern.ops.checks.PRECISIONS; XkernModel.set_precision sets every layer
 
     # ---- weight ---------------------------------------------------------------------------------
@@ -87,7 +93,7 @@ class NF4LoRALinear(nn.Module):
         self.lora_A[name] = nn.Parameter(A.detach().to(device, dtype).clone(), requires_grad=False)
         self.lora_B[name] = nn.Parameter(B.detach().to(device, dtype).clone(), requires_grad=False)
         self.scales[name] = float(scale)
-        self._bank_cache = None
+        self._bank = None
 
     def check_adapter_shapes(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or A.shape[0] == 0:
@@ -101,7 +107,7 @@ class NF4LoRALinear(nn.Module):
             del self.lora_A[name]
             del self.lora_B[name]
             del self.scales[name]
-            self._bank_cache = None
+            self._bank = None
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``scale * B @ A`` for one adapter, float32 ``[N, K]``."""
@@ -109,32 +115,72 @@ class NF4LoRALinear(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------------
 
-    def _bank(self, active: tuple[str, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Stack the active adapters into the core op's bank, zero-padding ranks."""
-        params = [self.lora_A[n] for n in active] + [self.lora_B[n] for n in active]
-        needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        key = (active, device, tuple(p._version for p in params), tuple(id(p) for p in params))
-        if not needs_graph and self._bank_cache is not None and self._bank_cache[0] == key:
-            return self._bank_cache[1]
+    def _stacked(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``names``' parameters stacked into a new bank (zero-padded ranks; differentiable, dtypes promoted)."""
+        r_max = max(self.lora_A[n].shape[0] for n in names)
+        a = torch.stack([F.pad(self.lora_A[n], (0, 0, 0, r_max - self.lora_A[n].shape[0])) for n in names])
+        b = torch.stack([F.pad(self.lora_B[n], (0, r_max - self.lora_B[n].shape[1])) for n in names])
+        return a, b
+
+    def _scale_tensor(self, names: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        return torch.tensor([self.scales[n] for n in names], dtype=torch.float32, device=device)
+
+    def _persistent_bank(self) -> tuple[tuple[str, ...], torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(slot names, A bank, B bank, scales) with every parameter a view of its slot; None when the
+        adapters' dtypes or devices differ (they cannot share one bank)."""
+        names = tuple(self.lora_A.keys())
+        bank = self._bank
+        if bank is not None and bank[0] == names and self._in_bank(bank):
+            key = tuple(self.scales[n] for n in names)
+            if bank[3] != key:  # a scale was changed: only the small scale tensor is rebuilt
+                bank = self._bank = (*bank[:3], key, self._scale_tensor(names, bank[1].device))
+            return bank[0], bank[1], bank[2], bank[4]
+        params = [self.lora_A[n] for n in names] + [self.lora_B[n] for n in names]
+        if len({(p.dtype, p.device) for p in params}) != 1:
+            self._bank = None
+            return None
+        with torch.no_grad():
+            a, b = self._stacked(names)
+            for i, n in enumerate(names):  # re-point every parameter into its slot (same Parameter objects)
+                r = self.lora_A[n].shape[0]
+                self.lora_A[n].data = a[i, :r]
+                self.lora_B[n].data = b[i, :, :r]
+        key = tuple(self.scales[n] for n in names)
+        self._bank = (names, a, b, key, self._scale_tensor(names, a.device))
+        return names, a, b, self._bank[4]
+
+    def _in_bank(self, bank: tuple) -> bool:
+        """Whether every parameter is still the view of its slot (not moved by ``.to()``, not replaced)."""
+        _, a, b = bank[:3]
+        for i, n in enumerate(bank[0]):
+            pa, pb = self.lora_A[n], self.lora_B[n]
+            if pa.data_ptr() != a[i].data_ptr() or pb.data_ptr() != b[i].data_ptr() \
+                    or pa.dtype != a.dtype or pa.device != a.device or pb.stride() != b[i, :, :pb.shape[1]].stride():
+                return False
+        return True
+
+    def _adapter_bank(self, active: tuple[str, ...],
+                      device: torch.device) -> tuple[tuple[str, ...], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The bank for a call using ``active``: (slot names, A, B, scales); rows are routed by slot name."""
         if not active:  # base only: a one-slot zero bank that no row selects
-            a = torch.zeros(1, 1, self.in_features, device=device)
-            b = torch.zeros(1, self.out_features, 1, device=device)
-            bank = (a, b, torch.zeros(1, device=device))
-        else:
-            r_max = max(self.lora_A[n].shape[0] for n in active)
-            a = torch.stack([F.pad(self.lora_A[n], (0, 0, 0, r_max - self.lora_A[n].shape[0])) for n in active])
-            b = torch.stack([F.pad(self.lora_B[n], (0, r_max - self.lora_B[n].shape[1])) for n in active])
-            s = torch.tensor([self.scales[n] for n in active], dtype=torch.float32, device=device)
-            bank = (a, b, s)
+            if self._base_bank is None or self._base_bank[0].device != device:
+                self._base_bank = (torch.zeros(1, 1, self.in_features, device=device),
+                                   torch.zeros(1, self.out_features, 1, device=device), torch.zeros(1, device=device))
+            return ("",), *self._base_bank
+        needs_graph = torch.is_grad_enabled() and any(
+            self.lora_A[n].requires_grad or self.lora_B[n].requires_grad for n in active)
         if not needs_graph:
-            self._bank_cache = (key, bank)
-        return bank
+            bank = self._persistent_bank()
+            if bank is not None:
+                return bank
+        a, b = self._stacked(active)
+        return active, a, b, self._scale_tensor(active, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = current_routing()
         active = routing.active(self.lora_A) if routing is not None and self.lora_A else ()
-        rows = routing.rows(active, x, self.module_name or "?") if active else None
-        a, b, s = self._bank(active, x.device)
+        slots, a, b, s = self._adapter_bank(active, x.device)
+        rows = routing.rows(slots, x, self.module_name or "?") if active else None
         y = lora_linear(x, self.nf4_weight, a, b, s, rows, precision=self.precision)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
