@@ -601,6 +601,38 @@ void base_amx(const KernelTable* kt, const xk::NF4W& w, const at::Tensor& x, int
 // ------------------------------------------------------------------------------------------------
 // forward
 
+// The shrink of few rows in float32, per row for its own adapter: forward xa = x A[a]^T (act = x, lora = A),
+// input grad g = dy B[a] (transposed: act = dy, lora = B); and the expand's coefficients
+// coef[m, j] = scale[a] * shrink[m, j] in rows of coef_stride floats (zero past r and for base rows).
+std::tuple<at::Tensor, at::Tensor> small_shrink(const KernelTable* kt, const at::Tensor& act32, const at::Tensor& lora,
+                                                int lora_dt, int64_t r, const float* sc, const at::Tensor& ids,
+                                                int64_t coef_stride, bool transposed) {
+  const int64_t M = act32.size(0), K = act32.size(1);
+  const auto f32 = act32.options();
+  at::Tensor xa = at::zeros({M, r}, f32);
+  at::Tensor coef = at::zeros({M, std::max<int64_t>(coef_stride, 1)}, f32);
+  if (r == 0) return {xa, coef};
+  const int32_t* id = ids.data_ptr<int32_t>();
+  xk::ShrinkArgs s;
+  s.act = act32.data_ptr<float>();
+  s.M = M;
+  (transposed ? s.N : s.K) = K;
+  s.r = r;
+  s.ids = id;
+  s.lora = lora.data_ptr();
+  s.lora_dt = lora_dt;
+  s.out = xa.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 32768 / (r * K)), [&](int64_t m0, int64_t m1) {
+    transposed ? kt->shrink_igrad(s, m0, m1) : kt->shrink_fwd(s, m0, m1);
+  });
+  const float* xap = xa.data_ptr<float>();
+  float* cp = coef.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    if (id[m] >= 0)
+      for (int64_t j = 0; j < r; ++j) cp[m * coef_stride + j] = sc[id[m]] * xap[m * r + j];
+  return {xa, coef};
+}
+
 // Few rows of a bf16 x in native precision (K % 32 == 0): the shrink xa = x A[a]^T in float32 per row, then
 // the vdpbf16ps GEMV with the expand s[a] xa . B[a][n] added before each output's one rounding to bf16.
 std::tuple<at::Tensor, at::Tensor> gemv_bf16(const xk::Bf16Kernels* bk, const KernelTable* kt, const xk::NF4W& w,
@@ -608,28 +640,8 @@ std::tuple<at::Tensor, at::Tensor> gemv_bf16(const xk::Bf16Kernels* bk, const Ke
                                              const at::Tensor& lora_B, const Lora& l, const float* sc,
                                              const at::Tensor& ids) {
   const int64_t M = x.size(0), r = l.r;
-  const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor xa = at::zeros({M, r}, f32);
-  at::Tensor coef = at::zeros({M, std::max<int64_t>(r, 1)}, f32);
   const int32_t* id = ids.data_ptr<int32_t>();
-  if (r > 0) {
-    at::Tensor x32 = as_f32(x);
-    xk::ShrinkArgs s;
-    s.act = x32.data_ptr<float>();
-    s.M = M;
-    s.K = K;
-    s.r = r;
-    s.ids = id;
-    s.lora = lora_A.data_ptr();
-    s.lora_dt = l.a_dt;
-    s.out = xa.data_ptr<float>();
-    at::parallel_for(0, M, std::max<int64_t>(1, 32768 / (r * K)), [&](int64_t m0, int64_t m1) { kt->shrink_fwd(s, m0, m1); });
-    const float* xap = xa.data_ptr<float>();
-    float* cp = coef.data_ptr<float>();
-    for (int64_t m = 0; m < M; ++m)
-      if (id[m] >= 0)
-        for (int64_t j = 0; j < r; ++j) cp[m * r + j] = sc[id[m]] * xap[m * r + j];
-  }
+  auto [xa, coef] = small_shrink(kt, as_f32(x), lora_A, l.a_dt, r, sc, ids, r, false);
   // x chunk-major: [K / 32][M][32]
   at::Tensor xc = at::empty({K * M}, x.options());
   const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr());
@@ -678,27 +690,9 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
     at::Tensor x32 = as_f32(x);
     at::Tensor xp = at::empty({M, K}, x.options().dtype(at::kFloat));
     kt->to_f32_perm(x.data_ptr(), x_dt, M, K, xp.data_ptr<float>());
-    at::Tensor xa = at::empty({M, r}, x.options().dtype(at::kFloat));
     const int64_t rp = round_up(r, 16);
-    at::Tensor coef = at::zeros({M, std::max<int64_t>(rp, 1)}, x.options().dtype(at::kFloat));
     const int32_t* id = ids.data_ptr<int32_t>();
-    if (r > 0) {
-      xk::ShrinkArgs s;
-      s.act = x32.data_ptr<float>();
-      s.M = M;
-      s.K = K;
-      s.r = r;
-      s.ids = id;
-      s.lora = lora_A.data_ptr();
-      s.lora_dt = l.a_dt;
-      s.out = xa.data_ptr<float>();
-      at::parallel_for(0, M, std::max<int64_t>(1, 32768 / (r * K)), [&](int64_t m0, int64_t m1) { kt->shrink_fwd(s, m0, m1); });
-      const float* xap = xa.data_ptr<float>();
-      float* cp = coef.data_ptr<float>();
-      for (int64_t m = 0; m < M; ++m)
-        if (id[m] >= 0)
-          for (int64_t j = 0; j < r; ++j) cp[m * rp + j] = sc[id[m]] * xap[m * r + j];
-    }
+    auto [xa, coef] = small_shrink(kt, x32, lora_A, l.a_dt, r, sc, ids, rp, false);
     xk::FwdSmallArgs a;
     a.w = w;
     a.N = N;
@@ -787,26 +781,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_input_grad(
   at::Tensor dy32 = as_f32(grad_out);
 
   if (K % 32 == 0 && M <= gemv_rows()) {
-    at::Tensor g = at::empty({M, r}, f32);
-    at::Tensor coef = at::zeros({M, std::max<int64_t>(r, 1)}, f32);
     const int32_t* id = ids.data_ptr<int32_t>();
-    if (r > 0) {
-      xk::ShrinkArgs s;
-      s.act = dy32.data_ptr<float>();
-      s.M = M;
-      s.N = N;
-      s.r = r;
-      s.ids = id;
-      s.lora = lora_B.data_ptr();
-      s.lora_dt = l.b_dt;
-      s.out = g.data_ptr<float>();
-      at::parallel_for(0, M, std::max<int64_t>(1, 32768 / (r * N)), [&](int64_t m0, int64_t m1) { kt->shrink_igrad(s, m0, m1); });
-      const float* gp = g.data_ptr<float>();
-      float* cp = coef.data_ptr<float>();
-      for (int64_t m = 0; m < M; ++m)
-        if (id[m] >= 0)
-          for (int64_t j = 0; j < r; ++j) cp[m * r + j] = sc[id[m]] * gp[m * r + j];
-    }
+    auto [g, coef] = small_shrink(kt, dy32, lora_B, l.b_dt, r, sc, ids, r, true);
     at::Tensor dx = at::empty({M, K}, f32);
     xk::IgradSmallArgs a;
     a.w = w;
