@@ -16,6 +16,7 @@ from xkern.serve import (
     prefill,
 )
 from xkern.serve.generate import greedy_decode
+from xkern.serve.scoring import length_batches, token_logprobs
 
 
 def _batch(domain, n_users=5, n_cands=7):
@@ -32,10 +33,29 @@ def test_prefix_scores_equal_independent_scores(lm, domain, adapter):
     enc = PromptEncoder(tok, domain.name, max_history=5)
     hist, cands = _batch(domain)
     ref = LikelihoodScorer(model, enc, domain.titles, adapter, batch_size=11)(hist, cands)
-    for user_batch, row_batch in [(2, 5), (5, 64)]:
-        got = PrefixLikelihoodScorer(model, enc, domain.titles, adapter, user_batch, row_batch)(hist, cands)
+    for user_batch, row_batch, budget in [(1, 64, 2048), (2, 5, 2048), (5, 64, 2048), (5, 64, 9)]:
+        got = PrefixLikelihoodScorer(model, enc, domain.titles, adapter, user_batch, row_batch,
+                                     token_budget=budget)(hist, cands)
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
     assert np.all(ref < 0) and np.ptp(ref) > 1.0  # non-trivial scores
+
+
+def test_length_batches_cover_every_row_once_within_the_budget():
+    lengths = [3, 9, 1, 0, 7, 7, 2, 12, 5]
+    batches = length_batches(lengths, token_budget=20, max_rows=3)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 3 and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 20)
+    firsts = [lengths[b[0]] for b in batches]
+    assert firsts == sorted(firsts, reverse=True)  # longest first: rows of a batch have nearly one length
+    assert length_batches([40, 2], token_budget=10, max_rows=8) == [[0], [1]]  # a row longer than the budget
+
+
+def test_token_logprobs_equal_log_softmax_in_float32():
+    logits = torch.randn(3, 5, 50).bfloat16()
+    target = torch.randint(0, 50, (3, 5))
+    ref = torch.log_softmax(logits.float(), -1).gather(-1, target[..., None]).squeeze(-1)
+    torch.testing.assert_close(token_logprobs(logits, target, chunk=4), ref, rtol=0, atol=1e-6)
 
 
 def test_calibrated_scores_are_the_likelihood_minus_the_empty_history_likelihood(lm, domain):

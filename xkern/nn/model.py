@@ -41,6 +41,14 @@ from xkern.ops.checks import check_precision
 _ATTN_DEFAULT = "sdpa"
 
 
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    """The LM head's input made contiguous: ``logits_to_keep`` hands it ``hidden[:, -k:]``, a strided view
+    that ``F.linear`` cannot fold into one matmul, so it runs a batched matmul over a copy of the head's
+    weight per row (453 MB for SmolLM2 at 8 rows; every prefill and every generate step)."""
+    x = args[0]
+    return args if x.is_contiguous() else (x.contiguous(), *args[1:])
+
+
 class XkernModel(nn.Module):
     """A ``transformers`` model whose linear layers run NF4 + a bank of LoRA adapters."""
 
@@ -49,6 +57,10 @@ class XkernModel(nn.Module):
         self.model = model
         self.adapter_configs: dict[str, dict[str, Any]] = {}
         self._layers = layers  # module name (inside self.model) -> layer; not registered twice
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if isinstance(head, nn.Linear):
+            head.register_forward_pre_hook(_contiguous_input)
+
 
     # ---- plumbing -------------------------------------------------------------------------------
 

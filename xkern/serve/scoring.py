@@ -87,39 +87,68 @@ def select_cache(cache: Any, index: torch.Tensor) -> Any:
     return map_cache(cache, lambda x: x.index_select(0, index))
 
 
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """``log softmax(logits)[..., target]`` in float32, ``chunk`` positions at a time: a 16-bit ``[R, T, V]``
+    never becomes one float32 copy of itself (``V`` is 49,152 for SmolLM2)."""
+    flat, tgt = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    out = torch.empty(tgt.shape[0], dtype=torch.float32, device=logits.device)
+    buf = torch.empty(min(chunk, flat.shape[0]), flat.shape[1], dtype=torch.float32, device=logits.device)
+    for s in range(0, flat.shape[0], chunk):  # one float32 buffer for every chunk: no fresh pages per chunk
+        part = buf[: min(chunk, flat.shape[0] - s)]
+        part.copy_(flat[s:s + chunk])
+        out[s:s + chunk] = part.gather(1, tgt[s:s + chunk, None]).squeeze(1) - torch.logsumexp(part, dim=-1)
+    return out.view(targets.shape)
+
+
+def length_batches(lengths: Sequence[int], token_budget: int, max_rows: int) -> list[list[int]]:
+    """Indices grouped for padded batches: longest first, so rows of one batch have nearly one length, and
+    each batch as many rows as fit ``rows * longest <= token_budget`` (at least one, at most ``max_rows``)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, cur, width = [], [], 0
+    for i in order:
+        w = max(width, lengths[i], 1)
+        if cur and (len(cur) + 1 > max_rows or (len(cur) + 1) * w > token_budget):
+            batches.append(cur)
+            cur, w = [], max(lengths[i], 1)
+        cur.append(i)
+        width = w
+    if cur:
+        batches.append(cur)
+    return batches
+
+
 @torch.no_grad()
 def score_continuations(model: Any, pre: Prefill, continuations: Sequence[Sequence[Sequence[int]]],
-                        adapter: str | Sequence[str] | None = None, row_batch: int = 64) -> list[np.ndarray]:
+                        adapter: str | Sequence[str] | None = None, row_batch: int = 64,
+                        token_budget: int = 2048) -> list[np.ndarray]:
     """Summed log-probability of each continuation after its prompt's cached prefix.
 
-    ``continuations[b]`` lists the token rows scored after prompt ``b``; rows from all prompts are
-    run in batches of ``row_batch`` on gathered copies of the cache. Returns one float64 array per
-    prompt. An empty continuation scores 0.
+    ``continuations[b]`` lists the token rows scored after prompt ``b``. Rows from all prompts run
+    together, longest first, in batches of at most ``row_batch`` rows and ``token_budget`` padded
+    tokens (rows of one batch have nearly one length, so little is computed for padding), each on a
+    gathered copy of its prompts' cache. Returns one float64 array per prompt. An empty continuation
+    scores 0.
     """
     device = model.device
     n = len(continuations)
     names = _names(adapter, n)
-    flat = [(b, j, list(c)) for b, conts in enumerate(continuations) for j, c in enumerate(conts)]
+    flat = [(b, j, list(c)) for b, conts in enumerate(continuations) for j, c in enumerate(conts) if len(c)]
     out = [np.zeros(len(c), dtype=np.float64) for c in continuations]
     pad = model_pad_id(model)
-    for s in range(0, len(flat), row_batch):
-        chunk = [x for x in flat[s:s + row_batch] if x[2]]
-        if not chunk:
-            continue
+    for batch in length_batches([len(c) for _, _, c in flat], token_budget, row_batch):
+        chunk = [flat[i] for i in batch]
         rows = torch.tensor([b for b, _, _ in chunk], dtype=torch.long, device=device)
         ids, cmask = pad_batch([c for _, _, c in chunk], pad)
         width = ids.shape[1]
         ids, cmask = ids.to(device), cmask.to(device)
-        first = pre.last_logprobs.index_select(0, rows).gather(1, ids[:, :1]).squeeze(1)  # log p(t_0 | prompt)
-        total = first
+        total = pre.last_logprobs.index_select(0, rows).gather(1, ids[:, :1]).squeeze(1)  # log p(t_0 | prompt)
         if width > 1:
             mask = torch.cat([pre.mask.index_select(0, rows), cmask], dim=1)
             pos = pre.lengths.index_select(0, rows)[:, None] + torch.arange(width - 1, device=device)[None]
             logits = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos,
                            past_key_values=select_cache(pre.cache, rows), use_cache=True,
                            adapter_names=[names[b] for b, _, _ in chunk]).logits
-            logp = F.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-            total = total + (logp * cmask[:, 1:]).sum(-1)
+            total = total + (token_logprobs(logits, ids[:, 1:]) * cmask[:, 1:]).sum(-1)
         for (b, j, _), v in zip(chunk, total.double().cpu().tolist(), strict=True):
             out[b][j] = v
     return out
@@ -130,9 +159,10 @@ class PrefixLikelihoodScorer:
 
     The same scores as :class:`LikelihoodScorer` (same :class:`~xkern.data.examples.PromptEncoder`
     prompts and title tokens), but each user's prompt runs once (``user_batch`` users per prefill)
-    and its KV cache is reused for all the user's candidates (``row_batch`` candidate rows per
-    forward). ``prompt_fn(history_titles, candidate_titles) -> token ids`` replaces the encoder's
-    prompt (e.g. the listwise prompt, which also lists the candidates).
+    and its KV cache is reused for all the user's candidates (the candidate rows of the ``user_batch``
+    users run longest first, at most ``row_batch`` rows and ``token_budget`` padded tokens a forward).
+    ``prompt_fn(history_titles, candidate_titles) -> token ids`` replaces the encoder's prompt (e.g.
+    the listwise prompt, which also lists the candidates).
 
     ``calibrate=True`` subtracts each title's :meth:`prior`, its log-probability after the same prompt
     with an empty history (domain-conditional PMI, Holtzman et al. 2021): an LM's likelihood of a
@@ -143,9 +173,10 @@ class PrefixLikelihoodScorer:
     def __init__(self, model: Any, enc: Any, titles: Sequence[str], adapter: str = BASE, user_batch: int = 8,
                  row_batch: int = 64,
                  prompt_fn: Callable[[list[str], list[str]], list[int]] | None = None,
-                 calibrate: bool = False) -> None:
+                 calibrate: bool = False, token_budget: int = 2048) -> None:
         self.model, self.enc, self.titles, self.adapter = model, enc, titles, adapter
         self.user_batch, self.row_batch, self.prompt_fn = user_batch, row_batch, prompt_fn
+        self.token_budget = token_budget
         self.calibrate = calibrate
         self._prior: dict[int, float] = {}  # item -> log p(title | empty-history prompt), filled on demand
 
@@ -167,7 +198,8 @@ class PrefixLikelihoodScorer:
             e = min(s + self.user_batch, len(prompts))
             pre = prefill(self.model, prompts[s:e], self.adapter)
             conts = [[self.enc.title(self.titles[i] or "") for i in row] for row in candidates[s:e].tolist()]
-            for k, v in enumerate(score_continuations(self.model, pre, conts, self.adapter, self.row_batch)):
+            for k, v in enumerate(score_continuations(self.model, pre, conts, self.adapter, self.row_batch,
+                                                      self.token_budget)):
                 scores[s + k] = v
         return scores - self.prior(candidates) if self.calibrate else scores
 
@@ -183,7 +215,7 @@ class PrefixLikelihoodScorer:
             prompt = self.enc.prompt([]) if self.prompt_fn is None else self.prompt_fn([], [])
             pre = prefill(self.model, [prompt], self.adapter)
             conts = [[self.enc.title(self.titles[i] or "") for i in todo]]
-            values = score_continuations(self.model, pre, conts, self.adapter, self.row_batch)[0]
+            values = score_continuations(self.model, pre, conts, self.adapter, self.row_batch, self.token_budget)[0]
             self._prior.update(zip(todo, values.tolist(), strict=True))
         return np.vectorize(self._prior.__getitem__, otypes=[np.float64])(candidates)
 
