@@ -39,6 +39,8 @@ from xkern.nn.routing import SampleRouting, routing_scope
 from xkern.ops.checks import check_precision
 
 _ATTN_DEFAULT = "sdpa"
+# decoders whose forward is lm_head(final hidden states), nothing after the head (see XkernModel.logits_at)
+_PLAIN_HEAD_DECODERS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
 
 
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
@@ -115,18 +117,54 @@ class XkernModel(nn.Module):
                 return int(t.shape[0])
         return None
 
-    def forward(self, *args: Any, adapter_names: str | Sequence[str] | None = None, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, adapter_names: str | Sequence[str] | None = None,
+                logits_at: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """The wrapped model's forward; ``adapter_names``: one per sample (``"__base__"``: none) or one for all.
+
+        ``logits_at`` (a boolean ``[batch, seq]`` mask; decoders whose logits are the LM head of the
+        final hidden states, see :attr:`supports_logits_at`): the output's ``logits`` are ``[P, vocab]``
+        for the ``P`` selected positions only, in row-major order. Training and scoring need logits at
+        their label positions only, and the LM head of a 49,152-word vocabulary is ~20% of SmolLM2's
+        FLOPs per position.
 
         An empty batch (0 samples) returns the model's output with 0 rows (``transformers`` models
         cannot run one: the forward runs on one placeholder sample and the outputs are cut to 0 rows).
         """
         batch = self._batch_size(args, kwargs)
         routing = self.routing(adapter_names, batch)
+        if logits_at is not None:
+            return self._selected_logits(args, kwargs, routing, logits_at)
         if batch == 0:
             return self._empty_forward(args, kwargs)
         with routing_scope(routing):
             return self.model(*args, **kwargs)
+
+    @property
+    def supports_logits_at(self) -> bool:
+        """Whether the wrapped model's logits are exactly ``lm_head(decoder(...).last_hidden_state)``: the plain
+        decoder families (no logit scaling or soft-capping after the head)."""
+        return type(self.model).__name__ in _PLAIN_HEAD_DECODERS
+
+    def _selected_logits(self, args: tuple, kwargs: dict, routing: SampleRouting | None,
+                         logits_at: torch.Tensor) -> Any:
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        if not self.supports_logits_at:
+            raise InputError(f"logits_at needs a plain decoder ({', '.join(sorted(_PLAIN_HEAD_DECODERS))}), "
+                             f"got {type(self.model).__name__}")
+        if args:
+            raise InputError("logits_at needs keyword arguments (input_ids=..., attention_mask=...)")
+        for key in ("labels", "logits_to_keep", "return_dict"):
+            if kwargs.pop(key, None) is not None:
+                raise InputError(f"logits_at computes only the selected logits: {key} cannot be combined with it")
+        with routing_scope(routing):
+            out = self.model.get_decoder()(**kwargs)
+        hidden = out.last_hidden_state
+        if logits_at.shape != hidden.shape[:2] or logits_at.dtype != torch.bool:
+            raise InputError(f"logits_at must be a bool mask of shape {tuple(hidden.shape[:2])}, "
+                             f"got {logits_at.dtype} {tuple(logits_at.shape)}")
+        logits = self.model.get_output_embeddings()(hidden[logits_at.to(hidden.device)])
+        return CausalLMOutputWithPast(logits=logits, past_key_values=getattr(out, "past_key_values", None))
 
     def _empty_forward(self, args: tuple, kwargs: dict) -> Any:
         def one(t: Any) -> Any:

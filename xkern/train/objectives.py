@@ -36,6 +36,26 @@ def model_pad_id(model: Any) -> int:
     return int(pad or 0)
 
 
+def labelled_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                      adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p, row)`` of every labelled token (label != -100, predicted from the position before it), in
+    row-major order. The LM head runs at those positions only where the model supports it
+    (``XkernModel.supports_logits_at``, looked up through a DDP wrapper); else on all logits."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    target = labels[:, 1:]
+    picked = target != IGNORE
+    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(target)[picked]
+    core = getattr(model, "module", model)
+    if getattr(core, "supports_logits_at", False):
+        at = torch.zeros_like(ids, dtype=torch.bool)
+        at[:, :-1] = picked
+        logits = model(input_ids=ids, attention_mask=mask, adapter_names=adapter, logits_at=at, use_cache=False).logits
+    else:
+        logits = model(input_ids=ids, attention_mask=mask, adapter_names=adapter).logits[:, :-1][picked]
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, target[picked][:, None]).squeeze(-1)
+    return logp, rows
+
+
 def sequence_logprob(logits: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed log-probability of the labelled tokens of each row (labels -100 are skipped)."""
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -67,10 +87,8 @@ class CausalLM:
         return {"input_ids": input_ids, "attention_mask": mask, "labels": pad_rows(labels, IGNORE)}
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], adapter: str) -> torch.Tensor:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=adapter)
-        logits = out.logits[:, :-1].float()
-        target = batch["labels"][:, 1:]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE)
+        logp, _ = labelled_logprobs(model, batch, adapter)
+        return -logp.mean()
 
 
 class CandidateScoring:
@@ -97,8 +115,8 @@ class CandidateScoring:
                 "n_candidates": torch.tensor(len(examples[0]["candidates"]))}
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], adapter: str) -> torch.Tensor:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=adapter)
-        scores = sequence_logprob(out.logits, batch["input_ids"], batch["labels"])
+        logp, rows = labelled_logprobs(model, batch, adapter)
+        scores = torch.zeros(batch["input_ids"].shape[0], dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
         scores = scores.view(-1, int(batch["n_candidates"]))
         return F.cross_entropy(scores, batch["target"])
 
