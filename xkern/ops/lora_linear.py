@@ -143,7 +143,7 @@ class _EagerLoraLinear(torch.autograd.Function):
         if needs_a or needs_b:
             if g is None:
                 g = xa.new_zeros(xa.shape)
-            d_a, d_b = reference.lora_weight_grads(x, grad_y, xa, g, ctx.scale, ctx.routing)
+            d_a, d_b = reference.lora_weight_grads(x, grad_y, xa, g, ctx.scale, ctx.routing, ctx.precision)
             d_a = d_a.to(lora_A.dtype) if needs_a else None
             d_b = d_b.to(lora_B.dtype) if needs_b else None
         return dx, d_a, d_b, None, None, None, None, None

@@ -72,20 +72,27 @@ def lora_linear_input_grad(grad_out: torch.Tensor, weight: NF4Tensor, lora_A: to
 
 
 def lora_weight_grads(x: torch.Tensor, grad_out: torch.Tensor, xa: torch.Tensor, g: torch.Tensor,
-                      scale: torch.Tensor, routing: RowRouting) -> tuple[torch.Tensor, torch.Tensor]:
+                      scale: torch.Tensor, routing: RowRouting,
+                      precision: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-adapter ``dA[a] = s_a g_a^T X_a`` and ``dB[a] = s_a dY_a^T XA_a`` over each adapter's rows (float32).
 
     Shared by every backend: it is small next to the base matmuls and cuBLAS/MKL already do it well.
-    Adapters no row uses get exact zeros.
+    Adapters no row uses get exact zeros. In native precision a 16-bit ``x`` keeps its products in its
+    dtype (``g`` and ``xa`` rounded to it, float32 accumulation), as autocast training does.
     """
     n_adapters, rank = routing.n_adapters, xa.shape[1]
     d_a = torch.zeros(n_adapters, rank, x.shape[1], dtype=torch.float32, device=x.device)
     d_b = torch.zeros(n_adapters, grad_out.shape[1], rank, dtype=torch.float32, device=x.device)
     s = scale.float()
     if x.device.type == "cpu":
+        native = _native(x, precision) and grad_out.dtype == x.dtype
         for a, rows in routing.segments():
-            d_a[a] = s[a] * (g[rows].T @ x[rows].float())
-            d_b[a] = s[a] * (grad_out[rows].float().T @ xa[rows])
+            if native:
+                d_a[a] = s[a] * (g[rows].to(x.dtype).T @ x[rows]).float()
+                d_b[a] = s[a] * (grad_out[rows].T @ xa[rows].to(x.dtype)).float()
+            else:
+                d_a[a] = s[a] * (g[rows].T @ x[rows].float())
+                d_b[a] = s[a] * (grad_out[rows].float().T @ xa[rows])
         return d_a, d_b
     # on a GPU: masked full-batch products (no host sync); torch.where keeps a NaN row out of other adapters
     xf, gof = x.float(), grad_out.float()
