@@ -145,9 +145,9 @@ def score_continuations(model: Any, pre: Prefill, continuations: Sequence[Sequen
         if width > 1:
             mask = torch.cat([pre.mask.index_select(0, rows), cmask], dim=1)
             pos = pre.lengths.index_select(0, rows)[:, None] + torch.arange(width - 1, device=device)[None]
+            cache = getattr(model, "select_cache", select_cache)(pre.cache, rows)  # the model's layout if it has one
             logits = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos,
-                           past_key_values=select_cache(pre.cache, rows), use_cache=True,
-                           adapter_names=[names[b] for b, _, _ in chunk]).logits
+                           past_key_values=cache, use_cache=True, adapter_names=[names[b] for b, _, _ in chunk]).logits
             total = total + (token_logprobs(logits, ids[:, 1:]) * cmask[:, 1:]).sum(-1)
         for (b, j, _), v in zip(chunk, total.double().cpu().tolist(), strict=True):
             out[b][j] = v

@@ -34,7 +34,7 @@ from xkern.data.prompts import MAX_HISTORY
 from xkern.fileio import atomic_path, atomic_write_text
 from xkern.nn import BASE, XkernModel, routing_scope
 from xkern.ops.xcross_integrate import xcross_integrate
-from xkern.serve.scoring import PrefixLikelihoodScorer, map_cache
+from xkern.serve.scoring import PrefixLikelihoodScorer, select_cache
 
 POOLINGS = ("auto", "first", "last", "mean", "candidate")
 INTEGRATOR_NORMS = ("none", "rms")
@@ -413,7 +413,7 @@ class XCrossModel(nn.Module):
         assert isinstance(enc, CompletionPairEncoder)
         per_user = cands.shape[1]
         scorer = PrefixLikelihoodScorer(self.causal_lm(), enc.prompts, enc.titles,
-                                        user_batch=max(1, batch_size // max(per_user, 1)), row_batch=batch_size)
+                                        user_batch=max(8, batch_size // max(per_user, 1)), row_batch=batch_size)
         was_training = self.training
         self.eval()
         try:
@@ -530,10 +530,10 @@ class XCrossCausalLM:
     ``score_continuations``: the n streams of B rows run stacked (``[n*B]``, stream-major) with the
     integrators, and the logits are the frozen LM head on ``sum_m w_m h~_m``.
 
-    The KV cache it hands out keeps all n streams of a row in that row: each layer's keys and values are
-    ``[B, n*H, T, D]`` (the streams' heads side by side), so gathering cache rows per candidate (what
-    ``select_cache`` does) keeps every stream of a prompt together. ``adapter_names`` is ignored: the
-    streams' adapters are X-Cross's.
+    The KV cache it hands out is the base's own, stream-major (stream s of row b at ``s*B + b``), so no
+    call converts it; :meth:`select_cache` gathers a row's entries of every stream (what the scorers call
+    instead of ``xkern.serve.scoring.select_cache``), and a cache passed back in is extended in place.
+    ``adapter_names`` is ignored: the streams' adapters are X-Cross's.
     """
 
     def __init__(self, xc: XCrossModel) -> None:
@@ -549,21 +549,12 @@ class XCrossCausalLM:
         self.xc.eval()
         return self
 
-    def _streams_cache(self, cache: Any, n: int) -> Any:
-        """``[B, n*H, T, D]`` rows -> the base's ``[n*B, H, T, D]`` stream-major cache."""
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            b, nh, t, dim = x.shape
-            return x.view(b, n, nh // n, t, dim).transpose(0, 1).reshape(n * b, nh // n, t, dim)
-
-        return map_cache(cache, fn)
-
-    def _rows_cache(self, cache: Any, n: int) -> Any:
-        """The base's ``[n*B, H, T, D]`` cache -> ``[B, n*H, T, D]`` rows."""
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            nb, h, t, dim = x.shape
-            return x.view(n, nb // n, h, t, dim).transpose(0, 1).reshape(nb // n, n * h, t, dim)
-
-        return map_cache(cache, fn)
+    def select_cache(self, cache: Any, index: torch.Tensor) -> Any:
+        """Rows ``index`` of a stream-major cache of B rows: entries ``s*B + index`` for every stream s."""
+        n = self.xc.n_streams
+        b = cache.layers[0].keys.shape[0] // n
+        rows = (index[None, :] + torch.arange(n, device=index.device)[:, None] * b).reshape(-1)
+        return select_cache(cache, rows)
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -580,7 +571,7 @@ class XCrossCausalLM:
         if position_ids is not None:
             kwargs["position_ids"] = position_ids.repeat(n, 1)
         if past_key_values is not None:  # transformers 5 names it `cache`, earlier releases `past_key_values`
-            kwargs[self._cache_arg] = self._streams_cache(past_key_values, n)
+            kwargs[self._cache_arg] = past_key_values
         names = [a for a in xc.adapters for _ in range(rows)]
         with routing_scope(xc.model.routing(names, len(names))), xc._integrators(n):
             out = xc.base(**kwargs)
@@ -588,5 +579,5 @@ class XCrossCausalLM:
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         mixed = (xc.w.to(hidden.dtype)[:, None, None, None] * hidden.reshape(n, rows, *hidden.shape[1:])).sum(0)
-        cache = self._rows_cache(getattr(out, self._cache_arg), n) if use_cache else None
+        cache = getattr(out, self._cache_arg) if use_cache else None
         return SimpleNamespace(logits=xc.lm_head(mixed), past_key_values=cache)
