@@ -155,30 +155,135 @@ def lora_linear_cpu_table() -> str:
 
 # --------------------------------------------------------------------------------------------- model runtime
 
+def _latest(pattern: str) -> Path:
+    files = sorted(RESULTS.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no bench/results/{pattern}")
+    return files[-1]
+
+
 def runtime_cpu() -> str:
-    """bench_runtime.py's table (latest CPU run), with its settings and the machine's load."""
-    files = sorted(RESULTS.glob("*-runtime-cpu.json"))
-    data = json.loads(files[-1].read_text())
-    cfg, env, summary = data["config"], data["environment"], data["summary"]
-    nan = float("nan")
-    cols = ["config", "what", "median ms", "tokens/s", "xkern speedup", "peak RSS MiB", "weights MiB (LoRA)",
+    """bench_runtime.py's table (latest CPU run): every configuration at each dtype, with the run's settings."""
+    path = _latest("*-runtime-cpu.json")
+    data = json.loads(path.read_text())
+    cfg, env = data["config"], data["environment"]
+    cols = ["config", "dtype", "what", "median ms", "tokens/s", "xkern speedup", "peak RSS MiB", "weights MiB (LoRA)",
             "max abs logit diff vs xkern"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in data["rows"]:
         diff = r.get("max_abs_logit_diff_vs_xkern")
         speed = r.get("xkern_speedup")
-        lines.append(f"| `{r['config']}` | {r['description']} | {r['median_ms']:.4g} | {r['tokens_per_s']:.4g} | "
-                     + ("-" if speed is None else f"{speed:.3g}") + f" | {r['peak_mb']:.0f} | "
-                     f"{r['weight_mb']:.1f} ({r['adapter_mb']:.1f}) | " + ("-" if diff is None else f"{diff:.3g}")
-                     + " |")
-    note = (f"\nSource: `bench/results/{files[-1].name}`: {cfg['model']}, {cfg['dtype']}, forward {cfg['batch']} x "
-            f"{cfg['seq']} tokens over {len(cfg['adapter_names'])} adapters (r {cfg['rank']}), training "
-            f"{cfg['train_batch']} x {cfg['train_seq']} tokens; {env['torch_threads']} thread(s) per run, "
-            f"xkern backend `{env.get('xkern_backend')}`, torch {env['torch']}, bitsandbytes {env['bitsandbytes']}, "
-            f"peft {env['peft']}; load average {env['loadavg_start'][0]:.2f} at the start and "
-            f"{env['loadavg_end'][0]:.2f} at the end; {cfg['wall_s']:.0f} s in all. First training loss: xkern "
-            f"{summary.get('first_loss_xkern', nan):.4f}, PEFT {summary.get('first_loss_peft', nan):.4f}.")
+        lines.append(f"| `{r['config']}` | {r['dtype']} | {r['description']} | {r['median_ms']:.4g} | "
+                     f"{r['tokens_per_s']:.4g} | " + ("-" if speed is None else f"{speed:.3g}")
+                     + f" | {r['peak_mb']:.0f} | {r['weight_mb']:.1f} ({r['adapter_mb']:.1f}) | "
+                     + ("-" if diff is None else f"{diff:.3g}") + " |")
+    gemm = ", ".join(f"{d} {v['gflops_per_s']:.0f} GFLOP/s" for d, v in cfg["gemm"].items())
+    note = (f"\nSource: `bench/results/{path.name}`: {cfg['model']}, forward {cfg['batch']} x {cfg['seq']} tokens "
+            f"over {len(cfg['adapter_names'])} adapters (r {cfg['rank']}), training {cfg['train_batch']} x "
+            f"{cfg['train_seq']} tokens, generate {cfg['gen_tokens']} new tokens after {cfg['gen_prompt']}-token "
+            f"prompts; CPU {env['cpu']}, {env['torch_threads']} thread(s) per run, xkern backend "
+            f"`{env.get('xkern_backend')}`, torch {env['torch']}, bitsandbytes {env['bitsandbytes']}, peft "
+            f"{env['peft']}; the machine's GEMM rate on the model's shapes: {gemm}; load average "
+            f"{env['loadavg_start'][0]:.2f} at the start and {env['loadavg_end'][0]:.2f} at the end; "
+            f"{cfg['wall_s']:.0f} s in all.")
     return "\n".join(lines) + "\n" + note + "\n"
+
+
+def runtime_targets() -> str:
+    """The targets of the model runtime against the latest CPU run, one line each, met or missed by how much."""
+    path = _latest("*-runtime-cpu.json")
+    data = json.loads(path.read_text())
+    by = {(r["config"], r["dtype"]): r for r in data["rows"]}
+    lines = ["| target | dtype | measured | goal | met |", "|---|---|---|---|---|"]
+    for dtype, part in data["summary"].items():
+        for section, goal in (("forward", 1.2), ("train", 1.5), ("generate", 1.2)):
+            key = f"{section}_speedup_vs_fastest"
+            if key not in part or (section != "forward" and dtype != "bfloat16"):
+                continue
+            fastest = part[f"{section}_fastest_baseline"]
+            lines.append(f"| {section}: xkern vs the fastest baseline (`{fastest}`) | {dtype} | {part[key]:.2f}x | "
+                         f">= {goal}x | {'yes' if part[key] >= goal else 'no'} |")
+        mine = by.get(("fwd_xkern", dtype))
+        if mine and dtype == "bfloat16" and "fraction_of_gemm_rate" in mine:
+            frac = mine["fraction_of_gemm_rate"]
+            lines.append(f"| forward: model FLOPs / time against the bf16 GEMM rate | {dtype} | {frac:.0%} | >= 60% | "
+                         f"{'yes' if frac >= 0.6 else 'no'} |")
+        for section in ("forward", "train", "generate"):
+            mine = [r for r in data["rows"] if r["section"] == section and r["dtype"] == dtype
+                    and r["config"].endswith("_xkern")]
+            rivals = [r for r in data["rows"] if r["section"] == section and r["dtype"] == dtype
+                      and not r["config"].endswith("_xkern") and r["config"] != "fwd_peft_dense"]
+            if mine and rivals:
+                worst = max(mine[0]["peak_mb"] / r["peak_mb"] for r in rivals)
+                lines.append(f"| {section}: peak RSS, xkern / PEFT + bnb (highest ratio) | {dtype} | {worst:.2f} | "
+                             f"<= 1 | {'yes' if worst <= 1.0 else 'no'} |")
+    return "\n".join(lines) + "\n\nSource: `bench/results/" + path.name + "`.\n"
+
+
+PROFILE_CATEGORIES = [("gemm", "GEMMs (oneDNN / MKL, LM head included)"),
+                      ("xkern_nf4_layer", "xkern's NF4 layers outside the GEMMs (decode, LoRA, GEMV)"),
+                      ("attention", "attention (SDPA)"), ("elementwise", "elementwise and norms"),
+                      ("copies", "copies and layout"), ("other_ops", "other operators"),
+                      ("python_and_dispatch", "Python and dispatch (wall - profiled)")]
+
+
+def profile_forward() -> str:
+    """Where the benchmark forward's time goes, before (the landed code of 2026-12-03) and after, per dtype."""
+    runs = {(label, dtype): _load(f"2026-12-04-profile-forward-{label}-{dtype}.json")
+            for label in ("before", "after") for dtype in ("bfloat16", "float32")}
+    lines = ["| where | " + " | ".join(f"{lab} {d} s (share)" for d in ("bfloat16", "float32")
+                                        for lab in ("before", "after")) + " |", "|---|" + "---|" * 4]
+    for key, what in PROFILE_CATEGORIES:
+        cells = []
+        for d in ("bfloat16", "float32"):
+            for lab in ("before", "after"):
+                r = runs[(lab, d)]
+                sec = r["seconds"].get(key, 0.0) * r["wall_s"] / r["profiled_wall_s"]
+                cells.append(f"{sec:.2f} ({r['shares'].get(key, 0.0):.0%})")
+        lines.append(f"| {what} | " + " | ".join(cells) + " |")
+    cells = [f"**{runs[(lab, d)]['wall_s']:.2f}** ({runs[(lab, d)]['tokens_per_s']:.0f} tokens/s)"
+             for d in ("bfloat16", "float32") for lab in ("before", "after")]
+    lines.append("| forward wall time (median) | " + " | ".join(cells) + " |")
+    r = runs[("after", "bfloat16")]
+    note = (f"\nSources: `bench/results/2026-12-04-profile-forward-{{before,after}}-{{bfloat16,float32}}.json` "
+            f"(`python bench/profile_forward.py`, the before rows on a checkout of the previous landing with its own "
+            f"build, each the median-throughput run of three, interleaved); {r['batch']} x {r['seq']} tokens, "
+            f"{r['adapters']} adapters r {r['rank']}, CPU {r['cpu']}, {r['threads']} threads, ISA `{r['isa']}`. "
+            "Seconds per category are the profiled run's shares applied to the median wall time.")
+    return "\n".join(lines) + "\n" + note + "\n"
+
+
+def scoring_cpu() -> str:
+    """bench_scoring.py: seconds per user, and the ranking under bf16 and a title cap, with paired intervals."""
+    path = _latest("*-scoring-cpu.json")
+    data = json.loads(path.read_text())
+    lines = ["| row | dtype | users | s per user | target | tokens per user |", "|---|---|---|---|---|---|"]
+    for r in data.get("speed", []):
+        goal = 0.4 if r["row"] == "lora" else 0.8
+        tokens = f"{r['tokens_per_user']:.0f}" if "tokens_per_user" in r else "-"
+        lines.append(f"| {r['row']} | {r['dtype']} | {r['users']} | {r['s_per_user']:.3f} | <= {goal} | {tokens} |")
+    out = "\n".join(lines) + "\n"
+    for key, a, b, what in (("precision", "bfloat16", "float32", "bf16 - float32"),
+                            ("title_cap", "capped", "full", "titles capped - full")):
+        part = data.get(key)
+        if not part:
+            continue
+        diff = part["bfloat16_minus_float32" if key == "precision" else "capped_minus_full"]
+        rows = ["", f"| {what} ({part['users']} users) | HR@10 | MRR | seconds |", "|---|---|---|---|"]
+        for side in (a, b):
+            m = part[side]
+            sec = part["seconds"][side]
+            rows.append(f"| {side} | {_ci(m['HR@10'])} | {_ci(m['MRR'])} | {sec:.0f} |")
+        rows.append(f"| difference [95% CI] | {diff['HR@10']['diff']:+.4f} [{diff['HR@10']['ci_low']:+.4f}, "
+                    f"{diff['HR@10']['ci_high']:+.4f}] | {diff['MRR']['diff']:+.4f} [{diff['MRR']['ci_low']:+.4f}, "
+                    f"{diff['MRR']['ci_high']:+.4f}] | - |")
+        out += "\n".join(rows) + "\n"
+    cap = data.get("title_cap", {}).get("cap_tokens")
+    out += (f"\nSource: `bench/results/{path.name}`: {data['domain']} test users, {data['candidates']} candidates, "
+            f"SmolLM2-135M, CPU {data['cpu']}, {data['threads']} threads, load average "
+            f"{data['load_average_start']:.2f} at the start and {data['load_average_end']:.2f} at the end"
+            + (f"; title cap {cap} tokens" if cap else "") + ".\n")
+    return out
 
 
 # --------------------------------------------------------------------------------------------- quality
@@ -694,6 +799,9 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "lora-linear-cpu-targets": lora_linear_cpu_targets,
     "lora-linear-cpu-table": lora_linear_cpu_table,
     "runtime-cpu": runtime_cpu,
+    "runtime-targets": runtime_targets,
+    "profile-forward": profile_forward,
+    "scoring-cpu": scoring_cpu,
     "bad-input": bad_input,
     "quality-tools-baselines": quality_tools_baselines,
     "quality-tools-likelihood": quality_tools_likelihood,

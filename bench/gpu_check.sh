@@ -3,7 +3,7 @@
 # nvcc, ninja, pybind11; no bitsandbytes, no network). Every result is a JSON file in OUT (at most 8 files).
 #
 #   bash bench/gpu_check.sh OUT            # on the GPU machine, from the repository root; under 8 minutes
-#   bash bench/gpu_check.sh --dry-run OUT  # CPU, toy sizes: every step runs (CI: tests/test_gpu_check.py)
+#   bash bench/gpu_check.sh --dry-run OUT  # CPU, toy sizes: every step runs (CI: tests/kernels/test_gpu_check.py)
 #
 # Steps (docs/benchmarks.md lists them): 1 environment; 2 carried wheels (XKERN_WHEELS, default
 # shared/wheels/*.whl) installed offline; 3 pip install -e . (builds xkern._C; dry-run: import check);

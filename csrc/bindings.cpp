@@ -1,7 +1,7 @@
 // pybind11 bindings of the xkern CUDA extension (xkern._C).
-// `available_ops()` lists the ops this build implements; the dispatcher (xkern/ops/dispatch.py)
-// routes an op here only when it is listed. setup.py defines XKERN_WITH_DECODE_KERNEL when it
-// compiles the decode kernel (csrc/nf4_lora_decode.cu) into the extension.
+// `available_ops()` lists the ops this build implements; the `cuda` backend (xkern/ops/backends/cuda_ext.py,
+// chosen by the registry of xkern/ops/registry.py) routes an op here only when it is listed. setup.py defines
+// XKERN_WITH_DECODE_KERNEL when it compiles the decode kernel (csrc/nf4_lora_decode.cu) into the extension.
 #include <torch/extension.h>
 
 #include <string>

@@ -1,5 +1,5 @@
 // Launchers of the decode-regime NF4 + multi-adapter LoRA kernels (no torch: nvcc compiles this
-// file on its own, which is what tests/test_cuda_kernels.py checks on machines without a GPU).
+// file on its own, which is what tests/ops/test_cuda_backend.py checks on machines without a GPU).
 // The launch plan (variant, split-K) is made in nf4_lora_decode_plan.cpp.
 #include <cuda_runtime.h>
 

@@ -113,7 +113,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 __device__ __forceinline__ int swz(int u) { return u ^ ((u >> 3) & 3); }
 
 // The three hardware-specific pieces below are replaced by csrc/host_emulation/ when the kernels
-// are run on the CPU by the host emulator (tests/test_cuda_kernels.py); the rest is shared.
+// are run on the CPU by the host emulator (tests/ops/test_cuda_backend.py); the rest is shared.
 #ifndef XKERN_HOST_EMULATION
 __device__ __forceinline__ unsigned char* dynamic_smem() {
   extern __shared__ __align__(16) unsigned char xkern_dynamic_smem[];

@@ -7,6 +7,7 @@ as ``tests.helpers`` (the repository root is on sys.path; see tests/__init__.py)
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,12 @@ from xkern.data.domain import DomainData
 from xkern.data.prompts import listwise_prompt, next_item_prompt
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# the workplace's real Amazon domains (XKERN_DATA overrides): tests that need real data read them from there
+REAL_DATA = Path(os.environ.get("XKERN_DATA") or REPO_ROOT / ".." / "shared" / "data" / "amazon-xcross").resolve()
 
 
 def load_script(relative: str):
-    """A repository script that is not a package module (``bench/docs_tables.py``, ``examples/x.py``), imported."""
+    """A repository script that is not a package module (``bench/docs_tables.py``, an example), imported."""
     path = REPO_ROOT / relative
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / "xkern"
 # bottom to top; a module belongs to the first prefix that matches it (longest prefixes listed first)
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("format and kernels", ("xkern._version", "xkern.errors", "xkern.fileio", "xkern.distributed", "xkern.nf4",
-                            "xkern.kernels", "xkern.plot", "xkern.threads")),
+                            "xkern.kernels", "xkern.plot", "xkern.threads", "xkern.commands")),
     ("ops", ("xkern.ops",)),
     ("adapters, data", ("xkern.adapters", "xkern.data")),
     ("nn", ("xkern.nn",)),

@@ -8,7 +8,9 @@ reports validation loss before and after (and, optionally, ranking metrics on te
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 
 from xkern.adapters.peft_format import BASE
+from xkern.commands import data_options, model_options, names, out_option, run_options
 from xkern.data.domain import DomainData
 from xkern.distributed import dist_setup
 from xkern.fileio import atomic_write_text
@@ -39,7 +42,7 @@ class LoraRecipe:
     max_history: int = 5
     n_neg: int = 4  # negatives per example for the "candidates" objective
     eval_users: int = 0  # > 0: also rank 1 positive + 29 negatives for that many test users
-    dtype: str = "float32"
+    dtype: str = "auto"  # see xkern.nn.resolve_dtype: bf16 where the hardware multiplies it natively
     device: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -93,7 +96,9 @@ def train_lora_on_domains(recipe: LoraRecipe, train_domains: list[DomainData], t
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = getattr(torch, recipe.dtype)
+    from xkern.nn import resolve_dtype
+
+    dtype, _ = resolve_dtype(recipe.dtype, recipe.device)
     all_domains = list({d.name: d for d in [*train_domains, target]}.values())
     model, tok = load_lm(recipe.model, all_domains, dtype, recipe.device, recipe.seed)
     make = (lambda enc, d, split: causal_lm_examples(enc, d, split, recipe.max_per_user)) \
@@ -135,3 +140,60 @@ def train_lora_on_domains(recipe: LoraRecipe, train_domains: list[DomainData], t
     if rank == 0:  # under torchrun every rank holds the same summary; one writes it
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+# --------------------------------------------------------------------------------------------- the command
+
+def cmd_train_lora(args: argparse.Namespace) -> int:
+    from xkern.data.cli import load_domain
+    from xkern.train.loop import TrainConfig, config_from_args
+
+    recipe = LoraRecipe(
+        model=args.model, r=args.r, lora_alpha=args.alpha if args.alpha is not None else 2.0 * args.r,
+        target_modules=args.target_modules or None, objective=args.objective,
+        train=config_from_args(TrainConfig, args, seed=args.seed, progress=not args.no_progress),
+        max_train_users=args.max_train_users, max_val_users=args.max_val_users, max_per_user=args.per_user,
+        max_history=args.max_history, eval_users=args.eval_users, dtype=args.dtype, device=args.device)
+    target = load_domain(args, args.domain)
+    train_names = args.train_domains or (args.domain,)
+    train_domains = [target if n == args.domain else load_domain(args, n) for n in train_names]
+    summary = train_lora_on_domains(recipe, train_domains, target, args.out)
+    if summary["world_size"] > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun rank 0 alone reports
+    print(f"trained on {','.join(summary['train_domains'])}: {summary['train_examples']} examples, "
+          f"{summary['steps']} steps, {summary['trainable_parameters']:,} trainable parameters")
+    print(f"{summary['target']} validation loss ({summary['val_examples']} examples): "
+          f"{summary['val_loss_before']:.4f} -> {summary['val_loss_after']:.4f}")
+    for key in ("test_base", "test_lora"):
+        if key in summary:
+            m = summary[key]
+            print(f"{key}: HR@1 {m['HR@1']:.4f}  HR@10 {m['HR@10']:.4f}  NDCG@10 {m['NDCG@10']:.4f}  "
+                  f"({m['n_users']} users)")
+    print(f"adapter (PEFT format): {summary['adapter_dir']}\nsummary: {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``train-lora`` to the ``xkern`` command."""
+    from xkern.train.loop import TrainConfig, add_config_arguments
+
+    p = sub.add_parser("train-lora", parents=[run_options(), data_options(), model_options("tiny"),
+                                              out_option("output directory", "runs/train-lora")],
+                       help="train a LoRA adapter on next-item prediction",
+                       description="Train one LoRA (PEFT format) on the next-item task of one or more domains over "
+                       "an NF4 base, report validation loss before/after and optionally ranking metrics on test users.")
+    p.add_argument("--domain", required=True, help="target domain: validation (and test) users come from it")
+    p.add_argument("--train-domains", type=names, default=None,
+                   help="comma-separated domains to train on (default: --domain)")
+    p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 2 r)")
+    p.add_argument("--target-modules", type=names, default=None,
+                   help="comma-separated module-name suffixes (default: every NF4 layer)")
+    p.add_argument("--objective", choices=("causal_lm", "candidates"), default="causal_lm")
+    add_config_arguments(p.add_argument_group("training loop"), TrainConfig, skip=("seed",))
+    p.add_argument("--max-train-users", type=int, default=None, help="sample this many training users per domain")
+    p.add_argument("--max-val-users", type=int, default=200, help="validation users (default 200)")
+    p.add_argument("--per-user", type=int, default=1, help="training positions per user sequence (default 1)")
+    p.add_argument("--max-history", type=int, default=5, help="history titles in the prompt (default 5)")
+    p.add_argument("--eval-users", type=int, default=0, help="also rank 30 candidates for N test users")
+    p.set_defaults(func=cmd_train_lora)

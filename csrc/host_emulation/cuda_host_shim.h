@@ -1,5 +1,5 @@
 // CPU emulation of the parts of the CUDA execution model that csrc/nf4_lora_decode.cuh uses, so the
-// kernel source itself can be run and checked on machines without a GPU (tests/test_cuda_kernels.py).
+// kernel source itself can be run and checked on machines without a GPU (tests/ops/test_cuda_backend.py).
 //
 // - every CUDA thread of a block is a std::thread; blocks run one after another (the kernels never
 //   wait for another block, so this is a legal schedule; the split-K "last block" is then the last);

@@ -1,5 +1,5 @@
 // Runs the decode kernels of csrc/nf4_lora_decode.cuh on the CPU under the emulation of
-// cuda_host_shim.h. Built as a shared library by tests/test_cuda_kernels.py (g++ -std=c++20
+// cuda_host_shim.h. Built as a shared library by tests/ops/test_cuda_backend.py (g++ -std=c++20
 // -DXKERN_HOST_EMULATION) and called through ctypes with CPU tensors; it mirrors
 // launch_nf4_lora_decode (nf4_lora_decode.cu): the same plan, the shrink launch, then the GEMV.
 // Not part of the extension build (setup.py compiles csrc/*.cpp|cu only, not this folder).

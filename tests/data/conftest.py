@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import REAL_DATA  # noqa: F401  (the data tests' fixtures read it)
 from xkern.data.domain import DomainData
-
-REAL_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "amazon-xcross"
 
 
 @pytest.fixture

@@ -209,7 +209,8 @@ def test_weave_cli_through_register(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="xkern")
     register(parser.add_subparsers(dest="command"))
     out = tmp_path / "weave.json"
-    args = parser.parse_args(["weave", "--synthetic-users", "30", "--train-users", "8", "--eval-users", "4",
+    args = parser.parse_args(["weave", "--data", "synthetic", "--synthetic-users", "30", "--train-users", "8",
+                              "--eval-users", "4",
                               "--speed-users", "1", "--max-steps", "1", "--rows", "target-only,weave-merge",
                               "--format", "next_item", "--max-new-tokens", "3", "--tiny-pretrain-steps", "2",
                               "--modes", "likelihood,pmi,listwise", "--val-users", "5",
@@ -252,7 +253,8 @@ def test_weave_load_adapters_scores_what_the_saving_run_trained(tmp_path):
 
     parser = argparse.ArgumentParser(prog="xkern")
     register(parser.add_subparsers(dest="command"))
-    common = ["weave", "--synthetic-users", "30", "--train-users", "8", "--eval-users", "4", "--speed-users", "0",
+    common = ["weave", "--data", "synthetic", "--synthetic-users", "30", "--train-users", "8", "--eval-users", "4",
+              "--speed-users", "0",
               "--max-steps", "2", "--lr", "5e-2", "--rows", "target-only,weave-merge", "--format", "next_item",
               "--tiny-pretrain-steps", "2", "--modes", "likelihood", "--val-users", "5", "--no-progress"]
     saved = tmp_path / "adapters"

@@ -12,16 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xkern.data.domain import default_data_root
+from tests.helpers import REAL_DATA
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def tools():
-    root = default_data_root()
-    if root is None or not (root / "Tools" / "train.json").is_file():
-        pytest.skip("the amazon-xcross data is not beside this checkout (set XKERN_DATA)")
+    root = REAL_DATA
+    if not (root / "Tools" / "train.json").is_file():
+        pytest.skip("the real Amazon domains are not in this workplace (set XKERN_DATA)")
     from xkern.data.domain import load_processed
 
     return load_processed(root, "Tools", max_words=6)

@@ -3,7 +3,7 @@
 Every source of data (the amazon-xcross folders, raw Amazon releases, the synthetic generator) ends
 up as a `DomainData`, so splits, negatives, prompts and evaluation are written once.
 
-Processed folder format (that of `../shared/data/amazon-xcross/<Domain>`):
+Processed folder format (that of the X-Cross paper's processed Amazon domains, one folder per domain):
 `train.json` / `test.json` map user index -> item indices in time order (split by user);
 `smap.json` maps raw item id -> item index; `umap.json` raw user id -> user index;
 `meta_data.json` raw item id -> title.
@@ -20,6 +20,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
+from xkern.commands import DATA_ENV
 from xkern.errors import FormatError, NotFoundError
 from xkern.fileio import atomic_write_text
 
@@ -29,13 +30,12 @@ _TAG = re.compile(r"<[^>]{0,200}>")
 _SPACE = re.compile(r"\s+")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DATA_ENV = "XKERN_DATA"
-# the workplace's processed Amazon domains, beside a source checkout (a wheel install has no such neighbour)
-CHECKOUT_DATA_ROOT = REPO_ROOT / ".." / "shared" / "data" / "amazon-xcross"
+# a source checkout's own data root (not versioned): processed domain folders put or linked there
+CHECKOUT_DATA_ROOT = REPO_ROOT / "data"
 
 
 def default_data_root() -> Path | None:
-    """``$XKERN_DATA`` if set; else the Amazon folder beside a source checkout if it exists; else ``None``.
+    """``$XKERN_DATA`` if set; else the ``data/`` folder of a source checkout if it exists; else ``None``.
 
     A wheel install lives in ``site-packages``, where a path relative to the package means nothing, so
     there the user names the data (``--data`` or ``XKERN_DATA``) and is told so when they do not.

@@ -9,6 +9,7 @@ op per linear layer.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -440,6 +441,43 @@ def _load_hf(source: str | os.PathLike, dtype: torch.dtype, model_class: Any, at
     if getattr(cfg, "quantization_config", None) is not None and "gguf_file" in kwargs:
         del cfg.quantization_config  # GGUF weights were dequantized on load; xkern re-quantizes them to NF4
     return model
+
+
+_SLOW_BF16_SAID = False
+
+
+def resolve_dtype(name: str | torch.dtype = "auto",
+                  device: torch.device | str | None = None) -> tuple[torch.dtype, str]:
+    """The compute dtype for ``name`` (``"auto"``, ``"float32"``, ``"bfloat16"``, ``"float16"`` or a dtype), and why.
+
+    ``"auto"`` is bfloat16 where the hardware multiplies bf16 natively (a CPU with AVX512-BF16 or AMX, a
+    CUDA GPU that supports bf16: two to three times the float32 rate here, the arithmetic of
+    bitsandbytes and PEFT in bf16) and float32 elsewhere. bf16 asked for on a CPU without bf16
+    instructions still works, through oneDNN's float32 emulation, and says so once.
+    """
+    global _SLOW_BF16_SAID
+    from xkern.ops.backends.cpu_native import bf16_instructions
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if isinstance(name, torch.dtype):
+        dtype = name
+    elif name == "auto":
+        if dev.type == "cuda":
+            ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            return (torch.bfloat16, "auto: the GPU supports bf16") if ok else (torch.float32, "auto: no bf16 GPU")
+        found = bf16_instructions()
+        if found:
+            return torch.bfloat16, f"auto: the CPU multiplies bf16 natively ({', '.join(found)})"
+        return torch.float32, "auto: the CPU has no bf16 instructions (AVX512-BF16, AMX), float32 is faster there"
+    elif name in ("float32", "bfloat16", "float16"):
+        dtype = getattr(torch, name)
+    else:
+        raise InputError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {name!r}")
+    if dtype == torch.bfloat16 and dev.type == "cpu" and not bf16_instructions() and not _SLOW_BF16_SAID:
+        _SLOW_BF16_SAID = True
+        logging.getLogger("xkern").warning("bfloat16 on a CPU without bf16 instructions (AVX512-BF16, AMX): it runs "
+                                           "through float32 emulation, slower than float32")
+    return dtype, "asked for"
 
 
 def load_model(model_or_path: nn.Module | str | os.PathLike, quantize: str = "nf4", dtype: torch.dtype = torch.bfloat16,

@@ -1,38 +1,37 @@
 """``xkern weave``: train WeaveRec's adapters, merge them, evaluate both prediction modes.
 
-Wire it into the ``xkern`` command with ``xkern.weave.cli.register(subparsers)``; the handler is
-``cmd_weave`` (set as the subparser's ``func``).
+Registered from here (``register(subparsers)``) with the shared flags of :mod:`xkern.commands`; the
+training flags come from ``TrainConfig`` with WeaveRec's defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
+from xkern.commands import data_options, names, out_option, run_options
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``weave`` subcommand to an ``argparse`` subparsers object; returns its parser."""
+    from xkern.train.loop import TrainConfig, add_config_arguments
     from xkern.weave.experiment import MODES, ROWS, WeaveConfig
 
     d = WeaveConfig()
     p = subparsers.add_parser(
         "weave",
+        parents=[run_options(), data_options(splits=False),
+                 out_option("JSON output", "runs/weave/results.json")],
         help="WeaveRec: target + hybrid LoRAs, merged, evaluated (likelihood and listwise generation)",
         description="Train a target-only LoRA and one hybrid LoRA per source (target + source mix), merge them "
         "by task arithmetic, and evaluate the rows on the target's test candidates with both prediction modes "
         "(prefix-KV likelihood scoring, listwise generation). Prints a table and writes JSON.",
     )
-    p.add_argument("--data", default="synthetic",
-                   help="processed domain folders root (e.g. ../shared/data/amazon-xcross) or 'synthetic' "
-                        "(default: synthetic)")
     p.add_argument("--target", default=d.target, help=f"target domain (default {d.target})")
-    p.add_argument("--sources", type=_names, default=d.sources, help="comma-separated source domains")
+    p.add_argument("--sources", type=names, default=d.sources, help="comma-separated source domains")
     p.add_argument("--model", default=d.model,
                    help="'tiny' (random word-level Llama), 'smollm2', or a model directory / .gguf (default tiny)")
     p.add_argument("--layers", type=int, default=None, help="keep only the first N transformer blocks")
@@ -45,16 +44,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-history", type=int, default=d.max_history)
     p.add_argument("--r", type=int, default=d.r, help="LoRA rank of every adapter")
     p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--epochs", type=float, default=d.epochs)
-    p.add_argument("--max-steps", type=int, default=None)
+    add_config_arguments(p.add_argument_group("training loop (every adapter)"), TrainConfig,
+                         defaults=dataclasses.asdict(d.train), skip=("seed",))
     p.add_argument("--eval-users", type=int, default=d.eval_users, help="first N test users of the target")
     p.add_argument("--val-users", type=int, default=d.val_users)
     p.add_argument("--select-step", type=float, default=None,
                    help="choose merge weights on validation with this simplex step (adds row weave-merge-val)")
-    p.add_argument("--rows", type=_names, default=d.rows, help=f"comma-separated rows out of {','.join(ROWS)}")
-    p.add_argument("--modes", type=_names, default=d.modes, help=f"comma-separated, out of {','.join(MODES)}")
+    p.add_argument("--rows", type=names, default=d.rows, help=f"comma-separated rows out of {','.join(ROWS)}")
+    p.add_argument("--modes", type=names, default=d.modes, help=f"comma-separated, out of {','.join(MODES)}")
     p.add_argument("--speed-users", type=int, default=d.speed_users,
                    help="users for the prefix-KV vs independent scoring timing (0: skip)")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
@@ -63,18 +60,16 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                         "their likelihood after the listwise prompt (default) or reuse the likelihood mode's scores")
     p.add_argument("--listwise-train-candidates", type=int, default=d.n_candidates_train,
                    help="candidates listed in listwise training prompts")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--save-adapters", default=None, help="directory for the trained adapters (PEFT format)")
     p.add_argument("--load-adapters", default=None,
                    help="directory of an earlier run's --save-adapters: load its adapters instead of training")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/weave/results.json", help="JSON output (default runs/weave/results.json)")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_weave)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
+    from xkern.train.loop import TrainConfig
+    from xkern.train.loop import config_from_args as train_config
     from xkern.weave.experiment import WeaveConfig
 
     rows = tuple(args.rows)
@@ -84,8 +79,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
                        layers=args.layers, tiny_pretrain_steps=args.tiny_pretrain_steps, fmt=args.fmt,
                        train_users=args.train_users,
                        synthetic_users=args.synthetic_users, max_history=args.max_history, r=args.r,
-                       lora_alpha=args.lora_alpha, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
-                       max_steps=args.max_steps, eval_users=args.eval_users, val_users=args.val_users,
+                       lora_alpha=args.lora_alpha, train=train_config(TrainConfig, args, seed=args.seed),
+                       eval_users=args.eval_users, val_users=args.val_users,
                        select_step=args.select_step, rows=rows, modes=tuple(args.modes),
                        speed_users=args.speed_users, max_new_tokens=args.max_new_tokens,
                        listwise_fallback=args.listwise_fallback, n_candidates_train=args.listwise_train_candidates,

@@ -41,6 +41,7 @@ from xkern.data.negatives import build_candidates
 from xkern.distributed import dist_setup, sum_over_ranks
 from xkern.serve import LikelihoodScorer, ListwiseGenerationScorer, PrefixLikelihoodScorer
 from xkern.train import evaluate_loss
+from xkern.train.loop import TrainConfig
 from xkern.weave.data import domain_examples, mix_domains
 from xkern.weave.merging import merge_loaded, select_merge_weights
 from xkern.weave.train import train_adapter
@@ -52,7 +53,7 @@ TABLE_METRICS = ("HR@1", "HR@10", "NDCG@10")
 
 @dataclass
 class WeaveConfig:
-    data: str = "synthetic"  # a processed-folder root (../shared/data/amazon-xcross) or "synthetic"
+    data: str = "synthetic"  # a root of processed domain folders, or "synthetic"
     target: str = "Tools"
     sources: tuple[str, ...] = ("Toys", "Sports")
     model: str = "tiny"  # "tiny" (random word-level Llama), "smollm2", or a model path / .gguf
@@ -66,10 +67,8 @@ class WeaveConfig:
     r: int = 8
     lora_alpha: float = 16.0
     target_modules: tuple[str, ...] | None = None
-    lr: float = 1e-3
-    batch_size: int = 8
-    epochs: float = 1.0
-    max_steps: int | None = None
+    # every adapter's training loop (seed and progress come from this config's own fields)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, batch_size=8, epochs=1.0))
     n_neg: int = 29
     eval_users: int = 100
     val_users: int = 32
@@ -90,14 +89,9 @@ class WeaveConfig:
 
 
 def load_domains(cfg: WeaveConfig) -> dict[str, DomainData]:
-    names = [*cfg.sources, cfg.target]
-    if cfg.data == "synthetic":
-        from xkern.data.synthetic import SyntheticConfig, make_synthetic
+    from xkern.data.cli import load_domains as load
 
-        return make_synthetic(SyntheticConfig(domains=tuple(names), n_users=cfg.synthetic_users, seed=cfg.seed))
-    from xkern.data.domain import load_processed
-
-    return {n: load_processed(cfg.data, n, seed=cfg.seed) for n in names}
+    return load(cfg.data, [*cfg.sources, cfg.target], seed=cfg.seed, synthetic_users=cfg.synthetic_users)
 
 
 def load_lm(cfg: WeaveConfig, domains: dict[str, DomainData]) -> tuple[Any, Any, str]:
@@ -136,8 +130,7 @@ def load_lm(cfg: WeaveConfig, domains: dict[str, DomainData]) -> tuple[Any, Any,
 
 
 def _train_kw(cfg: WeaveConfig) -> dict[str, Any]:
-    kw: dict[str, Any] = dict(r=cfg.r, lora_alpha=cfg.lora_alpha, seed=cfg.seed, lr=cfg.lr,
-                              batch_size=cfg.batch_size, epochs=cfg.epochs, max_steps=cfg.max_steps,
+    kw: dict[str, Any] = dict(r=cfg.r, lora_alpha=cfg.lora_alpha, seed=cfg.seed, config=cfg.train,
                               progress=cfg.progress, output_dir=cfg.save_adapters)
     if cfg.target_modules:
         kw["target_modules"] = list(cfg.target_modules)
@@ -241,7 +234,7 @@ def run_weave(cfg: WeaveConfig, domains: dict[str, DomainData] | None = None, mo
     enc = PromptEncoder(tokenizer, target.name, max_history=cfg.max_history)
     val_users = sorted(target.val)[: cfg.val_users]
     val_examples = causal_lm_examples(enc, replace(target, val={u: target.val[u] for u in val_users}), "val")
-    val_loss_base = evaluate_loss(model, BASE, val_examples, batch_size=cfg.batch_size) if val_examples else None
+    val_loss_base = evaluate_loss(model, BASE, val_examples, batch_size=cfg.train.batch_size) if val_examples else None
     cands = build_candidates(target, "test", cfg.n_neg, "uniform", cfg.seed, cfg.eval_users)
     served: dict[str, str] = {}
     if "base" in rows:
@@ -286,7 +279,8 @@ def run_weave(cfg: WeaveConfig, domains: dict[str, DomainData] | None = None, mo
     for row, adapter in served.items():
         prefix = PrefixLikelihoodScorer(model, enc, target.titles, adapter, cfg.user_batch, cfg.row_batch)
         cached = None
-        val_loss = evaluate_loss(model, adapter, val_examples, batch_size=cfg.batch_size) if val_examples else None
+        val_loss = (evaluate_loss(model, adapter, val_examples, batch_size=cfg.train.batch_size)
+                    if val_examples else None)
         for mode in cfg.modes:
             if mode in ("likelihood", "pmi"):
                 cached = cached or CachedScorer(prefix)

@@ -1,7 +1,6 @@
 """``xkern train-xcross``: train X-Cross over saved PEFT adapters on one domain, optionally evaluate.
 
-Wire it into ``xkern/cli.py`` with ``from xkern.xcross.cli import register; register(sub)`` inside
-``build_parser``; the handler is set with ``set_defaults(func=...)`` like every other subcommand.
+Registered from here (``register(subparsers)``) with the shared flags of :mod:`xkern.commands`.
 """
 
 from __future__ import annotations
@@ -10,6 +9,8 @@ import argparse
 import json
 import os
 from pathlib import Path
+
+from xkern.commands import data_options, model_options, out_option, run_options
 
 
 def _adapter_spec(text: str) -> tuple[str, str]:
@@ -26,25 +27,20 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser(
         "train-xcross",
+        parents=[run_options(), data_options(), model_options(None), out_option("output directory", "runs/xcross")],
         help="train X-Cross (integrators, w, head) over saved LoRA adapters",
         description="Load an NF4 base and n saved PEFT adapters (one stream each), train X-Cross's "
         "integrators, stream weights and scoring head on a domain's training users (cross-entropy over "
         "the positive and K negatives, early stopping on its validation users), save them, and "
         "optionally evaluate on the test users (1 positive + n-neg negatives).",
     )
-    p.add_argument("--model", required=True, help="base: model directory, .gguf file, or 'minilm' / 'smollm2'")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     p.add_argument("--adapter", action="append", type=_adapter_spec, required=True, metavar="NAME=DIR",
                    help="a PEFT adapter directory, one stream (repeat for each; order = stream order)")
-    p.add_argument("--data", default=None,
-                   help="root of processed domain folders, or 'synthetic' (default: $XKERN_DATA, else the "
-                   "workplace's amazon-xcross folder beside a source checkout)")
     p.add_argument("--target", required=True, help="domain to train on, e.g. Tools")
-    p.add_argument("--mode", choices=("by-user", "loo"), default="by-user")
-    p.add_argument("--val-frac", type=float, default=0.1)
     p.add_argument("--fraction", type=float, default=1.0, help="fraction of training users (nested, seeded)")
     add_config_arguments(p.add_argument_group("training"), XCrossTrainConfig,
-                         skip=("extra_lr", "score_batch_size"))
+                         skip=("extra_lr", "score_batch_size", "seed"))
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--gamma", type=float, default=1.0)
     p.add_argument("--bias", action="store_true", help="integrator bias")
@@ -62,12 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    "LoRAs' next-item skill")
     p.add_argument("--max-history", type=int, default=5)
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--device", default=None)
     p.add_argument("--eval-users", type=int, default=0, help="evaluate on the first N test users (0: skip, -1: all)")
     p.add_argument("--eval-neg", type=int, default=29)
-    p.add_argument("--out", default="runs/xcross", help="output directory (default runs/xcross)")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train_xcross)
     return p
 
@@ -78,27 +70,13 @@ def _tokenizer(model_path: str, tokenizer: str | None):
     return load_tokenizer(tokenizer or model_path)
 
 
-def _domain(args: argparse.Namespace):
-    from xkern.data.domain import load_processed
-
-    if args.data == "synthetic":
-        from xkern.data.synthetic import DOMAIN_NOUNS, SyntheticConfig, make_synthetic
-
-        if args.target not in DOMAIN_NOUNS:
-            raise ValueError(f"unknown synthetic domain {args.target!r} ({', '.join(DOMAIN_NOUNS)})")
-        domains = tuple(dict.fromkeys([*SyntheticConfig().domains, args.target]))
-        return make_synthetic(SyntheticConfig(domains=domains, seed=args.seed))[args.target]
-    return load_processed(args.data, args.target, val_frac=args.val_frac, seed=args.seed, mode=args.mode)
-
-
 def cmd_train_xcross(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    import torch
-
+    from xkern.data.cli import load_domain
     from xkern.data.evaluate import write_report
     from xkern.data.splits import subsample_train
-    from xkern.nn import load_model
+    from xkern.nn import load_model, resolve_dtype
     from xkern.nn.pretrained import resolve
     from xkern.train.loop import config_from_args
     from xkern.xcross import XCrossModel, evaluate, train
@@ -108,12 +86,12 @@ def cmd_train_xcross(args: argparse.Namespace) -> int:
     if len(set(names)) != len(names):
         raise ValueError(f"adapter names must be distinct, got {names}")
     model_path = resolve(args.model)
-    dtype = getattr(torch, args.dtype)
+    dtype, _ = resolve_dtype(args.dtype, args.device)
     xm = load_model(model_path, dtype=dtype, device=args.device, progress=not args.no_progress)
     for name, path in args.adapter:
         xm.load_adapter(path, name)
     tok = _tokenizer(model_path, args.tokenizer)
-    data = _domain(args)
+    data = load_domain(args, args.target)
     data = replace(data, train=subsample_train(data.train, args.fraction, args.seed))
     xc = XCrossModel(xm, names, beta=args.beta, gamma=args.gamma, pooling=args.pooling, bias=args.bias,
                      integrator_norm=args.integrator_norm, likelihood_reduce=args.likelihood_reduce,
@@ -121,7 +99,7 @@ def cmd_train_xcross(args: argparse.Namespace) -> int:
                      tokenizer=tok, titles=data.titles, domain=data.name, max_history=args.max_history,
                      max_tokens=args.max_tokens)
     out = Path(args.out)
-    config = config_from_args(XCrossTrainConfig, args, progress=not args.no_progress)
+    config = config_from_args(XCrossTrainConfig, args, seed=args.seed, progress=not args.no_progress)
     res = train(xc, data, output_dir=out, config=config)
     rank = int(os.environ.get("RANK", "0"))  # under torchrun rank 0 alone reports and writes
     counts = xc.num_trainable()
@@ -141,18 +119,4 @@ def cmd_train_xcross(args: argparse.Namespace) -> int:
                                                                    if k != "func"}})
             print(json.dumps(m))
             print(f"wrote {path}")
-    return 0
-    counts = xc.num_trainable()
-    print(f"trained X-Cross over {names} on {data.name}: {res.steps} steps, {res.n_train_examples} examples, "
-          f"best val loss {res.best_val_loss} at step {res.best_step}"
-          f"{' (early stop)' if res.stopped_early else ''}, {counts['total']:,} trainable parameters")
-    print(f"wrote {out / 'xcross'}")
-    if args.eval_users:
-        max_users = None if args.eval_users < 0 else args.eval_users
-        m = evaluate(xc, data, "test", args.eval_neg, args.seed, max_users, progress=not args.no_progress)
-        path = write_report(out / "metrics.json", {"kind": "xkern-train-xcross", "adapters": names,
-                                                    "target": data.name, "metrics": m, "trainable": counts,
-                                                    "config": {k: v for k, v in vars(args).items() if k != "func"}})
-        print(json.dumps(m))
-        print(f"wrote {path}")
     return 0

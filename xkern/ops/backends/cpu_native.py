@@ -37,6 +37,18 @@ def _import_error() -> str:
     return ""
 
 
+@functools.cache
+def bf16_instructions() -> tuple[str, ...]:
+    """The bf16 arithmetic this CPU has (``avx512_bf16``: ``vdpbf16ps``; ``amx_bf16``: AMX tiles), from
+    ``/proc/cpuinfo``; empty where it has none (bf16 then runs through float32 emulation in oneDNN)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        return ()
+    return tuple(x for x in ("avx512_bf16", "amx_bf16") if x in flags)
+
+
 def _probe(device: torch.device) -> str | None:
     if device.type != "cpu":
         return f"backend 'cpu' needs CPU tensors, got {device}"
