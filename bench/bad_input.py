@@ -1,5 +1,5 @@
-"""What a user gets for each mistake of issue 15's list, measured: every case runs as its own process in
-an empty folder, and the exit code, the message, a traceback if any, the seconds and what was left on
+"""What a user gets for each mistake of the bad-input list (docs/errors.md), measured: every case runs as its
+own process in an empty folder, and the exit code, the message, a traceback if any, the seconds and what was left on
 disk are recorded in ``bench/results/bad-input.json`` (``docs/errors.md`` shows it; ``tests/test_bad_input.py``
 re-runs the cases in-process and fails when a message or exit code drifts from the JSON).
 

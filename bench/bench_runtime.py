@@ -240,6 +240,11 @@ def load_bnb(plan: dict, exact: bool = False):
     if device.type == "cuda":
         kwargs["device_map"] = _device_map(device)
     model = AutoModelForCausalLM.from_pretrained(plan["bnb_dir"], **kwargs)
+    import bitsandbytes as bnb
+
+    for p in model.parameters():  # the checkpoint records float32: the dense parts compute in the run's dtype too
+        if p.is_floating_point() and not isinstance(p, bnb.nn.Params4bit):
+            p.data = p.data.to(_dtype(plan))
     for m in model.modules():
         if hasattr(m, "compute_dtype"):  # the checkpoint records one; every run computes in its own dtype
             m.compute_dtype = _dtype(plan)

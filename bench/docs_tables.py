@@ -610,9 +610,9 @@ def fsdp_memory_cpu() -> str:
 
 
 def bad_input() -> str:
-    """bench/bad_input.py's cases: the issue's report (before) against the measured message and exit code."""
+    """bench/bad_input.py's cases: the first report of each case (before) against the measured message and exit code."""
     run = _load("bad-input.json")
-    lines = ["| input | before (as reported in issue 15) | after: what the user sees | exit | traceback | "
+    lines = ["| input | before (as first reported) | after: what the user sees | exit | traceback | "
              "left on disk |", "|---|---|---|---|---|---|"]
     for c in run["cases"]:
         cell = lambda t: t.replace("|", "\\|")  # noqa: E731

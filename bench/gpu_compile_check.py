@@ -3,7 +3,7 @@ ahead of time, on a machine without a GPU, and record what the GPU would be aske
 
 Triton compiles for a ``GPUTarget`` without a driver and ships ``ptxas`` / ``cuobjdump`` under
 ``triton/backends/nvidia/bin``, so registers, spills, shared memory and SASS are readable here. The
-cases come from ``xkern.ops.backends.triton_jit.compile_cases()`` (the launchers' own tables).
+cases come from ``bench/compile_cases.py`` (built from the launchers' own tables).
 
 Per record: kernel, path (decode / mid / large / dequantize / xcross-nN; see docs/kernels.md), config,
 arch, dtype, compiles, regs, spill_bytes (ptxas spill stores), shared_bytes (the compiled kernel's
@@ -32,8 +32,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "bench"):  # the package, and compile_cases.py beside this script
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 # Real launches mark every pointer and integer argument divisible by 16 as such (``tt.divisibility``), which
 # decides vectorization; the check assumes so for all but the row counts and ranks, as in a model's layers.
@@ -183,7 +184,8 @@ def compile_one(case, arch: int) -> dict:
 def _work(item):
     idx, arch = item
     _bare_package()
-    from xkern.ops.backends.triton_jit import compile_cases
+    from compile_cases import compile_cases
+
     return compile_one(compile_cases()[idx], arch)
 
 
@@ -195,7 +197,7 @@ def _selected(case, only: str | None, exclude: str | None) -> bool:
 def run(only: str | None = None, archs=(80, 90), jobs: int = 1, limit: int | None = None,
         exclude: str | None = None) -> list[dict]:
     _bare_package()
-    from xkern.ops.backends.triton_jit import compile_cases
+    from compile_cases import compile_cases
     cases = compile_cases()
     items = [(i, a) for i, c in enumerate(cases) for a in archs if _selected(c, only, exclude)]
     if limit:
@@ -249,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     records = run(args.only, tuple(args.arch), args.jobs, args.limit, args.exclude)
     seen = {_record_key(r) for r in records}
-    from xkern.ops.backends.triton_jit import compile_cases
+    from compile_cases import compile_cases
     current = {_record_key({"kernel": c.kernel, "path": c.path, "config": c.config, "dtype": c.dtype,
                             "arch": ARCH_NAME[a]}) for c in compile_cases() for a in args.arch}
     for path in args.merge:

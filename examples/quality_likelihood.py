@@ -1,4 +1,4 @@
-"""Quality rows of likelihood models on real data (issue 17): LoRA and X-Cross runs ranked on the same
+"""Quality rows of likelihood models on real data: LoRA and X-Cross runs ranked on the same
 candidates as the baselines, with 95% bootstrap intervals and paired comparisons.
 
 The runs are made by the commands (any processed domain folders: ``--data``, ``--domain`` / ``--target``):

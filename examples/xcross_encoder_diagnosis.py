@@ -1,4 +1,4 @@
-"""Why X-Cross's encoder path does not learn on real Tools data: the questions of issue 17, item 1.
+"""Why X-Cross's encoder path does not learn on real Tools data: what was asked of it, answered.
 
 On the NF4 all-MiniLM-L6-v2 base with no adapter (the state every LoRA starts from, since B = 0):
 

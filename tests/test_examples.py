@@ -29,7 +29,7 @@ def test_xcross_table_shows_kept_steps_and_baselines():
 
 
 def test_committed_quality_results_follow_the_format_and_their_ranks():
-    """Every bench/results/quality-*.json: issue 17's row format, and each metric's mean is the mean
+    """Every bench/results/quality-*.json: the quality row format, and each metric's mean is the mean
     over the row's own per-user ranks, inside its interval; paired rows compare the same users."""
     import numpy as np
 

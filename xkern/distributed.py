@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from xkern.errors import InputError
+
 
 def dist_setup() -> tuple[int, int]:
     """(rank, world size); starts the process group under ``torchrun`` (gloo on CPU, nccl on GPUs)."""
@@ -26,7 +28,7 @@ def dist_setup() -> tuple[int, int]:
 def shard_range(n: int, rank: int, world: int) -> range:
     """Rank ``rank``'s contiguous share of ``n`` items; the first ``n % world`` ranks take one more."""
     if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is not in a world of {world}")
+        raise InputError(f"rank {rank} is not in a world of {world}")
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (rank < extra))

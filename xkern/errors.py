@@ -26,3 +26,10 @@ class NotFoundError(XkernError, FileNotFoundError):
 
 class InputTypeError(XkernError, TypeError):
     """An argument of the wrong type (a list where a tensor belongs, an unsupported dtype)."""
+
+
+class InputKeyError(XkernError, KeyError):
+    """A name that is not known here (an adapter that is not loaded, a domain, a row); ``KeyError`` for callers."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""

@@ -18,7 +18,7 @@ from functools import cache
 
 import torch
 
-from xkern.errors import FormatError
+from xkern.errors import FormatError, InputError, InputTypeError
 
 NF4_CODE_VALUES: tuple[float, ...] = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -139,33 +139,33 @@ class NF4Tensor:
         object.__setattr__(self, "shape", torch.Size(self.shape))
         numel = math.prod(self.shape)
         if self.packed.dtype != torch.uint8:
-            raise TypeError(f"packed must be uint8, got {self.packed.dtype}")
+            raise InputTypeError(f"packed must be uint8, got {self.packed.dtype}")
         if self.packed.numel() != (numel + 1) // 2:
-            raise ValueError(f"packed has {self.packed.numel()} bytes, shape {tuple(self.shape)} needs "
+            raise InputError(f"packed has {self.packed.numel()} bytes, shape {tuple(self.shape)} needs "
                              f"{(numel + 1) // 2}")
         if self.blocksize not in VALID_BLOCKSIZES:
-            raise ValueError(f"blocksize must be one of {VALID_BLOCKSIZES}, got {self.blocksize}")
+            raise InputError(f"blocksize must be one of {VALID_BLOCKSIZES}, got {self.blocksize}")
         if self.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"dtype must be one of {_FLOAT_DTYPES}, got {self.dtype}")
+            raise InputTypeError(f"dtype must be one of {_FLOAT_DTYPES}, got {self.dtype}")
         n_blocks = -(-numel // self.blocksize)
         if self.absmax.numel() != n_blocks:
-            raise ValueError(f"absmax has {self.absmax.numel()} entries, expected {n_blocks}")
+            raise InputError(f"absmax has {self.absmax.numel()} entries, expected {n_blocks}")
         nested = (self.absmax2, self.code2, self.offset)
         if any(t is not None for t in nested) and not all(t is not None for t in nested):
-            raise ValueError("double quantization needs absmax2, code2 and offset together")
+            raise InputError("double quantization needs absmax2, code2 and offset together")
         if self.double_quant:
             if self.absmax.dtype != torch.uint8:
-                raise TypeError(f"double-quantized absmax must be uint8, got {self.absmax.dtype}")
+                raise InputTypeError(f"double-quantized absmax must be uint8, got {self.absmax.dtype}")
             if self.absmax2.numel() != -(-n_blocks // NESTED_BLOCKSIZE):
-                raise ValueError(f"absmax2 has {self.absmax2.numel()} entries, expected "
+                raise InputError(f"absmax2 has {self.absmax2.numel()} entries, expected "
                                  f"{-(-n_blocks // NESTED_BLOCKSIZE)}")
             if self.code2.numel() != 256:
-                raise ValueError(f"code2 must have 256 entries, got {self.code2.numel()}")
+                raise InputError(f"code2 must have 256 entries, got {self.code2.numel()}")
         elif self.absmax.dtype != torch.float32:
-            raise TypeError(f"absmax must be float32, got {self.absmax.dtype}")
+            raise InputTypeError(f"absmax must be float32, got {self.absmax.dtype}")
         devices = {t.device for t in (self.packed, self.absmax, *nested) if t is not None}
         if len(devices) != 1:
-            raise ValueError(f"NF4Tensor parts are on different devices: {sorted(map(str, devices))}")
+            raise InputError(f"NF4Tensor parts are on different devices: {sorted(map(str, devices))}")
 
     @property
     def double_quant(self) -> bool:
@@ -220,7 +220,7 @@ class NF4Tensor:
         :meth:`from_parts` inverts it. Changing the layout changes only these two methods.
         """
         if len(self.shape) != 2:
-            raise ValueError(f"parts() needs a 2-D weight, got shape {tuple(self.shape)}")
+            raise InputError(f"parts() needs a 2-D weight, got shape {tuple(self.shape)}")
         tensors = [self.packed, self.absmax]
         if self.double_quant:
             tensors += [self.absmax2, self.code2, self.offset.reshape(1)]
@@ -296,7 +296,7 @@ class NF4Tensor:
         qs_key = f"{prefix}.quant_state.bitsandbytes__nf4"
         if qs_key not in state_dict:
             if f"{prefix}.quant_state.bitsandbytes__fp4" in state_dict:
-                raise ValueError(f"{prefix} is FP4-quantized; xkern reads NF4 only")
+                raise InputError(f"{prefix} is FP4-quantized; xkern reads NF4 only")
             raise QuantStateError(f"missing key {qs_key!r}: {prefix} is not an NF4 bitsandbytes weight")
         try:
             meta = json.loads(bytes(need(qs_key).cpu().to(torch.uint8).tolist()).decode("utf-8"))
@@ -312,10 +312,10 @@ class NF4Tensor:
                                         for d in meta["shape"]):
             raise QuantStateError(f"quant state {qs_key!r}: shape={meta['shape']!r} must be positive integers")
         if meta.get("quant_type") != "nf4":
-            raise ValueError(f"{prefix}: quant_type {meta.get('quant_type')!r}, expected 'nf4'")
+            raise InputError(f"{prefix}: quant_type {meta.get('quant_type')!r}, expected 'nf4'")
         quant_map = need(f"{prefix}.quant_map").float().cpu()
         if not torch.equal(quant_map, _nf4_code_cpu()):
-            raise ValueError(f"{prefix}.quant_map is not the NF4 code table")
+            raise InputError(f"{prefix}.quant_map is not the NF4 code table")
         dtype = getattr(torch, meta["dtype"], None)
         if not isinstance(dtype, torch.dtype):
             raise QuantStateError(f"quant state {qs_key!r}: dtype={meta['dtype']!r} is not a torch dtype")
@@ -324,7 +324,7 @@ class NF4Tensor:
         nested = {}
         if f"{prefix}.nested_absmax" in state_dict:
             if meta.get("nested_blocksize", NESTED_BLOCKSIZE) != NESTED_BLOCKSIZE:
-                raise ValueError(f"{prefix}: nested blocksize {meta['nested_blocksize']} is not supported")
+                raise InputError(f"{prefix}: nested blocksize {meta['nested_blocksize']} is not supported")
             if isinstance(meta["nested_offset"], bool) or not isinstance(meta["nested_offset"], (int, float)):
                 raise QuantStateError(f"quant state {qs_key!r}: nested_offset={meta['nested_offset']!r} is not a "
                                       "number")
@@ -343,13 +343,13 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     ``double_quant`` is bitsandbytes' ``compress_statistics``.
     """
     if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+        raise InputTypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
+        raise InputTypeError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
     if blocksize not in VALID_BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {VALID_BLOCKSIZES}, got {blocksize}")
+        raise InputError(f"blocksize must be one of {VALID_BLOCKSIZES}, got {blocksize}")
     if weight.numel() == 0:
-        raise ValueError("cannot quantize an empty weight")
+        raise InputError("cannot quantize an empty weight")
     flat = weight.detach().reshape(-1).float()
     absmax, scaled = _blockwise_absmax_and_scaled(flat, blocksize)
     q = _nearest_code(scaled, nf4_code(flat.device))
@@ -375,7 +375,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
 def dequantize_nf4(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Torch reference dequantization: ``code[q] * absmax[block]`` in float32, then cast to ``dtype``."""
     if not isinstance(t, NF4Tensor):
-        raise TypeError(f"expected an NF4Tensor, got {type(t).__name__}")
+        raise InputTypeError(f"expected an NF4Tensor, got {type(t).__name__}")
     values = torch.nn.functional.embedding(t.packed.int(), _nf4_byte_table_cpu().to(t.device)).view(-1)
     scales = t.block_scales()
     n, bs = t.numel, t.blocksize

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from xkern.errors import InputError
+
 
 def _plt():
     import matplotlib
@@ -28,7 +30,7 @@ def load_json(path: str | Path) -> Any:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
+            raise InputError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
 
 
 def classify(obj: Any) -> str:
@@ -41,7 +43,7 @@ def classify(obj: Any) -> str:
         return "train-log"
     if bench_records(obj):
         return "bench"
-    raise ValueError("unrecognised results JSON (expected an xkern demo/eval report or benchmark records)")
+    raise InputError("unrecognised results JSON (expected an xkern demo/eval report or benchmark records)")
 
 
 def metric_rows(obj: dict[str, Any]) -> list[dict[str, Any]]:
@@ -69,7 +71,7 @@ def plot_metrics(
     present = [k for k in rows[0] if k.startswith(("HR@", "NDCG@")) or k == "MRR"] if rows else []
     metrics = [m for m in metrics if m in present] or present[:2]  # fall back to what was measured
     if not metrics:
-        raise ValueError("no HR@k / NDCG@k / MRR metrics in the results")
+        raise InputError("no HR@k / NDCG@k / MRR metrics in the results")
     fractions = sorted({r["fraction"] for r in rows if r["fraction"] is not None})
     methods = list(dict.fromkeys(r["method"] for r in rows))
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
@@ -141,7 +143,7 @@ def plot_bench(records: list[dict[str, Any]], out: str | Path, title: str = "ker
     """Grouped bars of time (ms, log scale) per benchmark: xkern vs each baseline."""
     plt = _plt()
     if not records:
-        raise ValueError("no benchmark records with a time in ms")
+        raise InputError("no benchmark records with a time in ms")
     series = ["xkern", *dict.fromkeys(b for r in records for b in r["baselines"])]
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(records) * len(series) ** 0.5 + 2), 4.5))
@@ -184,7 +186,7 @@ def plot_learning_curve(log: dict[str, Any], out: str | Path, title: str = "lear
     """Losses (left) and validation ranking metrics (right, where logged) against the optimizer step."""
     series = learning_curve(log)
     if not series:
-        raise ValueError("the training log holds no losses to plot")
+        raise InputError("the training log holds no losses to plot")
     ranking = {k: v for k, v in series.items() if not k.endswith("loss")}
     plt = _plt()
     fig, axes = plt.subplots(1, 2 if ranking else 1, figsize=(10 if ranking else 6, 3.6), squeeze=False)

@@ -22,6 +22,7 @@ from xkern.adapters.peft_format import BASE
 from xkern.commands import data_options, model_options, names, out_option, run_options
 from xkern.data.domain import DomainData
 from xkern.distributed import dist_setup
+from xkern.errors import InputError
 from xkern.fileio import atomic_write_text
 from xkern.train.loop import TrainConfig
 
@@ -86,6 +87,17 @@ def _cap_users(data: DomainData, split: str, n: int | None, seed: int) -> Domain
     return replace(data, **{split: {u: seqs[u] for u in keep}})
 
 
+def _tokens_per_second(examples: list[dict[str, Any]], cfg: Any, steps: int, seconds: float) -> float | None:
+    """Training tokens per second: the examples' mean length times the examples of the steps run (all
+    processes), over the loop's seconds (validations included)."""
+    if not seconds or not examples:
+        return None
+    lengths = [len(e["input_ids"]) if "input_ids" in e else len(e["prompt_ids"]) * len(e["candidates"])
+               + sum(len(c) for c in e["candidates"]) for e in examples]
+    _, world = dist_setup()
+    return round(sum(lengths) / len(lengths) * cfg.batch_size * cfg.grad_accum * world * steps / seconds, 1)
+
+
 def train_lora_on_domains(recipe: LoraRecipe, train_domains: list[DomainData], target: DomainData,
                           out_dir: str | Path, adapter: str = "lora") -> dict[str, Any]:
     """Train one LoRA on the training users of ``train_domains``; validate (loss) on ``target``'s val users."""
@@ -111,7 +123,7 @@ def train_lora_on_domains(recipe: LoraRecipe, train_domains: list[DomainData], t
     val_data = _cap_users(target, "val", recipe.max_val_users, recipe.seed)
     val = make(PromptEncoder(tok, target.name, recipe.max_history), val_data, "val")
     if not train or not val:
-        raise ValueError(f"no training ({len(train)}) or validation ({len(val)}) examples")
+        raise InputError(f"no training ({len(train)}) or validation ({len(val)}) examples")
     model.add_adapter(adapter, r=recipe.r, lora_alpha=recipe.lora_alpha,
                       target_modules=list(recipe.target_modules) if recipe.target_modules else None, seed=recipe.seed)
     before = evaluate_loss(model, adapter, val, recipe.objective, recipe.train.batch_size)
@@ -122,17 +134,19 @@ def train_lora_on_domains(recipe: LoraRecipe, train_domains: list[DomainData], t
         "train_examples": len(train), "val_examples": len(val), "val_loss_before": before,
         "val_loss_after": res.final_eval_loss, "steps": res.steps, "train_seconds": round(res.seconds, 1),
         "trainable_parameters": sum(p.numel() for p in model.adapter_parameters(adapter)),
-        "adapter_dir": str(out / "adapter"),
+        "adapter_dir": str(out / "adapter"), "dtype": str(dtype).removeprefix("torch."),
+        "train_tokens_per_s": _tokens_per_second(train, recipe.train, res.steps, res.seconds),
     }
     if recipe.eval_users > 0:
         from xkern.data.evaluate import evaluate_scorer
         from xkern.data.negatives import build_candidates
-        from xkern.serve import LikelihoodScorer
+        from xkern.serve import LikelihoodScorer, PrefixLikelihoodScorer
 
         cands = build_candidates(target, "test", 29, "uniform", recipe.seed, recipe.eval_users)
         enc = PromptEncoder(tok, target.name, recipe.max_history)
-        for name in (BASE, adapter):
-            scorer = LikelihoodScorer(model, enc, target.titles, name, batch_size=max(recipe.train.batch_size, 30))
+        for name in (BASE, adapter):  # a plain decoder shares each user's prompt KV across its candidates
+            scorer = PrefixLikelihoodScorer(model, enc, target.titles, name) if model.supports_logits_at else \
+                LikelihoodScorer(model, enc, target.titles, name, batch_size=max(recipe.train.batch_size, 30))
             summary[f"test_{'base' if name == BASE else 'lora'}"] = evaluate_scorer(
                 scorer, cands, (1, 3, 10), batch_size=8, progress=recipe.train.progress, desc=name)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
@@ -161,7 +175,8 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
     if summary["world_size"] > 1 and int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun rank 0 alone reports
     print(f"trained on {','.join(summary['train_domains'])}: {summary['train_examples']} examples, "
-          f"{summary['steps']} steps, {summary['trainable_parameters']:,} trainable parameters")
+          f"{summary['steps']} steps, {summary['trainable_parameters']:,} trainable parameters, {summary['dtype']}, "
+          f"{summary['train_tokens_per_s']} training tokens/s")
     print(f"{summary['target']} validation loss ({summary['val_examples']} examples): "
           f"{summary['val_loss_before']:.4f} -> {summary['val_loss_after']:.4f}")
     for key in ("test_base", "test_lora"):

@@ -24,6 +24,8 @@ from tests.helpers import load_script
 pytest.importorskip("triton")
 from xkern.ops.backends import triton_jit as tri  # noqa: E402
 
+CASES = load_script("bench/compile_cases.py")
+
 ROOT = Path(__file__).resolve().parents[2]
 TABLE = ROOT / "bench" / "results" / "gpu-compile-check.json"
 ARCHS = {"sm_80": 80, "sm_90a": 90}
@@ -40,7 +42,7 @@ def _key(kernel, path, config, dtype, arch):
 def test_committed_table_lists_every_launcher_configuration_and_passes():
     doc = json.loads(TABLE.read_text())
     have = {_key(r["kernel"], r["path"], r["config"], r["dtype"], r["arch"]) for r in doc["records"]}
-    want = {_key(c.kernel, c.path, c.config, c.dtype, a) for c in tri.compile_cases() for a in ARCHS}
+    want = {_key(c.kernel, c.path, c.config, c.dtype, a) for c in CASES.compile_cases() for a in ARCHS}
     assert have == want, (f"rerun bench/gpu_compile_check.py: missing {sorted(want - have)[:3]}, "
                           f"stale {sorted(have - want)[:3]}")
     # every case compiled (X-Cross n = 8 used to take ptxas 5-8 minutes and was recorded as skipped)
@@ -60,8 +62,8 @@ def test_launchers_pick_only_checked_configurations(monkeypatch):
         name = str(dtype).removeprefix("torch.")
         checked = {tuple(sorted((k, v) for k, v in c.config.items() if k in ("BLOCK_M", "BLOCK_N", "BLOCK_K",
                                                                              "num_warps", "num_stages")))
-                   for c in tri.compile_cases() if c.kernel == "nf4_lora_kernel" and c.dtype == name}
-        shrink = {(c.config["BLOCK_M"], c.config["BLOCK_K"]) for c in tri.compile_cases()
+                   for c in CASES.compile_cases() if c.kernel == "nf4_lora_kernel" and c.dtype == name}
+        shrink = {(c.config["BLOCK_M"], c.config["BLOCK_K"]) for c in CASES.compile_cases()
                   if c.kernel == "lora_shrink_kernel" and c.dtype == name}
         for m in (1, 3, 16, 17, 64, 256, 257, 4096):
             for n, k in ((4096, 4096), (512, 4096), (14336, 4096), (4096, 14336), (72, 200)):
@@ -73,7 +75,7 @@ def test_launchers_pick_only_checked_configurations(monkeypatch):
                 assert tuple(sorted(got.items())) in checked, (m, n, k, dtype, cfg)
                 assert (cfg.shrink_m, cfg.shrink_k) in shrink
                 assert 1 <= cfg.split_k <= 16
-    xc = {(c.config["n"], c.config["BLOCK_D"], c.config["num_stages"]) for c in tri.compile_cases()
+    xc = {(c.config["n"], c.config["BLOCK_D"], c.config["num_stages"]) for c in CASES.compile_cases()
           if c.kernel == "xcross_fwd_kernel"}
     for n in range(2, 9):
         cfg = tri.xcross_default_config(n, 4096, cuda)
@@ -96,7 +98,7 @@ SUBSET = [
 
 
 def _find(kernel, path, sub, dtype) -> int:
-    for i, c in enumerate(tri.compile_cases()):
+    for i, c in enumerate(CASES.compile_cases()):
         if (c.kernel, c.path, c.dtype) == (kernel, path, dtype) and all(c.config.get(k) == v for k, v in sub.items()):
             return i
     raise AssertionError(f"no case {kernel} {path} {sub} {dtype}")
@@ -106,7 +108,7 @@ _COMPILE = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import gpu_compile_check as check
-from xkern.ops.backends.triton_jit import compile_cases
+from compile_cases import compile_cases
 cases = compile_cases()
 print(json.dumps([check.compile_one(cases[i], arch) for i, arch in json.loads(sys.argv[2])]))
 """
@@ -123,7 +125,7 @@ def compiled():
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = json.loads(proc.stdout.strip().splitlines()[-1])
-    cases = tri.compile_cases()
+    cases = CASES.compile_cases()
     return {(k, p, d, a): (cases[i], r) for (k, p, _, d, a), (i, _), r in zip(SUBSET, items, records, strict=True)}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import xkern
@@ -113,3 +114,34 @@ def test_adapters_of_different_dtypes_are_stacked_per_call():
     names, a, b, _ = layer._adapter_bank(("a", "c"), layer.weight_packed.device)
     assert names == ("a", "c") and a.dtype == torch.float32 and a.shape[0] == 2
     torch.testing.assert_close(_logits(xm), _dense_reference(xm), atol=2e-5, rtol=0)
+
+
+def test_precision_of_a_bf16_model_native_and_exact():
+    """native (the default): bf16 products, within bf16 rounding of the float32 model; exact: closer still;
+    an unknown precision is refused naming the choices."""
+    f32 = _model()
+    ref = _logits(f32)
+    bf = _model(torch.bfloat16)
+    assert bf.precision == "native"
+    native = _logits(bf).float()
+    bf.set_precision("exact")
+    exact = _logits(bf).float()
+    scale = ref.abs().max()
+    assert (native - ref).abs().max() < 0.05 * scale and (exact - ref).abs().max() < 0.05 * scale
+    assert not torch.equal(native, exact)
+    with pytest.raises(ValueError, match=r"precision must be one of \('native', 'exact'\)"):
+        bf.set_precision("fast")
+
+
+def test_resolve_dtype_auto_follows_the_cpu_and_refuses_unknown_names(monkeypatch):
+    from xkern.nn import resolve_dtype
+    from xkern.ops.backends import cpu_native
+
+    monkeypatch.setattr(cpu_native, "bf16_instructions", lambda: ("avx512_bf16",))
+    assert resolve_dtype("auto", "cpu")[0] == torch.bfloat16
+    monkeypatch.setattr(cpu_native, "bf16_instructions", lambda: ())
+    dtype, why = resolve_dtype("auto", "cpu")
+    assert dtype == torch.float32 and "no bf16 instructions" in why
+    assert resolve_dtype("float16")[0] == torch.float16
+    with pytest.raises(ValueError, match="dtype must be 'auto'"):
+        resolve_dtype("int8")

@@ -164,3 +164,15 @@ def test_save_pretrained_loads_in_transformers_bitsandbytes(setup, tmp_path):
         ours = xm(input_ids=ids, attention_mask=mask).logits
         theirs = loaded(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+
+
+def test_a_bnb_checkpoint_computes_in_the_dtype_asked_for(bnb_dirs):
+    """The checkpoint records float32 for what stays dense (embeddings, norms, head): load_model(dtype=bf16)
+    casts them, so the whole model computes in bf16, not only the NF4 layers; the NF4 bytes stay as saved."""
+    from safetensors.torch import load_file
+
+    xm = xkern.load_model(bnb_dirs["llama"], dtype=torch.bfloat16, progress=False)
+    assert {p.dtype for p in xm.model.parameters()} == {torch.bfloat16}
+    saved = load_file(str(bnb_dirs["llama"] / "model.safetensors"))
+    for name, layer in xm.nf4_layers.items():
+        assert torch.equal(layer.weight_packed, saved[f"{name}.weight"].reshape(-1)), name

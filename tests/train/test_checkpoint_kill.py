@@ -60,14 +60,16 @@ def save_file(tensors, filename, metadata=None):
             data = pathlib.Path(filename).read_bytes()
             pathlib.Path(filename).write_bytes(data[: len(data) // 2])  # a torn file, then death
             die()
-    return real_save_file(tensors, filename, metadata=metadata)
-
-def torch_save(obj, f, *a, **k):
-    real_torch_save(obj, f, *a, **k)
-    if in_kill_save() and POINT == "optimizer":
-        data = pathlib.Path(f).read_bytes()
-        pathlib.Path(f).write_bytes(data[: len(data) // 2])
+    out = real_save_file(tensors, filename, metadata=metadata)
+    if "checkpoint.tmp" in str(filename) and "optimizer" in str(filename) and in_kill_save() \
+            and POINT == "optimizer":
+        data = pathlib.Path(filename).read_bytes()
+        pathlib.Path(filename).write_bytes(data[: len(data) // 2])  # the optimizer state torn, then death
         die()
+    return out
+
+def torch_save(obj, f, *a, **k):  # nothing of a checkpoint is pickled any more: a torch.save is a regression
+    raise AssertionError(f"torch.save({{f}}) during training")
 
 def rename(self, target):
     out = real_rename(self, target)
@@ -138,10 +140,57 @@ def test_killed_during_checkpoint_write_resumes_to_the_uninterrupted_result(tmp_
     assert not (out / "checkpoint.tmp").exists() and not (out / "checkpoint.old").exists()
 
 
-def test_a_damaged_checkpoint_is_named_not_crashed_on(tmp_path):
+@pytest.mark.parametrize("part", ["optimizer.safetensors", "optimizer.json"])
+def test_a_damaged_checkpoint_is_named_not_crashed_on(tmp_path, part):
     xm = _model()
     train_lora(xm, "a", memorizable_examples(8), output_dir=tmp_path, stop_after=1, **CFG)
-    opt_file = tmp_path / "checkpoint" / "optimizer.pt"
-    opt_file.write_bytes(opt_file.read_bytes()[:100])
-    with pytest.raises(FormatError, match="optimizer.pt is damaged"):
+    damaged = tmp_path / "checkpoint" / part
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with pytest.raises(FormatError, match="optimizer.safetensors / .json is damaged"):
         train_lora(_model(), "a", memorizable_examples(8), output_dir=tmp_path, **CFG)
+
+
+def test_a_pickled_checkpoint_is_refused_and_never_unpickled(tmp_path):
+    """A checkpoint of an older xkern (or a planted one) holding optimizer.pt: refused by name, its pickle never
+    loaded, so a __reduce__ payload in it cannot run."""
+    xm = _model()
+    train_lora(xm, "a", memorizable_examples(8), output_dir=tmp_path, stop_after=1, **CFG)
+    ckpt = tmp_path / "checkpoint"
+    for name in ("optimizer.safetensors", "optimizer.json"):
+        (ckpt / name).unlink()
+    marker = tmp_path / "ran"
+    torch.save({"payload": _Payload(str(marker))}, ckpt / "optimizer.pt")
+    with pytest.raises(FormatError, match="older xkern .* pickled in optimizer.pt"):
+        train_lora(_model(), "a", memorizable_examples(8), output_dir=tmp_path, **CFG)
+    assert not marker.exists()
+
+
+def test_checkpoint_structure_round_trips_without_pickle():
+    import random
+
+    import numpy as np
+
+    from xkern.train.checkpoint import join_tensors, split_tensors
+
+    state = {"optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2, 3)}},
+                           "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0], "name": None}]},
+             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+             "best": [torch.ones(2)]}
+    skeleton, tensors = split_tensors(state)
+    back = join_tensors(json.loads(json.dumps(skeleton)), tensors)
+    assert back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999) and 0 in back["optimizer"]["state"]
+    assert torch.equal(back["optimizer"]["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
+    assert back["rng"]["python"] == state["rng"]["python"]
+    assert back["rng"]["numpy"][0] == "MT19937" and np.array_equal(back["rng"]["numpy"][1], state["rng"]["numpy"][1])
+    with pytest.raises(ValueError, match="unexpected node"):
+        join_tensors({"code": "import os"}, {})
+
+
+class _Payload:
+    """What an attacker plants: unpickling it creates a file (it would run any command)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

@@ -209,3 +209,45 @@ def test_a_loss_that_stops_being_finite_stops_training_before_the_update():
             distributed=False)
     assert isinstance(err.value, FloatingPointError)
     assert torch.equal(module.weight.detach(), seen[2]) and torch.isfinite(module.weight).all()
+
+
+def test_fit_is_a_plain_adamw_loop():
+    """fit's losses and parameters equal a loop written from first principles: the same micro-batches in the
+    seeded order (accumulation across an epoch boundary), warm-up then linear decay, clipping, AdamW."""
+    from xkern.train.loop import StaticData, fit
+    from xkern.train.objectives import CausalLM
+
+    data = memorizable_examples(12, seed=3)
+    cfg = TrainConfig(lr=1e-2, batch_size=4, grad_accum=2, max_steps=4, warmup_steps=2, max_grad_norm=0.05,
+                      weight_decay=0.01, progress=False, seed=5)
+    obj = CausalLM()
+
+    def loss_fn(module, batch):
+        return obj.loss(module, obj.collate(batch, 0), "a")
+
+    a, b = _model(), _model()
+    pa, pb = a.train_only("a"), b.train_only("a")
+    res = fit(a, [{"params": pa}], StaticData(data, cfg.seed), loss_fn, cfg, distributed=False)
+
+    opt = torch.optim.AdamW(pb, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_epoch = len(data) // cfg.batch_size  # 3 micro-batches an epoch: step 1 straddles epochs 0 and 1
+    losses = []
+    for step in range(cfg.max_steps):
+        factor = (step + 1) / cfg.warmup_steps if step < cfg.warmup_steps else \
+            1.0 - (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps)
+        opt.param_groups[0]["lr"] = cfg.lr * factor
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for k in range(cfg.grad_accum):
+            epoch, pos = divmod(step * cfg.grad_accum + k, per_epoch)
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+            batch = [data[i] for i in order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size].tolist()]
+            loss = loss_fn(b, batch) / cfg.grad_accum
+            loss.backward()
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(pb, cfg.max_grad_norm)
+        opt.step()
+        losses.append(total)
+    assert res.train_loss == losses and res.steps == cfg.max_steps
+    for x, y in zip(pa, pb, strict=True):
+        assert torch.equal(x, y)

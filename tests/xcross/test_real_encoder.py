@@ -1,4 +1,4 @@
-"""The X-Cross encoder path on real data (Amazon Tools, NF4 all-MiniLM-L6-v2): issue 17's diagnosis, kept.
+"""The X-Cross encoder path on real data (Amazon Tools, NF4 all-MiniLM-L6-v2): why it does not learn, kept.
 
 The trainer can fit: LoRA + head drive the loss of a fixed batch of real examples to ~0 within a few
 steps (if this fails, the gradients do not reach the adapter or the head, and nothing else can learn).

@@ -57,13 +57,6 @@ class LoraAdapter:
     config: dict[str, Any]
     modules: dict[str, LoraWeights] = field(default_factory=dict)
 
-    @property
-    def module_names(self) -> list[str]:
-        return sorted(self.modules)
-
-    def num_parameters(self) -> int:
-        return sum(w.A.numel() + w.B.numel() for w in self.modules.values())
-
 
 # Config fields whose non-default values change what the adapter computes and that xkern does not run.
 _UNSUPPORTED: dict[str, Any] = {

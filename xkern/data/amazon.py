@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 from xkern.data.domain import DataFormatError, clean_title, write_processed
 from xkern.data.splits import split_users
+from xkern.errors import InputError, InputTypeError
 
 RELEASES = ("2014", "2018", "2023")
 _REVIEW_KEYS = {
@@ -75,7 +76,7 @@ def iter_records(
     from tqdm import tqdm
 
     if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be raise or skip, got {on_error!r}")
+        raise InputError(f"on_error must be raise or skip, got {on_error!r}")
     with open_text(path) as f:
         lines = tqdm(f, desc=Path(path).name, unit=" lines", disable=not progress, mininterval=1.0)
         for lineno, line in enumerate(lines, start=1):
@@ -93,7 +94,7 @@ def iter_records(
 def _check_release(release: str) -> str:
     release = str(release)
     if release not in RELEASES:
-        raise ValueError(f"unknown Amazon release {release!r} ({', '.join(RELEASES)})")
+        raise InputError(f"unknown Amazon release {release!r} ({', '.join(RELEASES)})")
     return release
 
 
@@ -108,9 +109,9 @@ def read_reviews(
         try:
             user, item, t = rec[ukey], rec[ikey], rec[tkey]
             if not isinstance(user, str) or not isinstance(item, str) or not user or not item:
-                raise TypeError("user and item ids must be non-empty strings")
+                raise InputTypeError("user and item ids must be non-empty strings")
             if isinstance(t, bool) or not isinstance(t, (int, float, str)):
-                raise TypeError(f"{tkey} must be a number")
+                raise InputTypeError(f"{tkey} must be a number")
             t = int(t)
         except (KeyError, TypeError, ValueError) as e:
             if on_error == "skip":
@@ -150,7 +151,7 @@ def build_sequences(
     user and every item has >= k_core interactions. max_len keeps each user's most recent items.
     """
     if dedup not in ("pair", "exact", "none"):
-        raise ValueError(f"dedup must be pair, exact or none, got {dedup!r}")
+        raise InputError(f"dedup must be pair, exact or none, got {dedup!r}")
     ordered = sorted(interactions, key=lambda x: (x.user, x.time, x.order))
     if dedup != "none":
         seen: set[tuple] = set()
@@ -204,7 +205,7 @@ def load_release(
     n_raw = len(inter)
     if require_title:
         if meta is None:
-            raise ValueError("require_title=True needs a meta file")
+            raise InputError("require_title=True needs a meta file")
         inter = [x for x in inter if x.item in titles]
     seqs = build_sequences(inter, k_core=k_core, dedup=dedup, max_len=max_len)
     items = {i for s in seqs.values() for i in s}

@@ -23,6 +23,7 @@ import numpy as np
 from xkern.data.domain import DomainData
 from xkern.data.evaluate import Scorer, evaluate_scorer
 from xkern.data.negatives import CandidateSet
+from xkern.errors import InputError
 
 _WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 _STOP = {"a", "an", "and", "for", "of", "the", "with", "in", "to", "by", "on", "edition"}
@@ -218,7 +219,7 @@ def make_scorer(name: str, data: DomainData, seed: int = 0, sources: Sequence[Do
         from xkern.data.sasrec import SASRecConfig, SASRecScorer
 
         return SASRecScorer.train(data, SASRecConfig(seed=seed))
-    raise ValueError(f"unknown scorer {name!r} ({', '.join(SCORERS)})")
+    raise InputError(f"unknown scorer {name!r} ({', '.join(SCORERS)})")
 
 
 def baseline_quality_rows(data: DomainData, cands: CandidateSet, names: Sequence[str], seed: int = 0,

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from xkern.data.metrics import to_numpy
+from xkern.errors import InputError
 
 METRICS = ("HR@1", "HR@10", "NDCG@10", "MRR")
 
@@ -22,12 +23,12 @@ def per_user(ranks: Any, metric: str) -> np.ndarray:
     """One user's value of ``metric`` (``HR@k``, ``NDCG@k``, ``MRR``) from 0-based pessimistic ranks."""
     r = to_numpy(ranks, np.float64)
     if r.ndim != 1 or r.size == 0:
-        raise ValueError(f"ranks must be a non-empty 1-D array, got shape {r.shape}")
+        raise InputError(f"ranks must be a non-empty 1-D array, got shape {r.shape}")
     if metric == "MRR":
         return 1.0 / (r + 1.0)
     name, _, k = metric.partition("@")
     if not k.isdigit() or name not in ("HR", "NDCG"):
-        raise ValueError(f"unknown metric {metric!r} (HR@k, NDCG@k, MRR)")
+        raise InputError(f"unknown metric {metric!r} (HR@k, NDCG@k, MRR)")
     hit = r < int(k)
     return hit.astype(np.float64) if name == "HR" else hit / np.log2(r + 2.0)
 
@@ -56,7 +57,7 @@ def paired_comparison(ranks_a: Any, ranks_b: Any, metric: str = "HR@10", n_boot:
     ``p``: the two-sided bootstrap p-value (twice the share of resamples on the other side of zero)."""
     a, b = to_numpy(ranks_a, np.float64), to_numpy(ranks_b, np.float64)
     if a.shape != b.shape:
-        raise ValueError(f"paired rows need the same users: {a.shape} vs {b.shape} ranks")
+        raise InputError(f"paired rows need the same users: {a.shape} vs {b.shape} ranks")
     diff = per_user(a, metric) - per_user(b, metric)
     means = diff[_resamples(diff.size, n_boot, seed)].mean(axis=1)
     mean = float(diff.mean())
@@ -72,7 +73,8 @@ def paired_comparison(ranks_a: Any, ranks_b: Any, metric: str = "HR@10", n_boot:
 def quality_row(method: str, ranks: Any, *, target: str, sources: Sequence[str] = (), fraction: float | str = "-",
                 trainable_params: int = 0, val_loss_start: float | None = None, val_loss_best: float | None = None,
                 n_boot: int = 2000, seed: int = 0, **extra: Any) -> dict[str, Any]:
-    """One row of the quality results format (issue 17): metrics as ``[mean, ci_low, ci_high]``."""
+    """One row of the quality results format (every row of bench/results/quality-*.json): metrics as
+    ``[mean, ci_low, ci_high]``."""
     r = to_numpy(ranks, np.int64)
     return {"method": method, "target": target, "sources": list(sources), "fraction": fraction,
             "n_users": int(r.size), "trainable_params": int(trainable_params), "val_loss_start": val_loss_start,

@@ -21,7 +21,7 @@ from statistics import median
 from typing import Any
 
 from xkern.commands import DATA_ENV
-from xkern.errors import FormatError, NotFoundError
+from xkern.errors import FormatError, InputError, NotFoundError
 from xkern.fileio import atomic_write_text
 
 Sequences = dict[int, list[int]]
@@ -83,16 +83,16 @@ class DomainData:
 
     def __post_init__(self) -> None:
         if len(self.titles) != self.n_items:
-            raise ValueError(f"{self.name}: {len(self.titles)} titles for {self.n_items} items")
+            raise InputError(f"{self.name}: {len(self.titles)} titles for {self.n_items} items")
         for split in ("train", "val", "test"):
             for user, seq in getattr(self, split).items():
                 bad = [i for i in seq if not 0 <= i < self.n_items]
                 if bad:
-                    raise ValueError(f"{self.name}/{split}: user {user} has item {bad[0]} out of range")
+                    raise InputError(f"{self.name}/{split}: user {user} has item {bad[0]} out of range")
 
     def split(self, name: str) -> Sequences:
         if name not in ("train", "val", "test"):
-            raise ValueError(f"unknown split {name!r} (train, val, test)")
+            raise InputError(f"unknown split {name!r} (train, val, test)")
         return getattr(self, name)
 
     def examples(self, split: str) -> tuple[list[int], list[list[int]], list[int]]:
@@ -238,7 +238,7 @@ def load_processed(
         pooled.update(test)
         s = leave_one_out(pooled)
     else:
-        raise ValueError(f"unknown split mode {mode!r} (by-user, loo)")
+        raise InputError(f"unknown split mode {mode!r} (by-user, loo)")
     return DomainData(
         name=domain,
         n_items=n_items,

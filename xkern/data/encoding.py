@@ -22,6 +22,7 @@ from xkern.data.prompts import (
     pointwise_prompt,
     titles_of,
 )
+from xkern.errors import InputError
 
 IGNORE = -100  # the label of tokens that carry no loss (torch's cross-entropy ignore_index)
 
@@ -103,7 +104,7 @@ class PairEncoder:
         bare = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
         at = next((i for i in range(len(with_sp) - len(bare) + 1) if with_sp[i:i + len(bare)] == bare), None)
         if at is None:
-            raise ValueError("cannot locate the tokenizer's special tokens around a text")
+            raise InputError("cannot locate the tokenizer's special tokens around a text")
         self.head_ids, self.tail_ids = with_sp[:at], with_sp[at + len(bare):]
         pad = getattr(tokenizer, "pad_token_id", None)
         if pad is None:

@@ -21,6 +21,7 @@ import numpy as np
 
 from xkern.data.metrics import metrics_from_ranks, pessimistic_ranks, to_numpy
 from xkern.data.negatives import CandidateSet
+from xkern.errors import InputError, InputTypeError
 from xkern.fileio import atomic_write_text
 
 
@@ -53,7 +54,7 @@ def score_candidates(
         e = min(s + batch_size, mine.stop)
         batch = to_numpy(scorer(cands.histories[s:e], cands.items[s:e]), np.float64)
         if batch.shape != (e - s, c):
-            raise ValueError(f"scorer returned shape {batch.shape}, expected {(e - s, c)}")
+            raise InputError(f"scorer returned shape {batch.shape}, expected {(e - s, c)}")
         out[s - mine.start:e - mine.start] = batch
     return gather_rows(out, world)
 
@@ -124,7 +125,7 @@ def _jsonable(x: Any) -> Any:
         return list(x)
     if isinstance(x, Path):
         return str(x)
-    raise TypeError(f"not JSON serializable: {type(x).__name__}")
+    raise InputTypeError(f"not JSON serializable: {type(x).__name__}")
 
 
 def format_table(rows: list[dict[str, Any]], columns: Sequence[str], floatfmt: str = "{:.4f}") -> str:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from xkern.data.domain import DomainData
+from xkern.errors import InputError
 
 STRATEGIES = ("uniform", "popularity")
 
@@ -30,7 +31,7 @@ def sample_uniform(n_items: int, exclude: set[int], n: int, rng: np.random.Gener
     """n distinct items drawn uniformly from range(n_items) minus `exclude`."""
     allowed_count = n_items - len({i for i in exclude if 0 <= i < n_items})
     if allowed_count < n:
-        raise ValueError(f"only {allowed_count} items outside the user's sequence, need {n} negatives")
+        raise InputError(f"only {allowed_count} items outside the user's sequence, need {n} negatives")
     if allowed_count < 4 * n:  # dense exclusion: enumerate the allowed items
         allowed = np.setdiff1d(np.arange(n_items), np.fromiter(exclude, np.int64, len(exclude)))
         return rng.choice(allowed, size=n, replace=False)
@@ -103,12 +104,12 @@ def build_candidates(
     """Target + `n_neg` negatives per evaluation user of `split`; negatives avoid every item of the
     user's sequence in this domain. `max_users` keeps the first users in ascending user order."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown negative strategy {strategy!r} ({', '.join(STRATEGIES)})")
+        raise InputError(f"unknown negative strategy {strategy!r} ({', '.join(STRATEGIES)})")
     users, histories, targets = data.examples(split)
     if max_users is not None:
         users, histories, targets = users[:max_users], histories[:max_users], targets[:max_users]
     if not users:
-        raise ValueError(f"{data.name}/{split}: no evaluation users")
+        raise InputError(f"{data.name}/{split}: no evaluation users")
     counts = np.asarray(data.item_counts(), dtype=np.float64) if strategy == "popularity" else None
     items = np.empty((len(users), n_neg + 1), dtype=np.int64)
     target_col = np.empty(len(users), dtype=np.int64)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xkern.data.domain import DomainData
+from xkern.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ def _fit(data: DomainData, cfg: SASRecConfig, progress: bool) -> SASRecFit:
     train = [s[-(cfg.max_len + 1):] for s in data.train.values() if len(s) >= 2]
     val = [s[-(cfg.max_len + 1):] for s in data.val.values() if len(s) >= 2]
     if not train:
-        raise ValueError(f"{data.name}: no training sequence with two or more items")
+        raise InputError(f"{data.name}: no training sequence with two or more items")
     model = SASRec(data.n_items, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = best = _val_loss(model, val) if val else math.nan

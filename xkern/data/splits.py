@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xkern.errors import InputError
+
 Sequences = dict[int, list[int]]
 
 
@@ -31,7 +33,7 @@ def leave_one_out(sequences: Sequences, min_len: int = 3) -> Split:
     Users with fewer than `min_len` (>= 3) items cannot give all three and go to train only.
     """
     if min_len < 3:
-        raise ValueError("leave-one-out needs min_len >= 3 (two targets and a history)")
+        raise InputError("leave-one-out needs min_len >= 3 (two targets and a history)")
     train: Sequences = {}
     val: Sequences = {}
     test: Sequences = {}
@@ -50,7 +52,7 @@ def leave_one_out(sequences: Sequences, min_len: int = 3) -> Split:
 def carve_users(users: list[int], frac: float, seed: int) -> set[int]:
     """A seeded `frac` of `users` (at least one when frac > 0 and there are >= 2 users)."""
     if not 0.0 <= frac < 1.0:
-        raise ValueError(f"fraction must be in [0, 1), got {frac}")
+        raise InputError(f"fraction must be in [0, 1), got {frac}")
     pool = sorted(users)
     if frac == 0.0 or len(pool) < 2:
         return set()
@@ -64,7 +66,7 @@ def by_user(train: Sequences, test: Sequences, val_frac: float = 0.1, seed: int 
     items), whose last item is the validation target; those users leave the training set."""
     overlap = train.keys() & test.keys()
     if overlap:
-        raise ValueError(f"by-user split: {len(overlap)} users are in both train and test")
+        raise InputError(f"by-user split: {len(overlap)} users are in both train and test")
     eligible = [u for u, s in train.items() if len(s) >= 2]
     val_users = carve_users(eligible, val_frac, seed)
     new_train = {u: list(s) for u, s in sorted(train.items()) if u not in val_users}
@@ -99,7 +101,7 @@ def sample_users(users: Sequence[int], n: int, rng: np.random.Generator | int) -
 def subsample_train(train: Sequences, fraction: float, seed: int = 0) -> Sequences:
     """A seeded `fraction` of training users; nested (0.25 is a subset of 0.5) for a fixed seed."""
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        raise InputError(f"fraction must be in (0, 1], got {fraction}")
     if fraction == 1.0:
         return dict(train)
     keep = sample_users(list(train), max(1, round(fraction * len(train))), seed)

@@ -20,6 +20,7 @@ import numpy as np
 
 from xkern.data.domain import DomainData, write_processed
 from xkern.data.splits import by_user, split_users
+from xkern.errors import InputError
 
 THEMES = ["Ocean", "Forest", "Desert", "Arctic", "Galaxy", "Volcano", "Jungle", "Prairie", "Canyon", "Harbor"]
 TIERS = ["Starter", "Classic", "Advanced", "Pro", "Elite"]
@@ -57,15 +58,15 @@ class SyntheticConfig:
         self.domains = tuple(self.domains)
         unknown = [d for d in self.domains if d not in DOMAIN_NOUNS]
         if unknown:
-            raise ValueError(f"unknown synthetic domain(s) {unknown}; choose from {sorted(DOMAIN_NOUNS)}")
+            raise InputError(f"unknown synthetic domain(s) {unknown}; choose from {sorted(DOMAIN_NOUNS)}")
         if not 1 <= self.n_themes <= len(THEMES) or not 1 <= self.n_tiers <= len(TIERS):
-            raise ValueError(f"n_themes <= {len(THEMES)} and n_tiers <= {len(TIERS)}")
+            raise InputError(f"n_themes <= {len(THEMES)} and n_tiers <= {len(TIERS)}")
         if not 1 <= self.items_per_cell <= 8:
-            raise ValueError("items_per_cell must be in 1..8 (one noun each)")
+            raise InputError("items_per_cell must be in 1..8 (one noun each)")
         if self.min_len < 3 or self.max_len < self.min_len:
-            raise ValueError("need 3 <= min_len <= max_len")
+            raise InputError("need 3 <= min_len <= max_len")
         if self.p_next_tier + self.p_same_theme + self.p_noise > 1:
-            raise ValueError("transition probabilities sum above 1")
+            raise InputError("transition probabilities sum above 1")
 
     @property
     def n_items(self) -> int:

@@ -21,6 +21,7 @@ from xkern.data.negatives import build_candidates
 from xkern.data.splits import subsample_train
 from xkern.data.synthetic import SyntheticConfig, make_synthetic
 from xkern.demo.methods import DemoContext, Method
+from xkern.errors import InputError
 
 METRIC_COLUMNS = ("HR@1", "HR@3", "HR@10", "NDCG@3", "NDCG@10", "MRR")
 
@@ -88,7 +89,7 @@ PROFILES = ("quick", "full")
 def check_extra(extra: Sequence[str]) -> None:
     unknown = sorted(set(extra) - set(EXTRA_ROWS))
     if unknown:
-        raise ValueError(f"unknown extra demo rows {unknown}; choose from {EXTRA_ROWS}")
+        raise InputError(f"unknown extra demo rows {unknown}; choose from {EXTRA_ROWS}")
 
 
 def profile_configs(profile: str) -> tuple[Any, Any]:
@@ -109,7 +110,7 @@ def profile_configs(profile: str) -> tuple[Any, Any]:
     if profile == "quick":
         return (LMDemoConfig(epochs=2.0, hybrid_max_per_user=1),
                 XCrossDemoConfig(epochs=2.0, max_history=3, max_tokens=64, max_val_users=32, patience=2))
-    raise ValueError(f"unknown demo profile {profile!r}; choose from {PROFILES}")
+    raise InputError(f"unknown demo profile {profile!r}; choose from {PROFILES}")
 
 
 def model_methods(source_names: Sequence[str], extra: Sequence[str] = ()) -> list[Method]:
@@ -163,7 +164,7 @@ def _run_jobs(jobs: Sequence[tuple[Method, float]], target: DomainData, sources:
 def _plan(cfg: DemoConfig, domains: dict[str, DomainData], methods: Sequence[Method] | None):
     target_name = cfg.target or list(domains)[-1]
     if target_name not in domains:
-        raise ValueError(f"target {target_name!r} not among domains {list(domains)}")
+        raise InputError(f"target {target_name!r} not among domains {list(domains)}")
     target = domains[target_name]
     sources = [d for n, d in domains.items() if n != target_name]
     if methods is None:
@@ -171,7 +172,7 @@ def _plan(cfg: DemoConfig, domains: dict[str, DomainData], methods: Sequence[Met
     methods = list(methods)
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
-        raise ValueError(f"duplicate method names: {names}")
+        raise InputError(f"duplicate method names: {names}")
     fractions = sorted(set(cfg.fractions))
     jobs = [(m, f) for m in methods for f in fractions if m.uses_target_train or f == fractions[-1]]
     cands = build_candidates(target, cfg.split, cfg.n_neg, "uniform", cfg.seed, cfg.max_eval_users)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xkern.errors import InputError
 from xkern.nf4 import NF4Tensor
 from xkern.nn.routing import current_routing
 from xkern.ops import lora_linear
@@ -34,7 +35,7 @@ class NF4LoRALinear(nn.Module):
         super().__init__()
         self.module_name = module_name
         if len(weight.shape) != 2:
-            raise ValueError(f"NF4LoRALinear needs a 2-D weight, got shape {tuple(weight.shape)}")
+            raise InputError(f"NF4LoRALinear needs a 2-D weight, got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = (int(s) for s in weight.shape)
         self.blocksize = weight.blocksize
         self.weight_dtype = weight.dtype
@@ -44,7 +45,7 @@ class NF4LoRALinear(nn.Module):
         self.register_buffer("weight_code2", weight.code2)
         self.register_buffer("weight_offset", weight.offset)
         if bias is not None and bias.shape != (self.out_features,):
-            raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+            raise InputError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
@@ -67,7 +68,7 @@ class NF4LoRALinear(nn.Module):
     def set_nf4_weight(self, weight: NF4Tensor) -> None:
         """Replace the base weight (same shape), e.g. with a merged-and-requantized one."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"weight shape {tuple(weight.shape)} != {(self.out_features, self.in_features)}")
+            raise InputError(f"weight shape {tuple(weight.shape)} != {(self.out_features, self.in_features)}")
         device = self.weight_packed.device
         weight = weight.to(device)
         self.weight_packed, self.weight_absmax = weight.packed, weight.absmax
@@ -88,7 +89,7 @@ class NF4LoRALinear(nn.Module):
         """Attach adapter ``name`` (``A [r, K]``, ``B [N, r]``); shapes are checked first."""
         self.check_adapter_shapes(name, A, B)
         if name in self.lora_A:
-            raise ValueError(f"adapter {name!r} already exists in this layer")
+            raise InputError(f"adapter {name!r} already exists in this layer")
         device = self.weight_packed.device
         self.lora_A[name] = nn.Parameter(A.detach().to(device, dtype).clone(), requires_grad=False)
         self.lora_B[name] = nn.Parameter(B.detach().to(device, dtype).clone(), requires_grad=False)
@@ -97,9 +98,9 @@ class NF4LoRALinear(nn.Module):
 
     def check_adapter_shapes(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or A.shape[0] == 0:
-            raise ValueError(f"adapter {name!r}: A {tuple(A.shape)} and B {tuple(B.shape)} are not [r, K] and [N, r]")
+            raise InputError(f"adapter {name!r}: A {tuple(A.shape)} and B {tuple(B.shape)} are not [r, K] and [N, r]")
         if A.shape[1] != self.in_features or B.shape[0] != self.out_features:
-            raise ValueError(f"adapter {name!r}: A {tuple(A.shape)} / B {tuple(B.shape)} do not fit this layer "
+            raise InputError(f"adapter {name!r}: A {tuple(A.shape)} / B {tuple(B.shape)} do not fit this layer "
                              f"(in_features={self.in_features}, out_features={self.out_features})")
 
     def delete_adapter(self, name: str) -> None:

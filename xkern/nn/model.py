@@ -32,8 +32,9 @@ from xkern.adapters.peft_format import (
 )
 from xkern.adapters.peft_format import load_adapter as read_adapter
 from xkern.adapters.peft_format import save_adapter as write_adapter
-from xkern.errors import FormatError, InputError
+from xkern.errors import FormatError, InputError, InputKeyError, InputTypeError
 from xkern.fileio import atomic_path, atomic_write_text
+from xkern.nn.compat import output_cache
 from xkern.nn.linear import NF4LoRALinear
 from xkern.nn.patch import linear_layers, quantize_linears
 from xkern.nn.routing import SampleRouting, routing_scope
@@ -98,17 +99,17 @@ class XkernModel(nn.Module):
             return None
         if isinstance(adapter_names, str):
             if batch is None:
-                raise ValueError("a single adapter name needs input_ids (or inputs_embeds) to know the batch size")
+                raise InputError("a single adapter name needs input_ids (or inputs_embeds) to know the batch size")
             adapter_names = [adapter_names] * batch
         names = list(adapter_names)
         bad = [n for n in names if not isinstance(n, str)]
         if bad:
-            raise TypeError(f"adapter_names must be strings, got {type(bad[0]).__name__}")
+            raise InputTypeError(f"adapter_names must be strings, got {type(bad[0]).__name__}")
         unknown = sorted({n for n in names if n != BASE and n not in self.adapter_configs})
         if unknown:
-            raise KeyError(f"unknown adapter(s) {unknown}; loaded: {self.list_adapters()} (use {BASE!r} for none)")
+            raise InputKeyError(f"unknown adapter(s) {unknown}; loaded: {self.list_adapters()} (use {BASE!r} for none)")
         if batch is not None and len(names) != batch:
-            raise ValueError(f"adapter_names has {len(names)} entries for a batch of {batch}")
+            raise InputError(f"adapter_names has {len(names)} entries for a batch of {batch}")
         return None if all(n == BASE for n in names) else SampleRouting(tuple(names))
 
     @staticmethod
@@ -165,7 +166,8 @@ class XkernModel(nn.Module):
             raise InputError(f"logits_at must be a bool mask of shape {tuple(hidden.shape[:2])}, "
                              f"got {logits_at.dtype} {tuple(logits_at.shape)}")
         logits = self.model.get_output_embeddings()(hidden[logits_at.to(hidden.device)])
-        return CausalLMOutputWithPast(logits=logits, past_key_values=getattr(out, "past_key_values", None))
+        field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+        return CausalLMOutputWithPast(logits=logits, **{field: output_cache(out)})
 
     def _empty_forward(self, args: tuple, kwargs: dict) -> Any:
         def one(t: Any) -> Any:
@@ -223,11 +225,11 @@ class XkernModel(nn.Module):
 
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not name or "." in name or name == BASE:
-            raise ValueError(f"invalid adapter name {name!r} (non-empty, no '.', not {BASE!r})")
+            raise InputError(f"invalid adapter name {name!r} (non-empty, no '.', not {BASE!r})")
         if hasattr(nn.ParameterDict(), name):  # "train", "to", ...: the per-layer ParameterDicts refuse them
-            raise ValueError(f"invalid adapter name {name!r}: it is an attribute of torch.nn.Module")
+            raise InputError(f"invalid adapter name {name!r}: it is an attribute of torch.nn.Module")
         if name in self.adapter_configs:
-            raise ValueError(f"adapter {name!r} already loaded; delete_adapter({name!r}) first")
+            raise InputError(f"adapter {name!r} already loaded; delete_adapter({name!r}) first")
 
     def add_lora(self, name: str, adapter: LoraAdapter, dtype: torch.dtype = torch.float32) -> None:
         """Attach an in-memory adapter. Every module and shape is checked before any layer changes."""
@@ -294,14 +296,14 @@ class XkernModel(nn.Module):
                     b_bound = 1.0 / math.sqrt(rank)
                     b.uniform_(-b_bound, b_bound, generator=gen)
             else:
-                raise ValueError(f"init_lora_weights={init_lora_weights!r}: expected True, False or 'gaussian'")
+                raise InputError(f"init_lora_weights={init_lora_weights!r}: expected True, False or 'gaussian'")
             adapter.modules[module] = LoraWeights(a, b, module_scale(config, module))
         self.add_lora(name, adapter, dtype=dtype)
 
     def get_adapter(self, name: str) -> LoraAdapter:
         """The adapter as a :class:`LoraAdapter` (detached CPU copies)."""
         if name not in self.adapter_configs:
-            raise KeyError(f"unknown adapter {name!r}; loaded: {self.list_adapters()}")
+            raise InputKeyError(f"unknown adapter {name!r}; loaded: {self.list_adapters()}")
         out = LoraAdapter(config=dict(self.adapter_configs[name]))
         for module, layer in self._layers.items():
             if name in layer.lora_A:
@@ -315,14 +317,14 @@ class XkernModel(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         if name not in self.adapter_configs:
-            raise KeyError(f"unknown adapter {name!r}; loaded: {self.list_adapters()}")
+            raise InputKeyError(f"unknown adapter {name!r}; loaded: {self.list_adapters()}")
         for layer in self._layers.values():
             layer.delete_adapter(name)
         del self.adapter_configs[name]
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         if name not in self.adapter_configs:
-            raise KeyError(f"unknown adapter {name!r}; loaded: {self.list_adapters()}")
+            raise InputKeyError(f"unknown adapter {name!r}; loaded: {self.list_adapters()}")
         return [p for layer in self._layers.values() if name in layer.lora_A
                 for p in (layer.lora_A[name], layer.lora_B[name])]
 
@@ -348,7 +350,7 @@ class XkernModel(nn.Module):
         double = {lay.weight_absmax2 is not None for lay in layers}
         blocks = {lay.blocksize for lay in layers}
         if len(double) != 1 or blocks != {64}:
-            raise ValueError("bitsandbytes checkpoints need blocksize 64 and one double-quant setting for all layers")
+            raise InputError("bitsandbytes checkpoints need blocksize 64 and one double-quant setting for all layers")
         tensors: dict[str, torch.Tensor] = {}
         for name, layer in self._layers.items():
             for key, t in layer.nf4_weight.to_bnb_state_dict(f"{name}.weight").items():
@@ -431,7 +433,7 @@ def _load_hf(source: str | os.PathLike, dtype: torch.dtype, model_class: Any, at
     qcfg = getattr(config, "quantization_config", None)
     if isinstance(qcfg, dict) and qcfg.get("quant_method") == "bitsandbytes":
         if not qcfg.get("load_in_4bit") or qcfg.get("bnb_4bit_quant_type") != "nf4":
-            raise ValueError(f"{path}: only bitsandbytes 4-bit NF4 checkpoints are supported, got {qcfg}")
+            raise InputError(f"{path}: only bitsandbytes 4-bit NF4 checkpoints are supported, got {qcfg}")
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as e:
@@ -496,17 +498,17 @@ def load_model(model_or_path: nn.Module | str | os.PathLike, quantize: str = "nf
     see :meth:`XkernModel.set_precision`.
     """
     if quantize != "nf4":
-        raise ValueError(f"quantize={quantize!r}: only 'nf4' is supported")
+        raise InputError(f"quantize={quantize!r}: only 'nf4' is supported")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        raise InputTypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     check_precision(precision)
     device = torch.device(device) if device is not None else None
     if isinstance(model_or_path, XkernModel):
-        raise TypeError("model is already an XkernModel")
+        raise InputTypeError("model is already an XkernModel")
     if isinstance(model_or_path, nn.Module):
         model = model_or_path
         if any(isinstance(m, NF4LoRALinear) for m in model.modules()):
-            raise TypeError("model already holds NF4LoRALinear layers")
+            raise InputTypeError("model already holds NF4LoRALinear layers")
         for p in model.parameters():
             if p.is_floating_point():
                 p.data = p.data.to(dtype)
@@ -515,10 +517,12 @@ def load_model(model_or_path: nn.Module | str | os.PathLike, quantize: str = "nf
     elif isinstance(model_or_path, (str, os.PathLike)):
         model = _load_hf(model_or_path, dtype, model_class, _attn_kwargs(attn_implementation, device))
     else:
-        raise TypeError(f"model_or_path must be a path or an nn.Module, got {type(model_or_path).__name__}")
+        raise InputTypeError(f"model_or_path must be a path or an nn.Module, got {type(model_or_path).__name__}")
     layers = quantize_linears(model, target_modules, blocksize=blocksize, double_quant=double_quant,
                               device=device, progress=progress)
-    for p in model.parameters():
+    for p in model.parameters():  # what stays dense computes in dtype too, whatever dtype a checkpoint recorded
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
         p.requires_grad_(False)
     if device is not None:
         model.to(device)

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from xkern.adapters.peft_format import is_target
+from xkern.errors import InputError
 from xkern.nf4 import NF4Tensor, quantize_nf4
 from xkern.nn.linear import NF4LoRALinear
 
@@ -64,7 +65,7 @@ def quantize_linears(model: nn.Module, target_modules: str | Iterable[str] | Non
         target_modules = list(target_modules)
     todo = [(n, m) for n, m in linear_layers(model).items() if is_bnb_linear4bit(m) or selects(target_modules, n)]
     if not todo:
-        raise ValueError(f"target_modules={target_modules!r} selects no linear layer of {type(model).__name__}")
+        raise InputError(f"target_modules={target_modules!r} selects no linear layer of {type(model).__name__}")
     converted: dict[str, NF4LoRALinear] = {}
     for name, module in tqdm(todo, desc="quantizing to NF4", disable=not progress or len(todo) < 50):
         if is_bnb_linear4bit(module):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from xkern.errors import InputError
 from xkern.ops.routing import RowRouting
 
 # Device copies of row routings, shared by all calls with the same (adapters, names, shape, device): a
@@ -49,11 +50,11 @@ class SampleRouting:
             # an input shared by the whole batch (DeBERTa's relative-position embeddings go through
             # query/key projections with batch 1): it can carry one adapter only
             if len(set(names)) > 1:
-                raise ValueError(f"layer {layer_name} got one input shared by all {len(names)} samples, so the "
+                raise InputError(f"layer {layer_name} got one input shared by all {len(names)} samples, so the "
                                  f"batch must use one adapter, got {sorted(set(names))}")
             names = names[:1]
         if n_samples % len(names) != 0:
-            raise ValueError(f"batch of {n_samples} samples but {len(names)} adapter names were given")
+            raise InputError(f"batch of {n_samples} samples but {len(names)} adapter names were given")
         rows_per_sample = math.prod(x.shape[1:-1]) if x.dim() > 1 else 1
         key = (active, names, n_samples, rows_per_sample, x.device)
         cached = self._rows.get(key) or _DEVICE_ROWS.get(key)

@@ -11,7 +11,7 @@ for every backend.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -64,13 +64,14 @@ def _(grad_out, weight_parts, weight_meta, lora_A, lora_B, scale, ids, order, st
 @torch.library.custom_op("xkern::lora_weight_grads", mutates_args=())
 def _lora_weight_grads(x: torch.Tensor, grad_out: torch.Tensor, xa: torch.Tensor, g: torch.Tensor,
                        scale: torch.Tensor, ids: torch.Tensor, order: torch.Tensor,
-                       starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                       starts: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``dA``, ``dB`` of every adapter by segment (an op of its own: segments are data-dependent for a tracer)."""
-    return reference.lora_weight_grads(x, grad_out, xa, g, scale, _routing(ids, order, starts, starts.shape[0] - 2))
+    return reference.lora_weight_grads(x, grad_out, xa, g, scale, _routing(ids, order, starts, starts.shape[0] - 2),
+                                       precision)
 
 
 @_lora_weight_grads.register_fake
-def _(x, grad_out, xa, g, scale, ids, order, starts):
+def _(x, grad_out, xa, g, scale, ids, order, starts, precision):
     n = starts.shape[0] - 2
     return (x.new_empty(n, xa.shape[1], x.shape[1], dtype=torch.float32),
             x.new_empty(n, grad_out.shape[1], xa.shape[1], dtype=torch.float32))
@@ -88,27 +89,47 @@ def _setup_context(ctx, inputs, output):
     ctx.weight_meta, ctx.backend, ctx.precision = weight_meta, backend, precision
 
 
+def _lora_backward(grad_y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                   xa: torch.Tensor, weight: NF4Tensor, backend: str, needs: Sequence[bool],
+                   input_grad: Callable[[str], tuple[torch.Tensor, torch.Tensor]],
+                   weight_grads: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> tuple:
+    """The one backward of ``y = x W^T + s[a] (x A[a]^T) B[a]^T``, for the custom op and the eager path alike.
+
+    ``dX = dY W + s (dY B) A`` by the input-grad kernel of the backend chosen for ``grad_y`` (the
+    forward's first), which also gives ``g = dY B``; then ``dA = s g^T X`` and ``dB = s dY^T (X A^T)`` by
+    segment. ``needs``: which of x, A, B want a gradient. ``input_grad(backend)`` and
+    ``weight_grads(g)`` run the two stages: the custom ops under a tracer, the kernels directly in
+    eager mode (``torch.library``'s wrapper costs ~150 us a call). Returns ``(dx, dA, dB)``, each in
+    its input's dtype or ``None``.
+    """
+    needs_x, needs_a, needs_b = needs
+    dx = d_a = d_b = g = None
+    if needs_x or needs_a:
+        chosen = registry.choose(INPUT_GRAD, grad_y.device, (grad_y, weight, lora_A, lora_B), prefer=backend)
+        dx32, g = input_grad(chosen)
+        dx = dx32.to(x.dtype) if needs_x else None
+    if needs_a or needs_b:
+        if g is None:
+            g = xa.new_zeros(xa.shape)
+        d_a, d_b = weight_grads(g)
+        d_a = d_a.to(lora_A.dtype) if needs_a else None
+        d_b = d_b.to(lora_B.dtype) if needs_b else None
+    return dx, d_a, d_b
+
+
 def _backward(ctx, grad_y, grad_xa):
     saved = ctx.saved_tensors
     t = dict(zip(_SAVED, saved[: len(_SAVED)], strict=True))
     weight_parts = list(saved[len(_SAVED):])
-    needs = {name: ctx.needs_input_grad[i] for name, i in _DIFFERENTIABLE.items()}
-    dx = d_a = d_b = g = None
-    args = (grad_y, weight_parts, ctx.weight_meta, t["lora_A"], t["lora_B"], t["scale"], t["ids"], t["order"],
-            t["starts"])
-    if needs["x"] or needs["lora_A"]:
-        weight = NF4Tensor.from_parts(weight_parts, ctx.weight_meta)
-        backend = registry.choose(INPUT_GRAD, grad_y.device, (grad_y, weight, t["lora_A"], t["lora_B"]),
-                                  prefer=ctx.backend)
-        dx32, g = _lora_linear_input_grad(*args, backend, ctx.precision)
-        dx = dx32.to(t["x"].dtype) if needs["x"] else None
-    if needs["lora_A"] or needs["lora_B"]:
-        if g is None:
-            g = t["xa"].new_zeros(t["xa"].shape)
-        d_a, d_b = _lora_weight_grads(t["x"], grad_y.contiguous(), t["xa"], g, t["scale"], t["ids"], t["order"],
-                                      t["starts"])
-        d_a = d_a.to(t["lora_A"].dtype) if needs["lora_A"] else None
-        d_b = d_b.to(t["lora_B"].dtype) if needs["lora_B"] else None
+    weight = NF4Tensor.from_parts(weight_parts, ctx.weight_meta)
+    grad_y = grad_y.contiguous()
+    routing = (t["scale"], t["ids"], t["order"], t["starts"])
+    dx, d_a, d_b = _lora_backward(
+        grad_y, t["x"], t["lora_A"], t["lora_B"], t["xa"], weight, ctx.backend,
+        [ctx.needs_input_grad[i] for i in _DIFFERENTIABLE.values()],
+        lambda backend: _lora_linear_input_grad(grad_y, weight_parts, ctx.weight_meta, t["lora_A"], t["lora_B"],
+                                                *routing, backend, ctx.precision),
+        lambda g: _lora_weight_grads(t["x"], grad_y, t["xa"], g, *routing, ctx.precision))
     return dx, [None] * ctx.n_parts, None, d_a, d_b, None, None, None, None, None, None
 
 
@@ -116,7 +137,7 @@ _lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerLoraLinear(torch.autograd.Function):
-    """The same forward and backward as the custom ops, for eager training: the kernels called directly
+    """The custom ops' forward and :func:`_lora_backward`, for eager training: the kernels called directly
     (``torch.library``'s autograd wrapper costs ~150 us a call, which dominates small layers). Under
     ``torch.compile`` the custom ops run instead, so a tracer sees one opaque op per stage."""
 
@@ -131,21 +152,12 @@ class _EagerLoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, lora_A, lora_B, xa = ctx.saved_tensors
-        needs_x, needs_a, needs_b = ctx.needs_input_grad[:3]
         grad_y = grad_y.contiguous()
-        dx = d_a = d_b = g = None
-        if needs_x or needs_a:
-            backend = registry.choose(INPUT_GRAD, grad_y.device, (grad_y, ctx.weight, lora_A, lora_B),
-                                      prefer=ctx.backend)
-            dx32, g = registry.kernel(INPUT_GRAD, backend)(grad_y, ctx.weight, lora_A, lora_B, ctx.scale, ctx.routing,
-                                                           ctx.precision)
-            dx = dx32.to(x.dtype) if needs_x else None
-        if needs_a or needs_b:
-            if g is None:
-                g = xa.new_zeros(xa.shape)
-            d_a, d_b = reference.lora_weight_grads(x, grad_y, xa, g, ctx.scale, ctx.routing, ctx.precision)
-            d_a = d_a.to(lora_A.dtype) if needs_a else None
-            d_b = d_b.to(lora_B.dtype) if needs_b else None
+        dx, d_a, d_b = _lora_backward(
+            grad_y, x, lora_A, lora_B, xa, ctx.weight, ctx.backend, ctx.needs_input_grad[:3],
+            lambda backend: registry.kernel(INPUT_GRAD, backend)(grad_y, ctx.weight, lora_A, lora_B, ctx.scale,
+                                                                 ctx.routing, ctx.precision),
+            lambda g: reference.lora_weight_grads(x, grad_y, xa, g, ctx.scale, ctx.routing, ctx.precision))
         return dx, d_a, d_b, None, None, None, None, None
 
 

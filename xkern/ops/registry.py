@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from xkern.errors import InputError, InputKeyError
+
 ENV_VAR = "XKERN_BACKEND"
 _DEVICE_NAMES = {"cuda": "CUDA", "cpu": "CPU"}
 
@@ -50,7 +52,7 @@ def register_backend(name: str, *, device_types: tuple[str, ...], priority: int,
                      opt_in_device_types: tuple[str, ...] = ()) -> None:
     """Declare a backend; called once by its module in :mod:`xkern.ops.backends`."""
     if name in _BACKENDS:
-        raise ValueError(f"backend {name!r} is already registered")
+        raise InputError(f"backend {name!r} is already registered")
     _BACKENDS[name] = Backend(name, tuple(device_types), priority, probe or (lambda device: None), description,
                               tuple(opt_in_device_types))
 
@@ -59,9 +61,9 @@ def register_kernel(op: str, backend: str, *, supports: Callable[..., bool] | No
     """Decorator: ``fn`` implements op stage ``op`` (e.g. ``"lora_linear.forward"``) on ``backend``."""
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         if backend not in _BACKENDS:
-            raise ValueError(f"register backend {backend!r} before its kernels")
+            raise InputError(f"register backend {backend!r} before its kernels")
         if (op, backend) in _KERNELS:
-            raise ValueError(f"{backend!r} already implements {op!r}")
+            raise InputError(f"{backend!r} already implements {op!r}")
         _KERNELS[(op, backend)] = Kernel(fn, supports)
         return fn
 
@@ -77,7 +79,7 @@ def kernel(op: str, backend: str) -> Callable[..., Any]:
     try:
         return _KERNELS[(op, backend)].fn
     except KeyError:
-        raise KeyError(f"backend {backend!r} implements no {op!r}") from None
+        raise InputKeyError(f"backend {backend!r} implements no {op!r}") from None
 
 
 def ops_of(backend: str) -> list[str]:
@@ -104,7 +106,7 @@ def unusable_reason(backend: str, op: str, device: torch.device) -> str | None:
 def check_backend(backend: str, op: str, device: torch.device) -> None:
     """Raise a clear error when ``backend`` cannot run ``op`` on ``device``."""
     if backend not in _BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {tuple(sorted(_BACKENDS))}")
+        raise InputError(f"unknown backend {backend!r}; expected one of {tuple(sorted(_BACKENDS))}")
     reason = unusable_reason(backend, op, device)
     if reason is not None:
         raise RuntimeError(reason)
@@ -116,7 +118,7 @@ def requested_backend(explicit: str | None) -> str | None:
         return explicit
     forced = os.environ.get(ENV_VAR, "").strip().lower()
     if forced and forced not in _BACKENDS:
-        raise ValueError(f"{ENV_VAR} must be one of {tuple(sorted(_BACKENDS))}, got {forced!r}")
+        raise InputError(f"{ENV_VAR} must be one of {tuple(sorted(_BACKENDS))}, got {forced!r}")
     return forced or None
 
 

@@ -74,13 +74,6 @@ class RowRouting:
         return cls(torch.full((rows,), -1, dtype=torch.int32, device=device),
                    torch.arange(rows, dtype=torch.int32, device=device), starts, int(n_adapters))
 
-    @classmethod
-    def stream_major(cls, slots: list[int], rows_per_stream: int, n_adapters: int,
-                     device: torch.device | str = "cpu") -> RowRouting:
-        """Rows ``[len(slots) * rows_per_stream]`` where stream i uses slot ``slots[i]`` (X-Cross's layout)."""
-        ids = torch.tensor(slots, dtype=torch.int32).repeat_interleave(rows_per_stream).to(device)
-        return cls.build(ids, n_adapters)
-
     def to(self, device: torch.device | str) -> RowRouting:
         device = torch.device(device)
         if self.device == device:

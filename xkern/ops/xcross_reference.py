@@ -21,11 +21,6 @@ def n_pairs(n: int) -> int:
     return n * (n - 1)
 
 
-def pair_order(n: int) -> list[tuple[int, int]]:
-    """The ``(m, m')`` pair of each entry of ``zd`` (and of ``zi``): m-major, ``m'`` ascending, skipping m."""
-    return [(m, mp) for m in range(n) for mp in range(n) if mp != m]
-
-
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 

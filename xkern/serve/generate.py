@@ -24,6 +24,7 @@ import torch
 
 from xkern.adapters.peft_format import BASE
 from xkern.data.prompts import MAX_HISTORY, listwise_prompt, titles_of
+from xkern.nn.compat import cache_keyword
 from xkern.serve.scoring import Prefill, _names, prefill, score_continuations
 
 _NUMBERING = re.compile(r"^\s*(?:\(?\d{1,3}[.):]\s+)")
@@ -87,7 +88,7 @@ def greedy_decode(model: Any, pre: Prefill, tokenizer: Any, adapter: str | Seque
             break
         mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
         out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None],
-                    past_key_values=pre.cache, use_cache=True, adapter_names=names)
+                    use_cache=True, adapter_names=names, **{cache_keyword(model): pre.cache})
         pos = pos + 1
         tok = out.logits[:, -1].argmax(-1)
         for i, t in enumerate(tok.tolist()):

@@ -10,7 +10,8 @@ same scores as :class:`LikelihoodScorer` (which scores each (prompt, candidate)
 sequence independently), within float tolerance.
 
 Works with any decoder whose ``transformers`` forward takes ``attention_mask``, ``position_ids``,
-``past_key_values`` and ``logits_to_keep`` (Llama, Qwen2, Mistral, ...) and full attention layers.
+a KV cache (``cache`` or ``past_key_values``, see :mod:`xkern.nn.compat`) and ``logits_to_keep``
+(Llama, Qwen2, Mistral, ...) and full attention layers.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import torch.nn.functional as F
 from xkern.adapters.peft_format import BASE
 from xkern.data.encoding import IGNORE, PromptEncoder, pad_batch, pad_rows, prompt_completion_example
 from xkern.data.prompts import titles_of
+from xkern.errors import InputError
+from xkern.nn.compat import cache_keyword, output_cache
 from xkern.train.objectives import model_pad_id, sequence_logprob
 
 
@@ -46,14 +49,14 @@ def _names(adapter: str | Sequence[str] | None, n: int) -> list[str]:
         return [adapter] * n
     names = list(adapter)
     if len(names) != n:
-        raise ValueError(f"{len(names)} adapter names for {n} prompts")
+        raise InputError(f"{len(names)} adapter names for {n} prompts")
     return names
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``ids [B, P]`` and ``mask [B, P]``, each row right-aligned (left padding)."""
     if not rows or any(len(r) == 0 for r in rows):
-        raise ValueError("every prompt needs at least one token")
+        raise InputError("every prompt needs at least one token")
     return pad_batch(rows, pad, left=True)
 
 
@@ -67,7 +70,7 @@ def prefill(model: Any, prompts: Sequence[Sequence[int]], adapter: str | Sequenc
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                 adapter_names=_names(adapter, len(prompts)))
     last = F.log_softmax(out.logits[:, -1].float(), dim=-1)
-    return Prefill(out.past_key_values, last, mask, mask.sum(-1))
+    return Prefill(output_cache(out), last, mask, mask.sum(-1))
 
 
 def map_cache(cache: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -147,7 +150,8 @@ def score_continuations(model: Any, pre: Prefill, continuations: Sequence[Sequen
             pos = pre.lengths.index_select(0, rows)[:, None] + torch.arange(width - 1, device=device)[None]
             cache = getattr(model, "select_cache", select_cache)(pre.cache, rows)  # the model's layout if it has one
             logits = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos,
-                           past_key_values=cache, use_cache=True, adapter_names=[names[b] for b, _, _ in chunk]).logits
+                           use_cache=True, adapter_names=[names[b] for b, _, _ in chunk],
+                           **{cache_keyword(model): cache}).logits
             total = total + (token_logprobs(logits, ids[:, 1:]) * cmask[:, 1:]).sum(-1)
         for (b, j, _), v in zip(chunk, total.double().cpu().tolist(), strict=True):
             out[b][j] = v

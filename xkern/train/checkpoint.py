@@ -1,9 +1,10 @@
 """Resumable checkpoints on disk: one directory per run that a killed process never leaves half written.
 
 A checkpoint directory holds the trained parameters (in a format of the subclass's choice), the
-optimizer and RNG state (``optimizer.pt``) and the loop's position (``state.json``, written last:
-a directory that holds it is whole). :class:`DirectoryCheckpoint` does the writing and reading;
-subclasses say how their parameters are stored: :class:`ParameterCheckpoint` (named tensors in
+optimizer and RNG state (``optimizer.safetensors``, its tensors, and ``optimizer.json``, the rest of
+its structure: nothing is pickled, so loading a checkpoint cannot run code) and the loop's position
+(``state.json``, written last: a directory that holds it is whole). :class:`DirectoryCheckpoint` does
+the writing and reading; subclasses say how their parameters are stored: :class:`ParameterCheckpoint` (named tensors in
 safetensors, any module) here, the PEFT adapter of ``train_lora`` in :mod:`xkern.train.trainer`.
 
 The state records the examples per optimizer step (batch x processes x accumulation), so a run can
@@ -24,12 +25,62 @@ from typing import Any
 import numpy as np
 import torch
 
-from xkern.errors import FormatError
+from xkern.errors import FormatError, InputError, InputTypeError
 from xkern.fileio import atomic_path, atomic_write_text
 
 STATE_NAME = "state.json"  # written last: a checkpoint directory holding it is whole
-BLOB_NAME = "optimizer.pt"
-BLOB_KEYS = ("optimizer", "rng", "best")  # what goes to optimizer.pt (tensors); the rest is state.json
+BLOB_NAME = "optimizer"  # optimizer.safetensors (the tensors) + optimizer.json (the structure around them)
+BLOB_KEYS = ("optimizer", "rng", "best")  # what goes to the blob (tensors inside); the rest is state.json
+PICKLED_BLOB = "optimizer.pt"  # what checkpoints written before held; refused, never unpickled
+
+
+def split_tensors(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``obj`` (dicts with any keys, lists, tuples, tensors, numpy arrays, numbers, strings, None) as a
+    JSON-ready skeleton and the tensors it held, keyed by position; :func:`join_tensors` inverts it."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            key = str(len(tensors))
+            tensors[key] = x.detach().cpu().contiguous()
+            return {"tensor": key}
+        if isinstance(x, np.ndarray):
+            key = str(len(tensors))
+            tensors[key] = torch.from_numpy(np.ascontiguousarray(x))
+            return {"ndarray": key}
+        if isinstance(x, dict):
+            return {"dict": [[walk(k), walk(v)] for k, v in x.items()]}
+        if isinstance(x, (list, tuple)):
+            return {"tuple" if isinstance(x, tuple) else "list": [walk(v) for v in x]}
+        if isinstance(x, np.generic):
+            return walk(x.item())
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return {"value": x}
+        raise InputTypeError(f"cannot store a {type(x).__name__} in a checkpoint")
+
+    return walk(obj), tensors
+
+
+def join_tensors(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The object :func:`split_tensors` took apart; a skeleton of any other shape is refused (``ValueError``)."""
+    def walk(node: Any) -> Any:
+        if not isinstance(node, dict) or len(node) != 1:
+            raise InputError(f"unexpected node {str(node)[:60]!r}")
+        (kind, v), = node.items()
+        if kind == "tensor":
+            return tensors[v]
+        if kind == "ndarray":
+            return tensors[v].numpy()
+        if kind == "dict":
+            return {walk(k): walk(x) for k, x in v}
+        if kind in ("list", "tuple"):
+            items = [walk(x) for x in v]
+            return tuple(items) if kind == "tuple" else items
+        if kind == "value" and (v is None or isinstance(v, (bool, int, float, str))):
+            return v
+        raise InputError(f"unexpected node kind {kind!r}")
+
+    return walk(skeleton)
 
 
 def rng_state() -> dict[str, Any]:
@@ -86,9 +137,13 @@ class DirectoryCheckpoint:
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         self.write_params(tmp)
+        from safetensors.torch import save_file
+
         blob = {k: state[k] for k in BLOB_KEYS if k in state}
-        with atomic_path(tmp / BLOB_NAME) as part:
-            torch.save(blob, part)
+        skeleton, tensors = split_tensors(blob)
+        with atomic_path(tmp / f"{BLOB_NAME}.safetensors") as part:
+            save_file(tensors, str(part))
+        atomic_write_text(tmp / f"{BLOB_NAME}.json", json.dumps(skeleton) + "\n")
         rest = {k: v for k, v in state.items() if k not in blob}
         atomic_write_text(tmp / STATE_NAME, json.dumps(rest, indent=2) + "\n")
         if (ckpt / STATE_NAME).is_file():
@@ -114,13 +169,21 @@ class DirectoryCheckpoint:
                 state["evals"] = [{"step": int(s), "loss": float(v)} for s, v in state.pop("eval_loss")]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
             raise FormatError(f"{found / STATE_NAME} is damaged ({e!r}); remove {found} to start over") from e
+        if (found / PICKLED_BLOB).exists() and not (found / f"{BLOB_NAME}.json").exists():
+            raise FormatError(f"{found} was written by an older xkern (its optimizer state is pickled in "
+                              f"{PICKLED_BLOB}, which xkern no longer loads: unpickling can run code); remove "
+                              f"{found} to start over")
         self.read_params(found)
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
         try:
-            blob = torch.load(found / BLOB_NAME, weights_only=False)
+            skeleton = json.loads((found / f"{BLOB_NAME}.json").read_text())
+            blob = join_tensors(skeleton, load_file(str(found / f"{BLOB_NAME}.safetensors")))
             state["optimizer"], state["rng"], state["best"] = blob["optimizer"], blob["rng"], blob.get("best")
-        except (RuntimeError, EOFError, OSError, KeyError, ValueError, TypeError) as e:  # torch.load on a damaged file
-            raise FormatError(f"{found / BLOB_NAME} is damaged ({type(e).__name__}); remove {found} to start "
-                              "over") from e
+        except (SafetensorError, RuntimeError, OSError, KeyError, ValueError, TypeError) as e:  # missing, torn, alien
+            raise FormatError(f"{found / BLOB_NAME}.safetensors / .json is damaged ({type(e).__name__}); remove "
+                              f"{found} to start over") from e
         state["path"] = str(found)
         return state
 

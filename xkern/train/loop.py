@@ -37,7 +37,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from xkern.distributed import dist_setup
-from xkern.errors import InputError, XkernError
+from xkern.errors import InputError, InputTypeError, XkernError
 from xkern.train.checkpoint import rng_state, set_rng_state
 from xkern.train.sharding import (
     like,
@@ -84,17 +84,17 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("batch_size and grad_accum must be >= 1")
+            raise InputError("batch_size and grad_accum must be >= 1")
         if self.schedule not in ("linear", "constant"):
-            raise ValueError(f"schedule must be 'linear' or 'constant', got {self.schedule!r}")
+            raise InputError(f"schedule must be 'linear' or 'constant', got {self.schedule!r}")
         if self.lr <= 0 or not math.isfinite(self.lr):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
+            raise InputError(f"lr must be a positive number, got {self.lr}")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+            raise InputError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.epochs <= 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+            raise InputError(f"epochs must be > 0, got {self.epochs}")
         if self.parallel not in ("ddp", "fsdp"):
-            raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+            raise InputError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
 
 
 def with_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
@@ -102,7 +102,7 @@ def with_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
     names = {f.name for f in dataclasses.fields(cfg)}
     for key in overrides:
         if key not in names:
-            raise TypeError(f"unknown training option {key!r}")
+            raise InputTypeError(f"unknown training option {key!r}")
     return dataclasses.replace(cfg, **overrides)
 
 
@@ -239,6 +239,188 @@ def _grad_checkpointing(model: torch.nn.Module | None, on: bool) -> contextlib.A
     return scope()
 
 
+class _Run:
+    """One call of :func:`fit`: the optimizer, the schedule and the bookkeeping, one method per part of a step."""
+
+    def __init__(self, module: torch.nn.Module, param_groups: Sequence[dict[str, Any]], data: EpochData,
+                 cfg: TrainConfig, checkpointer: Checkpointer | None, distributed: bool,
+                 hf_model: torch.nn.Module | None) -> None:
+        cfg.validate()
+        self.module, self.data, self.cfg, self.checkpointer = module, data, cfg, checkpointer
+        self.rank, self.world = dist_setup() if distributed else (0, 1)
+        self.fsdp = self.world > 1 and cfg.parallel == "fsdp"
+        self.first = data.examples(0)
+        if len(self.first) == 0:
+            raise InputError("the training dataset is empty")
+        self.examples_per_step = cfg.batch_size * self.world * cfg.grad_accum
+        self.loaded = checkpointer.load() if checkpointer is not None else None  # whole parameters, before sharding
+        if self.loaded is not None:
+            _check_resume(self.loaded, cfg, self.world, self.examples_per_step)
+        owned = {id(p) for p in module.parameters()}
+        self.outside = [p for g in param_groups for p in g["params"] if id(p) not in owned]  # trained, not the module's
+        self.by_name = not self.outside  # optimizer state keyed by parameter name: loads under any sharding
+        self.device = next((p.device for g in param_groups for p in g["params"]), torch.device("cpu"))
+        self.use_bf16 = self.device.type == "cuda" and cfg.bf16 in ("auto", True)
+        if cfg.bf16 is True and self.device.type != "cuda":
+            raise InputError("bf16 autocast needs a CUDA device")
+        if self.fsdp:
+            param_groups = shard(module, hf_model, param_groups, bf16=self.use_bf16)
+        self.params = [p for g in param_groups for p in g["params"]]
+        self.base_lrs = [float(g.get("lr", cfg.lr)) for g in param_groups]
+        self.opt = torch.optim.AdamW([{"params": list(g["params"]), "lr": lr}
+                                      for g, lr in zip(param_groups, self.base_lrs, strict=True)],
+                                     lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.global_batch = cfg.batch_size * self.world
+        self.batches_per_epoch = max(len(self.first) // self.global_batch, 1)
+        steps_per_epoch = max(self.batches_per_epoch // cfg.grad_accum, 1)
+        self.total = cfg.max_steps if cfg.max_steps is not None else max(int(math.ceil(cfg.epochs * steps_per_epoch)),
+                                                                          1)
+        self.result = FitResult(steps=0, total_steps=self.total, world_size=self.world, rank=self.rank)
+        self.best: list[torch.Tensor] | None = None
+        self.bad = 0  # validations since the best one
+        self.last_saved: int | None = None  # step of the last checkpoint written (or resumed from)
+        self.wrapped = module
+        self._epoch: dict[int, tuple[Sequence[Any], list[int]]] = {}
+
+    # ---- resume ---------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """The optimizer, RNG, losses, validations, early-stopping count and best state of the checkpoint."""
+        loaded, result, cfg = self.loaded, self.result, self.cfg
+        if loaded is not None:
+            keys = loaded.get("optimizer_keys", "index")
+            if keys != ("names" if self.by_name else "index"):
+                raise InputError(f"checkpoint {loaded.get('path')} keys its optimizer state by {keys}, this run by "
+                                 f"{'names' if self.by_name else 'index'} (other trained parameters); remove it to "
+                                 "start over")
+            load_optimizer_state(self.module, self.opt, loaded["optimizer"], self.by_name)
+            set_rng_state(loaded["rng"])
+            result.steps = int(loaded["step"])
+            result.train_loss = list(loaded["train_loss"])
+            result.evals = [dict(e) for e in loaded["evals"]]
+            self.last_saved = result.steps
+        self.best = [p.detach().clone() for p in self.params] if cfg.keep_best else None
+        for e in result.evals:  # where early stopping and keep-best stood when the checkpoint was written
+            if result.best_loss is None or e["loss"] < result.best_loss:
+                result.best_loss, result.best_step, self.bad = e["loss"], int(e["step"]), 0
+            else:
+                self.bad += 1
+        if loaded is not None and cfg.keep_best and loaded.get("best") is not None:
+            self.best = [like(b, p) for b, p in zip(loaded["best"], self.params, strict=True)]
+
+    def wrap(self) -> None:
+        """DDP around the module under torchrun (FSDP shards it instead)."""
+        if self.world > 1 and not self.fsdp:
+            # the frozen NF4 base is identical on every rank: sync only the trainable gradients
+            with warnings.catch_warnings():  # broadcast_buffers=False: also no sync at init (the NF4 base is big)
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                self.wrapped = torch.nn.parallel.DistributedDataParallel(
+                    self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                    broadcast_buffers=False)
+
+    # ---- one optimizer step ---------------------------------------------------------------------
+
+    def epoch(self, e: int) -> tuple[Sequence[Any], list[int]]:
+        """Epoch ``e``'s examples and order (one epoch kept: accumulation may straddle two)."""
+        if e not in self._epoch:
+            self._epoch.clear()
+            examples = self.first if e == 0 else self.data.examples(e)
+            self._epoch[e] = (examples, self.data.order(e, len(examples)))
+        return self._epoch[e]
+
+    def micro_batches(self, step: int, loss_fn: Callable[[torch.nn.Module, Sequence[Any]], torch.Tensor]) -> float:
+        """Forward and backward of this rank's share of every micro-batch of optimizer step ``step``; its loss."""
+        cfg = self.cfg
+        micro = step * cfg.grad_accum  # global micro-batch index
+        step_loss = 0.0
+        for k in range(cfg.grad_accum):
+            e, b = divmod(micro + k, self.batches_per_epoch)
+            examples, order = self.epoch(e)
+            lo = b * self.global_batch + self.rank * cfg.batch_size
+            batch = [examples[i] for i in order[lo:lo + cfg.batch_size]]
+            last = k == cfg.grad_accum - 1
+            if self.fsdp:
+                set_gradient_sync(self.module, last)
+            sync = contextlib.nullcontext() if self.world == 1 or self.fsdp or last else self.wrapped.no_sync()
+            amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else contextlib.nullcontext()
+            with sync, amp:
+                loss = loss_fn(self.wrapped, batch) / cfg.grad_accum
+                loss.backward()
+            step_loss += float(loss.detach())
+        return step_loss
+
+    def sync_outside(self, step_loss: float) -> float:
+        """Average the gradients DDP does not own (trained parameters outside the module) and the loss over
+        ranks: the same mean as over one big batch, and every rank stops alike."""
+        if self.world == 1:
+            return step_loss
+        for p in self.outside:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad.div_(self.world)
+        t = torch.tensor([step_loss], device=self.device)
+        dist.all_reduce(t)
+        return float(t) / self.world
+
+    def clip_and_check(self, step: int, step_loss: float) -> None:
+        """Clip the gradients; a loss or norm that is not finite stops training before the update."""
+        cfg = self.cfg
+        grad_norm = None
+        if cfg.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+        if not math.isfinite(step_loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            raise TrainingDivergedError(
+                f"training diverged at step {step + 1}: loss {step_loss}, gradient norm {grad_norm}; the "
+                f"parameters were not updated (last checkpoint: step {self.last_saved}). Lower the learning "
+                f"rate (now {cfg.lr:g}) or add warm-up steps")
+
+    # ---- validation and checkpoints ---------------------------------------------------------------
+
+    def validate(self, validate: Callable[[], dict[str, float]], step: int) -> bool:
+        """Validate, track the best; True when early stopping says stop."""
+        result, cfg = self.result, self.cfg
+        v = validate()
+        result.evals.append({"step": step, **v})
+        if result.best_loss is None or v["loss"] < result.best_loss:
+            result.best_loss, result.best_step, self.bad = v["loss"], step, 0
+            if cfg.keep_best:
+                self.best = [p.detach().clone() for p in self.params]
+            return False
+        self.bad += 1
+        return cfg.patience is not None and self.bad >= cfg.patience
+
+    def save(self) -> None:
+        """Every rank takes part under FSDP (it gathers the optimizer state and the parameters); rank 0 writes."""
+        cfg = self.cfg
+        if self.fsdp or self.rank == 0:  # under DDP the other ranks would build a state nobody writes
+            state = {**_state(self.result), "optimizer": optimizer_state(self.module, self.opt, self.by_name),
+                     "optimizer_keys": "names" if self.by_name else "index", "rng": rng_state(),
+                     "examples_per_step": self.examples_per_step, "world_size": self.world,
+                     "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "total_steps": self.total,
+                     "best": [whole(b) for b in self.best] if self.best is not None else None}
+            with whole_parameters(self.module) if self.fsdp else contextlib.nullcontext():
+                if self.rank == 0:
+                    self.checkpointer.save(state)
+        self.last_saved = self.result.steps
+        if self.world > 1:
+            dist.barrier()  # no rank runs ahead of a checkpoint it might be asked to resume from
+
+    def finish(self) -> None:
+        """The last checkpoint, the best parameters back (keep_best, finished runs), FSDP released."""
+        result = self.result
+        if self.checkpointer is not None:  # the parameters as trained so far: a resumed run continues from them
+            self.save()
+        if self.cfg.keep_best and self.best is not None and result.best_step is not None and result.finished:
+            with torch.no_grad():
+                for p, b in zip(self.params, self.best, strict=True):
+                    p.copy_(b)
+        if self.fsdp:
+            release(self.module)
+        if self.world > 1:
+            dist.barrier()
+
+
 def fit(module: torch.nn.Module, param_groups: Sequence[dict[str, Any]], data: EpochData,
         loss_fn: Callable[[torch.nn.Module, Sequence[Any]], torch.Tensor], cfg: TrainConfig, *,
         validate: Callable[[], dict[str, float]] | None = None, checkpointer: Checkpointer | None = None,
@@ -252,153 +434,27 @@ def fit(module: torch.nn.Module, param_groups: Sequence[dict[str, Any]], data: E
     turns on. ``stop_after``: stop after that many optimizer steps of this call (an interruption,
     for tests). See the module docstring for the rest.
     """
-    cfg.validate()
-    rank, world = dist_setup() if distributed else (0, 1)
-    fsdp = world > 1 and cfg.parallel == "fsdp"
-    first = data.examples(0)
-    if len(first) == 0:
-        raise ValueError("the training dataset is empty")
-    examples_per_step = cfg.batch_size * world * cfg.grad_accum
-    loaded = checkpointer.load() if checkpointer is not None else None  # into the whole parameters, before sharding
-    if loaded is not None:
-        _check_resume(loaded, cfg, world, examples_per_step)
-    owned = {id(p) for p in module.parameters()}
-    outside = [p for g in param_groups for p in g["params"] if id(p) not in owned]  # trained, not the module's
-    by_name = not outside  # optimizer state keyed by parameter name: loads under any sharding
-    device = next((p.device for g in param_groups for p in g["params"]), torch.device("cpu"))
-    use_bf16 = device.type == "cuda" and cfg.bf16 in ("auto", True)
-    if cfg.bf16 is True and device.type != "cuda":
-        raise ValueError("bf16 autocast needs a CUDA device")
-    if fsdp:
-        param_groups = shard(module, hf_model, param_groups, bf16=use_bf16)
-    params = [p for g in param_groups for p in g["params"]]
-    base_lrs = [float(g.get("lr", cfg.lr)) for g in param_groups]
-    opt = torch.optim.AdamW([{"params": list(g["params"]), "lr": lr} for g, lr in zip(param_groups, base_lrs,
-                                                                                        strict=True)],
-                            lr=cfg.lr, weight_decay=cfg.weight_decay)
-    global_batch = cfg.batch_size * world
-    batches_per_epoch = max(len(first) // global_batch, 1)
-    steps_per_epoch = max(batches_per_epoch // cfg.grad_accum, 1)
-    total = cfg.max_steps if cfg.max_steps is not None else max(int(math.ceil(cfg.epochs * steps_per_epoch)), 1)
-    eval_every = cfg.eval_every
-
-    result = FitResult(steps=0, total_steps=total, world_size=world, rank=rank)
-    if loaded is not None:
-        keys = loaded.get("optimizer_keys", "index")
-        if keys != ("names" if by_name else "index"):
-            raise InputError(f"checkpoint {loaded.get('path')} keys its optimizer state by {keys}, this run by "
-                             f"{'names' if by_name else 'index'} (other trained parameters); remove it to start over")
-        load_optimizer_state(module, opt, loaded["optimizer"], by_name)
-        set_rng_state(loaded["rng"])
-        result.steps = int(loaded["step"])
-        result.train_loss = list(loaded["train_loss"])
-        result.evals = [dict(e) for e in loaded["evals"]]
-    best = [p.detach().clone() for p in params] if cfg.keep_best else None
-    bad = 0
-    for e in result.evals:  # where early stopping and keep-best stood when the checkpoint was written
-        if result.best_loss is None or e["loss"] < result.best_loss:
-            result.best_loss, result.best_step, bad = e["loss"], int(e["step"]), 0
-        else:
-            bad += 1
-    if loaded is not None and cfg.keep_best and loaded.get("best") is not None:
-        best = [like(b, p) for b, p in zip(loaded["best"], params, strict=True)]
-
-    def run_validation(step: int) -> bool:
-        """Validate, track the best; True when early stopping says stop."""
-        nonlocal best, bad
-        v = validate()
-        result.evals.append({"step": step, **v})
-        if result.best_loss is None or v["loss"] < result.best_loss:
-            result.best_loss, result.best_step, bad = v["loss"], step, 0
-            if cfg.keep_best:
-                best = [p.detach().clone() for p in params]
-            return False
-        bad += 1
-        return cfg.patience is not None and bad >= cfg.patience
-
-    last_saved = [result.steps if loaded is not None else None]
-
-    def save_checkpoint() -> None:
-        """Every rank takes part under FSDP (it gathers the optimizer state and the parameters); rank 0 writes."""
-        if fsdp or rank == 0:  # under DDP the other ranks would build a state nobody writes
-            state = {**_state(result), "optimizer": optimizer_state(module, opt, by_name),
-                     "optimizer_keys": "names" if by_name else "index", "rng": rng_state(),
-                     "examples_per_step": examples_per_step, "world_size": world, "batch_size": cfg.batch_size,
-                     "grad_accum": cfg.grad_accum, "total_steps": total,
-                     "best": [whole(b) for b in best] if best is not None else None}
-            with whole_parameters(module) if fsdp else contextlib.nullcontext():
-                if rank == 0:
-                    checkpointer.save(state)
-        last_saved[0] = result.steps
-        if world > 1:
-            dist.barrier()  # no rank runs ahead of a checkpoint it might be asked to resume from
-
+    run = _Run(module, param_groups, data, cfg, checkpointer, distributed, hf_model)
+    run.resume()
+    result, total = run.result, run.total
     if validate is not None and validate_at_start and result.steps == 0:
-        run_validation(0)
-
-    wrapped: torch.nn.Module = module
-    if world > 1 and not fsdp:
-        # the frozen NF4 base is identical on every rank: sync only the trainable gradients
-        with warnings.catch_warnings():  # broadcast_buffers=False: also no sync at init (the NF4 base is big)
-            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-            wrapped = torch.nn.parallel.DistributedDataParallel(
-                module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-
-    cache: dict[int, tuple[Sequence[Any], list[int]]] = {}
-
-    def epoch(e: int) -> tuple[Sequence[Any], list[int]]:
-        if e not in cache:
-            cache.clear()
-            examples = first if e == 0 else data.examples(e)
-            cache[e] = (examples, data.order(e, len(examples)))
-        return cache[e]
-
+        run.validate(validate, 0)
+    run.wrap()
     step = result.steps
     stop_at = total if stop_after is None else min(total, step + stop_after)
     module.train()
     start = time.perf_counter()
-    bar = tqdm(total=total, initial=step, desc=desc, disable=not cfg.progress or rank != 0)
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not cfg.progress or run.rank != 0)
     try:
         with _grad_checkpointing(hf_model, cfg.grad_checkpointing):
             while step < stop_at:
-                micro = step * cfg.grad_accum  # global micro-batch index
                 factor = lr_factor(cfg, step, total)
-                for g, lr in zip(opt.param_groups, base_lrs, strict=True):
+                for g, lr in zip(run.opt.param_groups, run.base_lrs, strict=True):
                     g["lr"] = lr * factor
-                opt.zero_grad(set_to_none=True)
-                step_loss = 0.0
-                for k in range(cfg.grad_accum):
-                    e, b = divmod(micro + k, batches_per_epoch)
-                    examples, order = epoch(e)
-                    lo = b * global_batch + rank * cfg.batch_size
-                    batch = [examples[i] for i in order[lo:lo + cfg.batch_size]]
-                    last = k == cfg.grad_accum - 1
-                    if fsdp:
-                        set_gradient_sync(module, last)
-                    sync = contextlib.nullcontext() if world == 1 or fsdp or last else wrapped.no_sync()
-                    amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-                    with sync, amp:
-                        loss = loss_fn(wrapped, batch) / cfg.grad_accum
-                        loss.backward()
-                    step_loss += float(loss.detach())
-                if world > 1:
-                    for p in outside:  # average what DDP did not: the same mean as over one big batch
-                        if p.grad is None:
-                            p.grad = torch.zeros_like(p)
-                        dist.all_reduce(p.grad)
-                        p.grad.div_(world)
-                    t = torch.tensor([step_loss], device=device)
-                    dist.all_reduce(t)  # every rank sees the same loss, so every rank stops alike below
-                    step_loss = float(t) / world
-                grad_norm = None
-                if cfg.max_grad_norm is not None:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-                if not math.isfinite(step_loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
-                    raise TrainingDivergedError(
-                        f"training diverged at step {step + 1}: loss {step_loss}, gradient norm {grad_norm}; the "
-                        f"parameters were not updated (last checkpoint: step {last_saved[0]}). Lower the learning "
-                        f"rate (now {cfg.lr:g}) or add warm-up steps")
-                opt.step()
+                run.opt.zero_grad(set_to_none=True)
+                step_loss = run.sync_outside(run.micro_batches(step, loss_fn))
+                run.clip_and_check(step, step_loss)
+                run.opt.step()
                 step += 1
                 result.train_loss.append(step_loss)
                 bar.update(1)
@@ -409,32 +465,23 @@ def fit(module: torch.nn.Module, param_groups: Sequence[dict[str, Any]], data: E
                 if callback is not None:
                     callback(step, step_loss)
                 stop = False
-                if validate is not None and ((eval_every and step % eval_every == 0) or step == total):
-                    stop = run_validation(step)
+                if validate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+                    stop = run.validate(validate, step)
                     module.train()
                 result.steps = step
                 if checkpointer is not None and cfg.save_every and step % cfg.save_every == 0:
-                    save_checkpoint()
+                    run.save()
                 if stop:
                     result.stopped_early = True
                     break
     finally:
         bar.close()
         module.eval()
-        for p in params:
+        for p in run.params:
             p.requires_grad_(False)
     result.steps = step
     result.seconds = time.perf_counter() - start
-    if checkpointer is not None:  # the parameters as trained so far: a resumed run continues from them
-        save_checkpoint()
-    if cfg.keep_best and best is not None and result.best_step is not None and result.finished:
-        with torch.no_grad():
-            for p, b in zip(params, best, strict=True):
-                p.copy_(b)
-    if fsdp:
-        release(module)
-    if world > 1:
-        dist.barrier()
+    run.finish()
     return result
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from xkern.data.encoding import IGNORE, pad_batch, pad_rows, prompt_completion_example
+from xkern.errors import InputError
 
 
 class Objective(Protocol):
@@ -72,13 +73,13 @@ class CausalLM:
     def rows(examples: Sequence[dict[str, Any]]) -> tuple[list[list[int]], list[list[int]]]:
         """``(input_ids, labels)`` rows of a batch, checked (subclasses pad them their own way)."""
         if not examples:
-            raise ValueError("empty batch")
+            raise InputError("empty batch")
         ids = [list(e["input_ids"]) for e in examples]
         if any(len(r) < 2 for r in ids):
-            raise ValueError("every causal-LM example needs at least 2 tokens")
+            raise InputError("every causal-LM example needs at least 2 tokens")
         labels = [list(e.get("labels", e["input_ids"])) for e in examples]
         if any(len(a) != len(b) for a, b in zip(ids, labels, strict=True)):
-            raise ValueError("labels must have the length of input_ids")
+            raise InputError("labels must have the length of input_ids")
         return ids, labels
 
     def collate(self, examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -96,14 +97,14 @@ class CandidateScoring:
 
     def collate(self, examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
         if not examples:
-            raise ValueError("empty batch")
+            raise InputError("empty batch")
         n_cand = {len(e["candidates"]) for e in examples}
         if len(n_cand) != 1 or n_cand.pop() < 2:
-            raise ValueError("every example needs the same number (>= 2) of candidates")
+            raise InputError("every example needs the same number (>= 2) of candidates")
         rows, labels, targets = [], [], []
         for e in examples:
             if not 0 <= int(e["target"]) < len(e["candidates"]):
-                raise ValueError(f"target {e['target']} out of range for {len(e['candidates'])} candidates")
+                raise InputError(f"target {e['target']} out of range for {len(e['candidates'])} candidates")
             targets.append(int(e["target"]))
             for cand in e["candidates"]:
                 ex = prompt_completion_example(e["prompt_ids"], cand)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from xkern.adapters.peft_format import load_adapter as read_adapter
+from xkern.errors import InputError, InputKeyError, InputTypeError
 from xkern.fileio import atomic_write_text
 from xkern.nn.model import XkernModel
 from xkern.train.checkpoint import STATE_NAME, DirectoryCheckpoint, resumable_checkpoint
@@ -83,12 +84,12 @@ class AdapterCheckpoint(DirectoryCheckpoint):
         layers = self.model.nf4_layers
         mine = {m for m, lay in layers.items() if self.adapter in lay.lora_A}
         if set(saved.modules) != mine:
-            raise ValueError(f"checkpoint {folder} holds an adapter for other modules than {self.adapter!r}")
+            raise InputError(f"checkpoint {folder} holds an adapter for other modules than {self.adapter!r}")
         with torch.no_grad():
             for module, w in saved.modules.items():
                 lay = layers[module]
                 if lay.lora_A[self.adapter].shape != w.A.shape or lay.lora_B[self.adapter].shape != w.B.shape:
-                    raise ValueError(f"checkpoint {folder}: {module} has other shapes than adapter {self.adapter!r}")
+                    raise InputError(f"checkpoint {folder}: {module} has other shapes than adapter {self.adapter!r}")
                 lay.lora_A[self.adapter].copy_(w.A)
                 lay.lora_B[self.adapter].copy_(w.B)
 
@@ -108,11 +109,11 @@ def train_lora(model: XkernModel, adapter_name: str, dataset: Sequence[dict[str,
     """
     cfg = with_overrides(config or TrainConfig(), overrides)
     if not isinstance(model, XkernModel):
-        raise TypeError(f"model must be an XkernModel (xkern.load_model), got {type(model).__name__}")
+        raise InputTypeError(f"model must be an XkernModel (xkern.load_model), got {type(model).__name__}")
     if adapter_name not in model.list_adapters():
-        raise KeyError(f"unknown adapter {adapter_name!r}: create it with model.add_adapter first")
+        raise InputKeyError(f"unknown adapter {adapter_name!r}: create it with model.add_adapter first")
     if len(dataset) == 0:
-        raise ValueError("the training dataset is empty")
+        raise InputError("the training dataset is empty")
     cfg.validate()
     obj = OBJECTIVES[objective]() if isinstance(objective, str) else objective
     rank, world = dist_setup()

@@ -20,6 +20,7 @@ from xkern.data.examples import next_item_pairs
 from xkern.data.negatives import sample_uniform, user_rng
 from xkern.data.prompts import listwise_prompt, titles_of
 from xkern.data.splits import sample_users
+from xkern.errors import InputError
 
 T = TypeVar("T")
 FORMATS = ("next_item", "listwise", "both")
@@ -27,7 +28,7 @@ FORMATS = ("next_item", "listwise", "both")
 
 def _draw(items: Sequence[T], n: int, rng: np.random.Generator, what: str) -> list[T]:
     if n > len(items):
-        raise ValueError(f"asked for {n} {what} examples, only {len(items)} available")
+        raise InputError(f"asked for {n} {what} examples, only {len(items)} available")
     idx = rng.permutation(len(items))[:n]
     return [items[i] for i in sorted(idx.tolist())]
 
@@ -49,7 +50,7 @@ def mix_domains(target: Sequence[T], sources: Sequence[Sequence[T]] | Mapping[st
         src = list(src)
         n = min(len(target), len(src)) if per_domain is None else int(per_domain)
         if n < 0:
-            raise ValueError(f"per_domain must be >= 0, got {per_domain}")
+            raise InputError(f"per_domain must be >= 0, got {per_domain}")
         rng = user_rng(seed, "weave-mix", key)
         mixed = _draw(target, n, rng, "target") + _draw(src, n, rng, f"source {key!r}")
         out[key] = [mixed[i] for i in rng.permutation(len(mixed)).tolist()]
@@ -81,7 +82,7 @@ def domain_examples(tokenizer: Any, data: DomainData, fmt: str = "next_item", ma
     tokenizing, so large domains stay cheap.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+        raise InputError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     if max_examples is not None:
         data = subsample_users(data, max_examples, seed)
     enc = PromptEncoder(tokenizer, data.name, max_history=max_history)

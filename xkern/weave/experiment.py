@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from xkern.data.examples import causal_lm_examples
 from xkern.data.metrics import metrics_from_ranks
 from xkern.data.negatives import build_candidates
 from xkern.distributed import dist_setup, sum_over_ranks
+from xkern.errors import InputError
 from xkern.serve import LikelihoodScorer, ListwiseGenerationScorer, PrefixLikelihoodScorer
 from xkern.train import evaluate_loss
 from xkern.train.loop import TrainConfig
@@ -47,6 +49,7 @@ from xkern.weave.merging import merge_loaded, select_merge_weights
 from xkern.weave.train import train_adapter
 
 ROWS = ("base", "target-only", "plain-merge", "weave-merge", "weave-merge-val", "joint", "hybrids")
+MERGES = ("plain-merge", "weave-merge", "weave-merge-val")
 MODES = ("likelihood", "pmi", "listwise")
 TABLE_METRICS = ("HR@1", "HR@10", "NDCG@10")
 
@@ -156,12 +159,25 @@ def load_saved_adapters(model: Any, directory: str | os.PathLike, names: list[st
                                 f"(expected <dir>/<name>/adapter from an earlier run's save_adapters)")
     clashing = [name for name in names if name in model.adapter_configs]
     if clashing:
-        raise ValueError(f"adapters {clashing} are already loaded in the model; load_adapters would replace them")
+        raise InputError(f"adapters {clashing} are already loaded in the model; load_adapters would replace them")
     info: dict[str, Any] = {}
     for name, path in paths.items():
         model.load_adapter(path, name)
         info[name] = {"loaded_from": str(path), "r": model.adapter_configs[name].get("r")}
     return info
+
+
+def row_adapters(rows: Sequence[str], sources: Sequence[str]) -> dict[str, list[str]]:
+    """Each evaluated row (``"hybrids"`` expanded to one row per source, in :data:`ROWS` order) -> the LoRAs it
+    is made of: what must be trained for it, what a merge merges, and whose parameters it counts."""
+    weave = ["target", *(f"hybrid-{s}" for s in sources)]
+    table = {"base": [], "target-only": ["target"], "plain-merge": ["target", *(f"source-{s}" for s in sources)],
+             "weave-merge": weave, "weave-merge-val": weave, "joint": ["joint"]}
+    out: dict[str, list[str]] = {}
+    for row in ROWS:
+        if row in rows:
+            out.update({f"hybrid-{s}": [f"hybrid-{s}"] for s in sources} if row == "hybrids" else {row: table[row]})
+    return out
 
 
 def run_weave(cfg: WeaveConfig, domains: dict[str, DomainData] | None = None, model: Any = None,
@@ -182,10 +198,10 @@ def run_weave(cfg: WeaveConfig, domains: dict[str, DomainData] | None = None, mo
         torch.set_num_threads(cfg.threads)
     for r in cfg.rows:
         if r not in ROWS:
-            raise ValueError(f"unknown row {r!r}; expected some of {ROWS}")
+            raise InputError(f"unknown row {r!r}; expected some of {ROWS}")
     for m in cfg.modes:
         if m not in MODES:
-            raise ValueError(f"unknown mode {m!r}; expected some of {MODES}")
+            raise InputError(f"unknown mode {m!r}; expected some of {MODES}")
     domains = domains if domains is not None else load_domains(cfg)
     target, sources = domains[cfg.target], [domains[s] for s in cfg.sources]
     desc = "given model"
@@ -197,14 +213,8 @@ def run_weave(cfg: WeaveConfig, domains: dict[str, DomainData] | None = None, mo
     src_ex = {d.name: _examples(cfg, tokenizer, d) for d in sources}
     mixes = mix_domains(tgt_ex, src_ex, None, cfg.seed)
     kw = _train_kw(cfg)
-    rows = set(cfg.rows)
-    need = {"target"}
-    if rows & {"plain-merge"}:
-        need |= {f"source-{s}" for s in cfg.sources}
-    if rows & {"weave-merge", "weave-merge-val", "hybrids"}:
-        need |= {f"hybrid-{s}" for s in cfg.sources}
-    if "joint" in rows:
-        need.add("joint")
+    parts = row_adapters(cfg.rows, cfg.sources)
+    need = {"target"}.union(*parts.values())
     plan = [("target", tgt_ex)] + [(f"hybrid-{s}", mixes[s]) for s in cfg.sources] + \
         [(f"source-{s}", src_ex[s]) for s in cfg.sources]
     if "joint" in need:
@@ -223,33 +233,16 @@ def run_weave(cfg: WeaveConfig, domains: dict[str, DomainData] | None = None, mo
     train_s = time.perf_counter() - t0
     n_params = {name: sum(p.numel() for p in model.adapter_parameters(name)) for name in adapters}
 
-    def trained_params(row: str) -> int:
-        """Parameters trained for a row: the LoRAs it serves (a merge: every LoRA merged into it)."""
-        parts = {"target-only": ["target"], "joint": ["joint"],
-                 "plain-merge": ["target", *(f"source-{s}" for s in cfg.sources)],
-                 "weave-merge": ["target", *(f"hybrid-{s}" for s in cfg.sources)],
-                 "weave-merge-val": ["target", *(f"hybrid-{s}" for s in cfg.sources)]}.get(row, [row])
-        return sum(n_params.get(a, 0) for a in parts)
-
     enc = PromptEncoder(tokenizer, target.name, max_history=cfg.max_history)
     val_users = sorted(target.val)[: cfg.val_users]
     val_examples = causal_lm_examples(enc, replace(target, val={u: target.val[u] for u in val_users}), "val")
     val_loss_base = evaluate_loss(model, BASE, val_examples, batch_size=cfg.train.batch_size) if val_examples else None
     cands = build_candidates(target, "test", cfg.n_neg, "uniform", cfg.seed, cfg.eval_users)
-    served: dict[str, str] = {}
-    if "base" in rows:
-        served["base"] = BASE
-    if "target-only" in rows:
-        served["target-only"] = "target"
-    if "plain-merge" in rows:
-        served["plain-merge"] = merge_loaded(model, "plain-merge", ["target", *(f"source-{s}" for s in cfg.sources)])
-    if "weave-merge" in rows:
-        served["weave-merge"] = merge_loaded(model, "weave-merge", ["target", *(f"hybrid-{s}" for s in cfg.sources)])
-    selection = None
-    if "weave-merge-val" in rows:
+    selection, weights = None, None
+    if "weave-merge-val" in parts:
         step = cfg.select_step or 0.25
         val = build_candidates(target, "val", cfg.n_neg, "uniform", cfg.seed, cfg.val_users)
-        names = ["target", *(f"hybrid-{s}" for s in cfg.sources)]
+        names = parts["weave-merge-val"]
 
         def val_ndcg(adapter: str) -> float:
             sc = PrefixLikelihoodScorer(model, enc, target.titles, adapter, cfg.user_batch, cfg.row_batch)
@@ -260,12 +253,13 @@ def run_weave(cfg: WeaveConfig, domains: dict[str, DomainData] | None = None, mo
         selection = {"names": names, "step": step, "best": list(best), "grid": table, "val_users": len(val),
                      "seconds": round(time.perf_counter() - t1, 2)}
         log(f"selected weights {best} (validation NDCG@10 grid of {len(table)} points)")
-        served["weave-merge-val"] = merge_loaded(model, "weave-merge-val", names, list(best))
-    if "joint" in rows:
-        served["joint"] = "joint"
-    if "hybrids" in rows:
-        for s in cfg.sources:
-            served[f"hybrid-{s}"] = f"hybrid-{s}"
+        weights = list(best)
+    served: dict[str, str] = {}  # row -> the adapter that serves it (a merge is added to the model under its name)
+    for row, loras in parts.items():
+        if row in MERGES:
+            served[row] = merge_loaded(model, row, loras, weights if row == "weave-merge-val" else None)
+        else:
+            served[row] = loras[0] if loras else BASE
 
     speed = None
     if cfg.speed_users and "likelihood" in cfg.modes:
@@ -274,7 +268,7 @@ def run_weave(cfg: WeaveConfig, domains: dict[str, DomainData] | None = None, mo
         log(f"prefix-KV speed: {speed}")
 
     if cfg.listwise_fallback not in ("listwise", "next_item"):
-        raise ValueError(f"listwise_fallback must be 'listwise' or 'next_item', got {cfg.listwise_fallback!r}")
+        raise InputError(f"listwise_fallback must be 'listwise' or 'next_item', got {cfg.listwise_fallback!r}")
     results = []
     for row, adapter in served.items():
         prefix = PrefixLikelihoodScorer(model, enc, target.titles, adapter, cfg.user_batch, cfg.row_batch)
@@ -293,7 +287,8 @@ def run_weave(cfg: WeaveConfig, domains: dict[str, DomainData] | None = None, mo
             ranks = rank_candidates(sc, cands, 256, distributed=True)
             m = {**metrics_from_ranks(ranks, (1, 3, 10)), "n_users": len(cands),
                  "seconds": round(time.perf_counter() - t_mode, 3)}
-            rec = {"method": row, "mode": mode, **m, "val_loss": val_loss, "trainable_params": trained_params(row),
+            rec = {"method": row, "mode": mode, **m, "val_loss": val_loss,
+                   "trainable_params": sum(n_params.get(a, 0) for a in parts[row]),
                    "ranks": ranks.tolist()}
             if mode == "listwise":  # each rank counted its own users
                 exact, fallback = sum_over_ranks([sc.stats["exact"], sc.stats["fallback"]], world)
@@ -395,9 +390,10 @@ def results_table(result: dict[str, Any], markdown: bool = False) -> str:
 
 
 def quality_rows(result: dict[str, Any], n_boot: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
-    """The rows of :func:`run_weave`'s result in the quality results format (issue 17): one per
-    (method, mode), named ``method/mode``, with bootstrap intervals over its per-user ranks; the
-    validation loss starts at the base model's and ends at the served adapter's (no selection)."""
+    """The rows of :func:`run_weave`'s result in the quality results format
+    (:func:`xkern.data.confidence.quality_row`): one per (method, mode), named ``method/mode``, with
+    bootstrap intervals over its per-user ranks; the validation loss starts at the base model's and ends
+    at the served adapter's (no selection)."""
     from xkern.data.confidence import quality_row
 
     out = []

@@ -21,6 +21,7 @@ import numpy as np
 
 from xkern.adapters import LoraAdapter, fold, merge
 from xkern.adapters.peft_format import BASE
+from xkern.errors import InputError
 
 MODES = ("exact", "svd", "fold")
 
@@ -40,7 +41,7 @@ def merge_loaded(model: Any, name: str, names: Sequence[str], weights: Sequence[
     ``fold`` use :func:`folded`. ``replace``: delete an existing adapter ``name`` first.
     """
     if mode not in ("exact", "svd"):
-        raise ValueError(f"mode must be 'exact' or 'svd' here (fold: use weave.folded), got {mode!r}")
+        raise InputError(f"mode must be 'exact' or 'svd' here (fold: use weave.folded), got {mode!r}")
     if mode == "svd" and rank is None:
         rank = max(model.get_adapter(n).modules[m].rank for n in names for m in model.get_adapter(n).modules)
     adapter = merged_adapter(model, names, weights, method, rank if mode == "svd" else None, **kwargs)
@@ -72,10 +73,10 @@ def folded(model: Any, adapter: LoraAdapter, weight: float = 1.0) -> Iterator[st
 def simplex_grid(n: int, step: float) -> list[tuple[float, ...]]:
     """All weight vectors of ``n`` non-negative multiples of ``step`` summing to 1 (``1/step`` an integer)."""
     if n < 1:
-        raise ValueError("need at least one weight")
+        raise InputError("need at least one weight")
     k = round(1.0 / step)
     if k < 1 or abs(k * step - 1.0) > 1e-9:
-        raise ValueError(f"step must divide 1 (1/step an integer), got {step}")
+        raise InputError(f"step must divide 1 (1/step an integer), got {step}")
     out = []
     for combo in itertools.product(range(k + 1), repeat=n - 1):
         if sum(combo) <= k:

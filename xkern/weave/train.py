@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from xkern.data.domain import DomainData
 from xkern.data.encoding import IGNORE, pad_batch, pad_rows
+from xkern.errors import InputError, InputTypeError
 from xkern.train.objectives import CausalLM
 from xkern.weave.data import domain_examples, mix_domains
 
@@ -102,7 +103,7 @@ def train(model: Any, target: DomainData | Sequence[dict[str, Any]],
     if isinstance(target, DomainData):
         if examples_fn is None:
             if tokenizer is None:
-                raise ValueError("give a tokenizer (or examples_fn) to turn domains into examples")
+                raise InputError("give a tokenizer (or examples_fn) to turn domains into examples")
 
             def examples_fn(d: DomainData) -> list[dict[str, Any]]:
                 return domain_examples(tokenizer, d, fmt, max_history, seed=seed)
@@ -111,7 +112,7 @@ def train(model: Any, target: DomainData | Sequence[dict[str, Any]],
         source_ex = {d.name: examples_fn(d) for d in sources}
     else:
         if not isinstance(sources, Mapping):
-            raise TypeError("with example lists, sources must be a dict name -> examples")
+            raise InputTypeError("with example lists, sources must be a dict name -> examples")
         target_ex, source_ex = list(target), {k: list(v) for k, v in sources.items()}
     mixes = mix_domains(target_ex, source_ex, per_domain, seed)
     common = dict(r=r, lora_alpha=lora_alpha, target_modules=target_modules, seed=seed, output_dir=output_dir)

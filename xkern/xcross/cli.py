@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from xkern.commands import data_options, model_options, out_option, run_options
+from xkern.errors import InputError
 
 
 def _adapter_spec(text: str) -> tuple[str, str]:
@@ -84,7 +85,7 @@ def cmd_train_xcross(args: argparse.Namespace) -> int:
 
     names = [n for n, _ in args.adapter]
     if len(set(names)) != len(names):
-        raise ValueError(f"adapter names must be distinct, got {names}")
+        raise InputError(f"adapter names must be distinct, got {names}")
     model_path = resolve(args.model)
     dtype, _ = resolve_dtype(args.dtype, args.device)
     xm = load_model(model_path, dtype=dtype, device=args.device, progress=not args.no_progress)

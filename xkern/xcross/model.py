@@ -31,8 +31,10 @@ from torch import nn
 
 from xkern.data.encoding import IGNORE, CompletionPairEncoder, PairEncoder, pad_batch, pad_rows
 from xkern.data.prompts import MAX_HISTORY
+from xkern.errors import InputError, InputKeyError, InputTypeError
 from xkern.fileio import atomic_path, atomic_write_text
 from xkern.nn import BASE, XkernModel, routing_scope
+from xkern.nn.compat import cache_keyword, output_cache
 from xkern.ops.xcross_integrate import xcross_integrate
 from xkern.serve.scoring import PrefixLikelihoodScorer, select_cache
 
@@ -58,7 +60,7 @@ def find_blocks(base: nn.Module, num_layers: int | None = None) -> nn.ModuleList
     lists = [m for m in base.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
              and (num_layers is None or len(m) == num_layers)]
     if not lists:
-        raise ValueError(f"cannot find the transformer blocks of {type(base).__name__}")
+        raise InputError(f"cannot find the transformer blocks of {type(base).__name__}")
     return lists[0]
 
 
@@ -81,7 +83,7 @@ def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Te
     if mode == "mean":
         m = mask.to(hidden.dtype).unsqueeze(-1)
         return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-    raise ValueError(f"pooling must be one of ('first', 'last', 'mean'), got {mode!r}")
+    raise InputError(f"pooling must be one of ('first', 'last', 'mean'), got {mode!r}")
 
 
 class ScoringHead(nn.Module):
@@ -152,20 +154,20 @@ class XCrossModel(nn.Module):
                  max_tokens: int = 128) -> None:
         super().__init__()
         if not isinstance(model, XkernModel):
-            raise TypeError(f"model must be an XkernModel (xkern.load_model), got {type(model).__name__}")
+            raise InputTypeError(f"model must be an XkernModel (xkern.load_model), got {type(model).__name__}")
         adapters = [adapters] if isinstance(adapters, str) else list(adapters)
         if not adapters:
-            raise ValueError("X-Cross needs at least one adapter")
+            raise InputError("X-Cross needs at least one adapter")
         if len(set(adapters)) != len(adapters):
-            raise ValueError(f"adapter names must be distinct, got {adapters}")
+            raise InputError(f"adapter names must be distinct, got {adapters}")
         missing = [a for a in adapters if a != BASE and a not in model.list_adapters()]
         if missing:
-            raise KeyError(f"adapter(s) {missing} are not loaded in the model (loaded: {model.list_adapters()})")
+            raise InputKeyError(f"adapter(s) {missing} are not loaded in the model (loaded: {model.list_adapters()})")
         if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+            raise InputError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         for name, v in (("beta", beta), ("gamma", gamma)):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise TypeError(f"{name} must be a python float, got {type(v).__name__}")
+                raise InputTypeError(f"{name} must be a python float, got {type(v).__name__}")
         self.__dict__["xkern_model"] = model  # not a submodule: its parameters are not X-Cross's
         self.adapters = adapters
         self.beta, self.gamma = float(beta), float(gamma)
@@ -184,19 +186,19 @@ class XCrossModel(nn.Module):
             if (bias and n > 1) else nn.ParameterList()
         self.has_bias = bool(bias)
         if integrator_norm not in INTEGRATOR_NORMS:
-            raise ValueError(f"integrator_norm must be one of {INTEGRATOR_NORMS}, got {integrator_norm!r}")
+            raise InputError(f"integrator_norm must be one of {INTEGRATOR_NORMS}, got {integrator_norm!r}")
         self.integrator_norm = integrator_norm
         if likelihood_reduce not in ("sum", "mean"):
-            raise ValueError(f"likelihood_reduce must be 'sum' or 'mean', got {likelihood_reduce!r}")
+            raise InputError(f"likelihood_reduce must be 'sum' or 'mean', got {likelihood_reduce!r}")
         self.likelihood_reduce = likelihood_reduce
         self.w = nn.Parameter(torch.full((n,), 1.0 / n))
         if scoring not in ("head", "likelihood"):
-            raise ValueError(f"scoring must be 'head' or 'likelihood', got {scoring!r}")
+            raise InputError(f"scoring must be 'head' or 'likelihood', got {scoring!r}")
         self.scoring = scoring
         if scoring == "likelihood":
             lm_head = model.model.get_output_embeddings() if hasattr(model.model, "get_output_embeddings") else None
             if not self.decoder or lm_head is None:
-                raise ValueError("scoring='likelihood' needs a decoder with an LM head; encoders use scoring='head'")
+                raise InputError("scoring='likelihood' needs a decoder with an LM head; encoders use scoring='head'")
             self.__dict__["lm_head"] = lm_head  # frozen, the base's own
             self.head = nn.Module()  # no trained head
             self.head_dim = 0
@@ -241,7 +243,7 @@ class XCrossModel(nn.Module):
         if tokenizer is not None:
             self.tokenizer = tokenizer
         if self.tokenizer is None:
-            raise ValueError("no tokenizer: pass tokenizer= to XCrossModel or set_domain")
+            raise InputError("no tokenizer: pass tokenizer= to XCrossModel or set_domain")
         if max_history is not None:
             self._enc_args["max_history"] = max_history
         if max_tokens is not None:
@@ -256,7 +258,7 @@ class XCrossModel(nn.Module):
         ``scoring="likelihood"``'s labels (the title tokens, :data:`IGNORE` elsewhere), ``pooling="candidate"``'s
         candidate mask (1 on the candidate part of each pair), or None."""
         if self.encoder is None:
-            raise ValueError("set_domain(titles, domain, tokenizer=...) first: scoring needs item titles")
+            raise InputError("set_domain(titles, domain, tokenizer=...) first: scoring needs item titles")
         if self.scoring == "likelihood":
             rows = [self.encoder.pair(h, int(c)) for h, c in pairs]
             ids, mask = pad_batch([r["input_ids"] for r in rows], self.encoder.pad_id)
@@ -313,7 +315,7 @@ class XCrossModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         missing = [a for a in self.adapters if a != BASE and a not in self.model.list_adapters()]
         if missing:
-            raise KeyError(f"adapter(s) {missing} were removed from the model")
+            raise InputKeyError(f"adapter(s) {missing} were removed from the model")
         ids = input_ids.repeat(n, 1)  # stream-major: stream m holds rows m*N .. (m+1)*N - 1
         mask = attention_mask.repeat(n, 1)
         names = [a for a in self.adapters for _ in range(rows)]
@@ -335,7 +337,7 @@ class XCrossModel(nn.Module):
         n, rows = hidden.shape[:2]
         if self.scoring == "likelihood":
             if labels is None:
-                raise ValueError("scoring='likelihood' needs labels (XCrossModel.encode gives them)")
+                raise InputError("scoring='likelihood' needs labels (XCrossModel.encode gives them)")
             mixed = (self.w.to(hidden.dtype)[:, None, None, None] * hidden).sum(0)  # [N, T, d]
             target = labels.to(self.device)[:, 1:]
             picked = target != IGNORE  # the hidden state at t predicts token t + 1
@@ -349,7 +351,7 @@ class XCrossModel(nn.Module):
         pool_mask, mode = attention_mask, self.pooling_mode
         if mode == "candidate":
             if labels is None:
-                raise ValueError("pooling='candidate' needs the candidate mask (the third item of XCrossModel.encode)")
+                raise InputError("pooling='candidate' needs the candidate mask (the third item of XCrossModel.encode)")
             pool_mask, mode = labels.to(self.device) * attention_mask, "mean"
         pooled = pool_hidden(hidden.reshape(n * rows, *hidden.shape[2:]), pool_mask.repeat(n, 1),
                              mode).reshape(n, rows, -1).float()
@@ -366,13 +368,13 @@ class XCrossModel(nn.Module):
         :meth:`title_prior` (likelihood scoring only).
         """
         if self.encoder is None:
-            raise ValueError("set_domain(titles, domain, tokenizer=...) first: score needs item titles")
+            raise InputError("set_domain(titles, domain, tokenizer=...) first: score needs item titles")
         cands = np.asarray(candidates)
         if cands.ndim != 2 or cands.shape[0] != len(histories):
-            raise ValueError(f"candidates must be [U={len(histories)}, C], got shape {cands.shape}")
+            raise InputError(f"candidates must be [U={len(histories)}, C], got shape {cands.shape}")
         if calibrate:
             if self.scoring != "likelihood":
-                raise ValueError("calibrate needs scoring='likelihood' (a classification score has no title prior)")
+                raise InputError("calibrate needs scoring='likelihood' (a classification score has no title prior)")
             return self.score(histories, cands, batch_size, prefix_sharing) - self.title_prior(cands, batch_size)
         if self.scoring == "likelihood" and prefix_sharing:
             return self._score_shared_prefix(histories, cands, batch_size)
@@ -393,7 +395,7 @@ class XCrossModel(nn.Module):
         """This likelihood X-Cross as a causal LM (``input_ids -> logits`` of the w-mixed streams, with a
         KV cache), the interface ``xkern.serve``'s prefix scoring runs on."""
         if self.scoring != "likelihood":
-            raise ValueError("causal_lm() needs scoring='likelihood'")
+            raise InputError("causal_lm() needs scoring='likelihood'")
         return XCrossCausalLM(self)
 
     def title_prior(self, candidates: np.ndarray | Sequence[Sequence[int]], batch_size: int = 64) -> torch.Tensor:
@@ -401,9 +403,9 @@ class XCrossModel(nn.Module):
         history, the user-independent part of a likelihood score; ``score - title_prior`` is the
         domain-conditional PMI (see :class:`xkern.serve.PrefixLikelihoodScorer`)."""
         if self.scoring != "likelihood":
-            raise ValueError("title_prior needs scoring='likelihood'")
+            raise InputError("title_prior needs scoring='likelihood'")
         if self.encoder is None:
-            raise ValueError("set_domain(titles, domain, tokenizer=...) first: title_prior needs item titles")
+            raise InputError("set_domain(titles, domain, tokenizer=...) first: title_prior needs item titles")
         return self._score_shared_prefix(None, np.asarray(candidates), batch_size)
 
     def _score_shared_prefix(self, histories: Sequence[Sequence[int]] | None, cands: np.ndarray,
@@ -474,15 +476,15 @@ class XCrossModel(nn.Module):
         path = Path(path)
         cfg = json.loads((path / CONFIG_NAME).read_text())
         if cfg.get("format") != FORMAT:
-            raise ValueError(f"{path}: not an X-Cross checkpoint (format {cfg.get('format')!r})")
+            raise InputError(f"{path}: not an X-Cross checkpoint (format {cfg.get('format')!r})")
         if list(cfg["adapters"]) != list(self.adapters):
-            raise ValueError(f"{path} was trained for adapters {cfg['adapters']}, this model runs {self.adapters}; "
+            raise InputError(f"{path} was trained for adapters {cfg['adapters']}, this model runs {self.adapters}; "
                              f"refusing to load")
         if strict_fingerprint:
             for a, fp in cfg.get("adapter_fingerprints", {}).items():
                 now = adapter_fingerprint(self.model, a)
                 if now != fp:
-                    raise ValueError(f"{path}: adapter {a!r} has other weights than the one it was trained with "
+                    raise InputError(f"{path}: adapter {a!r} has other weights than the one it was trained with "
                                      f"(fingerprint {now} != {fp}); refusing to load (strict_fingerprint=False "
                                      f"to force)")
         defaults = {"scoring": "head", "integrator_norm": "none", "likelihood_reduce": "sum"}  # older checkpoints
@@ -491,13 +493,13 @@ class XCrossModel(nn.Module):
                     "scoring": self.scoring, "integrator_norm": self.integrator_norm,
                     "likelihood_reduce": self.likelihood_reduce}[key]
             if cfg.get(key, defaults.get(key)) != mine:
-                raise ValueError(f"{path}: {key}={cfg[key]} but this model has {mine}")
+                raise InputError(f"{path}: {key}={cfg[key]} but this model has {mine}")
         if bool(cfg["bias"]) != self.has_bias:
-            raise ValueError(f"{path}: bias={cfg['bias']} but this model has bias={self.has_bias}")
+            raise InputError(f"{path}: bias={cfg['bias']} but this model has bias={self.has_bias}")
         tensors = load_file(str(path / WEIGHTS_NAME))
         expected = set(self.state_tensors())
         if set(tensors) != expected:
-            raise ValueError(f"{path}: tensors {sorted(set(tensors) ^ expected)} missing or unexpected")
+            raise InputError(f"{path}: tensors {sorted(set(tensors) ^ expected)} missing or unexpected")
         with torch.no_grad():
             for i, p in enumerate(self.w_concat):
                 p.copy_(tensors[f"w_concat.{i}"])
@@ -513,7 +515,7 @@ class XCrossModel(nn.Module):
         """Rebuild a saved X-Cross model over ``model``; ``adapters`` (if given) must be the saved ones."""
         cfg = json.loads((Path(path) / CONFIG_NAME).read_text())
         if adapters is not None and list(adapters) != list(cfg["adapters"]):
-            raise ValueError(f"{path} was trained for adapters {cfg['adapters']}, got {list(adapters)}; "
+            raise InputError(f"{path} was trained for adapters {cfg['adapters']}, got {list(adapters)}; "
                              f"refusing to load")
         enc = dict(cfg.get("encoder", {}))
         enc.update({k: kwargs.pop(k) for k in ("max_history", "max_tokens") if k in kwargs})
@@ -539,7 +541,6 @@ class XCrossCausalLM:
     def __init__(self, xc: XCrossModel) -> None:
         self.xc = xc
         self.config = xc.model.config
-        self._cache_arg = "cache" if "cache" in inspect.signature(xc.base.forward).parameters else "past_key_values"
 
     @property
     def device(self) -> torch.device:
@@ -558,7 +559,7 @@ class XCrossCausalLM:
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 position_ids: torch.Tensor | None = None, past_key_values: Any = None, use_cache: bool = False,
+                 position_ids: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False,
                  logits_to_keep: int = 0, adapter_names: Any = None) -> Any:
         from types import SimpleNamespace
 
@@ -570,8 +571,8 @@ class XCrossCausalLM:
                                   "use_cache": use_cache}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids.repeat(n, 1)
-        if past_key_values is not None:  # transformers 5 names it `cache`, earlier releases `past_key_values`
-            kwargs[self._cache_arg] = past_key_values
+        if cache is not None:
+            kwargs[cache_keyword(xc.base)] = cache
         names = [a for a in xc.adapters for _ in range(rows)]
         with routing_scope(xc.model.routing(names, len(names))), xc._integrators(n):
             out = xc.base(**kwargs)
@@ -579,5 +580,4 @@ class XCrossCausalLM:
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         mixed = (xc.w.to(hidden.dtype)[:, None, None, None] * hidden.reshape(n, rows, *hidden.shape[1:])).sum(0)
-        cache = getattr(out, self._cache_arg) if use_cache else None
-        return SimpleNamespace(logits=xc.lm_head(mixed), past_key_values=cache)
+        return SimpleNamespace(logits=xc.lm_head(mixed), cache=output_cache(out) if use_cache else None)

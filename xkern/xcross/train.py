@@ -30,6 +30,7 @@ from xkern.data.examples import next_item_pairs
 from xkern.data.metrics import evaluate_ranking
 from xkern.data.negatives import build_candidates, sample_uniform, user_rng
 from xkern.data.splits import sample_users
+from xkern.errors import InputError, InputTypeError
 from xkern.fileio import atomic_write_text
 from xkern.nn.model import XkernModel
 from xkern.train.checkpoint import ParameterCheckpoint
@@ -65,11 +66,11 @@ class XCrossTrainConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         if self.n_neg < 1:
-            raise ValueError("batch_size and n_neg must be >= 1")
+            raise InputError("batch_size and n_neg must be >= 1")
         for name in ("extra_lr", "w_concat_lr"):
             v = getattr(self, name)
             if v is not None and not v >= 0:
-                raise ValueError(f"{name} must be >= 0 (or None: lr), got {v}")
+                raise InputError(f"{name} must be >= 0 (or None: lr), got {v}")
 
 
 @dataclass
@@ -124,7 +125,7 @@ def example_loss(xc: XCrossModel, batch: Sequence[Example], forward: nn.Module |
     scores = run(ids, mask, labels).view(len(batch), -1)
     if calibrate:
         if xc.scoring != "likelihood":
-            raise ValueError("calibrate needs scoring='likelihood' (a classification score has no title prior)")
+            raise InputError("calibrate needs scoring='likelihood' (a classification score has no title prior)")
         ids, mask, labels = xc.encode([([], int(c)) for _, cands, _ in batch for c in cands])
         scores = scores - run(ids, mask, labels).view(len(batch), -1)
     target = torch.tensor([t for _, _, t in batch], device=scores.device)
@@ -186,18 +187,18 @@ def train(xc: XCrossModel, data: DomainData, *, config: XCrossTrainConfig | None
     """
     cfg = with_overrides(config or XCrossTrainConfig(), overrides)
     if not isinstance(xc, XCrossModel):
-        raise TypeError(f"xc must be an XCrossModel, got {type(xc).__name__}")
+        raise InputTypeError(f"xc must be an XCrossModel, got {type(xc).__name__}")
     if xc.tokenizer is None:
-        raise ValueError("the XCrossModel needs a tokenizer (XCrossModel(..., tokenizer=...))")
+        raise InputError("the XCrossModel needs a tokenizer (XCrossModel(..., tokenizer=...))")
     cfg.validate()
     if cfg.calibrate and xc.scoring != "likelihood":
-        raise ValueError("calibrate needs scoring='likelihood' (a classification score has no title prior)")
+        raise InputError("calibrate needs scoring='likelihood' (a classification score has no title prior)")
     xc.set_domain(data.titles, data.name)
     users = _pick_users(data.train, cfg.max_train_users, cfg.seed)
     epochs = _XCrossEpochs(data, cfg, users)
     n_examples = len(epochs.examples(0))
     if not n_examples:
-        raise ValueError(f"{data.name}: no training examples (sequences need >= 2 items)")
+        raise InputError(f"{data.name}: no training examples (sequences need >= 2 items)")
     val_examples = candidate_examples(data, "val", cfg.val_neg, cfg.seed, -1, None)[: cfg.max_val_users or None]
 
     for p in xc.model.parameters():
@@ -274,7 +275,7 @@ def train_adapter_scorer(model: XkernModel, adapter: str, data: DomainData, toke
 def init_head_from(xc: XCrossModel, sources: Sequence[XCrossModel]) -> None:
     """Set ``xc``'s head to the mean of the source scorers' heads (same shapes)."""
     if not sources:
-        raise ValueError("no source heads")
+        raise InputError("no source heads")
     with torch.no_grad():
         for name, p in xc.head.named_parameters():
             p.copy_(torch.stack([dict(s.head.named_parameters())[name].detach() for s in sources]).mean(0))

@@ -68,24 +68,25 @@ def _weight_args(weight: NF4Tensor) -> tuple:
             int(weight.blocksize))
 
 
+def _call(fn: str, act: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+          scale: torch.Tensor, routing: RowRouting, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return getattr(extension(), fn)(act.contiguous(), *_weight_args(weight), lora_A.contiguous(), lora_B.contiguous(),
+                                    scale.float().contiguous(), routing.ids, routing.order, routing.starts,
+                                    precision == "exact")
+
+
 @register_kernel("lora_linear.forward", "cpu")
 def lora_linear_forward(x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                         scale: torch.Tensor, routing: RowRouting,
                         precision: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
-    y, xa = extension().lora_linear_forward(x.contiguous(), *_weight_args(weight), lora_A.contiguous(),
-                                            lora_B.contiguous(), scale.float().contiguous(), routing.ids,
-                                            routing.order, routing.starts, precision == "exact")
-    return y, xa
+    return _call("lora_linear_forward", x, weight, lora_A, lora_B, scale, routing, precision)
 
 
 @register_kernel("lora_linear.input_grad", "cpu")
 def lora_linear_input_grad(grad_out: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                            scale: torch.Tensor, routing: RowRouting,
                            precision: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
-    dx, g = extension().lora_linear_input_grad(grad_out.contiguous(), *_weight_args(weight), lora_A.contiguous(),
-                                               lora_B.contiguous(), scale.float().contiguous(), routing.ids,
-                                               routing.order, routing.starts, precision == "exact")
-    return dx, g
+    return _call("lora_linear_input_grad", grad_out, weight, lora_A, lora_B, scale, routing, precision)
 
 
 @register_kernel("dequantize_nf4", "cpu")

@@ -14,6 +14,7 @@ import functools
 
 import torch
 
+from xkern.errors import InputError
 from xkern.nf4 import NF4Tensor
 from xkern.ops.registry import register_backend, register_kernel
 from xkern.ops.routing import RowRouting
@@ -91,6 +92,6 @@ def lora_linear_forward(x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor
     even where 16-byte loads work) are for tests and benchmarks.
     """
     if not supports(x, weight, lora_A, lora_B):
-        raise ValueError("the CUDA decode kernel takes 1..16 rows of float16/bfloat16 CUDA activations on sm_8x/sm_90 "
+        raise InputError("the CUDA decode kernel takes 1..16 rows of float16/bfloat16 CUDA activations on sm_8x/sm_90 "
                          "(the registry gives other calls to another backend)")
     return _decode(x, weight, lora_A, lora_B, scale.float(), routing.ids, int(split_k), bool(force_generic))
