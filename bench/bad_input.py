@@ -30,6 +30,8 @@ SCALE = ("import torch, xkern; from xkern.ops import lora_linear; "
          "lora_linear(torch.randn(2, 64), w, torch.zeros(1, 4, 64), torch.zeros(1, 8, 4), '2', "
          "torch.zeros(2, dtype=torch.long))")
 
+TINY_LORA = ["--data", "synthetic", "--domain", "Tools", "--model", "tiny", "--max-steps", "1"]
+
 CASES: list[dict] = [
     dict(id="model-typo", argv=["train-lora", "--model", "smollm3", "--domain", "Tools", "--data", "synthetic"],
          before="48 s of network retries to a model hub, then an 85-line traceback (OSError: We couldn't connect ...)"),
@@ -61,13 +63,78 @@ CASES: list[dict] = [
          before="(not in the issue's list)"),
     dict(id="data-unknown-domain", argv=["eval", "--domain", "Tool", "--data", "synthetic"],
          before="(not in the issue's list)"),
+    # the file-system and data mistakes of the robustness review
+    dict(id="out-is-a-file", setup="file-out", argv=["train-lora", *TINY_LORA, "--out", "taken"],
+         before="a traceback with exit 1 after the model had loaded"),
+    dict(id="rank-zero", argv=["train-lora", *TINY_LORA, "--r", "0"], before="ZeroDivisionError traceback, exit 1"),
+    dict(id="rank-negative", argv=["train-lora", *TINY_LORA, "--r", "-2"], before="a traceback, exit 1"),
+    dict(id="meta-is-a-list", setup="meta-list", argv=["eval", "--data", "root", "--domain", "Tools"],
+         before="AttributeError traceback ('list' object has no attribute 'get'), exit 1"),
+    dict(id="deeply-nested-json", setup="deep-json", argv=["eval", "--data", "root", "--domain", "Tools"],
+         before="RecursionError traceback, exit 1"),
+    dict(id="phantom-items", setup="smap-gaps", argv=["eval", "--data", "root", "--domain", "Tools"],
+         before="loaded silently: 66% of candidates were items without an id or a title"),
+    dict(id="domain-outside-root", setup="meta-list", argv=["eval", "--data", "root", "--domain", "../root/Tools"],
+         before="read outside the data root (and wrote outside runs/eval)"),
+    dict(id="truncated-gzip", setup="torn-gz",
+         argv=["data", "convert", "--release", "2018", "--reviews", "reviews.json.gz", "--out", "out"],
+         before="EOFError traceback, exit 1"),
+    dict(id="too-few-items", setup="few-items",
+         argv=["train-lora", "--data", "root", "--domain", "Tools", "--model", "tiny", "--eval-users", "5",
+               "--max-steps", "1"],
+         before="trained first, then refused (\"need 29 negatives\"), leaving an adapter and no summary"),
+    dict(id="no-titles", setup="no-meta",
+         argv=["train-lora", "--data", "root", "--domain", "Tools", "--model", "tiny", "--max-steps", "1"],
+         before="trained and reported HR@10 0.0 for base and LoRA, with no warning that no item had a title"),
 ]
 
 
+def _domain_folder(cwd: Path, n_items: int = 40, meta: object = "titles") -> Path:
+    """A small processed domain folder ``root/Tools`` (by-user split, titled items unless told otherwise)."""
+    folder = cwd / "root" / "Tools"
+    folder.mkdir(parents=True)
+    seqs = {str(u): [(u * 7 + k * 3) % n_items for k in range(5)] for u in range(40)}
+
+    def dump(name: str, obj: object) -> None:
+        (folder / name).write_text(json.dumps(obj))
+
+    dump("train.json", {u: s for u, s in seqs.items() if int(u) < 30})
+    dump("test.json", {u: s for u, s in seqs.items() if int(u) >= 30})
+    dump("smap.json", {f"item{i}": i for i in range(n_items)})
+    dump("umap.json", {f"user{u}": int(u) for u in seqs})
+    if meta == "titles":
+        dump("meta_data.json", {f"item{i}": f"red drill kit {i}" for i in range(n_items)})
+    elif meta is not None:
+        dump("meta_data.json", meta)
+    return folder
+
+
 def _setup(case: dict, cwd: Path) -> None:
-    if case.get("setup") == "notmodel":
+    kind = case.get("setup")
+    if kind == "notmodel":
         (cwd / "notmodel").mkdir()
         (cwd / "notmodel" / "readme.txt").write_text("not a model\n")
+    elif kind == "file-out":
+        (cwd / "taken").write_text("")
+    elif kind == "meta-list":
+        _domain_folder(cwd, meta=["a", "list"])
+    elif kind == "deep-json":
+        (_domain_folder(cwd) / "meta_data.json").write_text("[" * 100_000 + "]" * 100_000)
+    elif kind == "smap-gaps":
+        folder = _domain_folder(cwd)
+        (folder / "smap.json").write_text(json.dumps({f"item{i}": 3 * i for i in range(40)}))
+    elif kind == "torn-gz":
+        import gzip
+
+        with gzip.open(cwd / "reviews.json.gz", "wt") as f:
+            for i in range(3000):
+                f.write(json.dumps({"reviewerID": f"u{i % 300}", "asin": f"i{i % 97}", "unixReviewTime": i}) + "\n")
+        data = (cwd / "reviews.json.gz").read_bytes()
+        (cwd / "reviews.json.gz").write_bytes(data[:-300])
+    elif kind == "few-items":
+        _domain_folder(cwd, n_items=10)
+    elif kind == "no-meta":
+        _domain_folder(cwd, meta=None)
 
 
 def _files(cwd: Path) -> set[str]:

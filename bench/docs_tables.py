@@ -156,15 +156,16 @@ def lora_linear_cpu_table() -> str:
 # --------------------------------------------------------------------------------------------- model runtime
 
 def _latest(pattern: str) -> Path:
-    files = sorted(RESULTS.glob(pattern))
+    """The newest dated result (``YYYY-MM-DD-<pattern>``); undated files of a similar name are other benchmarks."""
+    files = sorted(RESULTS.glob(f"[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]-{pattern}"))
     if not files:
-        raise FileNotFoundError(f"no bench/results/{pattern}")
+        raise FileNotFoundError(f"no bench/results/<date>-{pattern}")
     return files[-1]
 
 
 def runtime_cpu() -> str:
     """bench_runtime.py's table (latest CPU run): every configuration at each dtype, with the run's settings."""
-    path = _latest("*-runtime-cpu.json")
+    path = _latest("runtime-cpu.json")
     data = json.loads(path.read_text())
     cfg, env = data["config"], data["environment"]
     cols = ["config", "dtype", "what", "median ms", "tokens/s", "xkern speedup", "peak RSS MiB", "weights MiB (LoRA)",
@@ -191,7 +192,7 @@ def runtime_cpu() -> str:
 
 def runtime_targets() -> str:
     """The targets of the model runtime against the latest CPU run, one line each, met or missed by how much."""
-    path = _latest("*-runtime-cpu.json")
+    path = _latest("runtime-cpu.json")
     data = json.loads(path.read_text())
     by = {(r["config"], r["dtype"]): r for r in data["rows"]}
     lines = ["| target | dtype | measured | goal | met |", "|---|---|---|---|---|"]
@@ -253,9 +254,29 @@ def profile_forward() -> str:
     return "\n".join(lines) + "\n" + note + "\n"
 
 
+def train_precision() -> str:
+    """bench_train_precision.py: the same LoRA run in bf16 and float32, loss curves side by side."""
+    path = _latest("train-precision-cpu.json")
+    d = json.loads(path.read_text())
+    lines = [f"| dtype | training tokens/s | mean loss, last {d['tail']} steps | step noise | validation loss before "
+             "-> after | seconds |", "|---|---|---|---|---|---|"]
+    for name, r in d["runs"].items():
+        lines.append(f"| {name} | {r['train_tokens_per_s']:.0f} | {r['tail_mean']:.4f} | {r['noise']:.4f} | "
+                     f"{r['val_loss_before']:.4f} -> {r['val_loss_after']:.4f} | {r['train_seconds']:.0f} |")
+    note = ""
+    if "tail_mean_difference" in d:
+        note = (f"\nbf16 - float32 over the last {d['tail']} steps: {d['tail_mean_difference']:+.4f} nats, against "
+                f"{d['tail_mean_noise']:.4f} (two standard errors of such a mean from the float32 run's step noise): "
+                f"{'within' if d['within_noise'] else 'outside'} the noise; largest difference of one step "
+                f"{d['max_step_difference']:.4f}; bf16 trains {d['speedup_bf16']:.2f}x as many tokens per second.")
+    return ("\n".join(lines) + "\n" + note + f"\n\nSource: `bench/results/{path.name}`: {d['steps']} steps of "
+            f"batch {d['batch_size']} (lr {d['lr']:g}), {d['domain']} next-item examples, {d['model']}, LoRA r "
+            f"{d['rank']}; CPU {d['cpu']}, {d['threads']} threads.\n")
+
+
 def scoring_cpu() -> str:
     """bench_scoring.py: seconds per user, and the ranking under bf16 and a title cap, with paired intervals."""
-    path = _latest("*-scoring-cpu.json")
+    path = _latest("scoring-cpu.json")
     data = json.loads(path.read_text())
     lines = ["| row | dtype | users | s per user | target | tokens per user |", "|---|---|---|---|---|---|"]
     for r in data.get("speed", []):
@@ -802,6 +823,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "runtime-targets": runtime_targets,
     "profile-forward": profile_forward,
     "scoring-cpu": scoring_cpu,
+    "train-precision": train_precision,
     "bad-input": bad_input,
     "quality-tools-baselines": quality_tools_baselines,
     "quality-tools-likelihood": quality_tools_likelihood,

@@ -68,14 +68,14 @@ def test_each_mistake_gives_the_recorded_message_and_exit_code(case, tmp_path, m
     monkeypatch.delenv("XKERN_DEBUG", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     BENCH._setup(case, tmp_path)
-    before = {p.name for p in tmp_path.iterdir()}
+    before = BENCH._files(tmp_path)
     code, out, err = _run(case, monkeypatch, capsys)
     lines = [line for line in err.splitlines() if line.strip()]
     message = lines[-1] if lines else (out.splitlines()[0] if out.strip() else "")
     recorded = RECORDED[case["id"]]
     assert (code, message) == (recorded["exit_code"], recorded["after"])
     assert "Traceback" not in err
-    left = sorted({p.name for p in tmp_path.iterdir()} - before)
+    left = sorted(BENCH._files(tmp_path) - before)
     assert left == recorded["files_left"]
     if code == 2 and not case.get("python"):
         assert message.startswith("xkern ") and ": error: " in message

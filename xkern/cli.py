@@ -12,13 +12,14 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from xkern.commands import names
-from xkern.errors import XkernError
+from xkern.errors import InputError, XkernError
 
 # ----------------------------------------------------------------------------------------------- env
 
@@ -193,10 +194,28 @@ def _check_before_work(args: argparse.Namespace) -> None:
         from xkern.nn.pretrained import resolve
 
         resolve(model, also_known=("tiny",) if args.command in ("train-lora", "weave") else ())
+    if isinstance(getattr(args, "out", None), str):
+        _check_out(args.out, getattr(args, "out_is_file", False))
     for _, adapter_dir in getattr(args, "adapter", None) or ():
         from xkern.adapters.peft_format import read_config
 
         read_config(adapter_dir)
+
+
+def _check_out(out: str, is_file: bool) -> None:
+    """``--out`` can be written before any work starts: a folder (or, for a file, its folder) that exists as a
+    folder or can be made under a writable one."""
+    path = Path(out)
+    folder = path.parent if is_file else path
+    if is_file and path.is_dir():
+        raise InputError(f"--out {out} is a folder; give a file path")
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--out {out}: {folder} is a file, not a folder")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: {existing.resolve()} is not writable")
 
 
 def _where(args: argparse.Namespace) -> str:
@@ -208,6 +227,7 @@ def _where(args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    given = list(argv)  # as typed: what the resume hint repeats
     debug = _take_flag(argv, "--debug") or os.environ.get("XKERN_DEBUG", "0") == "1"
     if _take_flag(argv, "--allow-download"):
         os.environ["XKERN_ALLOW_DOWNLOAD"] = "1"
@@ -229,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             torch.set_num_threads(args.threads)
         return int(args.func(args) or 0)
-    except (XkernError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+    except (XkernError, ValueError, OSError) as e:  # a mistake, a damaged file, or the file system said no
         if debug:
             raise
         message = str(e).strip()
@@ -244,8 +264,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"xkern {_where(args)}: error: a collective failed, most likely because another process of the job "
               f"stopped (torchrun names it); {first}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"xkern {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # TrainingInterrupted says where it stopped and whether a checkpoint holds it
+        message = f"xkern {args.command}: {e or 'interrupted'}"
+        if getattr(e, "saved", False):
+            message += "; resume with: xkern " + " ".join(shlex.quote(a) for a in given)
+        print(message, file=sys.stderr)
         return 130
 
 

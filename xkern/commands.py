@@ -19,6 +19,17 @@ def names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def rank(text: str) -> int:
+    """A LoRA rank: an integer >= 1, refused while the command line is read (before any folder is made)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def run_options(seed: bool = True) -> argparse.ArgumentParser:
     """``--seed`` (unless the command's config carries it), ``--threads``, ``--no-progress``, ``--debug``."""
     p = argparse.ArgumentParser(add_help=False)
@@ -45,10 +56,12 @@ def data_options(splits: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def out_option(what: str, default: str | None = None, required: bool = False,
-               default_text: str | None = None) -> argparse.ArgumentParser:
-    """``--out``: ``what`` it names, with the command's own default (or ``default_text`` saying how it is made)."""
+def out_option(what: str, default: str | None = None, required: bool = False, default_text: str | None = None,
+               file: bool = False) -> argparse.ArgumentParser:
+    """``--out``: ``what`` it names (a folder, or a ``file``), with the command's own default (or
+    ``default_text`` saying how it is made); the command line checks it can be written before work starts."""
     p = argparse.ArgumentParser(add_help=False)
+    p.set_defaults(out_is_file=file)
     if required:
         p.add_argument("--out", required=True, help=what)
     else:

@@ -20,9 +20,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
-    os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~_umask())
+    mode = target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~_umask()
+    os.chmod(tmp, mode)
     try:
         yield Path(tmp)
+        os.chmod(tmp, mode)  # a writer that replaced the file (safetensors does) left its own mode
         with open(tmp, "rb") as f:  # the bytes reach the disk before the name points at them
             os.fsync(f.fileno())
         os.replace(tmp, target)

@@ -9,6 +9,8 @@ reports validation loss before and after (and, optionally, ranking metrics on te
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import os
 import time
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 
 from xkern.adapters.peft_format import BASE
-from xkern.commands import data_options, model_options, names, out_option, run_options
+from xkern.commands import data_options, model_options, names, out_option, rank, run_options
 from xkern.data.domain import DomainData
 from xkern.distributed import dist_setup
 from xkern.errors import InputError
@@ -87,6 +89,14 @@ def _cap_users(data: DomainData, split: str, n: int | None, seed: int) -> Domain
     return replace(data, **{split: {u: seqs[u] for u in keep}})
 
 
+def _fingerprint(examples: list[dict[str, Any]]) -> str:
+    """A short hash of the training examples (their tokens, in order): another user list is another run."""
+    h = hashlib.blake2b(digest_size=8)
+    for e in examples:
+        h.update(json.dumps(e, sort_keys=True).encode())
+    return f"{len(examples)} examples, {h.hexdigest()}"
+
+
 def _tokens_per_second(examples: list[dict[str, Any]], cfg: Any, steps: int, seconds: float) -> float | None:
     """Training tokens per second: the examples' mean length times the examples of the steps run (all
     processes), over the loop's seconds (validations included)."""
@@ -106,8 +116,7 @@ def train_lora_on_domains(recipe: LoraRecipe, train_domains: list[DomainData], t
     from xkern.train import evaluate_loss, train_lora
 
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)  # made once the inputs have passed every check (a refused run leaves nothing)
     from xkern.nn import resolve_dtype
 
     dtype, _ = resolve_dtype(recipe.dtype, recipe.device)
@@ -127,8 +136,14 @@ def train_lora_on_domains(recipe: LoraRecipe, train_domains: list[DomainData], t
     model.add_adapter(adapter, r=recipe.r, lora_alpha=recipe.lora_alpha,
                       target_modules=list(recipe.target_modules) if recipe.target_modules else None, seed=recipe.seed)
     before = evaluate_loss(model, adapter, val, recipe.objective, recipe.train.batch_size)
+    identity = {"command": "train-lora", "model": recipe.model, "dtype": str(dtype).removeprefix("torch."),
+                "data": [d.meta.get("source", d.name) for d in train_domains], "target": target.name,
+                "objective": recipe.objective, "max_train_users": recipe.max_train_users,
+                "max_per_user": recipe.max_per_user, "max_history": recipe.max_history,
+                "train_examples": _fingerprint(train)}
+    out.mkdir(parents=True, exist_ok=True)
     res = train_lora(model, adapter, train, objective=recipe.objective, eval_dataset=val, output_dir=out,
-                     config=recipe.train)
+                     config=recipe.train, identity=identity)
     summary: dict[str, Any] = {
         "recipe": asdict(recipe), "train_domains": [d.name for d in train_domains], "target": target.name,
         "train_examples": len(train), "val_examples": len(val), "val_loss_before": before,
@@ -168,10 +183,22 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         train=config_from_args(TrainConfig, args, seed=args.seed, progress=not args.no_progress),
         max_train_users=args.max_train_users, max_val_users=args.max_val_users, max_per_user=args.per_user,
         max_history=args.max_history, eval_users=args.eval_users, dtype=args.dtype, device=args.device)
+    from xkern.data.domain import check_usable
+
     target = load_domain(args, args.domain)
     train_names = args.train_domains or (args.domain,)
     train_domains = [target if n == args.domain else load_domain(args, n) for n in train_names]
-    summary = train_lora_on_domains(recipe, train_domains, target, args.out)
+    ranked = 30 if args.eval_users else (recipe.n_neg + 1 if args.objective == "candidates" else None)
+    for d in {d.name: d for d in [*train_domains, target]}.values():  # before the model loads or anything trains
+        check_usable(d, titles=True, candidates=ranked)
+    from xkern.train.checkpoint import RunLock, discard
+    from xkern.train.trainer import CHECKPOINT_DIR
+
+    lock = RunLock(args.out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+    with lock:
+        if args.overwrite:
+            discard(Path(args.out) / CHECKPOINT_DIR)
+        summary = train_lora_on_domains(recipe, train_domains, target, args.out)
     if summary["world_size"] > 1 and int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun rank 0 alone reports
     print(f"trained on {','.join(summary['train_domains'])}: {summary['train_examples']} examples, "
@@ -200,7 +227,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--domain", required=True, help="target domain: validation (and test) users come from it")
     p.add_argument("--train-domains", type=names, default=None,
                    help="comma-separated domains to train on (default: --domain)")
-    p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--r", type=rank, default=8, help="LoRA rank (default 8)")
     p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 2 r)")
     p.add_argument("--target-modules", type=names, default=None,
                    help="comma-separated module-name suffixes (default: every NF4 layer)")
@@ -211,4 +238,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-user", type=int, default=1, help="training positions per user sequence (default 1)")
     p.add_argument("--max-history", type=int, default=5, help="history titles in the prompt (default 5)")
     p.add_argument("--eval-users", type=int, default=0, help="also rank 30 candidates for N test users")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: discard a checkpoint in --out (by default a run resumes its own checkpoint "
+                        "and refuses another run's, naming what differs)")
     p.set_defaults(func=cmd_train_lora)

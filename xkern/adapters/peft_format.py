@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import regex
 import torch
 
 from xkern.errors import FormatError, NotFoundError
@@ -99,8 +100,8 @@ def _check_types(config: Mapping[str, Any]) -> None:
             if key == "rank_pattern" and (not float(value).is_integer() or value <= 0):
                 raise AdapterError(f"{key}[{name!r}]={value!r} must be a positive integer")
             try:
-                re.compile(name)
-            except re.error as e:
+                regex.compile(name)
+            except regex.error as e:
                 raise AdapterError(f"{key} key {name!r} is not a valid regular expression: {e}") from e
     targets = config.get("target_modules")
     if targets is not None and not (isinstance(targets, str) or (
@@ -108,8 +109,8 @@ def _check_types(config: Mapping[str, Any]) -> None:
         raise AdapterError(f"target_modules={targets!r} must be a string (regex) or a list of strings")
     if isinstance(targets, str):
         try:
-            re.compile(targets)
-        except re.error as e:
+            regex.compile(targets)
+        except regex.error as e:
             raise AdapterError(f"target_modules={targets!r} is not a valid regular expression: {e}") from e
     for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
         if key in config and config[key] is not None and not isinstance(config[key], bool):
@@ -134,17 +135,31 @@ def check_config(config: Mapping[str, Any]) -> None:
         raise AdapterError("target_modules is empty")
 
 
-def pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
+# A pattern from an adapter config is matched under a time bound: a crafted one ("(.*.*)*X") would otherwise
+# backtrack for minutes on one module name. `regex` (already a dependency of transformers) takes re's syntax.
+PATTERN_SECONDS = 0.25
+
+
+def _bounded(pattern: str, text: str, full: bool, what: str) -> bool:
+    try:
+        found = (regex.fullmatch if full else regex.match)(pattern, text, timeout=PATTERN_SECONDS)
+    except TimeoutError:
+        raise AdapterError(f"{what} pattern {pattern!r} takes too long to match {text!r} (catastrophic "
+                           "backtracking); give a simpler pattern") from None
+    return found is not None
+
+
+def pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any, what: str = "rank_pattern") -> Any:
     """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key matching the end of the module name."""
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if _bounded(rf"(.*\.)?({key})$", module, False, what):
             return value
     return default
 
 
 def module_rank_alpha(config: Mapping[str, Any], module: str) -> tuple[int, float]:
-    r = int(pattern_value(config.get("rank_pattern"), module, config.get("r", 8)))
-    alpha = float(pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8)))
+    r = int(pattern_value(config.get("rank_pattern"), module, config.get("r", 8), "rank_pattern"))
+    alpha = float(pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8), "alpha_pattern"))
     return r, alpha
 
 
@@ -156,7 +171,7 @@ def module_scale(config: Mapping[str, Any], module: str) -> float:
 def is_target(target_modules: str | Iterable[str], module: str) -> bool:
     """PEFT's rule: a string is a full regex match; a list matches a name or a dotted suffix."""
     if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, module) is not None
+        return _bounded(target_modules, module, True, "target_modules")
     return any(module == t or module.endswith("." + t) for t in target_modules)
 
 

@@ -55,6 +55,8 @@ def open_text(path: str | Path) -> io.TextIOBase:
 def _parse(line: str, path: str | Path, lineno: int, literal: bool) -> dict:
     try:
         obj = json.loads(line)
+    except RecursionError as e:
+        raise DataFormatError(f"{path}:{lineno}: JSON nested too deeply to be a record") from e
     except json.JSONDecodeError as e:
         if not literal:
             raise DataFormatError(f"{path}:{lineno}: invalid JSON: {e.msg}") from e
@@ -79,16 +81,23 @@ def iter_records(
         raise InputError(f"on_error must be raise or skip, got {on_error!r}")
     with open_text(path) as f:
         lines = tqdm(f, desc=Path(path).name, unit=" lines", disable=not progress, mininterval=1.0)
-        for lineno, line in enumerate(lines, start=1):
-            if not line.strip():
+        try:
+            yield from _records(lines, path, literal, on_error)
+        except (EOFError, gzip.BadGzipFile) as e:  # a truncated or damaged .gz
+            raise DataFormatError(f"{path}: the compressed file ends early or is damaged ({e})") from e
+
+
+def _records(lines: Iterator[str], path: str | Path, literal: bool, on_error: str) -> Iterator[tuple[int, dict]]:
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = _parse(line, path, lineno, literal)
+        except DataFormatError:
+            if on_error == "skip":
                 continue
-            try:
-                obj = _parse(line, path, lineno, literal)
-            except DataFormatError:
-                if on_error == "skip":
-                    continue
-                raise
-            yield lineno, obj
+            raise
+        yield lineno, obj
 
 
 def _check_release(release: str) -> str:

@@ -170,7 +170,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from xkern.data.negatives import build_candidates
 
     start, load_start = time.perf_counter(), os.getloadavg()[0]
+    from xkern.data.domain import check_usable
+
     data = load_domain(args, args.domain)
+    check_usable(data, candidates=args.n_neg + 1)
     sources = [load_domain(args, d) for d in args.sources]
     cands = build_candidates(data, args.split, args.n_neg, args.negatives, args.seed, args.max_users)
     from xkern.distributed import dist_setup
@@ -257,8 +260,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="Write the embedded synthetic domains as processed folders.")
     q.set_defaults(func=cmd_data_synth)
 
-    p = sub.add_parser("eval", parents=[run_options(), data_options(),
-                                        out_option("output JSON", default_text="runs/eval/<domain>-<split>.json")],
+    out = out_option("output JSON", default_text="runs/eval/<domain>-<split>.json", file=True)
+    p = sub.add_parser("eval", parents=[run_options(), data_options(), out],
                        help="evaluate baseline scorers on a domain",
                        description="Evaluate scorers on a domain's candidates (target + negatives) and write JSON.")
     p.add_argument("--domain", required=True, help="domain folder name, e.g. Tools")

@@ -170,6 +170,8 @@ def read_json(path: Path) -> Any:
         raise DataFormatError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from e
     except UnicodeDecodeError as e:
         raise DataFormatError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except RecursionError as e:
+        raise DataFormatError(f"{path}: JSON nested too deeply to be data") from e
 
 
 def _read_sequences(path: Path, n_items: int) -> Sequences:
@@ -190,6 +192,19 @@ def _read_sequences(path: Path, n_items: int) -> Sequences:
     return out
 
 
+def check_usable(data: DomainData, *, titles: bool = False, candidates: int | None = None) -> None:
+    """Refuse, before any training or scoring starts, a domain the command cannot use honestly: no training
+    users, no item titles where a language model reads them, fewer items than the candidates of a user."""
+    if not data.train:
+        raise InputError(f"domain {data.name} has no training users")
+    if titles and not any(data.titles):
+        raise InputError(f"domain {data.name}: no item has a title (meta_data.json missing or empty); the language "
+                         "model reads titles")
+    if candidates is not None and data.n_items < candidates:
+        raise InputError(f"domain {data.name} has {data.n_items} items; ranking needs {candidates} candidates per "
+                         "user (1 + negatives)")
+
+
 def load_processed(
     root: str | Path,
     domain: str,
@@ -206,6 +221,8 @@ def load_processed(
     """
     from xkern.data.splits import by_user, leave_one_out
 
+    if not domain or Path(domain).name != domain or domain in (".", ".."):
+        raise InputError(f"domain must be the name of a folder inside the data root, got {domain!r}")
     folder = Path(root) / domain
     if not folder.is_dir():
         hint = ""
@@ -219,12 +236,19 @@ def load_processed(
     if not isinstance(smap, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
                                              for v in smap.values()):
         raise DataFormatError(f"{folder / 'smap.json'}: expected an object of item id -> non-negative integer index")
-    n_items = max(smap.values()) + 1 if smap else 0
+    n_items = len(smap)
+    if sorted(smap.values()) != list(range(n_items)):  # a gap or a repeat: items without an id, or two ids in one
+        seen = set(smap.values())
+        gap = next((i for i in range(n_items) if i not in seen), None)
+        what = f"index {gap} is missing" if gap is not None else "an index appears twice"
+        raise DataFormatError(f"{folder / 'smap.json'}: item indices must be 0..{n_items - 1}, each once ({what})")
     item_ids = [""] * n_items
     for asin, idx in smap.items():
         item_ids[int(idx)] = asin
     meta_path = folder / "meta_data.json"
     meta = read_json(meta_path) if meta_path.exists() else {}
+    if not isinstance(meta, dict):
+        raise DataFormatError(f"{meta_path}: expected an object of item id -> title, got a {type(meta).__name__}")
     titles = [clean_title(meta.get(a), max_words=max_words) for a in item_ids]
     train = _read_sequences(folder / "train.json", n_items)
     test = _read_sequences(folder / "test.json", n_items)

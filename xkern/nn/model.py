@@ -8,11 +8,12 @@ op per linear layer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,12 @@ from xkern.ops.checks import check_precision
 _ATTN_DEFAULT = "sdpa"
 # decoders whose forward is lm_head(final hidden states), nothing after the head (see XkernModel.logits_at)
 _PLAIN_HEAD_DECODERS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
+
+
+def check_adapter_dtype(dtype: Any) -> None:
+    """Adapter weights are float32, bfloat16 or float16 (the kernels read those), refused otherwise."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise InputTypeError(f"adapter dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
 
 
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
@@ -134,12 +141,27 @@ class XkernModel(nn.Module):
         """
         batch = self._batch_size(args, kwargs)
         routing = self.routing(adapter_names, batch)
-        if logits_at is not None:
-            return self._selected_logits(args, kwargs, routing, logits_at)
-        if batch == 0:
-            return self._empty_forward(args, kwargs)
-        with routing_scope(routing):
-            return self.model(*args, **kwargs)
+        with self._running():
+            if logits_at is not None:
+                return self._selected_logits(args, kwargs, routing, logits_at)
+            if batch == 0:
+                return self._empty_forward(args, kwargs)
+            with routing_scope(routing):
+                return self.model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        """Counts the forwards under way: adapters cannot be added, deleted or replaced while one runs (a hook
+        that did it would get an output that is neither the adapter's nor the base's)."""
+        self.__dict__["_forwards"] = self.__dict__.get("_forwards", 0) + 1
+        try:
+            yield
+        finally:
+            self.__dict__["_forwards"] -= 1
+
+    def _check_not_running(self, what: str) -> None:
+        if self.__dict__.get("_forwards", 0):
+            raise InputError(f"cannot {what} while a forward or generate of this model runs")
 
     @property
     def supports_logits_at(self) -> bool:
@@ -193,7 +215,7 @@ class XkernModel(nn.Module):
     @torch.no_grad()
     def generate(self, *args: Any, adapter_names: str | Sequence[str] | None = None, **kwargs: Any) -> Any:
         """``transformers`` ``generate`` (KV cache included), each prompt with its own adapter."""
-        with routing_scope(self.routing(adapter_names, self._batch_size(args, kwargs))):
+        with self._running(), routing_scope(self.routing(adapter_names, self._batch_size(args, kwargs))):
             return self.model.generate(*args, **kwargs)
 
     @torch.no_grad()
@@ -224,6 +246,7 @@ class XkernModel(nn.Module):
         return list(self.adapter_configs)
 
     def _check_new_name(self, name: str) -> None:
+        self._check_not_running(f"add adapter {name!r}")
         if not isinstance(name, str) or not name or "." in name or name == BASE:
             raise InputError(f"invalid adapter name {name!r} (non-empty, no '.', not {BASE!r})")
         if hasattr(nn.ParameterDict(), name):  # "train", "to", ...: the per-layer ParameterDicts refuse them
@@ -234,6 +257,7 @@ class XkernModel(nn.Module):
     def add_lora(self, name: str, adapter: LoraAdapter, dtype: torch.dtype = torch.float32) -> None:
         """Attach an in-memory adapter. Every module and shape is checked before any layer changes."""
         self._check_new_name(name)
+        check_adapter_dtype(dtype)
         check_config(adapter.config)
         for module, w in adapter.modules.items():
             layer = self._layers.get(module)
@@ -266,6 +290,9 @@ class XkernModel(nn.Module):
         ``False`` (B random too: a non-trivial adapter, for tests).
         """
         self._check_new_name(name)
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise InputError(f"r must be an integer >= 1, got {r!r}")
+        check_adapter_dtype(dtype)
         if target_modules is None:
             target_modules = sorted({n.rsplit(".", 1)[-1] for n in self._layers})
         elif not isinstance(target_modules, str):
@@ -316,6 +343,7 @@ class XkernModel(nn.Module):
         return write_adapter(self.get_adapter(name), path)
 
     def delete_adapter(self, name: str) -> None:
+        self._check_not_running(f"delete adapter {name!r}")
         if name not in self.adapter_configs:
             raise InputKeyError(f"unknown adapter {name!r}; loaded: {self.list_adapters()}")
         for layer in self._layers.values():
@@ -415,18 +443,19 @@ def _attn_kwargs(attn_implementation: str | None, device: torch.device | None) -
 def _load_hf(source: str | os.PathLike, dtype: torch.dtype, model_class: Any, attn: dict[str, Any]) -> nn.Module:
     from transformers import AutoConfig
 
-    from xkern.nn.pretrained import resolve
+    from xkern.nn.pretrained import refuse_remote_code, resolve
 
     spec = resolve(str(source))
     path = Path(spec)
-    kwargs: dict[str, Any] = {"dtype": dtype, **attn}
+    refuse_remote_code(path)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": False, **attn}
     if path.is_file():
         directory, kwargs["gguf_file"] = str(path.parent), path.name
     else:
         directory = spec  # a directory, or a hub repo id when downloads are allowed
     try:
-        config = AutoConfig.from_pretrained(directory, **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs
-                                                          else {}))
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=False,
+                                            **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}))
     except (OSError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FormatError(f"{source}: not a readable transformers model ({first})") from e

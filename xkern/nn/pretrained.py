@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -82,15 +83,34 @@ def resolve(name_or_path: str, also_known: tuple[str, ...] = ()) -> str:
     raise NotFoundError(f"model {name_or_path!r} not found: {what}.{hint}{fetch}")
 
 
+def refuse_remote_code(path: Path) -> None:
+    """A model folder whose ``config.json`` (or tokenizer config) names its own code (``auto_map``) is refused:
+    xkern never runs code that comes with a model, and never asks whether to."""
+    folder = path.parent if path.is_file() else path
+    for name in ("config.json", "tokenizer_config.json"):
+        file = folder / name
+        if not file.is_file():
+            continue
+        try:
+            cfg = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # transformers says what is wrong with it
+        if isinstance(cfg, dict) and cfg.get("auto_map"):
+            raise FormatError(f"{file} maps the model to its own code (auto_map); xkern does not run code that "
+                              "comes with a model (use a model transformers implements)")
+
+
 def load_tokenizer(path: str | os.PathLike) -> Any:
     """The tokenizer of a model directory or ``.gguf`` file, with an error naming the path when it has none."""
     from transformers import AutoTokenizer
 
     src = Path(path)
+    refuse_remote_code(src)
     kw = {"gguf_file": src.name} if src.is_file() and src.suffix == ".gguf" else {}
     directory = str(src.parent) if kw else str(path)
     try:
-        return AutoTokenizer.from_pretrained(directory, local_files_only=not downloads_allowed(), **kw)
+        return AutoTokenizer.from_pretrained(directory, local_files_only=not downloads_allowed(),
+                                             trust_remote_code=False, **kw)
     except (OSError, ValueError, TypeError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FormatError(f"{path}: no usable tokenizer there ({first})") from e

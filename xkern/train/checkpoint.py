@@ -107,11 +107,77 @@ def resumable_checkpoint(ckpt: str | os.PathLike) -> Path | None:
     return None
 
 
-class DirectoryCheckpoint:
-    """The :class:`~xkern.train.loop.Checkpointer` of one run under ``ckpt``; subclasses store the parameters."""
+def identity_differences(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
+    """The fields in which a checkpoint's run identity and this run's differ (``saved`` None: every field)."""
+    if saved is None:
+        return sorted(now)
+    return sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
 
-    def __init__(self, ckpt: str | os.PathLike, resume: bool = True) -> None:
+
+def discard(ckpt: str | os.PathLike) -> None:
+    """Remove a checkpoint and what a killed save left beside it (``--overwrite``: the run starts over)."""
+    ckpt = Path(ckpt)
+    for path in (ckpt, *(ckpt.with_name(ckpt.name + end) for end in (".old", ".tmp"))):
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.exists():
+            shutil.rmtree(path)
+
+
+class RunLock:
+    """``<folder>/.xkern.lock`` for the length of a run: a second run writing into the same folder is refused
+    (naming the process that holds it); a lock whose process is gone is taken over."""
+
+    NAME = ".xkern.lock"
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.path = Path(folder) / self.NAME
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and _alive(pid):
+                    raise InputError(f"another xkern run (process {pid}) is writing into {self.path.parent}; wait for "
+                                     f"it, or give another --out") from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            return self
+        raise InputError(f"cannot take the lock {self.path}")
+
+    def __exit__(self, *exc: Any) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class DirectoryCheckpoint:
+    """The :class:`~xkern.train.loop.Checkpointer` of one run under ``ckpt``; subclasses store the parameters.
+
+    ``identity``: what makes the run the run it is (command, model, data, domains, seed, training and
+    adapter config, a fingerprint of the training examples); it is written with every checkpoint, and a
+    checkpoint whose identity differs in any field is refused, naming the fields, instead of resumed.
+    """
+
+    def __init__(self, ckpt: str | os.PathLike, resume: bool = True, identity: dict[str, Any] | None = None) -> None:
         self.ckpt, self.resume = Path(ckpt), resume
+        self.identity = None if identity is None else json.loads(json.dumps(identity, default=str))
 
     # ---- what a subclass provides ---------------------------------------------------------------
 
@@ -136,16 +202,11 @@ class DirectoryCheckpoint:
         if tmp.exists():  # left by a save that was killed before it finished
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        self.write_params(tmp)
-        from safetensors.torch import save_file
-
-        blob = {k: state[k] for k in BLOB_KEYS if k in state}
-        skeleton, tensors = split_tensors(blob)
-        with atomic_path(tmp / f"{BLOB_NAME}.safetensors") as part:
-            save_file(tensors, str(part))
-        atomic_write_text(tmp / f"{BLOB_NAME}.json", json.dumps(skeleton) + "\n")
-        rest = {k: v for k, v in state.items() if k not in blob}
-        atomic_write_text(tmp / STATE_NAME, json.dumps(rest, indent=2) + "\n")
+        try:
+            self._write(tmp, state)
+        except BaseException:  # disk full, a read-only folder, ...: no half-written tmp left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if (ckpt / STATE_NAME).is_file():
             if old.exists():
                 shutil.rmtree(old)
@@ -156,8 +217,26 @@ class DirectoryCheckpoint:
         if old.exists():
             shutil.rmtree(old)
 
+    def _write(self, tmp: Path, state: dict[str, Any]) -> None:
+        self.write_params(tmp)
+        from safetensors.torch import save_file
+
+        blob = {k: state[k] for k in BLOB_KEYS if k in state}
+        skeleton, tensors = split_tensors(blob)
+        with atomic_path(tmp / f"{BLOB_NAME}.safetensors") as part:
+            save_file(tensors, str(part))
+        atomic_write_text(tmp / f"{BLOB_NAME}.json", json.dumps(skeleton) + "\n")
+        rest = {k: v for k, v in state.items() if k not in blob}
+        if self.identity is not None:
+            rest["identity"] = self.identity
+        atomic_write_text(tmp / STATE_NAME, json.dumps(rest, indent=2) + "\n")
+
     def load(self) -> dict[str, Any] | None:
         """Restore the parameters and return the loop state (with ``optimizer`` and ``rng``), or ``None``."""
+        for path in (self.ckpt, *(self.ckpt.with_name(self.ckpt.name + end) for end in (".old", ".tmp"))):
+            if path.is_symlink():  # its files would be written, renamed and removed through the link
+                raise InputError(f"{path} is a symbolic link; a checkpoint folder must be a real folder (remove the "
+                                 "link)")
         found = resumable_checkpoint(self.ckpt) if self.resume else None
         if found is None:
             return None
@@ -169,6 +248,14 @@ class DirectoryCheckpoint:
                 state["evals"] = [{"step": int(s), "loss": float(v)} for s, v in state.pop("eval_loss")]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
             raise FormatError(f"{found / STATE_NAME} is damaged ({e!r}); remove {found} to start over") from e
+        if self.identity is not None:
+            differ = identity_differences(state.get("identity"), self.identity)
+            if differ:
+                shown = ", ".join(f"{k} (was {str((state.get('identity') or {}).get(k))[:60]!r}, now "
+                                  f"{str(self.identity.get(k))[:60]!r})" for k in differ[:4])
+                raise InputError(f"{found} holds another run's checkpoint: it differs in {shown}"
+                                 + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
+                                 + "; pass --overwrite to start over, or another --out")
         if (found / PICKLED_BLOB).exists() and not (found / f"{BLOB_NAME}.json").exists():
             raise FormatError(f"{found} was written by an older xkern (its optimizer state is pickled in "
                               f"{PICKLED_BLOB}, which xkern no longer loads: unpickling can run code); remove "
@@ -193,8 +280,9 @@ class ParameterCheckpoint(DirectoryCheckpoint):
 
     FILE = "params.safetensors"
 
-    def __init__(self, params: dict[str, torch.nn.Parameter], ckpt: str | os.PathLike, resume: bool = True) -> None:
-        super().__init__(ckpt, resume)
+    def __init__(self, params: dict[str, torch.nn.Parameter], ckpt: str | os.PathLike, resume: bool = True,
+                 identity: dict[str, Any] | None = None) -> None:
+        super().__init__(ckpt, resume, identity)
         self.params = params
 
     def write_params(self, folder: Path) -> None:

@@ -26,6 +26,8 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -75,7 +77,8 @@ class TrainConfig:
     eval_every: int | None = option(None, "optimizer steps between validations (always at the end)")
     patience: int | None = option(None, "stop after this many validations without improvement (None: never)")
     keep_best: bool = option(False, "restore the parameters of the best validation at the end")
-    save_every: int | None = option(None, "optimizer steps between checkpoints", cli=False)
+    save_every: int | None = option(None, "optimizer steps between checkpoints (None: at the end, and when "
+                                           "interrupted)")
     log_every: int = option(1, "steps between log entries", cli=False)
     progress: bool = option(True, "show a progress bar", cli=False)
     parallel: str = option("ddp", "under torchrun: 'ddp' (every rank holds the trainable parameters) or 'fsdp' "
@@ -349,6 +352,14 @@ class _Run:
             step_loss += float(loss.detach())
         return step_loss
 
+    def agree(self, flag: bool) -> bool:
+        """``flag`` of any rank, on every rank (one collective a step under torchrun)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t)
+        return bool(t.item() > 0)
+
     def sync_outside(self, step_loss: float) -> float:
         """Average the gradients DDP does not own (trained parameters outside the module) and the loss over
         ranks: the same mean as over one big batch, and every rank stops alike."""
@@ -445,8 +456,9 @@ def fit(module: torch.nn.Module, param_groups: Sequence[dict[str, Any]], data: E
     module.train()
     start = time.perf_counter()
     bar = tqdm(total=total, initial=step, desc=desc, disable=not cfg.progress or run.rank != 0)
+    interrupted = False
     try:
-        with _grad_checkpointing(hf_model, cfg.grad_checkpointing):
+        with _grad_checkpointing(hf_model, cfg.grad_checkpointing), _stop_requests() as asked:
             while step < stop_at:
                 factor = lr_factor(cfg, step, total)
                 for g, lr in zip(run.opt.param_groups, run.base_lrs, strict=True):
@@ -474,6 +486,9 @@ def fit(module: torch.nn.Module, param_groups: Sequence[dict[str, Any]], data: E
                 if stop:
                     result.stopped_early = True
                     break
+                if run.agree(asked["stop"]):  # every rank stops at the same step boundary
+                    interrupted = True
+                    break
     finally:
         bar.close()
         module.eval()
@@ -482,7 +497,40 @@ def fit(module: torch.nn.Module, param_groups: Sequence[dict[str, Any]], data: E
     result.steps = step
     result.seconds = time.perf_counter() - start
     run.finish()
+    if interrupted:
+        raise TrainingInterrupted(step, checkpointer is not None)
     return result
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during :func:`fit`: the step under way finished, a checkpoint holds it (when the run
+    has a checkpointer); ``step`` is where a resumed run continues."""
+
+    def __init__(self, step: int, saved: bool) -> None:
+        super().__init__(f"interrupted after step {step}" + (", checkpoint written" if saved else ""))
+        self.step, self.saved = step, saved
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Any:
+    """SIGINT / SIGTERM set a flag instead of killing the loop mid-step (main thread only; elsewhere the
+    signals keep their handlers); the previous handlers come back on exit."""
+    asked = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if asked["stop"]:  # asked twice: stop now, step or not
+            raise KeyboardInterrupt
+        asked["stop"] = True
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield asked
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class TrainingDivergedError(XkernError, FloatingPointError):

@@ -66,11 +66,16 @@ def evaluate_loss(model: XkernModel, adapter: str, dataset: Sequence[dict[str, A
     return total / max(count, 1)
 
 
+# training options a resumed run may set anew: they do not change what a step computes
+NOT_IDENTITY = ("progress", "save_every", "log_every", "eval_every", "patience", "max_steps", "epochs")
+
+
 class AdapterCheckpoint(DirectoryCheckpoint):
     """Checkpoints of one adapter under ``ckpt``: its PEFT files, the optimizer and RNG state, the loop's position."""
 
-    def __init__(self, model: XkernModel, adapter: str, ckpt: Path, cfg: TrainConfig, resume: bool) -> None:
-        super().__init__(ckpt, resume)
+    def __init__(self, model: XkernModel, adapter: str, ckpt: Path, cfg: TrainConfig, resume: bool,
+                 identity: dict[str, Any] | None = None) -> None:
+        super().__init__(ckpt, resume, identity)
         self.model, self.adapter, self.cfg = model, adapter, cfg
 
     def save(self, state: dict[str, Any]) -> None:
@@ -98,14 +103,17 @@ def train_lora(model: XkernModel, adapter_name: str, dataset: Sequence[dict[str,
                objective: str | Objective = "causal_lm", eval_dataset: Sequence[dict[str, Any]] | None = None,
                output_dir: str | os.PathLike | None = None, resume: bool = True, config: TrainConfig | None = None,
                stop_after: int | None = None, callback: Callable[[int, float], None] | None = None,
-               **overrides: Any) -> TrainResult:
+               identity: dict[str, Any] | None = None, **overrides: Any) -> TrainResult:
     """Train adapter ``adapter_name`` (create it first with ``model.add_adapter``) on ``dataset``.
 
     ``objective``: ``"causal_lm"``, ``"candidates"`` (see :mod:`xkern.train.objectives`) or an object
     with ``collate`` and ``loss``. ``output_dir``: where the checkpoint (``checkpoint/``, PEFT adapter
     + optimizer + state), the final adapter (``adapter/``) and ``train_log.json`` go; an existing
-    checkpoint there is resumed when ``resume``. ``stop_after``: stop after that many optimizer steps
-    of this call (an interruption, for tests). Keyword overrides set :class:`TrainConfig` fields.
+    checkpoint there is resumed when ``resume`` and when it was written by the same run: ``identity``
+    (what the caller says makes the run, e.g. the command, model, data and domains) plus the training
+    and adapter config must equal the checkpoint's, else it is refused naming the fields.
+    ``stop_after``: stop after that many optimizer steps of this call (an interruption, for tests).
+    Keyword overrides set :class:`TrainConfig` fields.
     """
     cfg = with_overrides(config or TrainConfig(), overrides)
     if not isinstance(model, XkernModel):
@@ -121,7 +129,9 @@ def train_lora(model: XkernModel, adapter_name: str, dataset: Sequence[dict[str,
     pad = model_pad_id(model)
     params = model.train_only(adapter_name)
     out_dir = Path(output_dir) if output_dir is not None else None
-    checkpointer = AdapterCheckpoint(model, adapter_name, out_dir / CHECKPOINT_DIR, cfg, resume) \
+    run = {**(identity or {}), "adapter_config": model.adapter_configs.get(adapter_name),
+           "train": {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY}}
+    checkpointer = AdapterCheckpoint(model, adapter_name, out_dir / CHECKPOINT_DIR, cfg, resume, run) \
         if out_dir is not None else None
 
     def loss_fn(module: torch.nn.Module, examples: Sequence[dict[str, Any]]) -> torch.Tensor:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from xkern.commands import data_options, names, out_option, run_options
+from xkern.commands import data_options, names, out_option, rank, run_options
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "weave",
         parents=[run_options(), data_options(splits=False),
-                 out_option("JSON output", "runs/weave/results.json")],
+                 out_option("JSON output", "runs/weave/results.json", file=True)],
         help="WeaveRec: target + hybrid LoRAs, merged, evaluated (likelihood and listwise generation)",
         description="Train a target-only LoRA and one hybrid LoRA per source (target + source mix), merge them "
         "by task arithmetic, and evaluate the rows on the target's test candidates with both prediction modes "
@@ -42,7 +42,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--train-users", type=int, default=d.train_users, help="training users sampled per domain")
     p.add_argument("--synthetic-users", type=int, default=d.synthetic_users, help="users per synthetic domain")
     p.add_argument("--max-history", type=int, default=d.max_history)
-    p.add_argument("--r", type=int, default=d.r, help="LoRA rank of every adapter")
+    p.add_argument("--r", type=rank, default=d.r, help="LoRA rank of every adapter")
     p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
     add_config_arguments(p.add_argument_group("training loop (every adapter)"), TrainConfig,
                          defaults=dataclasses.asdict(d.train), skip=("seed",))

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from xkern.adapters.peft_format import BASE
-from xkern.data.domain import DomainData
+from xkern.data.domain import DomainData, check_usable
 from xkern.data.encoding import PromptEncoder
 from xkern.data.evaluate import evaluate_scorer, format_table, rank_candidates
 from xkern.data.examples import causal_lm_examples
@@ -110,14 +110,16 @@ def load_lm(cfg: WeaveConfig, domains: dict[str, DomainData]) -> tuple[Any, Any,
     import transformers
 
     from xkern.nn import load_model
-    from xkern.nn.pretrained import load_tokenizer, resolve
+    from xkern.nn.pretrained import load_tokenizer, refuse_remote_code, resolve
 
     spec = resolve(cfg.model, also_known=("tiny",))
     path = Path(spec)
     kw = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
     directory = str(path.parent) if path.suffix == ".gguf" else spec
     tok = load_tokenizer(spec)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kw)
+    refuse_remote_code(path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, trust_remote_code=False,
+                                                           **kw)
     n_layers = hf.config.num_hidden_layers
     desc = f"{path.name} ({n_layers} layers)"
     if cfg.layers is not None and cfg.layers < n_layers:
@@ -204,6 +206,8 @@ def run_weave(cfg: WeaveConfig, domains: dict[str, DomainData] | None = None, mo
             raise InputError(f"unknown mode {m!r}; expected some of {MODES}")
     domains = domains if domains is not None else load_domains(cfg)
     target, sources = domains[cfg.target], [domains[s] for s in cfg.sources]
+    for d in (target, *sources):  # before the model loads or anything trains
+        check_usable(d, titles=True, candidates=cfg.n_neg + 1 if d is target else None)
     desc = "given model"
     if model is None:
         model, tokenizer, desc = load_lm(cfg, domains)

@@ -6,6 +6,7 @@ Registered from here (``register(subparsers)``) with the shared flags of :mod:`x
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -61,6 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--eval-users", type=int, default=0, help="evaluate on the first N test users (0: skip, -1: all)")
     p.add_argument("--eval-neg", type=int, default=29)
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: discard a checkpoint in --out (by default a run resumes its own checkpoint "
+                        "and refuses another run's, naming what differs)")
     p.set_defaults(func=cmd_train_xcross)
     return p
 
@@ -75,6 +79,7 @@ def cmd_train_xcross(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from xkern.data.cli import load_domain
+    from xkern.data.domain import check_usable
     from xkern.data.evaluate import write_report
     from xkern.data.splits import subsample_train
     from xkern.nn import load_model, resolve_dtype
@@ -86,13 +91,14 @@ def cmd_train_xcross(args: argparse.Namespace) -> int:
     names = [n for n, _ in args.adapter]
     if len(set(names)) != len(names):
         raise InputError(f"adapter names must be distinct, got {names}")
+    data = load_domain(args, args.target)  # refused before the model loads when it cannot be used
+    check_usable(data, titles=True, candidates=args.eval_neg + 1)
     model_path = resolve(args.model)
     dtype, _ = resolve_dtype(args.dtype, args.device)
     xm = load_model(model_path, dtype=dtype, device=args.device, progress=not args.no_progress)
     for name, path in args.adapter:
         xm.load_adapter(path, name)
     tok = _tokenizer(model_path, args.tokenizer)
-    data = load_domain(args, args.target)
     data = replace(data, train=subsample_train(data.train, args.fraction, args.seed))
     xc = XCrossModel(xm, names, beta=args.beta, gamma=args.gamma, pooling=args.pooling, bias=args.bias,
                      integrator_norm=args.integrator_norm, likelihood_reduce=args.likelihood_reduce,
@@ -101,13 +107,23 @@ def cmd_train_xcross(args: argparse.Namespace) -> int:
                      max_tokens=args.max_tokens)
     out = Path(args.out)
     config = config_from_args(XCrossTrainConfig, args, seed=args.seed, progress=not args.no_progress)
-    res = train(xc, data, output_dir=out, config=config)
+    from xkern.train.checkpoint import RunLock, discard
+
+    identity = {"command": "train-xcross", "model": args.model, "dtype": str(dtype).removeprefix("torch."),
+                "fraction": args.fraction, "max_history": args.max_history, "max_tokens": args.max_tokens}
+    with RunLock(out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+        if args.overwrite:
+            discard(out / "checkpoint")
+        res = train(xc, data, output_dir=out, config=config, identity=identity)
     rank = int(os.environ.get("RANK", "0"))  # under torchrun rank 0 alone reports and writes
     counts = xc.num_trainable()
     if rank == 0:
+        pairs = res.steps * config.batch_size * (1 + config.n_neg) * int(os.environ.get("WORLD_SIZE", "1") or 1)
+        rate = f"{pairs / res.seconds:.1f} (history, candidate) pairs/s" if res.seconds else "-"
         print(f"trained X-Cross over {names} on {data.name}: {res.steps} steps, {res.n_train_examples} examples, "
               f"best val loss {res.best_val_loss} at step {res.best_step}"
-              f"{' (early stop)' if res.stopped_early else ''}, {counts['total']:,} trainable parameters")
+              f"{' (early stop)' if res.stopped_early else ''}, {counts['total']:,} trainable parameters, "
+              f"{str(dtype).removeprefix('torch.')}, {rate} ({len(names)} streams each)")
         print(f"wrote {out / 'xcross'}")
     if args.eval_users:  # every rank scores its share of the test users
         max_users = None if args.eval_users < 0 else args.eval_users

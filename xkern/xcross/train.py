@@ -35,7 +35,8 @@ from xkern.fileio import atomic_write_text
 from xkern.nn.model import XkernModel
 from xkern.train.checkpoint import ParameterCheckpoint
 from xkern.train.loop import TrainConfig, fit, option, with_overrides
-from xkern.xcross.model import XCrossModel
+from xkern.train.trainer import NOT_IDENTITY
+from xkern.xcross.model import XCrossModel, adapter_fingerprint
 
 
 @dataclass
@@ -172,7 +173,8 @@ class _XCrossEpochs:
 def train(xc: XCrossModel, data: DomainData, *, config: XCrossTrainConfig | None = None,
           extra_params: Sequence[nn.Parameter] = (), output_dir: str | os.PathLike | None = None,
           resume: bool = True, callback: Callable[[int, float], None] | None = None,
-          stop_after: int | None = None, **overrides: Any) -> XCrossTrainResult:
+          stop_after: int | None = None, identity: dict[str, Any] | None = None,
+          **overrides: Any) -> XCrossTrainResult:
     """Train the integrators, ``w`` and the head of ``xc`` (plus ``extra_params``) on ``data``.
 
     ``data.train`` gives the training examples (1 positive + ``n_neg`` negatives each), ``data.val``
@@ -182,8 +184,11 @@ def train(xc: XCrossModel, data: DomainData, *, config: XCrossTrainConfig | None
     ``output_dir``: the trained X-Cross parameters (``xcross/``), ``train_log.json`` and the resumable
     checkpoint (``checkpoint/``: X-Cross's and ``extra_params``' tensors, optimizer, RNG, position;
     written at the end and every ``save_every`` steps, by rank 0 under ``torchrun``) go there; an
-    existing checkpoint is resumed when ``resume``. ``stop_after``: stop after that many optimizer
-    steps of this call (an interruption, for tests). Keyword overrides set :class:`XCrossTrainConfig` fields.
+    existing checkpoint is resumed when ``resume`` and written by the same run (``identity``, what the
+    caller says makes the run, plus X-Cross's config, its streams' adapter fingerprints and the
+    training config; any difference is refused naming the fields). ``stop_after``: stop after that
+    many optimizer steps of this call (an interruption, for tests). Keyword overrides set
+    :class:`XCrossTrainConfig` fields.
     """
     cfg = with_overrides(config or XCrossTrainConfig(), overrides)
     if not isinstance(xc, XCrossModel):
@@ -221,7 +226,12 @@ def train(xc: XCrossModel, data: DomainData, *, config: XCrossTrainConfig | None
         cfg = dataclasses.replace(cfg, eval_every=steps_per_epoch)  # validate once per epoch
     checkpointer = None
     if output_dir is not None:
-        checkpointer = ParameterCheckpoint(checkpoint_names(xc, extra), Path(output_dir) / "checkpoint", resume)
+        run = {**(identity or {}), "xcross": xc.config_dict(), "data": data.meta.get("source", data.name),
+               "target": data.name, "train_users": len(users),
+               "streams": {a: adapter_fingerprint(xc.model, a) for a in xc.adapters},
+               "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY}}
+        checkpointer = ParameterCheckpoint(checkpoint_names(xc, extra), Path(output_dir) / "checkpoint", resume,
+                                           run)
     res = fit(xc, groups, epochs,
               lambda module, batch: example_loss(xc, batch, forward=module, calibrate=cfg.calibrate)[0], cfg,
               validate=(lambda: validate(xc, val_examples, cfg.score_batch_size, cfg.calibrate))
