@@ -171,3 +171,55 @@ def test_a_truncated_gzip_release_is_one_error(tmp_path):
     path.write_bytes(path.read_bytes()[:-200])
     with pytest.raises(DataFormatError, match="ends early or is damaged"):
         list(iter_records(path))
+
+
+# ---- the demo's worker process: stopped with its parent -------------------------------------------------
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from /proc (Linux)")
+@pytest.mark.parametrize("how", ["term", "kill"])
+def test_a_stopped_demo_leaves_no_worker_and_no_temporary_folder(tmp_path, how):
+    """SIGTERM unwinds the demo (exit 130, worker stopped, hand-off folder removed); after SIGKILL of the
+    parent, the worker notices and exits instead of living on under init holding the caller's pipes."""
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "xkern.cli", "demo", "--threads", "2", "--no-progress",
+                             "--out", str(tmp_path / "out")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    workers: list[int] = []
+    while time.monotonic() < deadline and not (workers and list(tmp_path.glob("xkern-demo-*"))):
+        time.sleep(0.2)
+        workers = _children(proc.pid)
+        assert proc.poll() is None, proc.stderr.read()
+    assert workers, "the demo did not start its worker process within 60 s"
+    proc.send_signal(signal.SIGTERM if how == "term" else signal.SIGKILL)
+    rc = proc.wait(timeout=60)
+    gone = time.monotonic() + 15
+    while time.monotonic() < gone and any(_alive(w) for w in workers):
+        time.sleep(0.2)
+    leftover = [w for w in workers if _alive(w)]
+    for w in leftover:
+        os.kill(w, signal.SIGKILL)
+    assert not leftover, f"worker processes {leftover} outlived the demo"
+    if how == "term":
+        assert rc == 130, proc.stderr.read()
+        assert "terminated" in proc.stderr.read()
+        assert not list(tmp_path.glob("xkern-demo-*"))
+    else:
+        assert rc == -signal.SIGKILL

@@ -13,8 +13,9 @@ import io
 import json
 import os
 import shlex
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +243,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands["demo"].error("--extra adds model rows, --no-models removes them: use one")
     if not isinstance(sys.stdout, _QuietPipe):
         sys.stdout = _QuietPipe(sys.stdout)
+    with _terminate_as_interrupt():
+        return _run(args, given, debug)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so ``finally`` blocks run (worker processes stopped, temporary folders removed).
+
+    Training installs its own handler for the steps (it finishes the step and saves first); this one covers the rest.
+    """
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt("terminated")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: signals are not ours to take
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace, given: list[str], debug: bool) -> int:
     try:
         _check_before_work(args)
         if getattr(args, "threads", None) and args.command not in ("demo", "weave"):  # those two place theirs

@@ -9,6 +9,7 @@ the same target-domain candidates (one CandidateSet per run), for every target-d
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -185,6 +186,23 @@ def _shared(cfg: DemoConfig, progress: bool) -> dict[str, Any]:
             "xcross_config": cfg.xcross_config or xcross_default}
 
 
+def _exit_with_parent(poll_seconds: float = 0.5) -> None:
+    """A worker whose parent died (SIGKILL, a crash) exits too, not living on under init with the caller's pipes."""
+    import multiprocessing as mp
+    import threading
+
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        while parent.is_alive():
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="xkern-demo-parent-watch", daemon=True).start()
+
+
 def _worker(queue: Any, cfg: DemoConfig, domains: dict[str, DomainData] | None, group: str, threads: int,
             handoff: str) -> None:
     """A second process: the rows of ``group`` (default methods only), each row put on ``queue`` as it finishes."""
@@ -192,6 +210,7 @@ def _worker(queue: Any, cfg: DemoConfig, domains: dict[str, DomainData] | None, 
 
     import torch
 
+    _exit_with_parent()
     torch.set_num_threads(threads)
     try:
         domains = domains if domains is not None else make_synthetic(cfg.synthetic)
@@ -227,50 +246,50 @@ def run_demo(
 
     t0 = time.perf_counter()
     split = workers > 1 and methods is None and cfg.lm
-    child, queue, worker_lm, handoff = None, None, [], None
-    if split:  # started first: the second process spends its first seconds importing torch and transformers
-        import multiprocessing as mp
-        import tempfile
-
-        handoff = tempfile.mkdtemp(prefix="xkern-demo-")
-        ctx = mp.get_context("spawn")  # fork after torch started its thread pools can deadlock
-        queue = ctx.Queue()
-        child = ctx.Process(target=_worker, args=(queue, cfg, domains, "sources", threads or 1, handoff),
-                            daemon=True)
-        child.start()
-    domains = domains if domains is not None else make_synthetic(cfg.synthetic)
-    target, sources, methods, jobs, cands = _plan(cfg, domains, methods)
-    shared = {**_shared(cfg, progress), **({"handoff": handoff, "process": "main"} if split else {})}
-    done: dict[tuple[str, Any], dict[str, Any]] = {}
-    bar = tqdm(total=len(jobs), desc="demo", unit="row", disable=not progress)
-
-    def finished(row: dict[str, Any]) -> None:
-        done[(row["method"], row["fraction"])] = row
-        bar.update(1)
-        if on_row is not None:
-            on_row(row)
-
-    def drain(block: bool) -> None:
-        """Take the child's finished rows (``block``: until it says it is done)."""
-        import queue as queue_mod
-
-        while not worker_lm:
-            try:
-                kind, payload = queue.get(timeout=1.0) if block else queue.get_nowait()
-            except queue_mod.Empty:
-                if block and not child.is_alive():
-                    raise RuntimeError(f"the demo worker process died (exit code {child.exitcode})") from None
-                if not block:
-                    return
-                continue
-            if kind == "row":
-                finished(payload)
-            elif kind == "error":
-                raise RuntimeError(f"a demo row failed in the worker process:\n{payload}")
-            else:
-                worker_lm.append(payload)  # "done", with the worker's trained-adapter summary
-
+    child, queue, worker_lm, handoff, bar = None, None, [], None, None
     try:
+        if split:  # started first: the second process spends its first seconds importing torch and transformers
+            import multiprocessing as mp
+            import tempfile
+
+            handoff = tempfile.mkdtemp(prefix="xkern-demo-")
+            ctx = mp.get_context("spawn")  # fork after torch started its thread pools can deadlock
+            queue = ctx.Queue()
+            child = ctx.Process(target=_worker, args=(queue, cfg, domains, "sources", threads or 1, handoff),
+                                daemon=True)
+            child.start()
+        domains = domains if domains is not None else make_synthetic(cfg.synthetic)
+        target, sources, methods, jobs, cands = _plan(cfg, domains, methods)
+        shared = {**_shared(cfg, progress), **({"handoff": handoff, "process": "main"} if split else {})}
+        done: dict[tuple[str, Any], dict[str, Any]] = {}
+        bar = tqdm(total=len(jobs), desc="demo", unit="row", disable=not progress)
+
+        def finished(row: dict[str, Any]) -> None:
+            done[(row["method"], row["fraction"])] = row
+            bar.update(1)
+            if on_row is not None:
+                on_row(row)
+
+        def drain(block: bool) -> None:
+            """Take the child's finished rows (``block``: until it says it is done)."""
+            import queue as queue_mod
+
+            while not worker_lm:
+                try:
+                    kind, payload = queue.get(timeout=1.0) if block else queue.get_nowait()
+                except queue_mod.Empty:
+                    if block and not child.is_alive():
+                        raise RuntimeError(f"the demo worker process died (exit code {child.exitcode})") from None
+                    if not block:
+                        return
+                    continue
+                if kind == "row":
+                    finished(payload)
+                elif kind == "error":
+                    raise RuntimeError(f"a demo row failed in the worker process:\n{payload}")
+                else:
+                    worker_lm.append(payload)  # "done", with the worker's trained-adapter summary
+
         mine = [(m, f) for m, f in jobs if not split or m.group != "sources"]
 
         def each(row: dict[str, Any]) -> None:
@@ -283,9 +302,11 @@ def run_demo(
             drain(block=True)
             child.join(timeout=30)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if child is not None and child.is_alive():
             child.terminate()
+            child.join(timeout=10)
         if handoff is not None:
             import shutil
 
