@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     paths, rest = own.parse_known_args(argv)
     parser = argparse.ArgumentParser(prog="weave_amazon", parents=[own])
     register(parser.add_subparsers(dest="command"))
-    data = [] if "--data" in rest else ["--data", require_data_root(None)]  # $XKERN_DATA or ../shared/data
+    data = [] if "--data" in rest else ["--data", require_data_root(None)]  # $XKERN_DATA or the checkout's data/
     args = parser.parse_args(["--json", paths.json, "--doc", paths.doc, "--n-boot", str(paths.n_boot),
                               *(["--quality", paths.quality] if paths.quality else []), "weave", *data, *DEFAULTS,
                               *rest])

@@ -28,6 +28,10 @@ class InputTypeError(XkernError, TypeError):
     """An argument of the wrong type (a list where a tensor belongs, an unsupported dtype)."""
 
 
+class BackendUnavailableError(XkernError, RuntimeError):
+    """The backend asked for (``backend=`` or ``XKERN_BACKEND``) cannot run here, or no backend serves the device."""
+
+
 class InputKeyError(XkernError, KeyError):
     """A name that is not known here (an adapter that is not loaded, a domain, a row); ``KeyError`` for callers."""
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from xkern import quantize_nf4
+from xkern.errors import XkernError
 from xkern.ops import backends, lora_linear, registry
 from xkern.ops.routing import RowRouting
 
@@ -51,8 +52,9 @@ def test_clear_errors_for_unknown_and_unusable_backends(monkeypatch):
     A, B = torch.randn(1, 4, 64), torch.randn(1, 16, 4)
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         lora_linear(torch.ones(2, 64), w, A, B, 1.0, backend="fast")
-    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+    with pytest.raises(RuntimeError, match="needs CUDA tensors") as unusable:
         lora_linear(torch.ones(2, 64), w, A, B, 1.0, backend="cuda")
+    assert isinstance(unusable.value, XkernError)  # the command line says it in one line, no traceback
     monkeypatch.setenv("XKERN_BACKEND", "nope")
     with pytest.raises(ValueError, match="XKERN_BACKEND must be one of"):
         lora_linear(torch.ones(2, 64), w, A, B, 1.0)

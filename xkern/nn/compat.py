@@ -30,9 +30,15 @@ def cache_keyword(model: Any) -> str:
     return "cache" if _takes_cache(forward) else "past_key_values"
 
 
+def cache_field(output_type: type) -> str:
+    """The field a ``transformers`` output class carries its KV cache in: ``"cache"`` or ``"past_key_values"``."""
+    return "cache" if "cache" in getattr(output_type, "__dataclass_fields__", {}) else "past_key_values"
+
+
 def output_cache(output: Any) -> Any:
-    """The KV cache a forward returned (``output.cache`` or ``output.past_key_values``), None when it has none."""
-    fields = getattr(type(output), "__dataclass_fields__", None)
-    if fields is not None:
-        return getattr(output, "cache" if "cache" in fields else "past_key_values", None)
+    """The KV cache a forward returned (``output.cache`` or ``output.past_key_values``), None when it has none.
+
+    ``output``: a ``transformers`` output (a dataclass: its fields decide) or any object with a ``cache``."""
+    if hasattr(type(output), "__dataclass_fields__"):
+        return getattr(output, cache_field(type(output)), None)
     return getattr(output, "cache", None)

@@ -35,7 +35,7 @@ from xkern.adapters.peft_format import load_adapter as read_adapter
 from xkern.adapters.peft_format import save_adapter as write_adapter
 from xkern.errors import FormatError, InputError, InputKeyError, InputTypeError
 from xkern.fileio import atomic_path, atomic_write_text
-from xkern.nn.compat import output_cache
+from xkern.nn.compat import cache_field, output_cache
 from xkern.nn.linear import NF4LoRALinear
 from xkern.nn.patch import linear_layers, quantize_linears
 from xkern.nn.routing import SampleRouting, routing_scope
@@ -188,8 +188,7 @@ class XkernModel(nn.Module):
             raise InputError(f"logits_at must be a bool mask of shape {tuple(hidden.shape[:2])}, "
                              f"got {logits_at.dtype} {tuple(logits_at.shape)}")
         logits = self.model.get_output_embeddings()(hidden[logits_at.to(hidden.device)])
-        field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-        return CausalLMOutputWithPast(logits=logits, **{field: output_cache(out)})
+        return CausalLMOutputWithPast(logits=logits, **{cache_field(CausalLMOutputWithPast): output_cache(out)})
 
     def _empty_forward(self, args: tuple, kwargs: dict) -> Any:
         def one(t: Any) -> Any:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from xkern.errors import InputError, InputKeyError
+from xkern.errors import BackendUnavailableError, InputError, InputKeyError
 
 ENV_VAR = "XKERN_BACKEND"
 _DEVICE_NAMES = {"cuda": "CUDA", "cpu": "CPU"}
@@ -109,7 +109,7 @@ def check_backend(backend: str, op: str, device: torch.device) -> None:
         raise InputError(f"unknown backend {backend!r}; expected one of {tuple(sorted(_BACKENDS))}")
     reason = unusable_reason(backend, op, device)
     if reason is not None:
-        raise RuntimeError(reason)
+        raise BackendUnavailableError(reason)
 
 
 def requested_backend(explicit: str | None) -> str | None:
@@ -166,7 +166,7 @@ def choose(op: str, device: torch.device, args: tuple = (), requested: str | Non
         k = _KERNELS[(op, name)]
         if k.supports is None or k.supports(*args):
             return name
-    raise RuntimeError(f"no backend implements {op!r} for {device} tensors (tried {list(candidates)})")
+    raise BackendUnavailableError(f"no backend implements {op!r} for {device} tensors (tried {list(candidates)})")
 
 
 def report(device: torch.device | str = "cpu") -> list[dict[str, Any]]:

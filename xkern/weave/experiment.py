@@ -40,7 +40,7 @@ from xkern.data.examples import causal_lm_examples
 from xkern.data.metrics import metrics_from_ranks
 from xkern.data.negatives import build_candidates
 from xkern.distributed import dist_setup, sum_over_ranks
-from xkern.errors import InputError
+from xkern.errors import InputError, NotFoundError
 from xkern.serve import LikelihoodScorer, ListwiseGenerationScorer, PrefixLikelihoodScorer
 from xkern.train import evaluate_loss
 from xkern.train.loop import TrainConfig
@@ -157,7 +157,7 @@ def load_saved_adapters(model: Any, directory: str | os.PathLike, names: list[st
     paths = {name: root / name / "adapter" for name in names}
     missing = [str(p) for p in paths.values() if not (p / "adapter_config.json").is_file()]
     if missing:
-        raise FileNotFoundError(f"load_adapters={str(directory)!r}: no saved adapter at {', '.join(missing)} "
+        raise NotFoundError(f"load_adapters={str(directory)!r}: no saved adapter at {', '.join(missing)} "
                                 f"(expected <dir>/<name>/adapter from an earlier run's save_adapters)")
     clashing = [name for name in names if name in model.adapter_configs]
     if clashing:
