@@ -29,23 +29,45 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def _timer(device: str, reps: int):
+def _timer(device: str, reps: int, inner: int = 1):
+    """Seconds per call: the median over ``reps`` samples of ``inner`` back-to-back calls between one CUDA event
+    pair (no host sync inside a sample), so a call of a few microseconds is timed on the GPU, not the launch."""
     def run(fn) -> float:
         times = []
         for _ in range(reps):
             if device == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                fn()
+                for _ in range(inner):
+                    fn()
                 end.record()
                 torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) * 1e-3)
+                times.append(start.elapsed_time(end) * 1e-3 / inner)
             else:
                 t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
+                for _ in range(inner):
+                    fn()
+                times.append((time.perf_counter() - t) / inner)
         return statistics.median(times)
     return run
+
+
+def _graph_timer(fn, reps: int, inner: int) -> float | None:
+    """Seconds per call of ``inner`` calls captured in one CUDA graph and replayed: what is left when the host's
+    launch cost is gone (``None`` where the call cannot be captured: the error goes in the JSON instead)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up outside the capture: compilation, caches, workspaces
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return _timer("cuda", reps, 1)(graph.replay) / inner
 
 
 def _env(device: str) -> dict:
@@ -81,12 +103,13 @@ def _rotating_call(op, x, weights, A, B, s, routing, backend):
     return call
 
 
-def _dense_lora_loop(x, dense, A, B, s, ids):
-    """The baseline: 16-bit ``F.linear`` + one LoRA launch pair per adapter (a per-adapter loop)."""
+def _dense_lora_loop(x, dense, A, B, s, rows_of):
+    """The baseline: 16-bit ``F.linear`` + one LoRA launch pair per adapter (a per-adapter loop). ``rows_of[a]``
+    are adapter ``a``'s row indices, built before timing: no boolean indexing, so no host sync while timed."""
     y = torch.nn.functional.linear(x, dense)
-    for a in range(A.shape[0]):
-        rows = ids == a
-        y[rows] += s[a].to(x.dtype) * ((x[rows] @ A[a].t()) @ B[a].t())
+    for a, rows in enumerate(rows_of):
+        xa = x.index_select(0, rows)
+        y.index_add_(0, rows, s[a].to(x.dtype) * ((xa @ A[a].t()) @ B[a].t()))
     return y
 
 
@@ -100,9 +123,12 @@ def bench_lora_linear(args) -> dict:
         shapes, ms, n_adapters_list, reps = [(64, 128)], [1, 20], [2], 1
     else:
         shapes = [(4096, 4096), (14336, 4096), (4096, 14336)]
-        ms, n_adapters_list, reps = [1, 4, 16, 64, 256, 1024], [1, 8], 20
+        ms, n_adapters_list, reps = [1, 2, 4, 8, 16, 64, 256, 1024], [1, 8], 10
+    inner = 1 if args.dry_run else 50  # back-to-back calls per timed sample
     ceiling = copy_bandwidth(device, 8 * 2**20 if args.dry_run else 1 << 30)
     backends = [b for b in ("cuda", "triton", "torch") if device == "cuda" or b != "cuda"]
+    head = {"kind": "xkern-gpu-bench-lora_linear", "dry_run": args.dry_run, "env": _env(device),
+            "copy_gbs": round(ceiling, 1), "inner_calls": inner}
     records = []
     g = torch.Generator().manual_seed(0)
     l2 = _env(device).get("l2_bytes") or 0
@@ -134,18 +160,37 @@ def bench_lora_linear(args) -> dict:
                     with torch.no_grad():
                         y = call()
                         rec[f"{b}_max_err"] = float((y.float() - ref).abs().max() / ref.abs().max())
-                        t = _timer(device, reps)(call)
+                        t = _timer(device, reps, inner)(call)
+                        if device == "cuda":
+                            try:
+                                rec[f"{b}_graph_us"] = round(_graph_timer(call, reps, inner) * 1e6, 2)
+                            except RuntimeError as e:  # a path that syncs or allocates cannot be captured: say so
+                                rec[f"{b}_graph_error"] = str(e)[:200]
                     rec[f"{b}_us"] = round(t * 1e6, 2)
                     rec[f"{b}_weight_gbs"] = round(weight.nbytes / t / 1e9, 1)
                     rec[f"{b}_fraction_of_copy"] = round(weight.nbytes / t / 1e9 / ceiling, 3)
 
+                rows_of = [torch.nonzero(ids == a).flatten() for a in range(na)]
                 with torch.no_grad():
-                    rec["dense_lora_loop_us"] = round(_timer(device, reps)(
-                        lambda: _dense_lora_loop(x, dense, A, B, s, ids)) * 1e6, 2)  # noqa: B023 - called here
+                    rec["dense_lora_loop_us"] = round(_timer(device, reps, inner)(
+                        lambda: _dense_lora_loop(x, dense, A, B, s, rows_of)) * 1e6, 2)  # noqa: B023 - called here
                 records.append(rec)
                 print(json.dumps(rec), flush=True)
-    return {"kind": "xkern-gpu-bench-lora_linear", "dry_run": args.dry_run, "env": _env(device),
-            "copy_gbs": round(ceiling, 1), "records": records}
+                _write(args.out, {**head, "complete": False, "records": records})  # a step cut short keeps these
+    return {**head, "complete": True, "records": records, "decode_crossover": decode_crossover(records)}
+
+
+def decode_crossover(records: list[dict]) -> list[dict]:
+    """Per shape and adapter count: the smallest M at which the Triton path beats the CUDA decode kernel (both
+    forced), from the same run's timings; ``None`` when CUDA wins at every M measured (or either is missing)."""
+    out = []
+    for key in sorted({(r["N"], r["K"], r["adapters"]) for r in records}):
+        rows = sorted((r for r in records if (r["N"], r["K"], r["adapters"]) == key), key=lambda r: r["M"])
+        both = [r for r in rows if "cuda_us" in r and "triton_us" in r]
+        first = next((r["M"] for r in both if r["triton_us"] < r["cuda_us"]), None)
+        out.append({"N": key[0], "K": key[1], "adapters": key[2], "triton_faster_from_M": first,
+                    "measured_M": [r["M"] for r in both]})
+    return out
 
 
 def bench_runtime(args) -> dict:
@@ -169,8 +214,8 @@ def bench_runtime(args) -> dict:
     batch = 8
     ids = torch.randint(5, 500, (batch, 1), device=device)
     adapters = [names[i % 4] for i in range(batch)]
-    reps = 3 if args.dry_run else 50
-    timer = _timer(device, reps)
+    reps, inner = (3, 1) if args.dry_run else (10, 20)
+    timer = _timer(device, reps, inner)
     rows = []
     with torch.no_grad():
         step = (lambda: xm(ids, adapter_names=adapters, use_cache=False).logits)
@@ -189,6 +234,14 @@ def bench_runtime(args) -> dict:
             "rows": rows}
 
 
+def _write(path: Path, doc: dict) -> None:
+    """Atomically: a step killed mid-write leaves the previous whole file, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["lora_linear", "runtime"])
@@ -200,8 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     result = bench_lora_linear(args) if args.what == "lora_linear" else bench_runtime(args)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    _write(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

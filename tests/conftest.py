@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before any kernel module is imported, so it is set 
 collection time, before the tests import xkern's kernels.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -33,6 +34,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def pytest_runtest_logreport(report):
+    """With ``XKERN_TEST_LOG=FILE``, one JSON line per test as it ends (bench/gpu_check.sh: a run killed by its
+    time limit still says which tests passed). Under xdist only the controller writes."""
+    path = os.environ.get("XKERN_TEST_LOG")
+    if not path or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    if report.when != "call" and report.passed:  # setup/teardown that passed say nothing
+        return
+    outcome = report.outcome if report.when == "call" or report.skipped else "error"
+    message = str(report.longrepr)[-500:] if report.longrepr is not None else ""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"test": report.nodeid, "outcome": outcome, "when": report.when,
+                            "seconds": round(report.duration, 3), "message": message}) + "\n")
 
 
 # ---- fixtures shared by several test packages (built from tests/helpers.py) ----------------------

@@ -22,6 +22,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("XKERN_DATA") or REPO_ROOT / ".." / "shared" / "data" / "amazon-xcross").resolve()
 
 
+class OptionalModule:
+    """A module imported when a test first uses it: where it is missing (the GPU image has no bitsandbytes) the tests
+    that compare against it skip, and the rest of their file still collects and runs."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(pytest.importorskip(self._name), attr)
+
+
 def load_script(relative: str):
     """A repository script that is not a package module (``bench/docs_tables.py``, an example), imported."""
     path = REPO_ROOT / relative

@@ -2,15 +2,17 @@
 
 import io
 
-import bitsandbytes.functional as bnbF
 import pytest
 import torch
-from bitsandbytes.nn import Linear4bit, Params4bit
 from safetensors.torch import load, save
 
+from tests.helpers import OptionalModule
 from xkern import NF4Tensor, dequantize_nf4, quantize_nf4
 from xkern.nf4 import NF4_CODE_VALUES, QuantStateError, dynamic_code, nf4_code
 from xkern.ops import dequantize
+
+bnbF = OptionalModule("bitsandbytes.functional")
+bnb_nn = OptionalModule("bitsandbytes.nn")
 
 SHAPES = [(64, 64), (33, 17), (1, 5), (7,), (300, 129), (128, 1000), (3, 4, 50)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -138,9 +140,9 @@ def test_to_device_and_errors():
 
 def _bnb_linear(out_features, in_features, double_quant, seed=0):
     torch.manual_seed(seed)
-    layer = Linear4bit(in_features, out_features, bias=False, compress_statistics=double_quant, quant_type="nf4")
+    layer = bnb_nn.Linear4bit(in_features, out_features, bias=False, compress_statistics=double_quant, quant_type="nf4")
     w = torch.randn(out_features, in_features)
-    layer.weight = Params4bit(w, requires_grad=False, compress_statistics=double_quant, quant_type="nf4")
+    layer.weight = bnb_nn.Params4bit(w, requires_grad=False, compress_statistics=double_quant, quant_type="nf4")
     return layer.to("cpu"), w
 
 
@@ -165,7 +167,7 @@ def test_xkern_state_dict_loads_into_bitsandbytes(double_quant, shape):
     buf = io.BytesIO(save({k: v.contiguous() for k, v in sd.items()}))
     sd = load(buf.getvalue())
     stats = {k.removeprefix("layer.weight."): v for k, v in sd.items() if k != "layer.weight"}
-    param = Params4bit.from_prequantized(sd["layer.weight"], stats, requires_grad=False, device="cpu")
+    param = bnb_nn.Params4bit.from_prequantized(sd["layer.weight"], stats, requires_grad=False, device="cpu")
     got = bnbF.dequantize_4bit(param.data, param.quant_state)
     assert got.dtype == torch.bfloat16 and got.shape == w.shape
     assert torch.equal(got, t.dequantize())

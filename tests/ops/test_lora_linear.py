@@ -1,16 +1,16 @@
 """The fused NF4 + multi-adapter LoRA op: every backend against float64 references, bitsandbytes, autograd."""
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnbF
 import pytest
 import torch
 
-from tests.helpers import dense_lora_reference, random_lora_bank
+from tests.helpers import OptionalModule, dense_lora_reference, random_lora_bank
 from xkern import NF4Tensor, quantize_nf4
 from xkern.ops import RowRouting, lora_linear, select_backend
 from xkern.ops.backends import cpu_native
 from xkern.ops.backends import triton_jit as tri
 
+bnb = OptionalModule("bitsandbytes")
+bnbF = OptionalModule("bitsandbytes.functional")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch", "triton"] + (["cpu"] if DEVICE == "cpu" and cpu_native.extension() is not None else [])
 TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (6e-2, 6e-2)}
@@ -152,7 +152,7 @@ def test_triton_configs_and_shapes(config, m, n, k, ranks, blocksize):
     expected = dense_lora_reference(x, weight.dequantize(torch.float32).cpu(), A, B, s, ids)
     x, A, B, s, ids = _dev(x, A, B, s, ids.int())
     routing = RowRouting.build(ids, A.shape[0])
-    for _ in range(2):  # the split-K counters are reset by the kernel: a second call sees them at zero
+    for _ in range(2):  # split-K counters are per call: a second call starts from zero like the first
         y, xa = tri.lora_linear_forward(x, weight, A, B, s, routing, config=config)
         torch.testing.assert_close(y.cpu().double(), expected, rtol=2e-4, atol=2e-4)
     grad = torch.randn(y.shape, generator=g).to(DEVICE)
@@ -162,6 +162,42 @@ def test_triton_configs_and_shapes(config, m, n, k, ranks, blocksize):
     torch.testing.assert_close(gb, ref_g, rtol=2e-4, atol=2e-4)
     torch.testing.assert_close(xa, (x @ A.transpose(1, 2))[ids.clamp(min=0).long(), torch.arange(m)]
                                * (ids >= 0)[:, None], rtol=2e-4, atol=2e-4)
+
+
+def test_split_k_counters_belong_to_one_launch(monkeypatch):
+    """Counters are allocated zeroed for each launch: nothing a failed or concurrent launch left behind (here:
+    the buffer a previous launch used, poisoned) can reach the next one."""
+    seen = []
+    made = tri._counters
+
+    def recording(n, device):
+        c = made(n, device)
+        assert c.eq(0).all()
+        seen.append(c)
+        return c
+
+    monkeypatch.setattr(tri, "_counters", recording)
+    x, weight, A, B, s, ids = _problem(3, 32, 128, [2, 3], seed=5)
+    x, A, B, s, ids = _dev(x, A, B, s, ids.int())
+    routing = RowRouting.build(ids, A.shape[0])
+    cfg = tri.LaunchConfig(16, 32, 32, split_k=2, num_warps=1, num_stages=1, shrink_m=16, shrink_k=32)
+    first, _ = tri.lora_linear_forward(x, weight, A, B, s, routing, config=cfg)
+    seen[0].fill_(1)  # as if that launch had died half-way
+    again, _ = tri.lora_linear_forward(x, weight, A, B, s, routing, config=cfg)
+    assert len(seen) == 2 and seen[0].data_ptr() != seen[1].data_ptr()
+    torch.testing.assert_close(again, first)
+
+
+def test_more_adapters_than_a_launch_grid_holds_are_refused():
+    from xkern.errors import InputError
+
+    n_adapters = tri.MAX_GRID_Y  # one y per adapter plus one for base rows: one too many
+    weight = quantize_nf4(torch.randn(2, 64)).to(DEVICE)
+    A, B = torch.zeros(n_adapters, 1, 64, device=DEVICE), torch.zeros(n_adapters, 2, 1, device=DEVICE)
+    routing = RowRouting.build(torch.tensor([0, n_adapters - 1], dtype=torch.int32, device=DEVICE), n_adapters)
+    with pytest.raises(InputError, match=f"at most {tri.MAX_GRID_Y - 1} adapters"):
+        tri.lora_linear_forward(torch.randn(2, 64, device=DEVICE), weight, A, B,
+                                torch.ones(n_adapters, device=DEVICE), routing)
 
 
 def test_triton_dequantize_matches_reference_on_odd_sizes():

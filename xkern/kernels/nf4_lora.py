@@ -25,8 +25,8 @@ last element of one row and the first of the next) decodes element by element.
 Activations are upcast to float32 after loading and accumulation is float32 (the Triton CPU
 interpreter computes bf16 arithmetic wrongly); on a GPU with 16-bit inputs the ``tl.dot`` operands
 are 16-bit (tensor cores). ``SPLIT_K > 1`` (decode) splits the reduction over programs that store
-float32 partials; the last program of an output tile to finish (an acq_rel counter, reset by that
-program, so no memset) adds them in split order -- deterministic -- and runs the epilogue.
+float32 partials; the last program of an output tile to finish (an acq_rel counter in a buffer the
+launcher zeroes for this launch alone) adds them in split order -- deterministic -- and runs the epilogue.
 Adapter offsets are 64-bit.
 """
 
@@ -93,7 +93,7 @@ def _w_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr
     """``W[row0:row0+BR, col0:col0+BC]`` of the row-major ``W [*, COLS]`` as float32 (zero from ``row_end``
     and ``col_end`` on)."""
     offs_r = row0 + tl.arange(0, BR)
-    if W64:  # the packed weight has 2**31 bytes or more
+    if W64:  # the packed weight has 2**30 bytes or more: byte index x 2 (element index) passes 2**31
         offs_r = offs_r.to(tl.int64)
     r_mask = offs_r < row_end
     if ODD:
@@ -253,7 +253,6 @@ def nf4_lora_kernel(
                 for s in range(SPLIT_K):
                     acc += tl.load(part_ptr + (s * M + offs_s.to(tl.int64))[:, None] * N_OUT + offs_o[None, :],
                                    mask=out_mask, other=0.0, cache_modifier=".cg")
-                tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next launch
     else:  # the base product is already in out (cuBLAS on the dequantized weight): add the LoRA term
         acc = tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
 

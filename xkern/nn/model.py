@@ -38,7 +38,7 @@ from xkern.fileio import atomic_path, atomic_write_text
 from xkern.nn.compat import cache_field, output_cache
 from xkern.nn.linear import NF4LoRALinear
 from xkern.nn.patch import linear_layers, quantize_linears
-from xkern.nn.routing import SampleRouting, routing_scope
+from xkern.nn.routing import SampleRouting, device_routings, routing_scope
 from xkern.ops.checks import check_precision
 
 _ATTN_DEFAULT = "sdpa"
@@ -237,7 +237,19 @@ class XkernModel(nn.Module):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             logits = self(input_ids, adapter_names=adapter_names, **kwargs).logits
+        # the graph holds raw pointers into the banks and routing tables it read: they live as long as the graph,
+        # whatever the caches evict or adapters change later (a replay computes the forward as captured)
+        graph.xkern_resources = self.graph_resources()
         return graph, logits
+
+    def graph_resources(self) -> tuple:
+        """Every cached device tensor a forward reads without building it (adapter banks, row routings).
+
+        :meth:`capture_cuda_graph` keeps these referenced from the graph, so memory a replay reads is never
+        freed and handed to something else while the graph lives.
+        """
+        banks = tuple((layer._bank, layer._base_bank) for layer in self._layers.values())
+        return banks, device_routings()
 
     # ---- adapters -------------------------------------------------------------------------------
 

@@ -72,6 +72,11 @@ class SampleRouting:
         return cached
 
 
+def device_routings() -> tuple[RowRouting, ...]:
+    """The device row routings cached now (what a CUDA graph captured now may point to)."""
+    return tuple(_DEVICE_ROWS.values())
+
+
 def current_routing() -> SampleRouting | None:
     """The routing of the model call in progress (None outside one, or when every sample is base-only)."""
     return _CURRENT.get()

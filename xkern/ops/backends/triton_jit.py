@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xkern.errors import InputTypeError
+from xkern.errors import InputError, InputTypeError
 from xkern.nf4 import NF4Tensor, nf4_code
 from xkern.ops.registry import register_backend, register_kernel
 from xkern.ops.routing import RowRouting
@@ -159,16 +159,17 @@ def _launch(kernel, grid, args: tuple, device: torch.device, num_stages: int, **
     kernel[grid](*args, num_stages=stages, **meta)
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's y dimension
 
 
 def _counters(n: int, device: torch.device) -> torch.Tensor:
-    """Split-K arrival counters, zero between launches (the last program of a tile resets its own)."""
-    c = _COUNTERS.get(device)
-    if c is None or c.numel() < n:
-        c = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = c
-    return c
+    """Split-K arrival counters of one launch, zeroed in the launch's stream just before it.
+
+    Per call, not a buffer kept per device: two launches on different streams cannot share counters, a
+    launch that died half-way leaves nothing behind for the next one, and under CUDA graph capture the
+    buffer comes from the graph's own memory pool, so it lives exactly as long as the graph.
+    """
+    return torch.zeros(n, dtype=torch.int32, device=device)
 
 
 @register_kernel("dequantize_nf4", "triton")
@@ -209,6 +210,8 @@ def _fused(x: torch.Tensor, weight: NF4Tensor, routing: RowRouting, shrink: torc
     sorted_ids = routing.sorted_ids()
     xa = torch.empty(m, block_r, dtype=torch.float32, device=dev)
     if has_lora:
+        if shrink.shape[0] + 1 > MAX_GRID_Y:  # the shrink grid has one y per adapter (+1 for base rows)
+            raise InputError(f"at most {MAX_GRID_Y - 1} adapters per call on the Triton path, got {shrink.shape[0]}")
         grid = (triton.cdiv(m, cfg.shrink_m), shrink.shape[0] + 1)
         _launch(lora_shrink_kernel, grid,
                 (x, order, routing.starts, shrink, xa, n_red, rank, x.stride(0), x.stride(1), *shrink_strides,
@@ -232,7 +235,7 @@ def _fused(x: torch.Tensor, weight: NF4Tensor, routing: RowRouting, shrink: torc
             BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, TRANS_W=transpose_w,
             GROUP=_group(k_w, weight.blocksize, tile_cols), ODD=k_w % 2 == 1, HAS_BASE=has_base, HAS_LORA=has_lora,
             SPLIT_K=split_k, LOW_PRECISION_DOT=low, EVEN_K=n_red % cfg.block_k == 0, EVEN_N=n_out % cfg.block_n == 0,
-            W64=weight.packed.numel() >= 2**31, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            W64=weight.packed.numel() >= 2**30, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             BLOCK_K=cfg.block_k, BLOCK_R=block_r, num_warps=cfg.num_warps)
     if not has_lora and rank > 0:  # an empty bank: the (unused) secondary output is zero
         xa.zero_()
