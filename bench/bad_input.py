@@ -86,6 +86,13 @@ CASES: list[dict] = [
     dict(id="no-titles", setup="no-meta",
          argv=["train-lora", "--data", "root", "--domain", "Tools", "--model", "tiny", "--max-steps", "1"],
          before="trained and reported HR@10 0.0 for base and LoRA, with no warning that no item had a title"),
+    dict(id="symlinked-checkpoint", setup="symlinked-checkpoint", argv=["train-lora", *TINY_LORA, "--out", "run"],
+         before="\"Cannot call rmtree on a symbolic link\" after training: the results were lost"),
+    dict(id="plot-results-string", setup="results-string", argv=["plot", "bad.json", "--out", "plots"],
+         before="a traceback, exit 1"),
+    dict(id="empty-domain", setup="empty-domain",
+         argv=["train-lora", "--data", "root", "--domain", "Tools", "--model", "tiny", "--max-steps", "1"],
+         before="IndexError traceback (train/tiny.py), exit 1"),
 ]
 
 
@@ -135,6 +142,16 @@ def _setup(case: dict, cwd: Path) -> None:
         _domain_folder(cwd, n_items=10)
     elif kind == "no-meta":
         _domain_folder(cwd, meta=None)
+    elif kind == "symlinked-checkpoint":
+        (cwd / "elsewhere").mkdir()
+        (cwd / "run").mkdir()
+        (cwd / "run" / "checkpoint").symlink_to(cwd / "elsewhere")
+    elif kind == "results-string":
+        (cwd / "bad.json").write_text(json.dumps({"kind": "xkern-eval", "results": "not a list"}))
+    elif kind == "empty-domain":
+        folder = _domain_folder(cwd)
+        for name in ("train.json", "test.json"):
+            (folder / name).write_text("{}")
 
 
 def _files(cwd: Path) -> set[str]:

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> Path:
         with tempfile.TemporaryDirectory(prefix="xkern-train-precision-") as tmp:
             summary = train_lora_on_domains(recipe, [target], target, tmp)
             log = json.loads((Path(tmp) / "train_log.json").read_text())
-        losses = log["train_loss"]
+        losses = [float(e["loss"]) for e in log["train_loss"]]  # one {"step", "loss"} record per step
         runs[name] = {"losses": losses, "tail_mean": statistics.fmean(losses[-args.tail:]), "noise": noise(losses),
                       "val_loss_before": summary["val_loss_before"], "val_loss_after": summary["val_loss_after"],
                       "train_seconds": summary["train_seconds"], "train_tokens_per_s": summary["train_tokens_per_s"],

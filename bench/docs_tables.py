@@ -271,7 +271,8 @@ def train_precision() -> str:
                 f"{d['max_step_difference']:.4f}; bf16 trains {d['speedup_bf16']:.2f}x as many tokens per second.")
     return ("\n".join(lines) + "\n" + note + f"\n\nSource: `bench/results/{path.name}`: {d['steps']} steps of "
             f"batch {d['batch_size']} (lr {d['lr']:g}), {d['domain']} next-item examples, {d['model']}, LoRA r "
-            f"{d['rank']}; CPU {d['cpu']}, {d['threads']} threads.\n")
+            f"{d['rank']}; CPU {d['cpu']}, {d['threads']} threads, load average "
+            + ", ".join(f"{r['load_average']:.2f} ({n})" for n, r in d["runs"].items()) + " at the end of each run.\n")
 
 
 def scoring_cpu() -> str:

@@ -135,3 +135,67 @@ def test_files_are_written_with_the_process_umask(tmp_path):
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "a").iterdir()}
     assert set(modes.values()) == {0o644}, modes
+
+
+# ---- every loader against a planted pickle: the payload never runs ----------------------------------------
+
+class _Payload:
+    """What an attacker plants: unpickling it creates a file (it could run any command)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _plant(path: Path, marker: Path) -> None:
+    torch.save({"weight": _Payload(str(marker))}, path)
+
+
+def _adapter_dir(tmp_path: Path) -> tuple[Path, object]:
+    xm = xkern.load_model(tiny_model("llama"), dtype=torch.float32, progress=False)
+    xm.add_adapter("a", r=4, seed=1, init_lora_weights=False)
+    xm.save_adapter("a", tmp_path / "adapter")
+    return tmp_path / "adapter", xm
+
+
+@pytest.mark.parametrize("where", ["adapter_bin_only", "adapter_safetensors", "model_bin", "gguf", "xcross"])
+def test_a_planted_pickle_never_runs(tmp_path, where):
+    """Each file a loader reads, replaced by a pickle whose unpickling would create ``marker``: the loader
+    refuses it (or never opens it) and the marker is never made. (Training checkpoints:
+    tests/train/test_checkpoint_kill.py::test_a_pickled_checkpoint_is_refused_and_never_unpickled.)"""
+    from xkern.adapters import load_adapter
+
+    marker = tmp_path / "ran"
+    if where.startswith("adapter"):
+        folder, _ = _adapter_dir(tmp_path)
+        if where == "adapter_bin_only":  # PEFT's legacy pickled weights, no safetensors
+            (folder / "adapter_model.safetensors").unlink()
+            _plant(folder / "adapter_model.bin", marker)
+        else:
+            _plant(folder / "adapter_model.safetensors", marker)
+        with pytest.raises((FormatError, FileNotFoundError)):
+            load_adapter(folder)
+    elif where == "model_bin":
+        folder = tmp_path / "model"
+        tiny_model("llama").save_pretrained(folder)
+        (folder / "model.safetensors").unlink()
+        _plant(folder / "pytorch_model.bin", marker)
+        with pytest.raises(Exception):  # noqa: B017 - what matters is that loading stops before unpickling
+            xkern.load_model(folder, progress=False)
+    elif where == "gguf":
+        _plant(tmp_path / "model.gguf", marker)
+        with pytest.raises((FormatError, InputError, ValueError)):
+            xkern.load_model(tmp_path / "model.gguf", progress=False)
+    else:
+        from xkern.xcross import XCrossModel
+
+        _, xm = _adapter_dir(tmp_path)
+        xm.add_adapter("b", r=4, seed=2, init_lora_weights=False)
+        saved = XCrossModel(xm, ["a", "b"]).save(tmp_path / "xc")
+        for f in saved.glob("*.safetensors"):
+            _plant(f, marker)
+        with pytest.raises(Exception):  # noqa: B017 - safetensors refuses the header; nothing is unpickled
+            XCrossModel.load(saved, xm)
+    assert not marker.exists()

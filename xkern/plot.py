@@ -48,13 +48,16 @@ def classify(obj: Any) -> str:
 
 def metric_rows(obj: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows {method, fraction (float or None), <metrics>} from a demo or eval report."""
+    key = "rows" if obj.get("kind") == "xkern-demo" else "results"
+    found = obj.get(key, [])
+    if not isinstance(found, list) or not all(isinstance(r, dict) for r in found):
+        raise InputError(f"{obj.get('kind')} report: {key!r} must be a list of objects, got {type(found).__name__}")
     rows = []
-    if obj.get("kind") == "xkern-demo":
-        for r in obj["rows"]:
+    for r in found:
+        if key == "rows":
             frac = r.get("fraction")
             rows.append({**r, "fraction": frac if isinstance(frac, (int, float)) else None})
-    else:
-        for r in obj.get("results", []):
+        else:
             rows.append({**r, "method": r.get("scorer", r.get("method", "?")), "fraction": None})
     return rows
 
