@@ -11,9 +11,7 @@ A request that waits longer than ``timeout_s`` is answered 504 and dropped if it
 Scoring runs under ``no_grad`` in eval mode: no request changes the model.
 """
 
-from __future__ import annotations
-
-import asyncio
+import asyncio  # no `from __future__ import annotations`: FastAPI reads the endpoints' annotations at run time
 import concurrent.futures
 import json
 import queue
@@ -210,7 +208,7 @@ def create_app(rec: Recommender, config: ServeConfig | None = None) -> Any:
 
     @asynccontextmanager
     async def lifespan(app: Any):
-        state["batcher"] = Batcher(rec, cfg)
+        state["batcher"] = app.state.batcher = Batcher(rec, cfg)
         try:
             yield
         finally:
