@@ -102,6 +102,7 @@ def test_requests_waiting_together_run_as_one_batch_and_a_full_queue_is_503(rec,
         _wait(lambda: app.state.batcher.queue.qsize() == 3)
         full = client.post("/rank", json={"history": [1], "candidates": [2]})
         assert full.status_code == 503 and "queue is full" in full.json()["error"]
+        assert full.headers["retry-after"] == "1"
         gate.open.set()
         for t in threads:
             t.join(30)

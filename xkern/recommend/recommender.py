@@ -169,10 +169,11 @@ class Recommender:
 
     # ---- requests -> jobs (cheap, no model) -------------------------------------------------------------
 
-    def _history(self, r: _Run, history: Any) -> tuple[list[int], int]:
+    def _history(self, r: _Run, history: Any) -> tuple[list[int], list[int], int]:
+        """(every history item, the most recent ones the prompt holds, how many older ones it drops)."""
         items = r.resolve(history, "history")
         dropped = max(0, len(items) - r.max_history)
-        return items[dropped:], dropped
+        return items, items[dropped:], dropped
 
     def _finish(self, job: Job) -> Job:
         """Token rows of a likelihood job (made once, where the request is read) and its token count."""
@@ -191,7 +192,7 @@ class Recommender:
     def rank_job(self, history: Any, candidates: Any, run: str | None = None) -> Job:
         """A checked ``rank`` request: unknown items, duplicates or no candidates are refused here."""
         r = self._run(run)
-        hist, dropped = self._history(r, history)
+        _, hist, dropped = self._history(r, history)
         cands = r.resolve(candidates, "candidates")
         if not cands:
             raise InputError("candidates: give at least one item")
@@ -205,8 +206,7 @@ class Recommender:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InputError(f"k must be an integer >= 1, got {k!r}")
         r = self._run(run)
-        full = r.resolve(history, "history")
-        hist, dropped = full[max(0, len(full) - r.max_history):], max(0, len(full) - r.max_history)
+        full, hist, dropped = self._history(r, history)
         name = retriever or self.retriever
         pool = np.setdiff1d(np.arange(r.domain.n_items), np.asarray(full, dtype=np.int64))
         if len(pool) == 0:

@@ -219,7 +219,7 @@ def create_app(rec: Recommender, config: ServeConfig | None = None) -> Any:
     def answer(status: int, payload: dict[str, Any], t0: float) -> JSONResponse:
         metrics.statuses[status] += 1
         metrics.latency_ms.append((time.perf_counter() - t0) * 1000)
-        return JSONResponse(payload, status_code=status)
+        return JSONResponse(payload, status_code=status, headers={"Retry-After": "1"} if status == 503 else None)
 
     async def handle(request: Request, kind: str) -> JSONResponse:
         t0 = time.perf_counter()
