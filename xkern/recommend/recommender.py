@@ -137,19 +137,21 @@ class _Run:
 class Recommender:
     """Ranks and recommends items for users of one or more trained runs over one loaded base.
 
-    ``retriever`` (``popularity`` or ``item-markov``) and ``top_n`` are ``recommend``'s first stage; every
-    call runs under ``torch.no_grad`` with the model in eval mode and changes no weights.
+    ``retriever`` (``popularity`` or ``item-markov``) and ``top_n`` are ``recommend``'s first stage;
+    ``user_batch`` users share a prefill, their candidates run ``row_batch`` rows and ``token_budget``
+    padded tokens a forward. Every call runs under ``torch.no_grad`` with the model in eval mode and
+    changes no weights.
     """
 
     def __init__(self, model: Any, tokenizer: Any, runs: dict[str, _Run], *, retriever: str = "popularity",
-                 top_n: int = 50, row_batch: int = 64, token_budget: int = 2048) -> None:
+                 top_n: int = 50, user_batch: int = 64, row_batch: int = 64, token_budget: int = 2048) -> None:
         if retriever not in RETRIEVERS:
             raise InputError(f"unknown retriever {retriever!r} ({', '.join(RETRIEVERS)})")
         if top_n < 1:
             raise InputError(f"top_n must be >= 1, got {top_n}")
         self.model, self.tokenizer, self._runs = model, tokenizer, runs
         self.retriever, self.top_n = retriever, top_n
-        self.row_batch, self.token_budget = row_batch, token_budget
+        self.user_batch, self.row_batch, self.token_budget = user_batch, row_batch, token_budget
 
     @property
     def runs(self) -> list[str]:
@@ -233,7 +235,7 @@ class Recommender:
         if lik:
             self.model.eval()
             rows = score_users(self.model, [jobs[i].prompt for i in lik], [jobs[i].rows for i in lik],
-                               [jobs[i].run.adapter for i in lik], user_batch=len(lik), row_batch=self.row_batch,
+                               [jobs[i].run.adapter for i in lik], user_batch=self.user_batch, row_batch=self.row_batch,
                                token_budget=self.token_budget)
             scores.update(zip(lik, rows, strict=True))
         groups: dict[tuple[str, int], list[int]] = {}
@@ -343,7 +345,7 @@ def _load_base(m: dict[str, Any], domains: dict[str, DomainData], device: str | 
 
 def load_recommender(run_dirs: str | Path | Sequence[str | Path], *, device: str | None = None,
                      data: str | None = None, retriever: str = "popularity", top_n: int = 50,
-                     row_batch: int = 64, token_budget: int = 2048) -> Recommender:
+                     user_batch: int = 64, row_batch: int = 64, token_budget: int = 2048) -> Recommender:
     """A :class:`Recommender` over the runs in ``run_dirs`` (one folder or several over one base).
 
     Every manifest, file, base and catalogue is checked before the model loads: a folder that is not a
@@ -376,8 +378,8 @@ def load_recommender(run_dirs: str | Path | Sequence[str | Path], *, device: str
     runs: dict[str, _Run] = {}
     for name, m, doms in zip(_run_names(dirs), manifests, domains, strict=True):
         runs[name] = _attach(model, tok, name, m, doms[m["domain"]])
-    return Recommender(model, tok, runs, retriever=retriever, top_n=top_n, row_batch=row_batch,
-                       token_budget=token_budget)
+    return Recommender(model, tok, runs, retriever=retriever, top_n=top_n, user_batch=user_batch,
+                       row_batch=row_batch, token_budget=token_budget)
 
 
 def _attach(model: Any, tok: Any, name: str, m: dict[str, Any], domain: DomainData) -> _Run:
