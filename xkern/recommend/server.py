@@ -4,9 +4,10 @@ Endpoints: ``POST /rank`` ({"history", "candidates", "run"?, "k"?}), ``POST /rec
 "k"?, "run"?, "retriever"?}), ``GET /health``, ``GET /metrics``. A request is read (size-capped), parsed
 and resolved to item indices on the event loop, where a mistake is answered at once (400 malformed,
 413 too large, 422 unknown items or bad fields); the checked job goes to a bounded queue (full: 503).
-One worker thread owns the model: it takes the first waiting job, collects more for
-``batch_wait_ms`` or until the batch reaches ``max_batch_tokens`` (prompt and candidate tokens) or
-``max_batch_size`` jobs, and scores them in one mixed-adapter call (:meth:`Recommender.run_jobs`).
+One worker thread owns the model: it takes the first waiting job, collects more until
+``batch_wait_ms`` after that job arrived (then only the jobs already queued) or until the batch
+reaches ``max_batch_tokens`` (prompt and candidate tokens) or ``max_batch_size`` jobs, and scores them
+in one mixed-adapter call (:meth:`Recommender.run_jobs`).
 A request that waits longer than ``timeout_s`` is answered 504 and dropped if it has not started.
 Scoring runs under ``no_grad`` in eval mode: no request changes the model.
 """
@@ -87,13 +88,11 @@ class Batcher:
 
     def _collect(self, first: _Pending) -> tuple[list[_Pending], _Pending | None]:
         batch, tokens = [first], first.job.tokens
-        deadline = time.monotonic() + self.cfg.batch_wait_ms / 1000
+        deadline = first.queued + self.cfg.batch_wait_ms / 1000  # a first that waited already waits no more
         while len(batch) < self.cfg.max_batch_size:
             left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                nxt = self.queue.get(timeout=left)
+            try:  # past the deadline: only what is queued already
+                nxt = self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait()
             except queue.Empty:
                 break
             if tokens + nxt.job.tokens > self.cfg.max_batch_tokens:
