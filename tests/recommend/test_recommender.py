@@ -50,6 +50,14 @@ def test_rank_scores_equal_the_evaluation_scorer(rec, reference, tools):
     assert ranking.items[0].title == tools.titles[cands[int(np.argmax(ref))]]
 
 
+def test_calibrated_scores_equal_the_evaluations_pmi_mode(lora_run, reference, tools):
+    rec = xkern.load_recommender(lora_run, calibrate=True)
+    hist, cands = tools.examples("test")[1][4], list(range(3, 15))
+    pmi = PrefixLikelihoodScorer(reference.model, reference.enc, tools.titles, "lora", calibrate=True)
+    got = {s.item: s.score for s in rec.rank(hist, cands).items}
+    assert [got[tools.item_ids[c]] for c in cands] == pmi([hist], np.array([cands]))[0].tolist()
+
+
 def test_rank_batch_reproduces_the_runs_own_evaluation(rec, lora_run, tools):
     """The metrics train-lora wrote (its scorer, its candidates) come back from rank_batch's scores."""
     summary = json.loads((Path(lora_run) / "summary.json").read_text())["test_lora"]

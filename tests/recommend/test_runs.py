@@ -16,7 +16,7 @@ from xkern.data.cli import load_domains
 from xkern.data.encoding import PromptEncoder
 from xkern.data.metrics import pessimistic_ranks
 from xkern.data.negatives import build_candidates
-from xkern.errors import NotFoundError
+from xkern.errors import InputError, NotFoundError
 from xkern.serve import PrefixLikelihoodScorer
 
 WEAVE = ["weave", "--data", "synthetic", "--target", "Tools", "--sources", "Toys", "--modes", "likelihood",
@@ -107,6 +107,9 @@ def test_an_xcross_run_ranks_with_its_own_scorer(xcross_run):
     assert [{s.item: s.score for s in got.items}[tools.item_ids[c]] for c in cands] == ref.tolist()
     mixed = rec.rank_batch([hist, [2]], [cands, [4, 6, 8, 10]])  # two users, one X-Cross call
     assert [s.score for s in mixed[0].items] == pytest.approx([s.score for s in got.items], abs=1e-5)
+    del rec, xm, xc
+    with pytest.raises(InputError, match="calibrate needs likelihood scoring"):  # a head has no title prior
+        xkern.load_recommender(xcross_run / "run", calibrate=True)
 
 
 def test_an_xcross_runs_stream_adapter_moved_away_is_named(xcross_run, tmp_path):

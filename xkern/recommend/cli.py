@@ -38,6 +38,9 @@ def recommender_options() -> argparse.ArgumentParser:
                    help="first stage of a recommendation over the whole catalogue (default popularity)")
     p.add_argument("--top-n", type=positive, default=50,
                    help="items the retriever proposes for the model to re-rank (default 50)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="score a title by its likelihood minus its likelihood after an empty history (the "
+                        "evaluation's pmi mode; likelihood runs and likelihood X-Cross)")
     return p
 
 
@@ -45,7 +48,7 @@ def _load(args: argparse.Namespace, dirs: list[str]) -> Any:
     from xkern.recommend.recommender import load_recommender
 
     return load_recommender(dirs, device=args.device, data=args.data_root, retriever=args.retriever,
-                            top_n=args.top_n)
+                            top_n=args.top_n, calibrate=args.calibrate)
 
 
 # --------------------------------------------------------------------------------------------- recommend

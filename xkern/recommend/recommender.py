@@ -139,12 +139,15 @@ class Recommender:
 
     ``retriever`` (``popularity`` or ``item-markov``) and ``top_n`` are ``recommend``'s first stage;
     ``user_batch`` users share a prefill, their candidates run ``row_batch`` rows and ``token_budget``
-    padded tokens a forward. Every call runs under ``torch.no_grad`` with the model in eval mode and
-    changes no weights.
+    padded tokens a forward. ``calibrate``: each score minus its title's likelihood after an empty
+    history (the evaluation's ``pmi`` mode, see :class:`~xkern.serve.PrefixLikelihoodScorer`); each
+    title's prior is computed once and kept. Every call runs under ``torch.no_grad`` with the model in
+    eval mode and changes no weights.
     """
 
     def __init__(self, model: Any, tokenizer: Any, runs: dict[str, _Run], *, retriever: str = "popularity",
-                 top_n: int = 50, user_batch: int = 64, row_batch: int = 64, token_budget: int = 2048) -> None:
+                 top_n: int = 50, user_batch: int = 64, row_batch: int = 64, token_budget: int = 2048,
+                 calibrate: bool = False) -> None:
         if retriever not in RETRIEVERS:
             raise InputError(f"unknown retriever {retriever!r} ({', '.join(RETRIEVERS)})")
         if top_n < 1:
@@ -152,6 +155,10 @@ class Recommender:
         self.model, self.tokenizer, self._runs = model, tokenizer, runs
         self.retriever, self.top_n = retriever, top_n
         self.user_batch, self.row_batch, self.token_budget = user_batch, row_batch, token_budget
+        self.calibrate = calibrate
+        heads = [n for n, r in runs.items() if calibrate and r.xcross is not None and r.xcross.scoring != "likelihood"]
+        if heads:
+            raise InputError(f"calibrate needs likelihood scoring; X-Cross run(s) {heads} score with a trained head")
 
     @property
     def runs(self) -> list[str]:
@@ -237,14 +244,18 @@ class Recommender:
             rows = score_users(self.model, [jobs[i].prompt for i in lik], [jobs[i].rows for i in lik],
                                [jobs[i].run.adapter for i in lik], user_batch=self.user_batch, row_batch=self.row_batch,
                                token_budget=self.token_budget)
+            if self.calibrate:  # the prior of each title after an empty history, as the evaluation's pmi mode
+                rows = [v - jobs[i].run.scorer.prior(jobs[i].candidates[None])[0]
+                        for i, v in zip(lik, rows, strict=True)]
             scores.update(zip(lik, rows, strict=True))
         groups: dict[tuple[str, int], list[int]] = {}
         for i, j in enumerate(jobs):
             if j.fallback_scores is None and j.run.xcross is not None:
                 groups.setdefault((j.run.name, len(j.candidates)), []).append(i)
         for (name, _), idx in groups.items():
-            out = self._runs[name].xcross.scorer()([jobs[i].history for i in idx],
-                                                     np.stack([jobs[i].candidates for i in idx]))
+            out = self._runs[name].xcross.score([jobs[i].history for i in idx],  # what its scorer() runs
+                                                np.stack([jobs[i].candidates for i in idx]),
+                                                calibrate=self.calibrate).numpy()
             scores.update(zip(idx, np.asarray(out, dtype=np.float64), strict=True))
         return [self._ranking(j, j.fallback_scores if j.fallback_scores is not None else scores[i])
                 for i, j in enumerate(jobs)]
@@ -345,7 +356,8 @@ def _load_base(m: dict[str, Any], domains: dict[str, DomainData], device: str | 
 
 def load_recommender(run_dirs: str | Path | Sequence[str | Path], *, device: str | None = None,
                      data: str | None = None, retriever: str = "popularity", top_n: int = 50,
-                     user_batch: int = 64, row_batch: int = 64, token_budget: int = 2048) -> Recommender:
+                     user_batch: int = 64, row_batch: int = 64, token_budget: int = 2048,
+                     calibrate: bool = False) -> Recommender:
     """A :class:`Recommender` over the runs in ``run_dirs`` (one folder or several over one base).
 
     Every manifest, file, base and catalogue is checked before the model loads: a folder that is not a
@@ -379,7 +391,7 @@ def load_recommender(run_dirs: str | Path | Sequence[str | Path], *, device: str
     for name, m, doms in zip(_run_names(dirs), manifests, domains, strict=True):
         runs[name] = _attach(model, tok, name, m, doms[m["domain"]])
     return Recommender(model, tok, runs, retriever=retriever, top_n=top_n, user_batch=user_batch,
-                       row_batch=row_batch, token_budget=token_budget)
+                       row_batch=row_batch, token_budget=token_budget, calibrate=calibrate)
 
 
 def _attach(model: Any, tok: Any, name: str, m: dict[str, Any], domain: DomainData) -> _Run:
