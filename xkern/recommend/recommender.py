@@ -64,7 +64,7 @@ class Ranking:
 class Job:
     """One user's request, checked and resolved to item indices; what :meth:`Recommender.run_jobs` scores."""
 
-    run: Any  # _Run
+    run: _Run
     history: list[int]  # after truncation
     dropped: int
     candidates: np.ndarray  # item indices to score
@@ -390,6 +390,7 @@ def load_recommender(run_dirs: str | Path | Sequence[str | Path], *, device: str
     runs: dict[str, _Run] = {}
     for name, m, doms in zip(_run_names(dirs), manifests, domains, strict=True):
         runs[name] = _attach(model, tok, name, m, doms[m["domain"]])
+        runs[name].retriever(retriever)  # fit now, not on the first request
     return Recommender(model, tok, runs, retriever=retriever, top_n=top_n, user_batch=user_batch,
                        row_batch=row_batch, token_budget=token_budget, calibrate=calibrate)
 
