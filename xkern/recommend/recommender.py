@@ -33,6 +33,12 @@ RETRIEVERS = ("popularity", "item-markov")
 Item = int | str
 
 
+def check_retriever(name: str) -> None:
+    """Refuse a retriever that is not one of :data:`RETRIEVERS`."""
+    if name not in RETRIEVERS:
+        raise InputError(f"unknown retriever {name!r} ({', '.join(RETRIEVERS)})")
+
+
 @dataclass(frozen=True)
 class ScoredItem:
     """One ranked item: the domain's item id (its index where the domain has no ids), title and score."""
@@ -94,8 +100,7 @@ class _Run:
         return self.domain.item_ids[i] if self.domain.item_ids else i
 
     def retriever(self, name: str) -> Any:
-        if name not in RETRIEVERS:
-            raise InputError(f"unknown retriever {name!r} ({', '.join(RETRIEVERS)})")
+        check_retriever(name)
         if name not in self._retrievers:
             from xkern.data.baselines import make_scorer
 
@@ -148,8 +153,7 @@ class Recommender:
     def __init__(self, model: Any, tokenizer: Any, runs: dict[str, _Run], *, retriever: str = "popularity",
                  top_n: int = 50, user_batch: int = 64, row_batch: int = 64, token_budget: int = 2048,
                  calibrate: bool = False) -> None:
-        if retriever not in RETRIEVERS:
-            raise InputError(f"unknown retriever {retriever!r} ({', '.join(RETRIEVERS)})")
+        check_retriever(retriever)
         if top_n < 1:
             raise InputError(f"top_n must be >= 1, got {top_n}")
         self.model, self.tokenizer, self._runs = model, tokenizer, runs
@@ -370,6 +374,7 @@ def load_recommender(run_dirs: str | Path | Sequence[str | Path], *, device: str
     dirs = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(d) for d in run_dirs]
     if not dirs:
         raise InputError("no run folder given")
+    check_retriever(retriever)
     manifests = [read_run(d) for d in dirs]
     keys = {_base_key(m["base"]) for m in manifests}
     if len(keys) > 1:

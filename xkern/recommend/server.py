@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from xkern.errors import InputError, InputKeyError, InputTypeError
-from xkern.recommend.recommender import RETRIEVERS, Job, Recommender
+from xkern.recommend.recommender import Job, Recommender, check_retriever
 
 
 @dataclass
@@ -188,8 +188,8 @@ def parse_request(rec: Recommender, body: dict[str, Any], kind: str, max_items: 
         job.k = k
         return job
     retriever = body.get("retriever")
-    if retriever is not None and retriever not in RETRIEVERS:
-        raise InputError(f"unknown retriever {retriever!r} ({', '.join(RETRIEVERS)})")
+    if retriever is not None:
+        check_retriever(retriever)
     return rec.recommend_job(body["history"], k, run, retriever)
 
 
