@@ -145,6 +145,8 @@ def test_users_of_two_runs_share_one_forward(two_domain_runs):
 def test_runs_over_different_bases_are_refused(lora_run, two_domain_runs):
     with pytest.raises(InputError, match="different bases"):
         xkern.load_recommender([lora_run, two_domain_runs[0]])
+    with pytest.raises(InputError, match="unknown retriever 'sasrec'"):
+        xkern.load_recommender(lora_run, retriever="sasrec")
 
 
 # ---- the folder is checked before anything loads -------------------------------------------------------

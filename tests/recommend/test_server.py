@@ -145,6 +145,16 @@ def test_a_request_past_its_timeout_is_504_and_never_scored(rec, monkeypatch):
         assert client.get("/health").status_code == 200
 
 
+def test_one_server_answers_users_of_two_runs(two_domain_runs):
+    rec2 = xkern.load_recommender(two_domain_runs)
+    with TestClient(create_app(rec2)) as client:
+        assert client.get("/health").json()["runs"] == ["Tools", "Toys"]
+        toys = client.post("/recommend", json={"history": ["SYN-Toys-00001"], "k": 2, "run": "Toys"}).json()
+        assert [x["item"][:8] for x in toys["items"]] == ["SYN-Toys"] * 2 and toys["run"] == "Toys"
+        unnamed = client.post("/recommend", json={"history": [1]})
+        assert unnamed.status_code == 422 and "name one with run=" in unnamed.json()["error"]
+
+
 def test_a_loopback_server_answers_within_bounded_time(rec):
     import httpx
     import uvicorn
