@@ -810,6 +810,27 @@ def gpu_compile_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------------------------- serving
+
+def serve_cpu() -> str:
+    """bench/bench_serve.py: closed-loop clients on loopback, batched against one request at a time."""
+    path = _latest("serve-cpu.json")
+    d = json.loads(path.read_text())
+    m = d["machine"]
+    lines = ["| mode | requests/s | p50 ms | p99 ms | batches | mean batch | max batch |", "|" + "---|" * 7]
+    for name, r in d["modes"].items():
+        lines.append(f"| {name} | {r['requests_per_s']:.1f} | {r['latency_ms_p50']:.0f} | {r['latency_ms_p99']:.0f} | "
+                     f"{r['batches']} | {r['batch_size_mean']} | {r['batch_size_max']} |")
+    what = f"k {d['k']}, the {d['retriever']} retriever's top {d['top_n']} re-ranked" if d["candidates"] is None \
+        else f"{d['candidates']} candidates"
+    lines += ["", f"{d['clients']} closed-loop clients on loopback, `POST {d['endpoint']}` ({what}), "
+              f"{d['requests_per_mode']} requests per mode; {d['run']}; {m['cpu']}, {m['cores']} cores, "
+              f"{m['torch_threads']} torch threads, load average {m['load_average_before'][0]} before and "
+              f"{m['load_average_after'][0]} after; measured {d['date']} (`bench/results/{path.name}`). Batched "
+              f"answers {d['speedup_requests_per_s']}x the requests per second of one at a time."]
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------------------------- registry
 
 BLOCKS: dict[str, Callable[[], str]] = {
@@ -843,6 +864,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "gpu-roofline": gpu_roofline,
     "gpu-compile-table": gpu_compile_table,
     "gpu-compile-triton36": gpu_compile_triton36,
+    "serve-cpu": serve_cpu,
 }
 
 

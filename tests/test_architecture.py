@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("train", ("xkern.train",)),
     ("serve", ("xkern.serve",)),
     ("models and recipes", ("xkern.xcross", "xkern.weave", "xkern.recipes")),
+    ("recommend", ("xkern.recommend",)),
     ("demo", ("xkern.demo",)),
     ("command", ("xkern.cli",)),
     ("package face", ("xkern",)),

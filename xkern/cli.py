@@ -1,4 +1,4 @@
-"""The `xkern` command: demo (quickstart), data, eval, plot, train-lora, train-xcross, weave, env.
+"""The `xkern` command: demo (quickstart), data, eval, plot, train-lora, train-xcross, weave, recommend, serve, env.
 
 Each subcommand registers itself from its own module with the shared flags of :mod:`xkern.commands`;
 this file assembles them, runs the chosen one, and turns a user's mistake into one line and exit 2.
@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     from xkern.data.cli import register as register_data
     from xkern.demo.cli import register as register_demo
     from xkern.recipes import register as register_train_lora
+    from xkern.recommend.cli import register as register_recommend
     from xkern.weave.cli import register as register_weave
     from xkern.xcross.cli import register as register_xcross
 
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for register in (register_demo, register_data, register_train_lora, _register_plot, register_xcross,
-                     register_weave, _register_env):
+                     register_weave, register_recommend, _register_env):
         register(sub)
     return parser
 

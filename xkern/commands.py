@@ -21,6 +21,11 @@ def names(text: str) -> tuple[str, ...]:
 
 def rank(text: str) -> int:
     """A LoRA rank: an integer >= 1, refused while the command line is read (before any folder is made)."""
+    return positive(text)
+
+
+def positive(text: str) -> int:
+    """An integer >= 1 (a count, a size), refused while the command line is read."""
     try:
         value = int(text)
     except ValueError:

@@ -201,6 +201,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         summary = train_lora_on_domains(recipe, train_domains, target, args.out)
     if summary["world_size"] > 1 and int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun rank 0 alone reports
+    write_lora_run(args, recipe, [*train_domains, target], target, summary["dtype"])
     print(f"trained on {','.join(summary['train_domains'])}: {summary['train_examples']} examples, "
           f"{summary['steps']} steps, {summary['trainable_parameters']:,} trainable parameters, {summary['dtype']}, "
           f"{summary['train_tokens_per_s']} training tokens/s")
@@ -213,6 +214,23 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
                   f"({m['n_users']} users)")
     print(f"adapter (PEFT format): {summary['adapter_dir']}\nsummary: {Path(args.out) / 'summary.json'}")
     return 0
+
+
+def write_lora_run(args: argparse.Namespace, recipe: LoraRecipe, domains: list[DomainData], target: DomainData,
+                   dtype: str) -> None:
+    """``run.json`` beside the adapter: what ``xkern.load_recommender`` needs to serve this run (the tiny base is
+    rebuilt from the same domains, in the same order, and seed)."""
+    from xkern.serve.runs import ADAPTER_FILES, base_entry, catalogue_digest, data_entry, files_entry, write_run
+
+    out = Path(args.out)
+    write_run(out, {
+        "command": "train-lora", "domain": target.name,
+        "base": base_entry(recipe.model, dtype, seed=recipe.seed, domains=list(dict.fromkeys(d.name for d in domains))),
+        "data": data_entry(args.data, args.seed, args.val_frac, args.mode),
+        "catalogue": catalogue_digest(target.titles, target.item_ids),
+        "adapters": {"lora": files_entry(out / "adapter", ADAPTER_FILES, out)},
+        "scorer": {"kind": "likelihood", "adapter": "lora", "max_history": recipe.max_history},
+    })
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -19,7 +19,7 @@ PNG_MAGIC = b"\x89PNG"
 @pytest.mark.parametrize(
     "argv",
     [[], ["demo"], ["data"], ["data", "stats"], ["data", "convert"], ["data", "synth"], ["eval"], ["plot"],
-     ["train-lora"], ["train-xcross"], ["weave"]],
+     ["train-lora"], ["train-xcross"], ["weave"], ["recommend"], ["serve"]],
 )
 def test_help_everywhere(argv, capsys):
     with pytest.raises(SystemExit) as e:

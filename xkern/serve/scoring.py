@@ -158,6 +158,21 @@ def score_continuations(model: Any, pre: Prefill, continuations: Sequence[Sequen
     return out
 
 
+def score_users(model: Any, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[Sequence[int]]],
+                adapters: str | Sequence[str] | None = None, user_batch: int = 8, row_batch: int = 64,
+                token_budget: int = 2048) -> list[np.ndarray]:
+    """Each user's candidate rows scored after its prompt: ``user_batch`` prompts per :func:`prefill`, their
+    candidates by :func:`score_continuations` on the shared cache; ``adapters`` one name per user (users of
+    different adapters share the forwards), a user's candidate count its own. One float64 array per user."""
+    names = _names(adapters, len(prompts))
+    out: list[np.ndarray] = []
+    for s in range(0, len(prompts), max(1, user_batch)):
+        e = min(s + max(1, user_batch), len(prompts))
+        pre = prefill(model, prompts[s:e], names[s:e])
+        out += score_continuations(model, pre, continuations[s:e], names[s:e], row_batch, token_budget)
+    return out
+
+
 class PrefixLikelihoodScorer:
     """A ``Scorer``: each candidate's title scored by its summed log-probability after the user's prompt.
 
@@ -198,14 +213,15 @@ class PrefixLikelihoodScorer:
         self.model.eval()
         prompts = self.prompts(histories, candidates)
         scores = np.empty(candidates.shape, dtype=np.float64)
-        for s in range(0, len(prompts), self.user_batch):
-            e = min(s + self.user_batch, len(prompts))
-            pre = prefill(self.model, prompts[s:e], self.adapter)
-            conts = [[self.enc.title(self.titles[i] or "") for i in row] for row in candidates[s:e].tolist()]
-            for k, v in enumerate(score_continuations(self.model, pre, conts, self.adapter, self.row_batch,
-                                                      self.token_budget)):
-                scores[s + k] = v
+        rows = score_users(self.model, prompts, self.continuations(candidates), self.adapter, self.user_batch,
+                           self.row_batch, self.token_budget)
+        for k, v in enumerate(rows):
+            scores[k] = v
         return scores - self.prior(candidates) if self.calibrate else scores
+
+    def continuations(self, candidates: Sequence[Sequence[int]] | np.ndarray) -> list[list[list[int]]]:
+        """Each user's candidate titles as the token rows scored after its prompt."""
+        return [[self.enc.title(self.titles[int(i)] or "") for i in row] for row in candidates]
 
     @torch.no_grad()
     def prior(self, candidates: np.ndarray) -> np.ndarray:

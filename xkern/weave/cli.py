@@ -89,6 +89,38 @@ def config_from_args(args: argparse.Namespace) -> Any:
                        progress=not args.no_progress)
 
 
+SERVED_ROWS = ("weave-merge-val", "weave-merge", "target-only", "joint", "plain-merge")  # the first trained is served
+
+
+def write_weave_run(cfg: Any, result: dict[str, Any], folder: Path) -> None:
+    """``run.json`` beside the results: the row a recommender serves (the WeaveRec merge when it was made) as its
+    saved LoRAs and merge weights. Without ``--save-adapters`` nothing is on disk to serve, and it says so."""
+    from xkern.serve.runs import ADAPTER_FILES, base_entry, catalogue_digest, data_entry, files_entry, write_run
+    from xkern.weave.experiment import load_domains, row_adapters
+
+    target = load_domains(cfg)[cfg.target]
+    parts = row_adapters(cfg.rows, cfg.sources)
+    row = next((r for r in SERVED_ROWS if r in parts), None)
+    where = {name: info.get("path") or info.get("loaded_from") for name, info in result["adapters"].items()}
+    manifest: dict[str, Any] = {
+        "command": "weave", "domain": cfg.target,
+        "base": base_entry(cfg.model, "float32", seed=cfg.seed, domains=[*cfg.sources, cfg.target],
+                           layers=cfg.layers, tiny_pretrain_steps=cfg.tiny_pretrain_steps, max_history=cfg.max_history),
+        "data": data_entry(cfg.data, cfg.seed, synthetic_users=cfg.synthetic_users),
+        "catalogue": catalogue_digest(target.titles, target.item_ids), "adapters": {}}
+    loras = parts.get(row, []) if row else []
+    if row is None or not all(where.get(n) for n in loras):
+        manifest["scorer"] = {"kind": "unsaved", "why": "the weave run saved no adapters to serve (run it with "
+                                                        "--save-adapters DIR, or --load-adapters DIR)"}
+    else:
+        weights = (result.get("selection") or {}).get("best") if row == "weave-merge-val" else None
+        manifest["adapters"] = {n: files_entry(where[n], ADAPTER_FILES, folder) for n in loras}
+        manifest["scorer"] = {"kind": "likelihood", "row": row, "max_history": cfg.max_history,
+                              **({"adapter": loras[0]} if len(loras) == 1 else
+                                 {"merge": {"of": loras, "weights": weights}})}
+    write_run(folder, manifest)
+
+
 def cmd_weave(args: argparse.Namespace) -> int:
     from xkern.data.evaluate import write_report
     from xkern.weave.experiment import results_table, run_weave
@@ -98,6 +130,7 @@ def cmd_weave(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank holds the result; rank 0 writes it
         return 0
     path = write_report(Path(args.out), result)  # before printing: a closed pipe must not cost the results
+    write_weave_run(cfg, result, path.parent)
     print(f"target={result['target']}  sources={','.join(result['sources'])}  users={result['n_eval_users']}  "
           f"model: {result['model']}")
     print(results_table(result))

@@ -75,6 +75,24 @@ def _tokenizer(model_path: str, tokenizer: str | None):
     return load_tokenizer(tokenizer or model_path)
 
 
+def write_xcross_run(args: argparse.Namespace, out: Path, data, dtype: str) -> None:
+    """``run.json`` beside ``xcross/``: the base, the stream adapters (where they are, with their digests) and the
+    domain, for ``xkern.load_recommender``."""
+    from xkern.serve.runs import ADAPTER_FILES, base_entry, catalogue_digest, data_entry, files_entry, write_run
+    from xkern.xcross.model import CONFIG_NAME, WEIGHTS_NAME
+
+    tokenizer = str(Path(args.tokenizer).resolve()) if args.tokenizer else None
+    write_run(out, {
+        "command": "train-xcross", "domain": data.name,
+        "base": base_entry(args.model, dtype, tokenizer=tokenizer),
+        "data": data_entry(args.data, args.seed, args.val_frac, args.mode),
+        "catalogue": catalogue_digest(data.titles, data.item_ids),
+        "adapters": {name: files_entry(path, ADAPTER_FILES, out) for name, path in args.adapter},
+        "scorer": {"kind": "xcross", "files": files_entry(out / "xcross", (CONFIG_NAME, WEIGHTS_NAME), out),
+                   "max_history": args.max_history},
+    })
+
+
 def cmd_train_xcross(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -124,6 +142,7 @@ def cmd_train_xcross(args: argparse.Namespace) -> int:
               f"best val loss {res.best_val_loss} at step {res.best_step}"
               f"{' (early stop)' if res.stopped_early else ''}, {counts['total']:,} trainable parameters, "
               f"{str(dtype).removeprefix('torch.')}, {rate} ({len(names)} streams each)")
+        write_xcross_run(args, out, data, str(dtype).removeprefix("torch."))
         print(f"wrote {out / 'xcross'}")
     if args.eval_users:  # every rank scores its share of the test users
         max_users = None if args.eval_users < 0 else args.eval_users
