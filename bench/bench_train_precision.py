@@ -20,7 +20,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -29,14 +28,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.machine())
-    except OSError:
-        return platform.machine()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_scoring import cpu_model  # noqa: E402  (one reading of the CPU model for the bench scripts)
 
 
 def noise(losses: list[float], window: int = 9) -> float:

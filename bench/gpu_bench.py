@@ -115,6 +115,7 @@ def _dense_lora_loop(x, dense, A, B, s, rows_of):
 
 def bench_lora_linear(args) -> dict:
     from xkern import quantize_nf4
+    from xkern.fileio import atomic_write_text  # a whole file or none: a step killed mid-write keeps the last
     from xkern.ops import RowRouting, lora_linear, registry
 
     device = "cpu" if args.dry_run else "cuda"
@@ -176,7 +177,8 @@ def bench_lora_linear(args) -> dict:
                         lambda: _dense_lora_loop(x, dense, A, B, s, rows_of)) * 1e6, 2)  # noqa: B023 - called here
                 records.append(rec)
                 print(json.dumps(rec), flush=True)
-                _write(args.out, {**head, "complete": False, "records": records})  # a step cut short keeps these
+                partial = {**head, "complete": False, "records": records}  # a step cut short keeps these
+                atomic_write_text(args.out, json.dumps(partial, indent=1) + "\n")
     return {**head, "complete": True, "records": records, "decode_crossover": decode_crossover(records)}
 
 
@@ -234,14 +236,6 @@ def bench_runtime(args) -> dict:
             "rows": rows}
 
 
-def _write(path: Path, doc: dict) -> None:
-    """Atomically: a step killed mid-write leaves the previous whole file, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["lora_linear", "runtime"])
@@ -250,10 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    from xkern.fileio import atomic_write_text  # after TRITON_INTERPRET is set: xkern imports its kernels
+
     t0 = time.perf_counter()
     result = bench_lora_linear(args) if args.what == "lora_linear" else bench_runtime(args)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
-    _write(args.out, result)
+    atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 

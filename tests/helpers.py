@@ -33,6 +33,17 @@ class OptionalModule:
         return getattr(pytest.importorskip(self._name), attr)
 
 
+class PicklePayload:
+    """What an attacker plants in a file a loader might unpickle: unpickling it creates ``path`` (it could run
+    any command). Tests assert the file never appears."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 def load_script(relative: str):
     """A repository script that is not a package module (``bench/docs_tables.py``, an example), imported."""
     path = REPO_ROOT / relative

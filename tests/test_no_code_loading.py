@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import xkern
-from tests.helpers import tiny_model
+from tests.helpers import PicklePayload, tiny_model
 from xkern.adapters import AdapterError
 from xkern.errors import FormatError, InputError, InputTypeError
 
@@ -139,18 +139,10 @@ def test_files_are_written_with_the_process_umask(tmp_path):
 
 # ---- every loader against a planted pickle: the payload never runs ----------------------------------------
 
-class _Payload:
-    """What an attacker plants: unpickling it creates a file (it could run any command)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def _plant(path: Path, marker: Path) -> None:
-    torch.save({"weight": _Payload(str(marker))}, path)
+    torch.save({"weight": PicklePayload(str(marker))}, path)
 
 
 def _adapter_dir(tmp_path: Path) -> tuple[Path, object]:

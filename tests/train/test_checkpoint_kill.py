@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import xkern
-from tests.helpers import memorizable_examples, tiny_model
+from tests.helpers import PicklePayload, memorizable_examples, tiny_model
 from xkern.errors import FormatError
 from xkern.train import train_lora
 from xkern.train.trainer import resumable_checkpoint
@@ -159,7 +159,7 @@ def test_a_pickled_checkpoint_is_refused_and_never_unpickled(tmp_path):
     for name in ("optimizer.safetensors", "optimizer.json"):
         (ckpt / name).unlink()
     marker = tmp_path / "ran"
-    torch.save({"payload": _Payload(str(marker))}, ckpt / "optimizer.pt")
+    torch.save({"payload": PicklePayload(str(marker))}, ckpt / "optimizer.pt")
     with pytest.raises(FormatError, match="older xkern .* pickled in optimizer.pt"):
         train_lora(_model(), "a", memorizable_examples(8), output_dir=tmp_path, **CFG)
     assert not marker.exists()
@@ -186,11 +186,3 @@ def test_checkpoint_structure_round_trips_without_pickle():
         join_tensors({"code": "import os"}, {})
 
 
-class _Payload:
-    """What an attacker plants: unpickling it creates a file (it would run any command)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
