@@ -71,3 +71,65 @@ def test_weave_amazon_script_runs_end_to_end_and_writes_the_quality_format(tmp_p
                        "random", "popularity", "item-markov", "sasrec"]
     assert all(r["n_users"] == 5 and len(r["ranks"]) == 5 for r in q["rows"])
     assert {(p["a"], p["b"]) for p in q["paired"]} >= {("weave-merge/pmi", "target-only/pmi")}
+
+
+def _tiny_base(root: Path) -> Path:
+    """A tiny Llama and a word tokenizer over the synthetic domains' titles, saved as a model directory."""
+    from tests.helpers import tiny_model
+    from xkern.data.cli import load_domains
+    from xkern.data.prompts import pointwise_prompt
+    from xkern.data.tokenizer import word_tokenizer
+
+    domains = load_domains("synthetic", ["Tools", "Toys"])
+    titles = [t for d in domains.values() for t in d.titles]
+    tok = word_tokenizer(titles + [pointwise_prompt(titles[:3], titles[3], d) for d in domains]
+                         + [str(i) for i in range(20)])
+    base = tiny_model("llama", seed=3, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    base.save_pretrained(root)
+    tok.save_pretrained(root)
+    return root
+
+
+def test_quality_full_trains_skips_what_is_done_and_writes_quality_rows(tmp_path, capsys):
+    """examples/quality_full.py on the synthetic domains and a tiny base: every run trained by its xkern command,
+    every row ranked (raw and PMI) with the baselines on the same users and its validation change; run
+    again, it trains and scores nothing and writes the same rows."""
+    qf = _load("quality_full")
+    base = _tiny_base(tmp_path / "base")
+    out, runs = tmp_path / "quality.json", tmp_path / "runs"
+    argv = ["--data", "synthetic", "--target", "Tools", "--sources", "Toys", "--fractions", "0.5,1.0",
+            "--model", str(base), "--runs", str(runs), "--eval-users", "6", "--n-boot", "50", "--threads", "1",
+            "--out", str(out), "--no-publish",
+            "--lora-args", "--max-steps 2 --batch-size 4 --max-val-users 6 --eval-every 1 --save-every 1",
+            "--xcross-args", "--max-steps 2 --batch-size 2 --max-val-users 6 --val-neg 3 --eval-every 1 "
+                             "--save-every 1 --no-grad-checkpointing"]
+    assert qf.main(argv) == 0
+    q = json.loads(out.read_text())
+    methods = [r["method"] for r in q["rows"]]
+    models = ["lora-0.5", "lora-1.0", "xcross-0.5", "xcross-1.0", "weave-merge", "plain-merge", "joint"]
+    assert methods == [m + s for m in models for s in ("", "+pmi")] + list(qf.BASELINES)
+    assert q["missing_rows"] == []
+    assert all(r["n_users"] == 6 for r in q["rows"])
+    by = {r["method"]: r for r in q["rows"]}
+    assert by["lora-0.5"]["fraction"] == 0.5 and by["xcross-1.0"]["sources"] == ["Toys"]
+    # a merge's trainable parameters are its parts'; X-Cross trains its integrators only, not the sources
+    assert by["weave-merge"]["trainable_params"] == by["lora-1.0"]["trainable_params"] + \
+        json.loads((runs / "hybrid-Toys" / "summary.json").read_text())["trainable_parameters"]
+    assert 0 < by["xcross-1.0"]["trainable_params"] < by["lora-1.0"]["trainable_params"]
+    for m in models:
+        change = by[m]["val_change"]
+        assert change["ci_low"] <= change["diff"] <= change["ci_high"] and change["n"] > 0
+    assert {(p["a"], p["b"], p["metric"]) for p in q["paired"]} >= {
+        ("weave-merge+pmi", "plain-merge+pmi", "HR@10"), ("xcross-0.5+pmi", "lora-1.0+pmi", "MRR"),
+        ("joint", "sasrec", "HR@10")}
+    assert json.loads((runs / "lora-0.5" / "summary.json").read_text())["recipe"]["fraction"] == 0.5
+    logs = {p.name: p.stat().st_mtime_ns for p in runs.glob("*.log")}
+    ranks = {p.name: p.stat().st_mtime_ns for p in (runs / "ranks").glob("*.json")}
+    capsys.readouterr()
+    assert qf.main(argv) == 0
+    said = capsys.readouterr().out
+    assert "[train]" not in said and said.count(" done\n") == 7
+    assert {p.name: p.stat().st_mtime_ns for p in runs.glob("*.log")} == logs
+    assert {p.name: p.stat().st_mtime_ns for p in (runs / "ranks").glob("*.json")} == ranks
+    again = json.loads(out.read_text())
+    assert [r["ranks"] for r in again["rows"]] == [r["ranks"] for r in q["rows"]]

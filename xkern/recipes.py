@@ -40,6 +40,7 @@ class LoraRecipe:
     objective: str = "causal_lm"
     train: TrainConfig = field(default_factory=TrainConfig)
     max_train_users: int | None = None
+    fraction: float = 1.0  # of the target domain's training users (nested, seeded: the same users as train-xcross)
     max_val_users: int | None = 200
     max_per_user: int = 1
     max_history: int = 5
@@ -77,7 +78,7 @@ def load_lm(spec: str, domains: list[DomainData], dtype: torch.dtype, device: st
     return model, tok
 
 
-def _cap_users(data: DomainData, split: str, n: int | None, seed: int) -> DomainData:
+def cap_users(data: DomainData, split: str, n: int | None, seed: int) -> DomainData:
     if n is None:
         return data
     from dataclasses import replace
@@ -128,8 +129,8 @@ def train_lora_on_domains(recipe: LoraRecipe, train_domains: list[DomainData], t
     train = []
     for d in train_domains:
         enc = PromptEncoder(tok, d.name, recipe.max_history)
-        train += make(enc, _cap_users(d, "train", recipe.max_train_users, recipe.seed), "train")
-    val_data = _cap_users(target, "val", recipe.max_val_users, recipe.seed)
+        train += make(enc, cap_users(d, "train", recipe.max_train_users, recipe.seed), "train")
+    val_data = cap_users(target, "val", recipe.max_val_users, recipe.seed)
     val = make(PromptEncoder(tok, target.name, recipe.max_history), val_data, "val")
     if not train or not val:
         raise InputError(f"no training ({len(train)}) or validation ({len(val)}) examples")
@@ -181,11 +182,16 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         model=args.model, r=args.r, lora_alpha=args.alpha if args.alpha is not None else 2.0 * args.r,
         target_modules=args.target_modules or None, objective=args.objective,
         train=config_from_args(TrainConfig, args, seed=args.seed, progress=not args.no_progress),
-        max_train_users=args.max_train_users, max_val_users=args.max_val_users, max_per_user=args.per_user,
-        max_history=args.max_history, eval_users=args.eval_users, dtype=args.dtype, device=args.device)
+        max_train_users=args.max_train_users, fraction=args.fraction, max_val_users=args.max_val_users,
+        max_per_user=args.per_user, max_history=args.max_history, eval_users=args.eval_users, dtype=args.dtype,
+        device=args.device)
+    from dataclasses import replace
+
     from xkern.data.domain import check_usable
+    from xkern.data.splits import subsample_train
 
     target = load_domain(args, args.domain)
+    target = replace(target, train=subsample_train(target.train, args.fraction, args.seed))
     train_names = args.train_domains or (args.domain,)
     train_domains = [target if n == args.domain else load_domain(args, n) for n in train_names]
     ranked = 30 if args.eval_users else (recipe.n_neg + 1 if args.objective == "candidates" else None)
@@ -252,6 +258,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--objective", choices=("causal_lm", "candidates"), default="causal_lm")
     add_config_arguments(p.add_argument_group("training loop"), TrainConfig, skip=("seed",))
     p.add_argument("--max-train-users", type=int, default=None, help="sample this many training users per domain")
+    p.add_argument("--fraction", type=float, default=1.0,
+                   help="train on this fraction of --domain's training users (nested, seeded: the users "
+                        "train-xcross --fraction takes)")
     p.add_argument("--max-val-users", type=int, default=200, help="validation users (default 200)")
     p.add_argument("--per-user", type=int, default=1, help="training positions per user sequence (default 1)")
     p.add_argument("--max-history", type=int, default=5, help="history titles in the prompt (default 5)")

@@ -136,24 +136,26 @@ def example_loss(xc: XCrossModel, batch: Sequence[Example], forward: nn.Module |
 @torch.no_grad()
 def validate(xc: XCrossModel, examples: Sequence[Example], batch_size: int = 64,
              calibrate: bool = False) -> dict[str, float]:
-    """Mean loss, MRR and HR@1 over fixed candidate lists (eval mode, no gradients)."""
+    """Mean loss, MRR and HR@1 over fixed candidate lists (eval mode, no gradients), and each example's
+    loss (``losses``): two validations of the same examples compare pairwise, so a change can be told
+    from the validation set's own noise."""
     if not examples:
         return {}
     was = xc.training
     xc.eval()
     per = max(1, batch_size // len(examples[0][1]))
-    losses, scores = [], []
+    scores = []
     try:
         for s in range(0, len(examples), per):
-            chunk = examples[s:s + per]
-            loss, sc = example_loss(xc, chunk, calibrate=calibrate)
-            losses.append(float(loss) * len(chunk))
-            scores.append(sc.float().cpu())
+            scores.append(example_loss(xc, examples[s:s + per], calibrate=calibrate)[1].float().cpu())
     finally:
         xc.train(was)
-    all_scores = torch.cat(scores).numpy()
-    m = evaluate_ranking(all_scores, np.array([t for _, _, t in examples]), ks=(1,))
-    return {"loss": sum(losses) / len(examples), "mrr": float(m["MRR"]), "hr@1": float(m["HR@1"])}
+    all_scores = torch.cat(scores)
+    targets = torch.tensor([t for _, _, t in examples])
+    losses = F.cross_entropy(all_scores, targets, reduction="none")
+    m = evaluate_ranking(all_scores.numpy(), targets.numpy(), ks=(1,))
+    return {"loss": float(losses.mean()), "mrr": float(m["MRR"]), "hr@1": float(m["HR@1"]),
+            "losses": [round(float(v), 5) for v in losses]}
 
 
 class _XCrossEpochs:
@@ -227,7 +229,7 @@ def train(xc: XCrossModel, data: DomainData, *, config: XCrossTrainConfig | None
     checkpointer = None
     if output_dir is not None:
         run = {**(identity or {}), "xcross": xc.config_dict(), "data": data.meta.get("source", data.name),
-               "target": data.name, "train_users": len(users),
+               "target": data.name, "train_users": len(data.train if users is None else users),
                "streams": {a: adapter_fingerprint(xc.model, a) for a in xc.adapters},
                "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY}}
         checkpointer = ParameterCheckpoint(checkpoint_names(xc, extra), Path(output_dir) / "checkpoint", resume,

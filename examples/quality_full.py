@@ -1,0 +1,572 @@
+"""The full-scale quality table in one command: train what is missing, skip what is done, rank every
+model on all the target's test users, write the quality results format and regenerate the doc blocks.
+
+    python examples/quality_full.py --data ../shared/data/amazon-xcross --target Tools --sources Toys,Sports
+
+What it trains (each an ``xkern`` command run as a subprocess, logged to ``<runs>/<name>.log``; a run
+that is interrupted resumes from its checkpoint when the command is run again, a finished run, one
+with its ``run.json``, is skipped):
+
+* ``src-<S>``: a LoRA on every training user of each source domain (validated on that domain);
+* ``lora-<f>``: the target-only LoRA on a fraction ``f`` of the target's training users (nested,
+  seeded: ``xkern train-lora --fraction``);
+* ``xcross-<f>``: X-Cross over the frozen source LoRAs on the same users (``xkern train-xcross
+  --fraction``; likelihood scoring, RMS-normalised integrator input, the PMI objective, lr 1e-5);
+* ``hybrid-<S>``: WeaveRec's hybrid LoRA per source, the target's training users and as many sampled
+  users of the source; ``joint``: one LoRA on the target's users and as many of each source's.
+
+What it ranks (1 + 29 uniform candidates per test user, seed 0, the harness's candidates): every
+``lora-<f>`` and ``xcross-<f>``, ``weave-merge`` (uniform task-arithmetic merge of ``lora-1.0`` and the
+hybrids), ``plain-merge`` (``lora-1.0`` and the source LoRAs) and ``joint``, each as raw mean title
+log-likelihood and as PMI (minus the title's score after an empty history), and the baselines. Scores
+are saved per chunk of users under ``<runs>/ranks/``, so ranking resumes too. Each model row carries its
+trainable parameters, validation loss at the start and at the end with the paired 95% interval of
+the change over the same validation examples, and the wall time of its training and ranking.
+
+Writes ``bench/results/quality-<target>-full.json`` (``--out``), the learning-curve plots and training
+logs under ``bench/results/{plots,logs}/quality-<target>-full/``, and regenerates the doc blocks
+(``bench/docs_tables.py``). ``--device cuda`` runs every command and the ranking on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+FRACTIONS = (0.25, 0.5, 1.0)
+# One epoch over every user's most recent next-item example, rank 8 on every NF4 layer, linear decay.
+LORA_ARGS = ("--r 8 --epochs 1 --batch-size 8 --lr 2e-4 --warmup-steps 20 --keep-best --max-val-users 200 "
+             "--eval-every 100 --save-every 50")
+# What the step-size study found usable for the integrators on SmolLM2 (docs/xcross.md).
+XCROSS_ARGS = ("--scoring likelihood --integrator-norm rms --likelihood-reduce mean --calibrate --lr 1e-5 "
+               "--batch-size 8 --n-neg 1 --val-neg 9 --max-val-users 200 --grad-checkpointing --epochs 1 "
+               "--eval-every 50 --patience 4 --keep-best --save-every 25")
+BASELINES = ("random", "popularity", "item-markov", "sasrec")
+VAL_USERS = 200
+
+
+@dataclass
+class Run:
+    """One training command and where it writes."""
+
+    name: str
+    kind: str  # "lora" or "xcross"
+    argv: list[str]
+    out: Path
+    fraction: float | str = "-"
+
+    @property
+    def done(self) -> bool:
+        return (self.out / "run.json").is_file()
+
+
+@dataclass
+class Row:
+    """One ranked model: an adapter run, a merge of adapter runs, or an X-Cross run."""
+
+    name: str
+    kind: str  # "adapter", "merge" or "xcross"
+    parts: list[str]  # the runs it is made of
+    fraction: float | str = "-"
+    sources: list[str] = field(default_factory=list)
+
+
+def fraction_name(f: float) -> str:
+    return f"{f:g}" if f != 1 else "1.0"
+
+
+def plan(args: argparse.Namespace, n_target_users: int) -> tuple[dict[str, Run], dict[str, Row],
+                                                                 list[tuple[str, Any]]]:
+    """The runs, the ranked rows, and the order of work: ``("train", run)`` and ``("rank", row)`` steps,
+    cheapest answers first (the target LoRA on all users, then the sources X-Cross needs, X-Cross at the
+    smallest fraction...)."""
+    runs_dir = Path(args.runs)
+    common = ["--data", str(args.data), "--model", args.model, "--seed", str(args.seed), "--no-progress",
+              "--threads", str(args.threads)] + (["--device", args.device] if args.device else [])
+    lora = [*common, *shlex.split(LORA_ARGS), *shlex.split(args.lora_args)]
+    xcross = [*common, *shlex.split(XCROSS_ARGS), *shlex.split(args.xcross_args)]
+    runs: dict[str, Run] = {}
+
+    def add(name: str, kind: str, argv: list[str], fraction: float | str = "-") -> None:
+        out = runs_dir / name
+        runs[name] = Run(name, kind, [*argv, "--out", str(out)], out, fraction)
+
+    for s in args.sources:
+        add(f"src-{s}", "lora", ["train-lora", *lora, "--domain", s])
+    for f in args.fractions:
+        add(f"lora-{fraction_name(f)}", "lora", ["train-lora", *lora, "--domain", args.target, "--fraction", str(f)], f)
+        streams = [a for s in args.sources for a in ("--adapter", f"{s.lower()}={runs_dir / f'src-{s}' / 'adapter'}")]
+        add(f"xcross-{fraction_name(f)}", "xcross", ["train-xcross", *xcross, "--target", args.target, *streams,
+                                                     "--fraction", str(f)], f)
+    cap = ["--max-train-users", str(n_target_users)]  # every target user and as many of each source's
+    for s in args.sources:
+        add(f"hybrid-{s}", "lora", ["train-lora", *lora, "--domain", args.target, "--train-domains",
+                                    f"{args.target},{s}", *cap])
+    add("joint", "lora", ["train-lora", *lora, "--domain", args.target, "--train-domains",
+                          ",".join([args.target, *args.sources]), *cap])
+
+    full = f"lora-{fraction_name(max(args.fractions))}"
+    rows = {f"lora-{fraction_name(f)}": Row(f"lora-{fraction_name(f)}", "adapter", [f"lora-{fraction_name(f)}"], f)
+            for f in args.fractions}
+    rows.update({f"xcross-{fraction_name(f)}": Row(f"xcross-{fraction_name(f)}", "xcross",
+                                                   [*(f"src-{s}" for s in args.sources), f"xcross-{fraction_name(f)}"],
+                                                   f, list(args.sources)) for f in args.fractions})
+    rows["weave-merge"] = Row("weave-merge", "merge", [full, *(f"hybrid-{s}" for s in args.sources)], 1.0,
+                              list(args.sources))
+    rows["plain-merge"] = Row("plain-merge", "merge", [full, *(f"src-{s}" for s in args.sources)], 1.0,
+                              list(args.sources))
+    rows["joint"] = Row("joint", "adapter", ["joint"], 1.0, list(args.sources))
+
+    order: list[str] = [full, *(f"src-{s}" for s in args.sources)]
+    fr = sorted(args.fractions)
+    order += [f"xcross-{fraction_name(fr[0])}"] + [f"lora-{fraction_name(f)}" for f in fr if f != max(fr)]
+    order += [f"xcross-{fraction_name(f)}" for f in fr[1:-1]]
+    order += ["weave-merge", "plain-merge", "joint"]
+    order += [f"xcross-{fraction_name(fr[-1])}"] if len(fr) > 1 else []
+    steps: list[tuple[str, str]] = []
+    for name in dict.fromkeys(order):
+        for part in (rows[name].parts if name in rows else [name]):
+            if ("train", part) not in steps:
+                steps.append(("train", part))
+        if name in rows:
+            steps.append(("rank", name))
+    if args.only:
+        keep = set(args.only)
+        steps = [s for s in steps if s[1] in keep]
+    return runs, rows, [(k, rows[n] if k == "rank" else n) for k, n in steps]
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+
+
+def train(run: Run, runs_dir: Path, timings: dict[str, Any]) -> None:
+    """Run (or resume) one training command; its output goes to ``<runs>/<name>.log``."""
+    if run.done:
+        return
+    log = runs_dir / f"{run.name}.log"
+    print(f"[train] {run.name}: xkern {' '.join(run.argv)}  (log: {log})", flush=True)
+    t0, load0 = time.time(), os.getloadavg()[0]
+    with open(log, "a") as f:
+        f.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} xkern {shlex.join(run.argv)}\n")
+        f.flush()
+        rc = subprocess.call([sys.executable, "-m", "xkern.cli", *run.argv], stdout=f, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise SystemExit(f"{run.name} failed (exit {rc}); see {log}. Running this command again resumes it.")
+    prev = timings.get(f"train:{run.name}", {})
+    timings[f"train:{run.name}"] = {"seconds": round(prev.get("seconds", 0) + time.time() - t0, 1),
+                                    "load_start": prev.get("load_start", round(load0, 2)),
+                                    "load_end": round(os.getloadavg()[0], 2), "cpu": cpu_model(),
+                                    "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+# -------------------------------------------------------------------------------------------------- ranking
+
+class Ranker:
+    """The base loaded once; adapters and X-Cross runs attached as rows need them; scores saved per chunk."""
+
+    def __init__(self, args: argparse.Namespace, runs: dict[str, Run]) -> None:
+        import torch
+
+        import xkern
+        from xkern.data.cli import load_domains
+        from xkern.data.encoding import PromptEncoder
+        from xkern.data.negatives import build_candidates
+        from xkern.nn import resolve_dtype
+        from xkern.nn.pretrained import load_tokenizer, resolve
+
+        torch.set_num_threads(args.threads)
+        self.args, self.runs = args, runs
+        self.data = load_domains(args.data, [args.target], seed=args.seed)[args.target]
+        n = None if args.eval_users < 0 else args.eval_users
+        self.cands = build_candidates(self.data, "test", 29, "uniform", args.seed, n)
+        path = resolve(args.model)
+        self.dtype, _ = resolve_dtype("auto", args.device)
+        self.model = xkern.load_model(path, dtype=self.dtype, device=args.device, progress=False)
+        self.tok = load_tokenizer(path)
+        self.enc = PromptEncoder(self.tok, self.data.name, max_history=args.max_history)
+        self.dir = Path(args.runs) / "ranks"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._val: list[dict[str, Any]] | None = None
+
+    # ---- models
+
+    def attach(self, run: str, name: str | None = None) -> str:
+        """Load a LoRA run's adapter under ``name`` (default: the run's name, '.' -> '_') once."""
+        name = name or run.replace(".", "_")
+        if name not in self.model.list_adapters():
+            self.model.load_adapter(str(self.runs[run].out / "adapter"), name)
+        return name
+
+    def fingerprint(self, row: Row) -> str:
+        """The bytes of every file the row's model is made of: a retrained part invalidates saved scores."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps([row.kind, row.parts, self.args.seed, len(self.cands), str(self.dtype)]).encode())
+        for part in row.parts:
+            folder = self.runs[part].out / ("xcross" if self.runs[part].kind == "xcross" else "adapter")
+            for f in sorted(folder.iterdir()):
+                if f.is_file():
+                    h.update(f.name.encode() + f.read_bytes())
+        return h.hexdigest()
+
+    def scorer(self, row: Row):
+        """(score(histories, items) -> mean title log-probability [B, C], prior(items) -> same after an empty
+        history [n])."""
+        import torch
+
+        from xkern.serve import PrefixLikelihoodScorer
+        from xkern.weave.merging import merge_loaded
+
+        if row.kind == "xcross":
+            from xkern.xcross import XCrossModel
+
+            for part in row.parts[:-1]:
+                self.attach(part, part.removeprefix("src-").lower())
+            xc = XCrossModel.load(self.runs[row.parts[-1]].out / "xcross", self.model, tokenizer=self.tok)
+            xc.set_domain(self.data.titles, self.data.name, tokenizer=self.tok, max_history=self.args.max_history)
+
+            def score(h: Any, items: np.ndarray) -> np.ndarray:
+                return xc.score(h, items, 64).numpy().astype(np.float64)
+
+            def prior(items: np.ndarray) -> np.ndarray:
+                return xc.title_prior(items[:, None], 64).numpy()[:, 0].astype(np.float64)
+
+            return score, prior
+        if row.kind == "merge":
+            adapter = merge_loaded(self.model, row.name, [self.attach(p) for p in row.parts])
+        else:
+            adapter = self.attach(row.parts[0])
+        sc = PrefixLikelihoodScorer(self.model, self.enc, self.data.titles, adapter)
+        count = np.array([max(1, len(self.enc.title(t or ""))) for t in self.data.titles], dtype=np.float64)
+
+        def score_lora(h: Any, items: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return sc(h, items) / count[items]
+
+        def prior_lora(items: np.ndarray) -> np.ndarray:
+            return sc.prior(items[None, :])[0] / count[items]
+
+        return score_lora, prior_lora
+
+    # ---- scores, resumable
+
+    def is_scored(self, row: Row) -> bool:
+        path = self.dir / f"{row.name}.json"
+        if not path.is_file():
+            return False
+        state = json.loads(path.read_text())
+        return (state.get("fingerprint") == self.fingerprint(row) and len(state["scores"]) >= len(self.cands)
+                and state.get("prior") is not None)
+
+    def scores(self, row: Row, chunk: int = 64) -> dict[str, Any]:
+        """The row's scores of every user's candidates and every candidate's prior, resumed from disk."""
+        from tqdm import tqdm
+
+        from xkern.fileio import atomic_write_text
+
+        path = self.dir / f"{row.name}.json"
+        key = self.fingerprint(row)
+        state = json.loads(path.read_text()) if path.is_file() else {}
+        if state.get("fingerprint") != key:
+            state = {"fingerprint": key, "scores": [], "prior": None, "seconds": 0.0}
+        n = len(self.cands)
+        if len(state["scores"]) >= n and state["prior"] is not None:
+            return state
+        score, prior = self.scorer(row)
+        bar = tqdm(total=n, initial=len(state["scores"]), desc=row.name, unit="user", mininterval=30)
+        while len(state["scores"]) < n:
+            s = len(state["scores"])
+            e = min(s + chunk, n)
+            t0 = time.perf_counter()
+            state["scores"] += np.round(score(self.cands.histories[s:e], self.cands.items[s:e]), 6).tolist()
+            state["seconds"] = round(state["seconds"] + time.perf_counter() - t0, 2)
+            atomic_write_text(path, json.dumps(state))
+            bar.update(e - s)
+        bar.close()
+        t0 = time.perf_counter()
+        items = np.unique(self.cands.items)
+        state["prior"] = {"items": items.tolist(), "scores": np.round(prior(items), 6).tolist()}
+        state["prior_seconds"] = round(time.perf_counter() - t0, 2)
+        state["load_end"] = round(os.getloadavg()[0], 2)
+        atomic_write_text(path, json.dumps(state))
+        return state
+
+    # ---- validation loss, per example
+
+    def val_examples(self) -> list[dict[str, Any]]:
+        """The validation examples ``xkern train-lora`` validates on (the same capped, seeded users)."""
+        if self._val is None:
+            from xkern.data.examples import causal_lm_examples
+            from xkern.recipes import cap_users
+
+            self._val = causal_lm_examples(self.enc, cap_users(self.data, "val", VAL_USERS, self.args.seed), "val")
+        return self._val
+
+    def val_losses(self, adapter_row: Row | None) -> list[float]:
+        """Each validation example's causal-LM loss (nats per title token) under the row's adapter (None: base)."""
+        from xkern.adapters.peft_format import BASE
+        from xkern.fileio import atomic_write_text
+        from xkern.train import evaluate_loss
+
+        name = adapter_row.name if adapter_row is not None else "base"
+        path = self.dir / f"val-{name}.json"
+        key = self.fingerprint(adapter_row) if adapter_row is not None else "base"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("fingerprint") == key:
+                return saved["losses"]
+        adapter = BASE
+        if adapter_row is not None:
+            self.scorer(adapter_row)  # attaches (and merges) what the row needs
+            adapter = adapter_row.name if adapter_row.kind == "merge" else self.attach(adapter_row.parts[0])
+        losses = [round(evaluate_loss(self.model, adapter, [ex], "causal_lm", 1), 6) for ex in self.val_examples()]
+        atomic_write_text(path, json.dumps({"fingerprint": key, "losses": losses}))
+        return losses
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+def paired_drop(start: list[float], end: list[float], n_boot: int, seed: int) -> dict[str, float]:
+    """Mean of end - start over the same validation examples, with its paired 95% bootstrap interval."""
+    d = np.asarray(end, dtype=np.float64) - np.asarray(start, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, d.size, size=(n_boot, d.size))
+    means = d[idx].mean(axis=1)
+    return {"diff": round(float(d.mean()), 4), "ci_low": round(float(np.quantile(means, 0.025)), 4),
+            "ci_high": round(float(np.quantile(means, 0.975)), 4), "n": int(d.size)}
+
+
+def run_info(run: Run) -> dict[str, Any]:
+    """Trainable parameters, steps, examples and seconds of a finished run, from what its command wrote."""
+    if run.kind == "xcross":
+        log = json.loads((run.out / "train_log.json").read_text())
+        return {"trainable_params": log["trainable"]["total"] + log.get("extra_trainable", 0),
+                "steps": log.get("steps"), "train_examples": log.get("n_train_examples"),
+                "train_seconds": round(log.get("seconds") or 0, 1), "best_step": log.get("best_step")}
+    s = json.loads((run.out / "summary.json").read_text())
+    return {"trainable_params": s["trainable_parameters"], "steps": s["steps"], "train_examples": s["train_examples"],
+            "train_seconds": s.get("train_seconds"), "train_tokens_per_s": s.get("train_tokens_per_s"),
+            "val_loss_start_run": s.get("val_loss_before"), "val_loss_end_run": s.get("val_loss_after")}
+
+
+def model_rows(ranker: Ranker, row: Row, runs: dict[str, Run], n_boot: int, seed: int) -> list[dict[str, Any]]:
+    """The row's two quality rows (raw likelihood and PMI), with its training and validation facts."""
+    from xkern.data.confidence import quality_row
+    from xkern.data.metrics import pessimistic_ranks
+
+    state = ranker.scores(row)
+    scores = np.asarray(state["scores"], dtype=np.float64)
+    prior = dict(zip(state["prior"]["items"], state["prior"]["scores"], strict=True))
+    prior_of = np.vectorize(prior.__getitem__)(ranker.cands.items)
+    trained = [runs[p] for p in row.parts if not (row.kind == "xcross" and p.startswith("src-"))]
+    infos = [run_info(r) for r in trained]
+    info: dict[str, Any] = {
+        "model": row.name, "kind": row.kind, "parts": row.parts,
+        "trainable_params": sum(i["trainable_params"] for i in infos),
+        "steps": sum(i["steps"] or 0 for i in infos), "train_examples": sum(i["train_examples"] or 0 for i in infos),
+        "train_seconds": round(sum(i["train_seconds"] or 0 for i in infos), 1),
+        "rank_seconds": round(state["seconds"] + state.get("prior_seconds", 0), 1),
+        "rank_load_end": state.get("load_end")}
+    if row.kind == "xcross":
+        log = json.loads((trained[0].out / "train_log.json").read_text())
+        val = log.get("val") or []
+        best = next((v for v in val if v["step"] == log.get("best_step")), val[-1] if val else None)
+        info.update(val_loss_kind="cross-entropy of the positive among 1 + 9 validation candidates (PMI scores)",
+                    val_loss_start=val[0]["loss"] if val else None, val_loss_best=best["loss"] if best else None,
+                    best_step=log.get("best_step"))
+        if val and "losses" in val[0] and best and "losses" in best:
+            info["val_change"] = paired_drop(val[0]["losses"], best["losses"], n_boot, seed)
+    else:
+        start, end = ranker.val_losses(None), ranker.val_losses(row)
+        info.update(val_loss_kind="causal-LM loss of the next item's title (nats per token), 200 target "
+                                  "validation users; start: the base model",
+                    val_loss_start=round(float(np.mean(start)), 4), val_loss_best=round(float(np.mean(end)), 4),
+                    val_change=paired_drop(start, end, n_boot, seed))
+    if "val_change" in info:
+        info["val_below_noise"] = info["val_change"]["ci_high"] < 0
+    out = []
+    for variant, s in (("likelihood", scores), ("pmi", scores - prior_of)):
+        method = row.name if variant == "likelihood" else f"{row.name}+pmi"
+        out.append(quality_row(method, pessimistic_ranks(s, ranker.cands.target), target=ranker.data.name,
+                               sources=row.sources, fraction=row.fraction, n_boot=n_boot, seed=seed, split="test",
+                               score=variant, **info))
+    return out
+
+
+def baseline_rows(ranker: Ranker, n_boot: int, seed: int) -> list[dict[str, Any]]:
+    """The baselines on the same candidates, computed once (SASRec trains) and kept under ``<runs>/ranks``."""
+    from xkern.data.baselines import baseline_quality_rows
+    from xkern.fileio import atomic_write_text
+
+    path = ranker.dir / "baselines.json"
+    key = [len(ranker.cands), n_boot, seed, list(BASELINES)]
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["rows"]
+    t0 = time.perf_counter()
+    rows = baseline_quality_rows(ranker.data, ranker.cands, list(BASELINES), seed, n_boot)
+    for r in rows:
+        r["rank_seconds"] = round(time.perf_counter() - t0, 1)
+    atomic_write_text(path, json.dumps({"key": key, "rows": rows}))
+    return rows
+
+
+def pairs(rows: list[dict[str, Any]], full: str, n_boot: int, seed: int) -> list[dict[str, Any]]:
+    """Each model row against popularity, SASRec and the full target LoRA (same score); the WeaveRec merge
+    against the plain merge; on HR@10 and MRR."""
+    from xkern.data.confidence import paired_comparison
+
+    by = {r["method"]: r for r in rows}
+    out = []
+    for a in rows:
+        if "score" not in a:
+            continue
+        suffix = "" if a["score"] == "likelihood" else "+pmi"
+        refs = ["popularity", "sasrec", f"{full}{suffix}"] + (["plain-merge" + suffix] if a["model"] == "weave-merge"
+                                                              else [])
+        for b in refs:
+            if b in by and b != a["method"]:
+                for metric in ("HR@10", "MRR"):
+                    out.append({"a": a["method"], "a_fraction": a["fraction"], "b": b,
+                                "b_fraction": by[b]["fraction"],
+                                **paired_comparison(a["ranks"], by[b]["ranks"], metric, n_boot, seed)})
+    return out
+
+
+def report(args: argparse.Namespace, runs: dict[str, Run], ranked: list[Row], ranker: Ranker,
+           timings: dict[str, Any], t_start: float) -> Path:
+    from xkern.data.evaluate import write_report
+
+    full = f"lora-{fraction_name(max(args.fractions))}"
+    rows = [r for row in ranked for r in model_rows(ranker, row, runs, args.n_boot, args.seed)]
+    rows += baseline_rows(ranker, args.n_boot, args.seed)
+    out = Path(args.out or ROOT / "bench" / "results" / f"quality-{args.target}-full.json")
+    expected = [f"{kind}-{fraction_name(f)}" for kind in ("lora", "xcross") for f in args.fractions]
+    missing = [n for n in [*expected, "weave-merge", "plain-merge", "joint"] if n not in {r.name for r in ranked}]
+    doc = {
+        "kind": "xkern-quality", "domain": args.target, "split": "test", "seed": args.seed,
+        "sources": list(args.sources),
+        "config": {"n_neg": 29, "negatives": "uniform", "n_boot": args.n_boot, "model": args.model,
+                   "max_history": args.max_history, "compute_dtype": str(ranker.dtype).removeprefix("torch."),
+                   "score": "mean log-probability of the title after the next-item prompt",
+                   "pmi": "the same minus its mean log-probability after the prompt of an empty history",
+                   "lora_args": LORA_ARGS + (" " + args.lora_args if args.lora_args else ""),
+                   "xcross_args": XCROSS_ARGS + (" " + args.xcross_args if args.xcross_args else "")},
+        "commands": {name: "xkern " + shlex.join(r.argv) for name, r in runs.items() if r.done},
+        "rows": rows, "paired": pairs(rows, full, args.n_boot, args.seed),
+        "missing_rows": missing, "timings": timings,
+        "machine": {"cpu": cpu_model(), "threads": args.threads, "device": args.device or "cpu"},
+        "wall_seconds_this_invocation": round(time.perf_counter() - t_start, 1),
+        "command": "python examples/quality_full.py " + shlex.join(sys.argv[1:]),
+    }
+    path = write_report(out, doc)
+    print(f"wrote {path} ({len(rows)} rows; missing: {', '.join(missing) or 'none'})", flush=True)
+    return path
+
+
+def publish(args: argparse.Namespace, runs: dict[str, Run]) -> None:
+    """Training logs and learning-curve plots of the finished runs into bench/results, then the doc blocks."""
+    name = f"quality-{args.target}-full"
+    logs, plots = ROOT / "bench" / "results" / "logs" / name, ROOT / "bench" / "results" / "plots" / name
+    logs.mkdir(parents=True, exist_ok=True)
+    curves = []
+    for run in runs.values():
+        if not run.done:
+            continue
+        for f in ("train_log.json", "summary.json"):
+            if (run.out / f).is_file():
+                shutil.copyfile(run.out / f, logs / f"{run.name}-{f}")
+        if (run.out / "train_log.json").is_file():
+            curves.append(str(run.out / "train_log.json"))
+    if curves:
+        subprocess.call([sys.executable, "-m", "xkern.cli", "plot", "--out", str(plots), *curves])
+    subprocess.call([sys.executable, str(ROOT / "bench" / "docs_tables.py")])
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="root of processed domain folders (or 'synthetic')")
+    p.add_argument("--target", default="Tools")
+    p.add_argument("--sources", default="Toys,Sports", help="comma-separated source domains")
+    p.add_argument("--fractions", default=",".join(map(str, FRACTIONS)),
+                   help="fractions of the target's training users (default 0.25,0.5,1.0)")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--runs", default=None, help="where runs, logs and saved scores go (default runs/full/<target>)")
+    p.add_argument("--eval-users", type=int, default=-1, help="first N test users (default -1: all)")
+    p.add_argument("--max-history", type=int, default=5)
+    p.add_argument("--n-boot", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--only", default=None, help="comma-separated runs and rows to work on (default: all)")
+    p.add_argument("--lora-args", default="", help="extra train-lora flags, after the defaults (they win)")
+    p.add_argument("--xcross-args", default="", help="extra train-xcross flags, after the defaults (they win)")
+    p.add_argument("--out", default=None, help="default bench/results/quality-<target>-full.json")
+    p.add_argument("--no-publish", action="store_true", help="do not copy logs/plots into bench/results or "
+                   "regenerate the docs")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (what is done, what is to do) and stop")
+    args = p.parse_args(argv)
+    args.sources = [s for s in args.sources.split(",") if s]
+    args.fractions = [float(f) for f in args.fractions.split(",") if f]
+    args.only = [s for s in args.only.split(",") if s] if args.only else None
+    args.runs = Path(args.runs or f"runs/full/{args.target}")
+    if args.data != "synthetic":
+        args.data = str(Path(args.data).resolve())
+    if not args.sources or not args.fractions or not all(0 < f <= 1 for f in args.fractions):
+        raise SystemExit("need at least one source and fractions in (0, 1]")
+    from xkern.data.cli import load_domains
+
+    target = load_domains(args.data, [args.target], seed=args.seed)[args.target]  # refused before anything runs
+    runs, rows, steps = plan(args, len(target.train))
+    for kind, what in steps:
+        name = what.name if isinstance(what, Row) else what
+        state = ("done" if runs[name].done else "to do") if kind == "train" else \
+            ("scored" if (args.runs / "ranks" / f"{name}.json").is_file() else "to rank")
+        print(f"{kind:5s} {name:16s} {state}", flush=True)
+    if args.dry_run:
+        return 0
+    t_start = time.perf_counter()
+    args.runs.mkdir(parents=True, exist_ok=True)
+    timings_path = args.runs / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    ranker = None
+    for kind, what in steps:
+        if kind == "train":
+            train(runs[what], args.runs, timings)
+            timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+            continue
+        if not all(runs[p].done for p in what.parts):
+            print(f"[rank] {what.name}: skipped, {[p for p in what.parts if not runs[p].done]} not trained", flush=True)
+            continue
+        ranker = ranker or Ranker(args, runs)
+        print(f"[rank] {what.name}", flush=True)
+        ranker.scores(what)
+        ranked = [r for r in rows.values() if all(runs[p].done for p in r.parts) and ranker.is_scored(r)]
+        report(args, runs, ranked, ranker, timings, t_start)  # after every row: results land as they finish
+        if not args.no_publish:
+            publish(args, runs)
+    if ranker is None:
+        print("nothing ranked", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
