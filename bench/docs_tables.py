@@ -813,22 +813,43 @@ def gpu_compile_table() -> str:
 # --------------------------------------------------------------------------------------------- serving
 
 def serve_cpu() -> str:
-    """bench/bench_serve.py: closed-loop clients on loopback, batched against one request at a time."""
+    """bench/bench_serve.py: rank_batch against one user at a time, and the server at each offered load."""
     path = _latest("serve-cpu.json")
     d = json.loads(path.read_text())
-    m = d["machine"]
-    lines = ["| mode | requests/s | p50 ms | p99 ms | batches | mean batch | max batch |", "|" + "---|" * 7]
-    for name, r in d["modes"].items():
-        lines.append(f"| {name} | {r['requests_per_s']:.1f} | {r['latency_ms_p50']:.0f} | {r['latency_ms_p99']:.0f} | "
-                     f"{r['batches']} | {r['batch_size_mean']} | {r['batch_size_max']} |")
+    m, rb = d["machine"], d["rank_batch"]
+    lines = [f"`Recommender.rank_batch` of {rb['users']} users x {rb['candidates']} candidates across "
+             f"{len(rb['runs'])} domains ({', '.join(rb['runs'])}): {rb['batched_users_per_s']} users/s in one call "
+             f"against {rb['one_at_a_time_users_per_s']} one `rank` call per user, **{rb['speedup']}x**; largest "
+             f"score difference {rb['max_abs_score_difference']:.1e} (best of {rb['repeats']}).", "",
+             "| mode | clients | requests/s | p50 ms | p99 ms | mean batch | max batch | statuses |", "|" + "---|" * 8]
+    for name, mode in d["modes"].items():
+        for clients, r in mode["loads"].items():
+            peak = " (peak)" if int(clients) == mode["peak"]["clients"] else ""
+            lines.append(f"| {name} | {clients}{peak} | {r['requests_per_s']:.1f} | {r['latency_ms_p50']:.0f} | "
+                         f"{r['latency_ms_p99']:.0f} | {r['batch_size_mean']} | {r['batch_size_max']} | "
+                         + ", ".join(f"{k}: {v}" for k, v in r["statuses"].items()) + " |")
     what = f"k {d['k']}, the {d['retriever']} retriever's top {d['top_n']} re-ranked" if d["candidates"] is None \
         else f"{d['candidates']} candidates"
-    lines += ["", f"{d['clients']} closed-loop clients on loopback, `POST {d['endpoint']}` ({what}), "
-              f"{d['requests_per_mode']} requests per mode; {d['run']}; {m['cpu']}, {m['cores']} cores, "
-              f"{m['torch_threads']} torch threads, load average {m['load_average_before'][0]} before and "
-              f"{m['load_average_after'][0]} after; measured {d['date']} (`bench/results/{path.name}`). Batched "
-              f"answers {d['speedup_requests_per_s']}x the requests per second of one at a time."]
+    batched, one = d["modes"]["batched"], d["modes"]["one-at-a-time"]
+    lines += ["", f"`xkern serve` in its own process on loopback, closed-loop clients spread over the domains, "
+              f"`POST {d['endpoint']}` ({what}), {d['requests_per_load']} requests per load; batched: "
+              f"`{batched['command']}`; {d['runs']}; {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch "
+              f"threads, load average {m['load_average_before'][0]} before and {m['load_average_after'][0]} after; "
+              f"measured {d['date']} (`bench/results/{path.name}`). At each mode's peak, batched answers "
+              f"{d['speedup_at_peak']}x the requests per second of one at a time ({batched['peak']['requests_per_s']}"
+              f" at {batched['peak']['clients']} clients, p99 {batched['peak']['latency_ms_p99']:.0f} ms, against "
+              f"{one['peak']['requests_per_s']} at {one['peak']['clients']}, p99 "
+              f"{one['peak']['latency_ms_p99']:.0f} ms)."]
     return "\n".join(lines) + "\n"
+
+
+def readme_recommend() -> str:
+    """The README's lines from a trained run to a recommendation, as timed by bench/bench_serve.py."""
+    path = _latest("serve-cpu.json")
+    d = json.loads(path.read_text())
+    cells = " | ".join(f"`{k}` {v:.2f} s" for k, v in d["readme"]["seconds"].items())
+    return (f"Measured ({d['machine']['cpu']}, {d['machine']['cores']} cores, {d['date']}, "
+            f"`bench/results/{path.name}`): {cells}.\n")
 
 
 # --------------------------------------------------------------------------------------------- registry
@@ -865,6 +886,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "gpu-compile-table": gpu_compile_table,
     "gpu-compile-triton36": gpu_compile_triton36,
     "serve-cpu": serve_cpu,
+    "readme-recommend": readme_recommend,
 }
 
 
