@@ -19,7 +19,7 @@ With the machine: CPU model, cores, torch threads, load average before and after
 
     python bench/bench_serve.py --clients 1,4,8,16,32 --requests 200
 
-Writes ``bench/results/<date>-serve-cpu.json``.
+Writes ``bench/results/<date>-serve-cpu.json`` (``--device cuda``: ``-serve-cuda.json``, the GPU script's step).
 """
 
 from __future__ import annotations
@@ -49,14 +49,14 @@ MODES = {"batched": [], "one-at-a-time": ["--batch-wait-ms", "0", "--max-batch-s
 DOMAINS = ("Tools", "Toys", "Sports")
 
 
-def train_runs(root: Path) -> list[str]:
+def train_runs(root: Path, steps: int = 20) -> list[str]:
     """Three tiny LoRAs, one per synthetic domain, over one tiny base (built from the three domains)."""
     from xkern.cli import main
 
     out = []
     for d in DOMAINS:
         rc = main(["train-lora", "--data", "synthetic", "--model", "tiny", "--dtype", "float32", "--domain", d,
-                   "--train-domains", ",".join(DOMAINS), "--max-steps", "20", "--lr", "1e-2", "--batch-size", "8",
+                   "--train-domains", ",".join(DOMAINS), "--max-steps", str(steps), "--lr", "1e-2", "--batch-size", "8",
                    "--max-train-users", "64", "--max-val-users", "8", "--no-progress", "--out", str(root / d)])
         if rc != 0:
             raise SystemExit(f"training the benchmark's {d} run failed ({rc})")
@@ -193,7 +193,8 @@ def serve_mode(runs: list[str], flags: list[str], bodies: list[dict], levels: li
 
     port = free_port()
     cmd = [sys.executable, "-m", "xkern.cli", "serve", *runs, "--port", str(port), "--threads", str(args.threads),
-           "--max-batch-tokens", str(args.max_batch_tokens), *flags]
+           "--max-batch-tokens", str(args.max_batch_tokens), *(["--device", args.device] if args.device else []),
+           *flags]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -211,7 +212,7 @@ def serve_mode(runs: list[str], flags: list[str], bodies: list[dict], levels: li
             time.sleep(0.2)
         path = f"/{args.kind}"
         closed_loop(url, bodies, path, 1, 3, 30)  # warm-up: first calls of the kernels and the tokenizer caches
-        out = {"command": "xkern serve RUNS " + " ".join(cmd[cmd.index("--port"):]), "loads": {}}
+        out = {"command": "xkern serve RUNS " + " ".join(cmd[cmd.index("--port") + 2:]), "loads": {}}
         for clients in levels:
             before = httpx.get(f"{url}/metrics").json()["batch_sizes"]
             r = closed_loop(url, bodies, path, clients, args.requests, args.seconds)
@@ -250,11 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", type=int, default=64, help="rank_batch: users")
     p.add_argument("--batch-candidates", type=int, default=30, help="rank_batch: candidates per user")
     p.add_argument("--repeats", type=int, default=3, help="rank_batch: timed repeats (best kept)")
+    p.add_argument("--train-steps", type=int, default=20, help="steps of each tiny run trained here")
     p.add_argument("--skip-serve", action="store_true", help="no server runs")
     p.add_argument("--skip-readme", action="store_true", help="do not time the README's lines")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads here and in the server (default 1: the clients share the machine's cores, "
                         "and on 2 cores a second spinning OpenMP thread starves them and the server's event loop)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: where the runs' base loads)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -265,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         readme = None if args.skip_readme else readme_lines(Path(tmp))
-        runs = args.run or train_runs(Path(tmp))
-        rec = xkern.load_recommender(runs)
+        runs = args.run or train_runs(Path(tmp), args.train_steps)
+        rec = xkern.load_recommender(runs, device=args.device)
         rank_batch = rank_batch_bench(rec, args.users, args.batch_candidates, args.repeats)
         print(f"rank_batch: {rank_batch['batched_users_per_s']} users/s batched, "
               f"{rank_batch['one_at_a_time_users_per_s']} one at a time ({rank_batch['speedup']}x), "
@@ -299,7 +302,11 @@ def main(argv: list[str] | None = None) -> int:
         payload["speedup_at_peak"] = round(b["requests_per_s"] / one["requests_per_s"], 2)
     from xkern.fileio import atomic_write_text
 
-    out = atomic_write_text(args.out or ROOT / "bench" / "results" / f"{payload['date']}-serve-cpu.json",
+    where = "cuda" if args.device == "cuda" else "cpu"
+    payload["machine"]["device"] = where
+    if where == "cuda":
+        payload["machine"]["gpu"] = torch.cuda.get_device_name()
+    out = atomic_write_text(args.out or ROOT / "bench" / "results" / f"{payload['date']}-serve-{where}.json",
                             json.dumps(payload, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

@@ -810,6 +810,131 @@ def gpu_compile_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------------------------- full-scale quality
+
+FULL = "quality-Tools-full.json"
+CLAIM_SCORE = "+pmi"  # the claims read the PMI rows: X-Cross trains on that objective (chosen before any run)
+
+
+def _full_run() -> dict | None:
+    """The full-scale results, or None before examples/quality_full.py has ranked a row."""
+    return _load(FULL) if (RESULTS / FULL).is_file() else None
+
+
+NOT_RUN = ("Not measured yet: `examples/quality_full.py` has not ranked a row (its runs train in the background; "
+           "the table appears as rows finish).\n")
+
+
+def _full_rows(run: dict, models: list[str] | None = None) -> list[str]:
+    """Model rows (raw and PMI) and baselines: metrics with intervals, parameters, validation change, wall time."""
+    full = next((r for r in run["rows"] if r["method"] == "lora-1.0"), None)
+    lines = ["| row | fraction | users | trainable params | HR@10 | MRR | NDCG@10 | validation change [95% CI] | "
+             "train s | rank s |", "|" + "---|" * 10]
+    for r in run["rows"]:
+        if models is not None and r.get("model", r["method"]) not in models:
+            continue
+        share = f" ({r['trainable_params'] / full['trainable_params']:.1%} of lora-1.0)" \
+            if full and r.get("model") and r["trainable_params"] != full["trainable_params"] else ""
+        ch = r.get("val_change")
+        change = (f"{r['val_loss_start']:.3f} -> {r['val_loss_best']:.3f}: {ch['diff']:+.3f} [{ch['ci_low']:+.3f}, "
+                  f"{ch['ci_high']:+.3f}]" if ch else "-")
+        lines.append(f"| {r['method']} | {r['fraction']} | {r['n_users']} | {r['trainable_params']:,}{share} | "
+                     f"{_ci(r['metrics']['HR@10'])} | {_ci(r['metrics']['MRR'])} | {_ci(r['metrics']['NDCG@10'])} | "
+                     f"{change} | {r.get('train_seconds', '-')} | {r.get('rank_seconds', '-')} |")
+    return lines
+
+
+def _pair(run: dict, a: str, b: str, metric: str) -> dict | None:
+    return next((p for p in run["paired"] if (p["a"], p["b"], p["metric"]) == (a, b, metric)), None)
+
+
+def _diff(p: dict) -> str:
+    return f"{p['diff']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]"
+
+
+def _verdict(p: dict) -> str:
+    return "above zero" if p["ci_low"] > 0 else ("below zero" if p["ci_high"] < 0 else "the interval includes zero")
+
+
+def quality_tools_full() -> str:
+    """examples/quality_full.py: every row on all test users, the paired comparisons, what is still missing."""
+    run = _full_run()
+    if run is None:
+        return NOT_RUN
+    lines = _full_rows(run)
+    lines += ["", "| A - B (same users) | HR@10 difference [95% CI] | MRR difference [95% CI] |", "|---|---|---|"]
+    for p in run["paired"]:
+        if p["metric"] != "HR@10":
+            continue
+        mrr = _pair(run, p["a"], p["b"], "MRR")
+        lines.append(f"| {p['a']} - {p['b']} | {_diff(p)} | {_diff(mrr) if mrr else '-'} |")
+    m = run["machine"]
+    timing = "; ".join(f"{k.removeprefix('train:')} {v['seconds'] / 3600:.2f} h (load {v['load_start']}-"
+                       f"{v['load_end']})" for k, v in run["timings"].items())
+    note = (f"\nSource: `bench/results/{FULL}` ({run['command']}): {run['domain']} test users, 30 candidates each "
+            f"(29 uniform negatives, seed {run['seed']}); intervals: percentile bootstrap over users, "
+            f"{run['config']['n_boot']} resamples; validation change: the row's validation loss minus its start, "
+            f"paired over the same validation examples. {m['cpu']}, {m['threads']} threads, compute "
+            f"{run['config']['compute_dtype']}. Training wall time per run: {timing or 'none finished here'}. "
+            f"Rows still missing: {', '.join(run['missing_rows']) or 'none'}.")
+    return "\n".join(lines) + "\n" + note + "\n"
+
+
+def _claim(run: dict, a: str, b: str) -> tuple[dict, dict] | None:
+    hr, mrr = _pair(run, a + CLAIM_SCORE, b + CLAIM_SCORE, "HR@10"), _pair(run, a + CLAIM_SCORE, b + CLAIM_SCORE, "MRR")
+    return (hr, mrr) if hr and mrr else None
+
+
+def _params(run: dict, name: str) -> int | None:
+    return next((r["trainable_params"] for r in run["rows"] if r["method"] == name), None)
+
+
+def quality_tools_full_xcross_claims() -> str:
+    """X-Cross's claims answered on the full-scale rows (or what is missing to answer them)."""
+    run = _full_run()
+    if run is None:
+        return NOT_RUN
+    out = []
+    lora = _params(run, "lora-1.0")
+    names = {r["model"] for r in run["rows"] if r.get("model", "").startswith("xcross-")}
+    names |= {n for n in run["missing_rows"] if n.startswith("xcross-")}
+    for f in sorted((n.removeprefix("xcross-") for n in names), key=float, reverse=True):
+        c = _claim(run, f"xcross-{f}", "lora-1.0")
+        if c is None:
+            out.append(f"- X-Cross on {f} of the users against the LoRA on all of them: not measured yet "
+                       f"(`xcross-{f}` or `lora-1.0` missing).")
+            continue
+        hr, mrr = c
+        share = _params(run, f"xcross-{f}") / lora
+        out.append(f"- X-Cross on {f} of the Tools training users, with {share:.1%} of the LoRA's trainable "
+                   f"parameters, minus the target LoRA on all of them (PMI scores, {hr['n_users']} users): HR@10 "
+                   f"{_diff(hr)} ({_verdict(hr)}), MRR {_diff(mrr)} ({_verdict(mrr)}).")
+    best = [p for p in run["paired"] if p["b"] == "sasrec" and p["metric"] == "HR@10"]
+    if best:
+        top = max(best, key=lambda p: p["ci_low"])
+        out.append(f"- Best language-model row against SASRec on HR@10: {top['a']} {_diff(top)} "
+                   f"({'above zero' if top['ci_low'] > 0 else 'not above zero'}).")
+    return "\n".join(out) + "\n"
+
+
+def quality_tools_full_weave() -> str:
+    """WeaveRec's rows on all test users and its claim (or what is missing to answer it)."""
+    run = _full_run()
+    if run is None:
+        return NOT_RUN
+    lines = _full_rows(run, ["weave-merge", "plain-merge", "joint", "lora-1.0"])
+    claims = []
+    for b, what in (("plain-merge", "the plain merge"), ("lora-1.0", "the target-only LoRA")):
+        c = _claim(run, "weave-merge", b)
+        if c is None:
+            claims.append(f"- WeaveRec's merge against {what}: not measured yet (`weave-merge` or `{b}` missing).")
+            continue
+        hr, mrr = c
+        claims.append(f"- WeaveRec's merge minus {what} (PMI scores, {hr['n_users']} users): HR@10 {_diff(hr)}, "
+                      f"MRR {_diff(mrr)}: HR@10 {_verdict(hr)}.")
+    return "\n".join(lines) + "\n\n" + "\n".join(claims) + "\n"
+
+
 # --------------------------------------------------------------------------------------------- serving
 
 def serve_cpu() -> str:
@@ -887,6 +1012,9 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "gpu-compile-triton36": gpu_compile_triton36,
     "serve-cpu": serve_cpu,
     "readme-recommend": readme_recommend,
+    "quality-tools-full": quality_tools_full,
+    "quality-tools-full-xcross-claims": quality_tools_full_xcross_claims,
+    "quality-tools-full-weave": quality_tools_full_weave,
 }
 
 

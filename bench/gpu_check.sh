@@ -9,7 +9,8 @@
 #                                          # with bitsandbytes made unimportable, as on the image)
 #
 # Steps and their limits (seconds; they sum to BUDGET - 60, so the summary always has time to be written):
-#   env 20 | wheels 40 | build 120 | bench_lora_linear 70 | bench_runtime 40 | bench_xcross 40 | pytest_gpu 90
+#   env 20 | wheels 40 | build 110 | bench_lora_linear 55 | bench_runtime 40 | bench_xcross 40 | bench_serve 40 |
+#   pytest_gpu 75
 # The benchmarks run before the tests (the tests compile many kernel variants and can take what is left).
 # No compile check here: CI compiles every kernel for sm_80/sm_90a on the CPU (tests/kernels/test_compile_check.py).
 # A step that fails or times out is recorded (rc, seconds, log tail) and the run goes on.
@@ -72,14 +73,14 @@ else
 fi
 
 if [ "$DRY" = 1 ]; then
-  step build 120 "$PY" -c "import xkern, xkern.ops; print(xkern.__file__)"
+  step build 110 "$PY" -c "import xkern, xkern.ops; print(xkern.__file__)"
 else
-  step build 120 env MAX_JOBS="$(nproc)" "$PY" -m pip install --no-build-isolation --no-deps -e .
+  step build 110 env MAX_JOBS="$(nproc)" "$PY" -m pip install --no-build-isolation --no-deps -e .
 fi
 
 DRYFLAG=""
 if [ "$DRY" = 1 ]; then DRYFLAG="--dry-run"; fi
-step bench_lora_linear 70 "$PY" bench/gpu_bench.py lora_linear $DRYFLAG --out "$OUT/bench-lora-linear.json"
+step bench_lora_linear 55 "$PY" bench/gpu_bench.py lora_linear $DRYFLAG --out "$OUT/bench-lora-linear.json"
 step bench_runtime 40 "$PY" bench/gpu_bench.py runtime $DRYFLAG --out "$OUT/bench-runtime.json"
 if [ "$DRY" = 1 ]; then
   step bench_xcross 40 "$PY" bench/bench_xcross.py --device cpu --hidden 32 --layers 1 --streams 2 --reps 1 \
@@ -89,6 +90,15 @@ else
     --out "$OUT/bench-xcross.json"
 fi
 
+# Serving: rank_batch against one user at a time, and xkern serve batched against one request at a time.
+if [ "$DRY" = 1 ]; then
+  step bench_serve 40 "$PY" bench/bench_serve.py --device cpu --clients 2 --requests 4 --seconds 10 --users 4 \
+    --repeats 1 --train-steps 1 --skip-readme --skip-serve --out "$OUT/bench-serve.json"  # server: its own test
+else
+  step bench_serve 40 "$PY" bench/bench_serve.py --device cuda --clients 1,16 --requests 100 --seconds 8 \
+    --users 64 --repeats 2 --skip-readme --out "$OUT/bench-serve.json"
+fi
+
 # The GPU tests, named: the gpu-marked ones and the kernel tests that run on the GPU when there is one.
 # xdist and pytest-timeout where installed (the image has both); outcomes go to $TESTS as each test ends.
 PARALLEL=()
@@ -96,6 +106,6 @@ if "$PY" -c "import xdist" > /dev/null 2>&1; then PARALLEL+=(-n 8); fi
 if "$PY" -c "import pytest_timeout" > /dev/null 2>&1; then PARALLEL+=(--timeout 60); fi
 MARK="gpu or not slow"
 if [ "$DRY" = 1 ]; then MARK="gpu"; fi  # on the CPU the gpu tests skip: this checks that every named file collects
-step pytest_gpu 90 env XKERN_TEST_LOG="$TESTS" "$PY" -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" \
+step pytest_gpu 75 env XKERN_TEST_LOG="$TESTS" "$PY" -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" \
   -m "$MARK" tests/ops/test_cuda_backend.py tests/ops/test_cuda_graph_decode.py \
   tests/ops/test_xcross_integrate.py tests/ops/test_lora_linear.py tests/test_nf4.py

@@ -96,7 +96,7 @@ def test_quality_full_trains_skips_what_is_done_and_writes_quality_rows(tmp_path
     again, it trains and scores nothing and writes the same rows."""
     qf = _load("quality_full")
     base = _tiny_base(tmp_path / "base")
-    out, runs = tmp_path / "quality.json", tmp_path / "runs"
+    out, runs = tmp_path / "quality-Tools-full.json", tmp_path / "runs"
     argv = ["--data", "synthetic", "--target", "Tools", "--sources", "Toys", "--fractions", "0.5,1.0",
             "--model", str(base), "--runs", str(runs), "--eval-users", "6", "--n-boot", "50", "--threads", "1",
             "--out", str(out), "--no-publish",
@@ -133,3 +133,11 @@ def test_quality_full_trains_skips_what_is_done_and_writes_quality_rows(tmp_path
     assert {p.name: p.stat().st_mtime_ns for p in (runs / "ranks").glob("*.json")} == ranks
     again = json.loads(out.read_text())
     assert [r["ranks"] for r in again["rows"]] == [r["ranks"] for r in q["rows"]]
+    tables = load_script("bench/docs_tables.py")  # the doc blocks render these rows and answer each claim
+    tables.RESULTS = tmp_path
+    table = tables.quality_tools_full()
+    assert all(f"| {m} |" in table for m in methods) and "Rows still missing: none" in table
+    claims = tables.quality_tools_full_xcross_claims() + tables.quality_tools_full_weave()
+    assert "not measured yet" not in claims
+    assert all(f"X-Cross on {f} of the Tools training users" in claims for f in ("1.0", "0.5"))
+    assert "merge minus the plain merge" in claims and "merge minus the target-only LoRA" in claims

@@ -29,11 +29,12 @@ def test_gpu_check_dry_run_writes_every_result_without_bitsandbytes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out"
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["bench-lora-linear.json", "bench-runtime.json", "bench-xcross.json", "gpu-check-summary.json"]
+    assert files == ["bench-lora-linear.json", "bench-runtime.json", "bench-serve.json", "bench-xcross.json",
+                     "gpu-check-summary.json"]
     summary = json.loads((out / "gpu-check-summary.json").read_text())
     steps = {s["step"]: s for s in summary["steps"]}
     assert set(steps) == {"env", "wheels", "build", "pytest_gpu", "bench_lora_linear", "bench_runtime",
-                          "bench_xcross"}
+                          "bench_xcross", "bench_serve"}
     assert "not installed on the GPU image" in steps["env"]["log_tail"]  # the blocker was in force
     assert summary["ok"] and summary["dry_run"], [s for s in summary["steps"] if s["rc"]]
     assert steps["wheels"]["skipped"] and not steps["pytest_gpu"]["skipped"]
@@ -47,6 +48,7 @@ def test_gpu_check_dry_run_writes_every_result_without_bitsandbytes(tmp_path):
     runtime = json.loads((out / "bench-runtime.json").read_text())
     assert runtime["rows"][0]["config"] == "decode_step_eager" and runtime["rows"][0]["median_ms"] > 0
     assert json.loads((out / "bench-xcross.json").read_text())["rows"]
+    assert json.loads((out / "bench-serve.json").read_text())["rank_batch"]["batched_users_per_s"] > 0
 
 
 def test_step_limits_add_up_to_the_budget_with_a_minute_to_spare():
