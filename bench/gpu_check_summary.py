@@ -16,6 +16,7 @@ from pathlib import Path
 # as in gpu_check.sh: they sum to the budget minus 60 s
 STEP_LIMITS = {"env": 20, "wheels": 40, "build": 110, "bench_lora_linear": 55, "bench_runtime": 40,
                "bench_xcross": 40, "bench_serve": 40, "pytest_gpu": 75}
+OPTIONAL = {"quality_gpu"}  # runs in what is left of the budget; a timeout there is expected, not a failure
 
 
 def read_steps(path: Path) -> list[dict]:
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"kind": "xkern-gpu-check", "dry_run": args.dry_run == "1", "budget_s": args.budget,
            "step_limits_s": STEP_LIMITS, "wall_s": int(time.time() - args.start), "steps": steps,
            "pytest_gpu_counts": counts, "pytest_gpu": tests,
-           "ok": all(s["rc"] == 0 for s in steps if not s["skipped"]) and not counts.get("failed")
+           "ok": all(s["rc"] == 0 for s in steps if not s["skipped"] and s["step"] not in OPTIONAL)
+           and not counts.get("failed")
            and not counts.get("error")}
     tmp = args.out.with_name(args.out.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")

@@ -34,7 +34,8 @@ def test_gpu_check_dry_run_writes_every_result_without_bitsandbytes(tmp_path):
     summary = json.loads((out / "gpu-check-summary.json").read_text())
     steps = {s["step"]: s for s in summary["steps"]}
     assert set(steps) == {"env", "wheels", "build", "pytest_gpu", "bench_lora_linear", "bench_runtime",
-                          "bench_xcross", "bench_serve"}
+                          "bench_xcross", "bench_serve", "quality_gpu"}
+    assert steps["quality_gpu"]["rc"] == 0 and "rank  lora-1.0" in steps["quality_gpu"]["log_tail"]
     assert "not installed on the GPU image" in steps["env"]["log_tail"]  # the blocker was in force
     assert summary["ok"] and summary["dry_run"], [s for s in summary["steps"] if s["rc"]]
     assert steps["wheels"]["skipped"] and not steps["pytest_gpu"]["skipped"]
