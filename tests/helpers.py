@@ -189,3 +189,18 @@ def memorizable_examples(n: int = 16, length: int = 10, seed: int = 0, distinct:
     pool = torch.randint(3, 128, (distinct, length), generator=g).tolist()
     pick = torch.randint(0, distinct, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
     return [{"input_ids": pool[i]} for i in pick]
+
+
+def record_triton_launches(monkeypatch) -> list[dict]:
+    """Patch the Triton backend's launcher to record each launch's meta-parameters (the list it returns)."""
+    from xkern.ops.backends import triton_jit
+
+    launches: list[dict] = []
+    launch = triton_jit._launch
+
+    def recording(kernel, grid, args, device, num_stages, **meta):
+        launches.append(meta)
+        return launch(kernel, grid, args, device, num_stages, **meta)
+
+    monkeypatch.setattr(triton_jit, "_launch", recording)
+    return launches

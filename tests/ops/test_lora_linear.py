@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.helpers import OptionalModule, dense_lora_reference, random_lora_bank
+from tests.helpers import OptionalModule, dense_lora_reference, random_lora_bank, record_triton_launches
 from xkern import NF4Tensor, quantize_nf4
 from xkern.ops import RowRouting, lora_linear, select_backend
 from xkern.ops.backends import cpu_native
@@ -380,3 +380,18 @@ def test_torch_compile_traces_forward_and_backward():
     for got, want in zip(grads_compiled, grads_eager, strict=True):
         assert want.abs().max() > 0
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the 16-bit dot branches run for real in the tests above")
+@pytest.mark.parametrize("m,n,k,ranks", [(1, 48, 100, [4]), (7, 40, 64, [2, 5, 3]), (37, 72, 96, [8, 8, 8, 8])])
+def test_gpu_16bit_dot_branches_forced_on_the_interpreter(monkeypatch, m, n, k, ranks):
+    """The GPU-only branches (16-bit ``tl.dot`` operands in the shrink and the fused kernel) run on the CPU
+    interpreter in float16 and match the float64 reference: that code is checked where no GPU is."""
+    launches = record_triton_launches(monkeypatch)
+    monkeypatch.setattr(tri, "FORCE_16BIT_DOT", True)
+    x, weight, A, B, s, ids = _problem(m, n, k, ranks, torch.float16)
+    expected = dense_lora_reference(x, weight.dequantize(torch.float32), A, B, s, ids)
+    got = lora_linear(x, weight, A.half(), B.half(), s, ids, backend="triton")
+    assert launches and all(m["LOW_PRECISION_DOT"] for m in launches)  # every launch took the 16-bit branch
+    rtol, atol = TOL[torch.float16]
+    torch.testing.assert_close(got.double(), expected, rtol=rtol, atol=atol * expected.abs().max().item())

@@ -352,3 +352,20 @@ def test_gpu_bf16_forward_speed_is_near_copy_bandwidth():
     print(f"xcross_integrate bf16 n={n} d={d} T={tokens}: {ms * 1e3:.1f} us, {gbps:.0f} GB/s "
           f"({copy_ms / ms:.2f} of a same-size copy)")
     assert ms < 10 * copy_ms
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the 16-bit dot branch runs for real in the tests above")
+@pytest.mark.parametrize("n,d,lead", [(2, 37, (1,)), (3, 32, (21,)), (5, 19, (18,))])
+def test_gpu_16bit_dot_branch_forced_on_the_interpreter(monkeypatch, n, d, lead):
+    """The forward kernel's GPU-only branch (16-bit ``tl.dot`` operands) on the CPU interpreter, in float16,
+    against the literal float64 equations on the same rounded inputs."""
+    from tests.helpers import record_triton_launches
+    from xkern.ops.backends import triton_jit as tri
+
+    launches = record_triton_launches(monkeypatch)
+    monkeypatch.setattr(tri, "FORCE_16BIT_DOT", True)
+    h, w, b = _problem(n, d, lead, torch.float16, seed=n * d)
+    got = xcross_integrate(h, w, 0.8, 1.2, b, backend="triton")
+    assert [m["LOW_PRECISION_DOT"] for m in launches] == [True]  # the forward kernel took the 16-bit branch
+    expected = literal_xcross(h.double(), w.double(), b.double(), 0.8, 1.2)
+    torch.testing.assert_close(got.double(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())

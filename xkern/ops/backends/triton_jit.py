@@ -193,6 +193,16 @@ def _group(w_cols: int, blocksize: int, tile_cols: int) -> int:
     return min(blocksize, tile_cols) if w_cols % blocksize == 0 and w_cols % 2 == 0 else 2
 
 
+# The GPU's 16-bit ``tl.dot`` branches, run on the CPU interpreter by tests (float16 only: the interpreter's
+# bf16 arithmetic is wrong), so that code is checked where no GPU is.
+FORCE_16BIT_DOT = False
+
+
+def _low_precision_dot(t: torch.Tensor, precision: str = "native") -> bool:
+    """16-bit dot operands (float32 accumulation): on the GPU for 16-bit inputs in native precision."""
+    return (t.is_cuda or FORCE_16BIT_DOT) and t.dtype != torch.float32 and precision == "native"
+
+
 def _fused(x: torch.Tensor, weight: NF4Tensor, routing: RowRouting, shrink: torch.Tensor,
            shrink_strides: tuple[int, int, int], expand: torch.Tensor, expand_strides: tuple[int, int, int],
            scale: torch.Tensor, rank: int, n_out: int, transpose_w: bool,
@@ -203,8 +213,7 @@ def _fused(x: torch.Tensor, weight: NF4Tensor, routing: RowRouting, shrink: torc
     cfg = config or default_config(m, n_out, n_red, dev, x.dtype)
     has_lora = rank > 0 and bool(shrink.shape[0] > 0)
     block_r = _block_r(rank)
-    # 16-bit dots on the GPU in native precision (the interpreter's 16-bit arithmetic is wrong: float32 there)
-    low = x.is_cuda and x.dtype != torch.float32 and precision == "native"
+    low = _low_precision_dot(x, precision)
     # routing: built once per model forward (rows sorted by adapter, segment starts); nothing is re-sorted here
     order = routing.order
     sorted_ids = routing.sorted_ids()
@@ -330,7 +339,7 @@ def xcross_forward(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, 
          w.stride(0), w.stride(1),
          out.stride(0), out.stride(1), out.stride(2)), h.device, cfg.num_stages,
         N=n, N_PAD=_next_pow2(n), HAS_BIAS=bias is not None,
-        LOW_PRECISION_DOT=h.is_cuda and h.dtype != torch.float32,
+        LOW_PRECISION_DOT=_low_precision_dot(h),
         BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_P=_block_p(n), num_warps=cfg.num_warps,
     )
     return out.to(h.dtype), z
