@@ -527,12 +527,9 @@ def environment(device: torch.device) -> dict:
         fast = bool(has_avx512bf16())
     except ImportError:
         fast = False
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    from xkern.ops.backends.cpu_native import cpu_model
+
+    cpu = cpu_model()
     env = {"device_type": device.type, "cpu": cpu, "cpu_count": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
            "transformers": transformers.__version__, "peft": peft.__version__,

@@ -42,8 +42,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scoring import cpu_model  # noqa: E402
+from xkern.ops.backends.cpu_native import cpu_model  # noqa: E402
 
 MODES = {"batched": [], "one-at-a-time": ["--batch-wait-ms", "0", "--max-batch-size", "1"]}
 DOMAINS = ("Tools", "Toys", "Sports")

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
+from xkern.ops.backends.cpu_native import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scoring import cpu_model  # noqa: E402  (one reading of the CPU model for the bench scripts)
 
 
 def noise(losses: list[float], window: int = 9) -> float:

@@ -20,7 +20,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -127,12 +126,9 @@ def main(argv: list[str] | None = None) -> Path:
         isa = cpu_native.extension().isa() if cpu_native.extension() else None
     except ImportError:
         isa = None
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    from xkern.ops.backends.cpu_native import cpu_model
+
+    cpu = cpu_model()
     result = {
         "kind": "xkern-forward-profile", "label": args.label, "dtype": args.dtype, "batch": args.batch,
         "seq": args.seq, "adapters": args.adapters, "rank": 16, "tokens": tokens,

@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from xkern.ops.backends.cpu_native import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 FRACTIONS = (0.25, 0.5, 1.0)
 # One epoch over every user's most recent next-item example, rank 8 on every NF4 layer, linear decay.
@@ -151,11 +153,6 @@ def plan(args: argparse.Namespace, n_target_users: int) -> tuple[dict[str, Run],
 
 # ------------------------------------------------------------------------------------------------- training
 
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
-
-
 def train(run: Run, runs_dir: Path, timings: dict[str, Any]) -> None:
     """Run (or resume) one training command; its output goes to ``<runs>/<name>.log``."""
     if run.done:
@@ -214,6 +211,16 @@ class Ranker:
             self.model.load_adapter(str(self.runs[run].out / "adapter"), name)
         return name
 
+    def adapter(self, row: Row) -> str:
+        """The adapter that serves an adapter or merge row: its run's, or the merge of its parts (made once)."""
+        if row.kind != "merge":
+            return self.attach(row.parts[0])
+        if row.name not in self.model.list_adapters():
+            from xkern.weave.merging import merge_loaded
+
+            merge_loaded(self.model, row.name, [self.attach(p) for p in row.parts])
+        return row.name
+
     def fingerprint(self, row: Row) -> str:
         """The bytes of every file the row's model is made of: a retrained part invalidates saved scores."""
         h = hashlib.blake2b(digest_size=16)
@@ -231,7 +238,6 @@ class Ranker:
         import torch
 
         from xkern.serve import PrefixLikelihoodScorer
-        from xkern.weave.merging import merge_loaded
 
         if row.kind == "xcross":
             from xkern.xcross import XCrossModel
@@ -248,11 +254,7 @@ class Ranker:
                 return xc.title_prior(items[:, None], 64).numpy()[:, 0].astype(np.float64)
 
             return score, prior
-        if row.kind == "merge":
-            adapter = merge_loaded(self.model, row.name, [self.attach(p) for p in row.parts])
-        else:
-            adapter = self.attach(row.parts[0])
-        sc = PrefixLikelihoodScorer(self.model, self.enc, self.data.titles, adapter)
+        sc = PrefixLikelihoodScorer(self.model, self.enc, self.data.titles, self.adapter(row))
         count = np.array([max(1, len(self.enc.title(t or ""))) for t in self.data.titles], dtype=np.float64)
 
         def score_lora(h: Any, items: np.ndarray) -> np.ndarray:
@@ -331,10 +333,7 @@ class Ranker:
             saved = json.loads(path.read_text())
             if saved.get("fingerprint") == key:
                 return saved["losses"]
-        adapter = BASE
-        if adapter_row is not None:
-            self.scorer(adapter_row)  # attaches (and merges) what the row needs
-            adapter = adapter_row.name if adapter_row.kind == "merge" else self.attach(adapter_row.parts[0])
+        adapter = BASE if adapter_row is None else self.adapter(adapter_row)
         losses = [round(evaluate_loss(self.model, adapter, [ex], "causal_lm", 1), 6) for ex in self.val_examples()]
         atomic_write_text(path, json.dumps({"fingerprint": key, "losses": losses}))
         return losses
@@ -344,11 +343,11 @@ class Ranker:
 
 def paired_drop(start: list[float], end: list[float], n_boot: int, seed: int) -> dict[str, float]:
     """Mean of end - start over the same validation examples, with its paired 95% bootstrap interval."""
+    from xkern.data.confidence import paired_mean_difference
+
     d = np.asarray(end, dtype=np.float64) - np.asarray(start, dtype=np.float64)
-    idx = np.random.default_rng(seed).integers(0, d.size, size=(n_boot, d.size))
-    means = d[idx].mean(axis=1)
-    return {"diff": round(float(d.mean()), 4), "ci_low": round(float(np.quantile(means, 0.025)), 4),
-            "ci_high": round(float(np.quantile(means, 0.975)), 4), "n": int(d.size)}
+    change = paired_mean_difference(d, n_boot, seed)
+    return {**{k: round(change[k], 4) for k in ("diff", "ci_low", "ci_high")}, "n": int(d.size)}
 
 
 def run_info(run: Run) -> dict[str, Any]:

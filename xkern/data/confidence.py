@@ -59,6 +59,13 @@ def paired_comparison(ranks_a: Any, ranks_b: Any, metric: str = "HR@10", n_boot:
     if a.shape != b.shape:
         raise InputError(f"paired rows need the same users: {a.shape} vs {b.shape} ranks")
     diff = per_user(a, metric) - per_user(b, metric)
+    return {"metric": metric, **paired_mean_difference(diff, n_boot, seed, level), "n_users": int(diff.size)}
+
+
+def paired_mean_difference(diff: Any, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """Per-unit differences (A - B on the same users or examples): their mean, its percentile bootstrap
+    interval, and ``p``, the two-sided bootstrap p-value (twice the share of resamples on the other side of zero)."""
+    diff = to_numpy(diff, np.float64)
     means = diff[_resamples(diff.size, n_boot, seed)].mean(axis=1)
     mean = float(diff.mean())
     if np.all(diff == 0):
@@ -66,8 +73,8 @@ def paired_comparison(ranks_a: Any, ranks_b: Any, metric: str = "HR@10", n_boot:
     else:
         other_side = np.mean(means <= 0) if mean > 0 else np.mean(means >= 0)
         p = float(min(1.0, 2 * other_side))
-    return {"metric": metric, "diff": mean, "ci_low": float(np.quantile(means, (1 - level) / 2)),
-            "ci_high": float(np.quantile(means, 1 - (1 - level) / 2)), "p": p, "n_users": int(diff.size)}
+    return {"diff": mean, "ci_low": float(np.quantile(means, (1 - level) / 2)),
+            "ci_high": float(np.quantile(means, 1 - (1 - level) / 2)), "p": p}
 
 
 def quality_row(method: str, ranks: Any, *, target: str, sources: Sequence[str] = (), fraction: float | str = "-",

@@ -38,6 +38,19 @@ def _import_error() -> str:
 
 
 @functools.cache
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor or machine name elsewhere), recorded
+    with every benchmark number."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.machine())
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+@functools.cache
 def bf16_instructions() -> tuple[str, ...]:
     """The bf16 arithmetic this CPU has (``avx512_bf16``: ``vdpbf16ps``; ``amx_bf16``: AMX tiles), from
     ``/proc/cpuinfo``; empty where it has none (bf16 then runs through float32 emulation in oneDNN)."""
