@@ -784,6 +784,50 @@ def gpu_roofline() -> str:
     return "\n".join(lines) + "\n"
 
 
+def cuda_decode_sass() -> str:
+    """The CUDA decode GEMV's main loop before / after the tensor-core rewrite (bf16, from the SASS of both)."""
+    doc = _load("cuda-decode-sass.json")
+    lines = [f"nvcc {doc['nvcc']}; before = `csrc/` at {doc['before_commit']}; issue-bound ceiling = "
+             f"{doc['issue_per_clock']} / (SASS per element) elements per clock per SM x {doc['sms']} SMs x "
+             f"{doc['ghz']} GHz x {doc['bytes_per_element']} bytes per element, against {doc['hbm_tbs']} TB/s.", "",
+             "| state | kernel path | rows M | chunk GK | absmax | arch | registers | spill B | loop instructions | "
+             "elements / thread / iteration | SASS per element | global_load | shared | mma | float | integer | "
+             "move | control | issue-bound TB/s | of HBM |", "|" + "---|" * 20]
+    for state in ("before", "after"):
+        for r in doc["states"][state]:
+            if r["dtype"] != "bfloat16" or r["path"] == "generic" and state == "before":
+                continue
+            absmax = "-" if "double_quant" not in r else ("double-quant" if r["double_quant"] else "float32")
+            c = r["by_class"]
+            lines.append(f"| {state} | {r['path']} | {r['rows']} | {r.get('gk', '-')} | {absmax} | {r['arch']} | "
+                         f"{r.get('regs')} | {r.get('spill_bytes')} | {r['loop_instructions']} | "
+                         f"{r['elements_per_thread_iteration']} | {r['per_element']:g} | "
+                         + " | ".join(str(c.get(k, 0)) for k in ("global_load", "shared", "mma", "float", "integer",
+                                                                   "move", "control"))
+                         + f" | {r['issue_bound_tbs']:.2f} | {r['fraction_of_hbm']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def cuda_decode_sass_summary() -> str:
+    """The before/after range of the CUDA decode loop's SASS per element, in words (sm_80 and sm_90a, bf16)."""
+    doc = _load("cuda-decode-sass.json")
+
+    def span(rs: list[dict], key: str) -> tuple[float, float]:
+        return min(r[key] for r in rs), max(r[key] for r in rs)
+
+    after = [r for r in doc["states"]["after"] if r["path"] == "tensor-core" and r["dtype"] == "bfloat16"]
+    before = [r for r in doc["states"]["before"] if r["path"] == "cuda-core" and r["dtype"] == "bfloat16"]
+    lo64, hi64 = span([r for r in after if r["gk"] == 64], "per_element")
+    _, hi32 = span([r for r in after if r["gk"] == 32], "per_element")
+    b_lo, b_hi = span(before, "per_element")
+    t_lo, _ = span(after, "fraction_of_hbm")
+    bt_lo, bt_hi = span(before, "fraction_of_hbm")
+    return (f"On paper the tensor-core loop takes {lo64:g}-{hi64:g} SASS instructions per element with 64-element "
+            f"chunks and at most {hi32:g} with 32-element ones, for every M from 1 to 16, against {b_lo:g}-{b_hi:g} "
+            f"before: its issue-bound ceiling is at least {t_lo:.0%} of the H200's {doc['hbm_tbs']} TB/s (before "
+            f"{bt_lo:.0%}-{bt_hi:.0%}), so instruction issue no longer bounds the decode.\n")
+
+
 def gpu_compile_triton36() -> str:
     """The same matrix under Triton 3.6 (the GPU image's version), run once in a second venv."""
     doc = _compile_check("gpu-compile-check-triton36.json")
@@ -1008,6 +1052,8 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "gpu-compile-xcross": gpu_compile_xcross,
     "gpu-compile-sass": gpu_compile_sass,
     "gpu-roofline": gpu_roofline,
+    "cuda-decode-sass": cuda_decode_sass,
+    "cuda-decode-sass-summary": cuda_decode_sass_summary,
     "gpu-compile-table": gpu_compile_table,
     "gpu-compile-triton36": gpu_compile_triton36,
     "serve-cpu": serve_cpu,

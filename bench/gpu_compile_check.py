@@ -88,11 +88,15 @@ def _classify(op: str) -> str:
     return "integer"
 
 
-def sass_main_loop(sass: str) -> dict:
-    """The outermost loop of the SASS (largest span closed by a backward branch): instructions by class."""
+def sass_main_loop(sass: str, prefer: tuple[str, ...] = ()) -> dict:
+    """The main loop of the SASS by instruction class: the largest span closed by a backward branch or, with
+    ``prefer`` (opcode bases such as ``("HMMA", "LDS")``), the span holding the most of those instructions
+    (the smallest such span), leaving out branches from past the first unconditional EXIT back before it:
+    out-of-line code (sm_80's divergent-shuffle paths) returning into a loop is not a loop."""
     instrs: list[tuple[int, str, str]] = []
     labels: dict[str, int] = {}
     pending: list[str] = []
+    first_exit = 1 << 62
     for line in sass.splitlines():
         lm = _LABEL.match(line)
         if lm:
@@ -105,7 +109,10 @@ def sass_main_loop(sass: str) -> dict:
                 labels[lab] = addr
             pending.clear()
             instrs.append((addr, m.group("op"), m.group("rest")))
+            if m.group("op") == "EXIT" and "@" not in line.split("*/", 1)[-1].split("EXIT")[0]:
+                first_exit = min(first_exit, addr)
     best = None
+    best_key = None
     for addr, op, rest in instrs:
         if not op.startswith("BRA"):
             continue
@@ -114,8 +121,15 @@ def sass_main_loop(sass: str) -> dict:
         target = labels.get(b.group("label")) if b else (int(h.group(1), 16) if h else None)
         if target is not None and target < addr:
             span = (target, addr)
-            if best is None or span[1] - span[0] > best[1] - best[0]:
-                best = span
+            if prefer and target < first_exit < addr:
+                continue
+            if prefer:
+                hits = sum(1 for a, o, _ in instrs if span[0] <= a <= span[1] and o.split(".")[0] in prefer)
+                key = (hits, -(span[1] - span[0]))
+            else:
+                key = (span[1] - span[0],)
+            if best_key is None or key > best_key:
+                best, best_key = span, key
     total = Counter(_classify(op) for _, op, _ in instrs)
     tc = sum(1 for _, op, _ in instrs if op.split(".")[0] in ("HMMA", "HGMMA"))
     if best is None:

@@ -2,20 +2,20 @@
 // shrink. Device code only; no torch. See nf4_lora_decode.h for the interface and docs/kernels.md
 // ("CUDA decode kernel") for the design.
 //
-// GEMV thread mapping (kernel nf4_lora_gemv_kernel<T, MT, RW, VEC>):
-//   block = 8 warps; each warp owns RW consecutive output features (rows of W), the block owns
-//   8*RW of them; blockIdx.x = N tile, blockIdx.y = K split. K is walked in windows of 1024
-//   elements: lane l of a warp takes elements [32l, 32l+32) of the window for each of its RW rows,
-//   i.e. one 16-byte load of packed NF4 per row (VEC) -- a warp reads 512 contiguous bytes per row.
-//   The activations of the window (MT rows x 1024) are staged in shared memory (cp.async, double
-//   buffered, 16-byte units XOR-swizzled so the lanes' 16-byte reads are bank-conflict free), and
-//   every decoded weight is used for all MT activation rows. A 32-element chunk lies in one
-//   quantization block, so the chunk's dot products are accumulated unscaled and multiplied by the
-//   block's absmax once. After the K loop, warp shuffles reduce the lanes; lane p = r*MT + m owns
-//   output (row r, activation row m) and writes it (split_k == 1) together with the LoRA expand
-//   s[a] * xa[m] . B[a, n, :], or writes a float32 partial; with split_k > 1 the last block of an N
-//   tile to finish (threadfence + atomic counter) sums the partials in split order (deterministic),
-//   adds the expand and stores in the activation dtype.
+// Two GEMV kernels:
+// - nf4_lora_mma_kernel<T, NH, GK, DQ> (K % 32 == 0, 16-byte aligned packed weight and x: the models'
+//   case): tensor cores. Weights are decoded two at a time with a pair table in shared memory
+//   straight into mma.sync A fragments, activations are the B operand read from global memory in
+//   fragment order; see the comment above the kernel.
+// - nf4_lora_gemv_kernel<T, MT, RW> (any K, any alignment): CUDA cores. Block = 8 warps; each warp
+//   owns RW consecutive output features, lane l takes elements [32l, 32l+32) of each 1024-element K
+//   window; the window's activations are staged in shared memory (16-byte units XOR-swizzled), every
+//   decoded weight (byte-wise loads, a 16-entry code table in shared memory) is used for all MT
+//   activation rows; warp shuffles reduce the lanes.
+// Both end the same way: an output's owner adds the LoRA expand s[a] * xa[m] . B[a, n, :] and stores
+// in the activation dtype, or (split_k > 1) writes a float32 partial; the last block of an N tile to
+// finish (threadfence + atomic counter) sums the partials in split order (deterministic), adds the
+// expand and stores.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -29,7 +29,6 @@ namespace xkern {
 namespace decode {
 
 // kWarps, kThreads, kChunk, kWindow, kMaxSplitK: nf4_lora_decode.h
-constexpr int kUnits = kWindow / 8;      // 16-byte units of 8 x 16-bit activations per window row
 constexpr int kNestedShift = 8;          // double quantization: 256 absmax values per nested block
 
 // NF4 code table (bitsandbytes order); copied into shared memory by every block.
@@ -48,6 +47,7 @@ template <>
 struct Elem<__half> {
   static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
   static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ uint32_t bits(float v) { return __half_as_ushort(__float2half_rn(v)); }
   // two packed 16-bit values, element 0 in the low half
   static __device__ __forceinline__ void unpack2(uint32_t w, float& lo, float& hi) {
     lo = __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)));
@@ -59,6 +59,7 @@ template <>
 struct Elem<__nv_bfloat16> {
   static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
   static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ uint32_t bits(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
   static __device__ __forceinline__ void unpack2(uint32_t w, float& lo, float& hi) {
     lo = __uint_as_float(w << 16);
     hi = __uint_as_float(w & 0xffff0000u);
@@ -112,7 +113,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 // XOR spreads the 8 lanes of each 128-bit shared-memory phase over all 32 banks.
 __device__ __forceinline__ int swz(int u) { return u ^ ((u >> 3) & 3); }
 
-// The three hardware-specific pieces below are replaced by csrc/host_emulation/ when the kernels
+// The hardware-specific pieces below are replaced by csrc/host_emulation/ when the kernels
 // are run on the CPU by the host emulator (tests/ops/test_cuda_backend.py); the rest is shared.
 #ifndef XKERN_HOST_EMULATION
 __device__ __forceinline__ unsigned char* dynamic_smem() {
@@ -120,18 +121,36 @@ __device__ __forceinline__ unsigned char* dynamic_smem() {
   return xkern_dynamic_smem;
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int n = valid ? 16 : 0;  // src-size 0: the 16 bytes are zero-filled, nothing is read
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n) : "memory");
+__device__ __forceinline__ unsigned byte_perm(unsigned x, unsigned y, unsigned selector) {
+  return __byte_perm(x, y, selector);
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// d = a b + c for one m16n8k16 tensor-core step of the warp (float32 accumulation): a the A fragment
+// (16 x 16, row major: a[0] row g, a[1] row g+8, a[2]/a[3] the same rows 8 columns on), b0/b1 the B
+// fragment (16 x 8, column g, k rows 2t.. and 2t+8..), each register two 16-bit values, lower k in the
+// low half; d/c: rows g and g+8, columns 2t and 2t+1 (g = lane / 4, t = lane % 4).
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
+                                          const float (&c)[4]);
 
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1, const float (&c)[4]) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%11,%12,%13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
 }
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
+                                                  const float (&c)[4]) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%11,%12,%13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+
 #endif  // XKERN_HOST_EMULATION
 
 // absmax of quantization block b, decoding double quantization: code2[q] * absmax2[b / 256] + offset
@@ -155,6 +174,44 @@ __device__ __forceinline__ float lora_expand(const DecodeParams& p, int m, int n
   return __ldg(p.scale + a) * s;
 }
 
+// The end of both GEMVs: each thread holds kN finished dot products, outputs (m[u], n[u]) (`active` where
+// m < M and n < N). With one split it adds the LoRA expand and stores; otherwise it writes its float32
+// partials, and the last block of the N tile to finish (threadfence + atomic counter; no block waits for
+// another) sums every split's partials in split order -- deterministic --, adds the expand, stores, and
+// resets the counter. Every thread of the block calls it.
+template <typename T, int kN>
+__device__ __forceinline__ void finish_outputs(const DecodeParams& p, int split, int split_k, int n_tile,
+                                               const float (&v)[kN], const int (&m)[kN], const int (&n)[kN],
+                                               const bool (&active)[kN], int& s_last) {
+  T* y = static_cast<T*>(p.y);
+  if (split_k == 1) {
+#pragma unroll
+    for (int u = 0; u < kN; ++u) {
+      if (active[u]) y[static_cast<int64_t>(m[u]) * p.N + n[u]] = Elem<T>::from_float(v[u] + lora_expand(p, m[u], n[u]));
+    }
+    return;
+  }
+#pragma unroll
+  for (int u = 0; u < kN; ++u) {
+    if (active[u]) p.partial[(static_cast<int64_t>(split) * p.M + m[u]) * p.N + n[u]] = v[u];
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomicAdd(p.counters + n_tile, 1) == split_k - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+#pragma unroll
+  for (int u = 0; u < kN; ++u) {
+    if (active[u]) {
+      float total = 0.f;
+      for (int s = 0; s < split_k; ++s) total += __ldcg(p.partial + (static_cast<int64_t>(s) * p.M + m[u]) * p.N + n[u]);
+      y[static_cast<int64_t>(m[u]) * p.N + n[u]] = Elem<T>::from_float(total + lora_expand(p, m[u], n[u]));
+    }
+  }
+  if (threadIdx.x == 0) p.counters[n_tile] = 0;  // leave the workspace reusable
+}
+
 // part[r][m] += sum_j c[r][j] * x[m, 8*unit + j]  (x from the swizzled window in shared memory)
 template <typename T, int MT, int RW>
 __device__ __forceinline__ void fma_subchunk(const float (&c)[RW][8], const T* xw, int unit,
@@ -176,15 +233,11 @@ __device__ __forceinline__ void fma_subchunk(const float (&c)[RW][8], const T* x
 
 // ---- the fused GEMV + LoRA expand --------------------------------------------------------------
 
-// T: activation type (__half / __nv_bfloat16). MT: activation rows computed (M <= MT; rows >= M
-// are zero). RW: weight rows per warp. VEC: 16-byte weight loads + cp.async activations (needs
-// K % 32 == 0 and 16-byte aligned packed / x); otherwise byte-wise loads for any K.
-// Dynamic shared memory: (VEC ? 2 : 1) * MT * kWindow * sizeof(T) bytes.
-template <typename T, int MT, int RW, bool VEC>
-// MT == 8 asks for two resident blocks (<= 128 registers; ptxas otherwise takes 130 on sm_90a). The
-// others keep ptxas' default (0 = unspecified): they stay at or under 128 registers on their own, a
-// bound of 2 makes MT == 16 spill, and an explicit 1 lets the small variants grow to ~200 registers.
-__global__ void __launch_bounds__(kThreads, MT == 8 ? 2 : 0)
+// The generic GEMV (any K, any alignment). T: activation type (__half / __nv_bfloat16). MT:
+// activation rows computed (M <= MT; rows >= M are zero). RW: weight rows per warp.
+// Dynamic shared memory: MT * kWindow * sizeof(T) bytes.
+template <typename T, int MT, int RW>
+__global__ void __launch_bounds__(kThreads)
     nf4_lora_gemv_kernel(const DecodeParams p, const int k_slab, const int split_k, const int lg_block) {
   static_assert(RW * MT <= 32, "one lane per (weight row, activation row) output");
   static_assert(sizeof(T) == 2, "16-bit activations");
@@ -214,138 +267,52 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? 2 : 0)
     for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
   }
 
-  if constexpr (VEC) {
-    uint4 w_cur[RW], w_nxt[RW];
-    float s_cur[RW], s_nxt[RW];
-#pragma unroll
-    for (int r = 0; r < RW; ++r) {
-      w_nxt[r] = make_uint4(0u, 0u, 0u, 0u);
-      s_nxt[r] = 0.f;
+  // Any K (rows need not start on a byte or a block): byte-wise weight loads.
+  const T zero = Elem<T>::from_float(0.f);
+  for (int i = 0; i < n_windows; ++i) {
+    const int win = k_begin + i * kWindow;
+    __syncthreads();  // previous window fully read
+    for (int t = tid; t < MT * kWindow; t += kThreads) {
+      const int m = t / kWindow;
+      const int e = t % kWindow;
+      const int k = win + e;
+      xs[m * kWindow + swz(e >> 3) * 8 + (e & 7)] = (m < p.M && k < k_end) ? x[m * K + k] : zero;
     }
-    // stage activations [MT, window] into buffer `stage` (16-byte cp.async, zero-fill outside)
-    auto load_x = [&](int win, int stage) {
-      T* dst = xs + stage * (MT * kWindow);
-      for (int t = tid; t < MT * kUnits; t += kThreads) {
-        const int m = t / kUnits;
-        const int u = t % kUnits;
-        const int k = win + 8 * u;
-        const bool ok = m < p.M && k < k_end;
-        cp_async16(dst + m * kWindow + swz(u) * 8, ok ? x + m * K + k : x, ok);
-      }
-      cp_async_commit();
-    };
-    auto load_w = [&](int win, uint4 (&w)[RW], float (&s)[RW]) {
-      const int k = win + lane * kChunk;
+    __syncthreads();
+    const int k_lane = win + lane * kChunk;
+    if (k_lane < k_end) {
+      const int n_valid = min(kChunk, k_end - k_lane);
+      int64_t f0[RW], b0[RW];
+      float s0[RW], s1[RW];
 #pragma unroll
       for (int r = 0; r < RW; ++r) {
         const int n = row0 + r;
-        if (n < p.N && k < k_end) {
-          const int64_t f = n * K + k;  // flat element index, a multiple of 32: one block
-          w[r] = __ldg(reinterpret_cast<const uint4*>(p.packed + (f >> 1)));
-          s[r] = block_scale(p, offset, f >> lg_block);
-        } else {
-          w[r] = make_uint4(0u, 0u, 0u, 0u);
-          s[r] = 0.f;
-        }
+        f0[r] = static_cast<int64_t>(min(n, p.N - 1)) * K + k_lane;
+        b0[r] = f0[r] >> lg_block;
+        const int64_t b1 = (f0[r] + n_valid - 1) >> lg_block;  // a chunk spans at most two blocks
+        s0[r] = block_scale(p, offset, b0[r]);
+        s1[r] = b1 != b0[r] ? block_scale(p, offset, b1) : s0[r];
       }
-    };
-
-    load_x(k_begin, 0);
-    load_w(k_begin, w_cur, s_cur);
-    for (int i = 0; i < n_windows; ++i) {
-      const int win = k_begin + i * kWindow;
-      if (i + 1 < n_windows) {  // prefetch the next window while this one is computed
-        load_x(win + kWindow, (i + 1) & 1);
-        load_w(win + kWindow, w_nxt, s_nxt);
-      } else {
-        cp_async_commit();  // empty group: keeps "all but the newest group" meaning this window
-      }
-      cp_async_wait<1>();
-      __syncthreads();
-      if (win + lane * kChunk < k_end) {
-        const T* xw = xs + (i & 1) * (MT * kWindow);
-        float part[RW][MT];
+#pragma unroll
+      for (int sc = 0; sc < 4; ++sc) {
+        float c[RW][8];
 #pragma unroll
         for (int r = 0; r < RW; ++r) {
+          const bool row_ok = row0 + r < p.N;
 #pragma unroll
-          for (int m = 0; m < MT; ++m) part[r][m] = 0.f;
-        }
-#pragma unroll
-        for (int sc = 0; sc < 4; ++sc) {  // 4 x 8 elements = the 32-element chunk
-          float c[RW][8];
-#pragma unroll
-          for (int r = 0; r < RW; ++r) {
-            const uint32_t word = word_of(w_cur[r], sc);
-#pragma unroll
-            for (int b = 0; b < 4; ++b) {
-              const uint32_t byte = (word >> (8 * b)) & 0xffu;
-              c[r][2 * b] = lut[byte >> 4];        // element 2i: high nibble
-              c[r][2 * b + 1] = lut[byte & 0xfu];  // element 2i+1: low nibble
+          for (int j = 0; j < 8; ++j) {
+            const int e = sc * 8 + j;
+            float v = 0.f;
+            if (row_ok && e < n_valid) {
+              const int64_t f = f0[r] + e;
+              const uint32_t byte = __ldg(p.packed + (f >> 1));
+              const uint32_t q = (f & 1) ? (byte & 0xfu) : (byte >> 4);
+              v = lut[q] * (((f >> lg_block) == b0[r]) ? s0[r] : s1[r]);
             }
+            c[r][j] = v;
           }
-          fma_subchunk<T, MT, RW>(c, xw, lane * 4 + sc, part);
         }
-#pragma unroll
-        for (int r = 0; r < RW; ++r) {
-#pragma unroll
-          for (int m = 0; m < MT; ++m) acc[r][m] = fmaf(s_cur[r], part[r][m], acc[r][m]);
-        }
-      }
-      __syncthreads();  // the buffer just read is the target of the next prefetch
-#pragma unroll
-      for (int r = 0; r < RW; ++r) {
-        w_cur[r] = w_nxt[r];
-        s_cur[r] = s_nxt[r];
-      }
-    }
-  } else {
-    // Generic path: any K (rows need not start on a byte or a block), byte-wise weight loads.
-    const T zero = Elem<T>::from_float(0.f);
-    for (int i = 0; i < n_windows; ++i) {
-      const int win = k_begin + i * kWindow;
-      __syncthreads();  // previous window fully read
-      for (int t = tid; t < MT * kWindow; t += kThreads) {
-        const int m = t / kWindow;
-        const int e = t % kWindow;
-        const int k = win + e;
-        xs[m * kWindow + swz(e >> 3) * 8 + (e & 7)] = (m < p.M && k < k_end) ? x[m * K + k] : zero;
-      }
-      __syncthreads();
-      const int k_lane = win + lane * kChunk;
-      if (k_lane < k_end) {
-        const int n_valid = min(kChunk, k_end - k_lane);
-        int64_t f0[RW], b0[RW];
-        float s0[RW], s1[RW];
-#pragma unroll
-        for (int r = 0; r < RW; ++r) {
-          const int n = row0 + r;
-          f0[r] = static_cast<int64_t>(min(n, p.N - 1)) * K + k_lane;
-          b0[r] = f0[r] >> lg_block;
-          const int64_t b1 = (f0[r] + n_valid - 1) >> lg_block;  // a chunk spans at most two blocks
-          s0[r] = block_scale(p, offset, b0[r]);
-          s1[r] = b1 != b0[r] ? block_scale(p, offset, b1) : s0[r];
-        }
-#pragma unroll
-        for (int sc = 0; sc < 4; ++sc) {
-          float c[RW][8];
-#pragma unroll
-          for (int r = 0; r < RW; ++r) {
-            const bool row_ok = row0 + r < p.N;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-              const int e = sc * 8 + j;
-              float v = 0.f;
-              if (row_ok && e < n_valid) {
-                const int64_t f = f0[r] + e;
-                const uint32_t byte = __ldg(p.packed + (f >> 1));
-                const uint32_t q = (f & 1) ? (byte & 0xfu) : (byte >> 4);
-                v = lut[q] * (((f >> lg_block) == b0[r]) ? s0[r] : s1[r]);
-              }
-              c[r][j] = v;
-            }
-          }
-          fma_subchunk<T, MT, RW>(c, xs, lane * 4 + sc, acc);
-        }
+        fma_subchunk<T, MT, RW>(c, xs, lane * 4 + sc, acc);
       }
     }
   }
@@ -364,26 +331,248 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? 2 : 0)
   const int my_m = lane % MT;
   const int n = row0 + my_r;
   const bool active = lane < RW * MT && my_m < p.M && n < p.N;
-  T* y = static_cast<T*>(p.y);
-  const int64_t out_idx = static_cast<int64_t>(my_m) * p.N + n;
+  const float v[1] = {mine};
+  const int out_m[1] = {my_m};
+  const int out_n[1] = {n};
+  const bool out_active[1] = {active};
+  finish_outputs<T, 1>(p, split, split_k, n_tile, v, out_m, out_n, out_active, s_last);
+}
 
-  if (split_k == 1) {
-    if (active) y[out_idx] = Elem<T>::from_float(mine + lora_expand(p, my_m, n));
-    return;
+// ---- the tensor-core GEMV + LoRA expand ------------------------------------------------------
+
+// NF4 pair table in dynamic shared memory: the entry of byte value v for lane l sits at byte offset
+// v * 256 + 4 l and holds the codes of both nibbles as 16-bit T (the high nibble -- the even element
+// -- in the low half, where an mma fragment wants the lower k). One lookup decodes two elements; the
+// 32 lanes read 32 different banks whatever their bytes; the address is a single PRMT (byte v of a
+// weight word into bits 8..15, 4 l into bits 0..7). Half of each 256-byte row is unused.
+constexpr int kPairTableBytes = 256 * 256;
+
+// Shared memory of the tensor-core kernel: the pair table, reused after the K loop for the
+// cross-warp reduction (kWarps * kMmaTiles * NH * 4 * 32 floats <= 16 KiB).
+constexpr size_t mma_smem_bytes() { return kPairTableBytes; }
+
+// T: activation type. NH: halves of 8 activation rows (M <= 8: 1, M <= 16: 2). GK: K elements of a
+// weight row per chunk (a thread loads GK / 8 bytes of each of its rows: 4 or 8), which lie in one
+// quantization block (K % GK == 0, blocksize >= GK), so a chunk's dot products are taken on the
+// codes alone and scaled once per (row, chunk). DQ: double-quantized absmax.
+//
+// Block: kMmaTiles tiles of 16 weight rows (output features); all 8 warps work on all of them, warp w
+// taking chunks w, w + 8, ... of the block's K range; grid (N tiles, K splits). Per chunk and tile a
+// warp runs GK / 16 mma.sync m16n8k16 steps per 8 activation rows with A = the decoded weights and
+// B = x^T. K is permuted inside a chunk (the same way for W and x, which leaves the dot product
+// unchanged) so that each thread's operands are contiguous in memory: thread (g = lane / 4, t = lane
+// % 4) holds elements [GK/4 t, GK/4 (t+1)) of the chunk -- bytes [GK/8 t, GK/8 (t+1)) of weight rows
+// g and g + 8, one 4- or 8-byte load each, and the same elements of activation row g (and g + 8),
+// one or two 16-byte loads. Byte j becomes register pair P_j; k-step s takes a = (P_2s of row g,
+// P_2s of row g+8, P_2s+1 of row g, P_2s+1 of row g+8) and b = (x words 2s, 2s+1). The next chunk's
+// loads are issued before the current chunk is decoded. After the loop the 8 warps' accumulators are
+// summed in warp order through shared memory and each thread finishes one or two outputs: the LoRA
+// expand, then the store -- or, with split_k > 1, the float32 partial and the last-block reduction.
+template <typename T, int NH, int GK, bool DQ>
+__global__ void __launch_bounds__(kThreads)
+    nf4_lora_mma_kernel(const DecodeParams p, const int k_slab, const int split_k, const int lg_block) {
+  static_assert(GK == 32 || GK == 64, "GK / 8 bytes of a row per thread: 4 or 8");
+  static_assert(NH == 1 || NH == 2, "8 or 16 activation rows");
+  static_assert(kThreads == 256, "one thread per pair-table entry and per code2 value");
+  static_assert(kMmaRows == 32, "one block row per lane for the scales");
+  static_assert(sizeof(T) == 2, "16-bit activations");
+  constexpr int kWords = GK / 32;   // 32-bit words of one weight row per thread and chunk
+  constexpr int kBytes = GK / 8;    // bytes of one weight row per thread and chunk (= pair registers)
+  constexpr int kXWords = GK / 8;   // 32-bit words (element pairs) of one activation row per thread and chunk
+  constexpr int kSteps = GK / 16;   // mma k-steps per chunk
+  constexpr int kStride = kWarps * GK;  // K elements between a warp's chunks
+  constexpr int kOut = kMmaTiles * NH * 4;  // accumulators per thread
+  constexpr int kMine = kOut * 32 / kThreads;  // outputs each thread finishes
+  __shared__ float code2_s[256];
+  __shared__ int s_last;
+  unsigned char* smem = dynamic_smem();
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  {  // thread v writes the 32 lane copies of entry v
+    const uint32_t v = Elem<T>::bits(kNF4Code[tid >> 4]) | (Elem<T>::bits(kNF4Code[tid & 15]) << 16);
+    uint4* dst = reinterpret_cast<uint4*>(smem + tid * 256);
+#pragma unroll
+    for (int c = 0; c < 8; ++c) dst[c] = make_uint4(v, v, v, v);
   }
-  if (active) p.partial[(static_cast<int64_t>(split) * p.M + my_m) * p.N + n] = mine;
-  __threadfence();
+  if (DQ) code2_s[tid] = __ldg(p.code2 + tid);
   __syncthreads();
-  if (tid == 0) s_last = atomicAdd(p.counters + n_tile, 1) == split_k - 1;
+
+  const int n_tile = blockIdx.x;
+  const int split = blockIdx.y;
+  const int row0 = n_tile * kMmaRows;
+  const int k_begin = split * k_slab;
+  const int k_end = min(p.K, k_begin + k_slab);
+  const int64_t K = p.K;
+  const int k_first = k_begin + warp * GK;  // this warp's first chunk
+  const float offset = DQ ? __ldg(p.offset) : 0.f;
+  const uint32_t lane4 = static_cast<uint32_t>(lane) * 4u;
+
+  // This thread's weight rows row0 + 16 i + 8 h + g and activation rows 8 j + g, clamped to the last
+  // row: a row of A only reaches the same row of D, a column of B the same column of D, so rows past
+  // N or M compute on a copy of the last one and are never stored -- no branch in the loop. The
+  // pointers advance by one warp stride per load.
+  const uint8_t* w_ptr[kMmaTiles][2];
+#pragma unroll
+  for (int i = 0; i < kMmaTiles; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int n = min(row0 + 16 * i + 8 * h + g, p.N - 1);
+      w_ptr[i][h] = p.packed + ((static_cast<int64_t>(n) * K + k_first) >> 1) + kBytes * t;
+    }
+  }
+  const T* x_ptr[NH];
+#pragma unroll
+  for (int j = 0; j < NH; ++j) {
+    x_ptr[j] = static_cast<const T*>(p.x) + static_cast<int64_t>(min(8 * j + g, p.M - 1)) * K + k_first + (GK / 4) * t;
+  }
+  // Scales: lane l loads the one of block row l (row0 + l) for the warp's chunk, and the threads that
+  // need it shuffle it over (rows g, g + 8, g + 16, g + 24). The chunk's quantization block is
+  // b_row + (pos >> lg_block), pos the chunk's offset from the start of the row's first block (the
+  // plan keeps block indices below 2^31).
+  const int64_t flat_s = static_cast<int64_t>(min(row0 + lane, p.N - 1)) * K;
+  const uint32_t b_row = static_cast<uint32_t>(flat_s >> lg_block);
+  uint32_t pos = static_cast<uint32_t>(flat_s & ((int64_t{1} << lg_block) - 1)) + k_first;
+
+  struct Stage {
+    uint32_t w[kMmaTiles][2][kWords];
+    uint32_t x[NH][kXWords];
+    float s;  // the lane's block row: absmax, or (DQ) absmax2 of the nested block
+    int q;    // DQ: the absmax code
+  };
+  auto load = [&](Stage& st) {
+#pragma unroll
+    for (int i = 0; i < kMmaTiles; ++i) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if constexpr (kWords == 2) {
+          const uint2 v = __ldg(reinterpret_cast<const uint2*>(w_ptr[i][h]));
+          st.w[i][h][0] = v.x;
+          st.w[i][h][1] = v.y;
+        } else {
+          st.w[i][h][0] = __ldg(reinterpret_cast<const uint32_t*>(w_ptr[i][h]));
+        }
+        w_ptr[i][h] += kStride / 2;
+      }
+    }
+    const uint32_t b = b_row + (pos >> lg_block);
+    pos += kStride;
+    if constexpr (DQ) {
+      st.q = __ldg(static_cast<const uint8_t*>(p.absmax) + b);
+      st.s = __ldg(p.absmax2 + (b >> kNestedShift));
+    } else {
+      st.q = 0;
+      st.s = __ldg(static_cast<const float*>(p.absmax) + b);
+    }
+#pragma unroll
+    for (int j = 0; j < NH; ++j) {
+#pragma unroll
+      for (int u = 0; u < kXWords / 4; ++u) {
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(x_ptr[j]) + u);
+        st.x[j][4 * u] = v.x;
+        st.x[j][4 * u + 1] = v.y;
+        st.x[j][4 * u + 2] = v.z;
+        st.x[j][4 * u + 3] = v.w;
+      }
+      x_ptr[j] += kStride;
+    }
+  };
+
+  float acc[kMmaTiles][NH][4];
+#pragma unroll
+  for (int i = 0; i < kMmaTiles; ++i) {
+#pragma unroll
+    for (int j = 0; j < NH; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+    }
+  }
+  auto compute = [&](const Stage& st) {
+    const float lane_scale = DQ ? fmaf(code2_s[st.q], st.s, offset) : st.s;
+#pragma unroll
+    for (int i = 0; i < kMmaTiles; ++i) {
+      uint32_t pair[2][kBytes];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int b = 0; b < kBytes; ++b) {
+          const uint32_t at = byte_perm(st.w[i][h][b >> 2], lane4, 0x5504u | (static_cast<uint32_t>(b & 3) << 4));
+          pair[h][b] = *reinterpret_cast<const uint32_t*>(smem + at);
+        }
+      }
+      float part[NH][4];
+#pragma unroll
+      for (int j = 0; j < NH; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) part[j][e] = 0.f;
+      }
+#pragma unroll
+      for (int s = 0; s < kSteps; ++s) {
+        const uint32_t a[4] = {pair[0][2 * s], pair[1][2 * s], pair[0][2 * s + 1], pair[1][2 * s + 1]};
+#pragma unroll
+        for (int j = 0; j < NH; ++j) mma_16816<T>(part[j], a, st.x[j][2 * s], st.x[j][2 * s + 1], part[j]);
+      }
+      float sc[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) sc[h] = __shfl_sync(0xffffffffu, lane_scale, 16 * i + 8 * h + g);
+#pragma unroll
+      for (int j = 0; j < NH; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][j][e] = fmaf(part[j][e], sc[e >> 1], acc[i][j][e]);
+      }
+    }
+  };
+
+  // Two chunks per iteration, the loads of one in flight while the other is decoded and multiplied
+  // (two register stages, no copies between them). The loop is warp-uniform: every lane takes part in
+  // every mma.
+  Stage st0, st1;
+  const int n_chunks = k_first < k_end ? (k_end - k_first + kStride - 1) / kStride : 0;
+  if (n_chunks > 0) load(st0);
+#pragma unroll 1
+  for (int i = 0; i < n_chunks; i += 2) {
+    if (i + 1 < n_chunks) load(st1);
+    compute(st0);
+    if (i + 1 >= n_chunks) break;
+    if (i + 2 < n_chunks) load(st0);
+    compute(st1);
+  }
+
+  // ---- epilogue: sum the warps (fixed order), thread q finishes outputs q, q + 256 --------------
+  __syncthreads();  // every warp is done with the pair table: its memory becomes the reduction buffer
+  float* red = reinterpret_cast<float*>(smem);  // [kWarps][kOut][32]
+#pragma unroll
+  for (int i = 0; i < kMmaTiles; ++i) {
+#pragma unroll
+    for (int j = 0; j < NH; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) red[(warp * kOut + (i * NH + j) * 4 + e) * 32 + lane] = acc[i][j][e];
+    }
+  }
   __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  if (active) {
+  float mine[kMine];
+  int out_m[kMine], out_n[kMine];
+  bool active[kMine];
+#pragma unroll
+  for (int u = 0; u < kMine; ++u) {
+    const int q = tid + u * kThreads;
+    const int l = q & 31;
+    const int o = q >> 5;  // (i * NH + j) * 4 + e
+    const int e = o & 3;
+    const int j = (o >> 2) % NH;
+    const int i = (o >> 2) / NH;
     float v = 0.f;
-    for (int s = 0; s < split_k; ++s) v += __ldcg(p.partial + (static_cast<int64_t>(s) * p.M + my_m) * p.N + n);
-    y[out_idx] = Elem<T>::from_float(v + lora_expand(p, my_m, n));
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) v += red[(w * kOut + o) * 32 + l];
+    mine[u] = v;
+    out_n[u] = row0 + 16 * i + 8 * (e >> 1) + (l >> 2);
+    out_m[u] = 8 * j + 2 * (l & 3) + (e & 1);
+    active[u] = out_m[u] < p.M && out_n[u] < p.N;
   }
-  if (tid == 0) p.counters[n_tile] = 0;  // leave the workspace reusable
+  finish_outputs<T, kMine>(p, split, split_k, n_tile, mine, out_m, out_n, active, s_last);
 }
 
 // ---- the LoRA shrink -------------------------------------------------------------------------

@@ -22,8 +22,12 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kChunk = 32;              // NF4 elements per lane and window: one 16-byte load
 constexpr int kWindow = 32 * kChunk;    // K elements per window (one chunk per lane)
 constexpr int kMaxSplitK = 32;
-// weight rows per warp of the GEMV variant (plan.mt, plan.vec); rows per block = kWarps * this
-constexpr int rows_per_warp(int mt, bool vec) { return (vec && mt <= 2) ? 4 : 2; }
+// generic (byte-wise) GEMV: weight rows per warp; rows per block = kWarps * this
+constexpr int kGenericRowsPerWarp = 2;
+// tensor-core (mma.sync m16n8k16) GEMV: 16-row tiles per block; every warp works on all of them, the
+// 8 warps split K between them
+constexpr int kMmaTiles = 2;
+constexpr int kMmaRows = 16 * kMmaTiles;
 }  // namespace decode
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -62,8 +66,9 @@ struct DecodeParams {
 };
 
 struct DecodePlan {
-  bool vec = true;         // 16-byte weight loads (K % 32 == 0, aligned pointers) or the generic path
-  int mt = 1;              // rows per block, padded: 1, 2, 4, 8 or 16
+  bool vec = true;         // the tensor-core kernel (K % 32 == 0, 16-byte aligned pointers) or the generic path
+  int mt = 8;              // activation rows computed, padded: 8 or 16 (tensor-core), 16 (generic)
+  int gk = 0;              // tensor-core kernel: K elements of a row per weight load and scale (32 or 64)
   int rows_per_block = 0;  // output features (N) per block
   int n_tiles = 0;         // blocks along N
   int split_k = 1;         // blocks along K

@@ -10,7 +10,6 @@ namespace xkern {
 using decode::kMaxSplitK;
 using decode::kWarps;
 using decode::kWindow;
-using decode::rows_per_warp;
 
 namespace {
 
@@ -23,18 +22,27 @@ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 DecodePlan plan_nf4_lora_decode(const DecodeParams& p, int num_sms, int force_split_k, bool force_generic) {
   DecodePlan plan;
   const int m = p.M < 1 ? 1 : p.M;
-  plan.mt = m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : m <= 8 ? 8 : 16;
-  plan.vec = !force_generic && p.K % 32 == 0 && aligned16(p.packed) && aligned16(p.x);
-  if (!plan.vec) plan.mt = 16;  // one generic instantiation; rows >= M are zero and not stored
-  plan.rows_per_block = kWarps * rows_per_warp(plan.mt, plan.vec);
+  // the tensor-core kernel indexes quantization blocks in 32 bits
+  const bool few_blocks = static_cast<int64_t>(p.N) * p.K / (p.blocksize > 0 ? p.blocksize : 1) < (int64_t{1} << 31);
+  plan.vec = !force_generic && p.K % 32 == 0 && p.blocksize >= 32 && few_blocks && aligned16(p.packed) &&
+             aligned16(p.x);
+  if (plan.vec) {  // tensor cores: 8 or 16 activation rows (rows >= M are zero and not stored)
+    plan.mt = m <= 8 ? 8 : 16;
+    plan.gk = (p.K % 64 == 0 && p.blocksize >= 64) ? 64 : 32;
+    plan.rows_per_block = decode::kMmaRows;
+  } else {  // one generic instantiation
+    plan.mt = 16;
+    plan.gk = 0;
+    plan.rows_per_block = kWarps * decode::kGenericRowsPerWarp;
+  }
   plan.n_tiles = ceil_div(p.N < 1 ? 1 : p.N, plan.rows_per_block);
   const int windows = ceil_div(p.K < 1 ? 1 : p.K, kWindow);
   int split;
   if (force_split_k > 0) {
     split = force_split_k;
   } else {
-    // Heuristic (untuned): about two blocks per SM in total, at least two windows per split so a
-    // block overlaps one window's loads with the previous window's math.
+    // Heuristic (untuned): about two blocks per SM in total, at least two windows per split so every
+    // warp has chunks to prefetch while it computes.
     const int target = 2 * (num_sms > 0 ? num_sms : 108);
     split = ceil_div(target, plan.n_tiles);
     const int by_windows = windows / 2 > 1 ? windows / 2 : 1;

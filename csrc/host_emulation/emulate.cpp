@@ -27,8 +27,8 @@ void run_grid(unsigned grid_x, unsigned grid_y, Body body) {
       std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
       for (int w = 0; w < kWarps; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
       std::vector<float> slots(kThreads, 0.f);
-      BlockState state{&block_barrier, &warp_barriers, &slots};
-      std::atomic<int> leftover{0};
+      std::vector<uint32_t> mma_slots(static_cast<size_t>(kThreads) * 6, 0u);
+      BlockState state{&block_barrier, &warp_barriers, &slots, &mma_slots};
       std::vector<std::thread> threads;
       threads.reserve(kThreads);
       for (int t = 0; t < kThreads; ++t) {
@@ -36,43 +36,35 @@ void run_grid(unsigned grid_x, unsigned grid_y, Body body) {
           threadIdx = {static_cast<unsigned>(t), 0, 0};
           blockIdx = {bx, by, 0};
           t_block = &state;
-          t_open_group.clear();
-          t_committed.clear();
           body();
-          // copies still in flight at exit must be empty groups (else the kernel never waited on them)
-          for (const auto& g : t_committed) leftover += static_cast<int>(g.size());
-          leftover += static_cast<int>(t_open_group.size());
           warp_barriers[t >> 5]->arrive_and_drop();
           block_barrier.arrive_and_drop();
         });
       }
       for (auto& th : threads) th.join();
-      if (leftover.load() != 0) throw std::runtime_error("cp.async copies never waited for");
     }
   }
 }
 
-template <typename T, int MT, int RW, bool VEC>
-void gemv(const DecodeParams& p, const DecodePlan& plan, int lg_block) {
-  constexpr size_t smem = static_cast<size_t>(VEC ? 2 : 1) * MT * xkern::decode::kWindow * sizeof(T);
-  static_assert(smem <= kSmemBytes, "emulated shared memory too small");
-  run_grid(plan.n_tiles, plan.split_k, [&] {
-    xkern::decode::nf4_lora_gemv_kernel<T, MT, RW, VEC>(p, plan.k_slab, plan.split_k, lg_block);
-  });
-}
-
 template <typename T>
 void gemv_for(const DecodeParams& p, const DecodePlan& plan, int lg_block) {
-  using xkern::decode::rows_per_warp;
-  if (!plan.vec) return gemv<T, 16, rows_per_warp(16, false), false>(p, plan, lg_block);
-  switch (plan.mt) {
-    case 1: return gemv<T, 1, rows_per_warp(1, true), true>(p, plan, lg_block);
-    case 2: return gemv<T, 2, rows_per_warp(2, true), true>(p, plan, lg_block);
-    case 4: return gemv<T, 4, rows_per_warp(4, true), true>(p, plan, lg_block);
-    case 8: return gemv<T, 8, rows_per_warp(8, true), true>(p, plan, lg_block);
-    case 16: return gemv<T, 16, rows_per_warp(16, true), true>(p, plan, lg_block);
-    default: throw std::runtime_error("bad plan.mt");
+  using namespace xkern::decode;
+  static_assert(mma_smem_bytes() <= kSmemBytes && 16 * kWindow * sizeof(T) <= kSmemBytes, "emulated shared memory");
+  auto run = [&](auto kernel) {
+    run_grid(plan.n_tiles, plan.split_k, [&] { kernel(p, plan.k_slab, plan.split_k, lg_block); });
+  };
+  if (!plan.vec) return run(nf4_lora_gemv_kernel<T, 16, kGenericRowsPerWarp>);
+  const bool dq = p.double_quant;
+  const bool wide = plan.mt > 8;
+  if (plan.gk == 64) {
+    if (wide) return dq ? run(nf4_lora_mma_kernel<T, 2, 64, true>) : run(nf4_lora_mma_kernel<T, 2, 64, false>);
+    return dq ? run(nf4_lora_mma_kernel<T, 1, 64, true>) : run(nf4_lora_mma_kernel<T, 1, 64, false>);
   }
+  if (plan.gk == 32) {
+    if (wide) return dq ? run(nf4_lora_mma_kernel<T, 2, 32, true>) : run(nf4_lora_mma_kernel<T, 2, 32, false>);
+    return dq ? run(nf4_lora_mma_kernel<T, 1, 32, true>) : run(nf4_lora_mma_kernel<T, 1, 32, false>);
+  }
+  throw std::runtime_error("bad plan.gk");
 }
 
 template <typename T, typename TA>
@@ -143,6 +135,7 @@ extern "C" int xkern_emu_decode(const void* x, int act_dtype, int M, int N, int 
     plan_out[3] = plan.n_tiles;
     plan_out[4] = plan.split_k;
     plan_out[5] = plan.k_slab;
+    plan_out[6] = plan.gk;
     const bool has_lora = n_adapters > 0 && rank > 0;
     const bool half = p.act_dtype == DType::kFloat16;
     if (has_lora || plan.split_k > 1) {

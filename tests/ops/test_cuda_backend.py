@@ -2,8 +2,8 @@
 
 1. nvcc compiles every csrc/*.cu for sm_80 and sm_90a (no GPU and no torch headers needed).
 2. The host emulator (csrc/host_emulation/) runs the kernel source itself on the CPU -- a thread per
-   CUDA thread, block barriers, warp shuffles, queued cp.async copies, poisoned shared memory and
-   workspace -- against a float64 reference. It checks the index math, the data flow and the
+   CUDA thread, block barriers, warp shuffles, mma.sync in the PTX fragment layout, poisoned shared
+   memory and workspace -- against a float64 reference. It checks the index math, the data flow and the
    split-K protocol, not GPU timing or the memory model.
 3. On a GPU (``pytest -m gpu``): the built extension against the reference, dispatch, autograd,
    CUDA graphs, and a bandwidth report (``-s`` to see it).
@@ -12,6 +12,7 @@
 import ctypes
 import dataclasses
 import functools
+import json
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import load_script
 from xkern import quantize_nf4
 from xkern.ops import RowRouting, lora_linear, select_backend
 from xkern.ops.backends import cuda_ext as cuda_impl
@@ -129,7 +131,27 @@ def test_cuda_sources_compile_with_nvcc(arch, tmp_path):
         assert compiled and {a for _, a in compiled} == {arch}, res.stderr[-2000:]
         if src.name == "nf4_lora_decode.cu":
             names = " ".join(name for name, _ in compiled)
-            assert names.count("nf4_lora_gemv_kernel") == 12 and names.count("lora_shrink_kernel") == 6
+            assert names.count("nf4_lora_mma_kernel") == 16 and names.count("nf4_lora_gemv_kernel") == 2
+            assert names.count("lora_shrink_kernel") == 6
+
+
+def test_tensor_core_decode_loop_meets_its_instruction_budget(tmp_path):
+    """Every tensor-core GEMV variant's main loop issues at most 4 SASS instructions per decoded weight element
+    on sm_80 and sm_90a (so the H200's issue rate allows more than its HBM rate), no GEMV spills; under the nvcc
+    that wrote bench/results/cuda-decode-sass.json its numbers reproduce."""
+    _nvcc()
+    sass = load_script("bench/cuda_sass_check.py")
+    records = [r for arch in ARCHS for r in sass.measure(CSRC, arch, tmp_path)]
+    assert sass.problems({"states": {"after": records}}) == []
+    mma = [r for r in records if r["kernel"] == "nf4_lora_mma_kernel"]
+    assert len(mma) == 16 * len(ARCHS)
+    assert all(r["per_element"] <= 4 and r["fraction_of_hbm"] > 0.7 for r in mma), [r["per_element"] for r in mma]
+    committed = json.loads((ROOT / "bench" / "results" / "cuda-decode-sass.json").read_text())
+    assert committed["problems"] == []
+    if sass.nvcc_version() == committed["nvcc"]:
+        numbers = lambda rs: {(r["mangled"], r["arch"]): (r.get("regs"), r.get("spill_bytes"), r["loop_instructions"],
+                                                          r["per_element"]) for r in rs}  # noqa: E731
+        assert numbers(records) == numbers(committed["states"]["after"])
 
 
 # ---- 2. the kernel source under the host emulator (any machine with nvcc + a C++20 host compiler) --
@@ -153,12 +175,12 @@ def emulator(tmp_path_factory):
 
 
 def _emulate(lib, x, weight, lora_A, lora_B, scale, ids, *, num_sms=4, split_k=0, force_generic=False):
-    """Run shrink + GEMV under the emulator: (y, xa, plan [vec, mt, rows/block, n_tiles, split_k, k_slab])."""
+    """Run shrink + GEMV under the emulator: (y, xa, plan [vec, mt, rows/block, n_tiles, split_k, k_slab, gk])."""
     m, k = x.shape
     n = weight.shape[0]
     y = torch.full((m, n), float("nan"), dtype=x.dtype)
     xa = torch.full((m, lora_A.shape[1]), float("nan"))
-    plan = (ctypes.c_int * 6)()
+    plan = (ctypes.c_int * 7)()
     offset = weight.offset.reshape(1) if weight.double_quant else None
     scale = scale.float().contiguous()
     ids = ids.to(torch.int32).contiguous()
@@ -168,7 +190,7 @@ def _emulate(lib, x, weight, lora_A, lora_B, scale, ids, *, num_sms=4, split_k=0
         p(offset), weight.blocksize, int(weight.double_quant), p(ids), p(lora_A), _DTYPE_CODE[lora_A.dtype],
         p(lora_B), _DTYPE_CODE[lora_B.dtype], p(scale), lora_A.shape[0], lora_A.shape[1], p(y), p(xa),
         num_sms, split_k, int(force_generic), plan)
-    assert rc == 0, f"emulated launch failed with {rc} (-2: exception, e.g. a cp.async never waited for; " \
+    assert rc == 0, f"emulated launch failed with {rc} (-2: exception; " \
                     "-3: a split-K counter left non-zero)"
     return y, xa, list(plan)
 
@@ -184,6 +206,9 @@ EMULATED = [
     pytest.param(5, 40, 3072, [4, 6], torch.bfloat16, True, 64, 3, True, id="m5-forced-generic-split3"),
     pytest.param(4, 33, 201, [3, 7], torch.float16, False, 64, 0, False, id="m4-oddN-oddK"),
     pytest.param(3, 24, 4128, [5], torch.float16, True, 4096, 2, False, id="m3-bs4096-blocks-span-rows"),
+    # tensor-core variants: 16 rows with 32-element chunks and an odd chunk count per warp, plain absmax
+    pytest.param(12, 56, 1312, [3, 5], torch.float16, False, 64, 0, False, id="m12-gk32-odd-chunks-plain"),
+    pytest.param(9, 100, 1600, RANKS[4], torch.bfloat16, False, 128, 0, False, id="m9-gk64-plain-bs128"),
 ]
 
 
@@ -195,7 +220,8 @@ def test_emulated_kernel_matches_reference(emulator, m, n, k, ranks, dtype, doub
                            force_generic=force_generic)
     vec = k % 32 == 0 and not force_generic
     assert plan[0] == int(vec)
-    assert plan[1] == (16 if not vec else next(t for t in (1, 2, 4, 8, 16) if t >= m))
+    assert plan[1] == (16 if not vec or m > 8 else 8)
+    assert plan[6] == (0 if not vec else 64 if k % 64 == 0 and blocksize >= 64 else 32)
     if split_k:
         assert plan[4] == min(split_k, -(-k // 1024))
     _assert_matches_reference(y, xa, x, weight, lora_A, lora_B, scale, ids)
@@ -229,10 +255,11 @@ def test_emulated_kernel_keeps_nan_in_its_row(emulator):
     assert torch.isnan(xa).any(dim=1).tolist() == [False, ids[1].item() >= 0, False]
 
 
-def _cuda_fwd(x, weight, lora_A, lora_B, scale, ids, **kwargs):
-    """The cuda backend's forward on per-row ids (the routing built here, as lora_linear does)."""
+def _cuda_fwd(x, weight, lora_A, lora_B, scale, ids, precision="native", **kwargs):
+    """The cuda backend's forward on per-row ids (the routing built here, as lora_linear does); ``native`` (the
+    models' precision) runs the tensor-core kernel where the shape allows."""
     return cuda_impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, RowRouting.build(ids, lora_A.shape[0]),
-                                         **kwargs)
+                                         precision, **kwargs)
 
 
 # ---- dispatch and fallback (any machine) ---------------------------------------------------------
@@ -261,6 +288,19 @@ def test_calls_the_decode_kernel_declines_go_to_the_next_backend(monkeypatch):
     assert choose("lora_linear.forward", x.device, (x, weight, lora_A, lora_B)) != "cuda"
     with pytest.raises(ValueError, match="decode kernel takes 1..16 rows"):
         cuda_impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, RowRouting.build(ids, lora_A.shape[0]))
+
+
+def test_exact_precision_takes_the_float32_kernel(monkeypatch):
+    """The tensor-core kernel rounds NF4 codes to the activation dtype, which only ``native`` allows: an
+    ``exact`` call (or a forced one) goes to the float32 CUDA-core kernel."""
+    calls = []
+    monkeypatch.setattr(cuda_impl, "supports", lambda *args: True)
+    monkeypatch.setattr(cuda_impl, "_decode", lambda *args: calls.append(args[-1]) or (None, None))
+    x, weight, lora_A, lora_B, scale, ids = _cpu_problem(3, 16, 64, [2, 4], torch.bfloat16, True)
+    routing = RowRouting.build(ids, lora_A.shape[0])
+    for precision, force in (("native", False), ("exact", False), ("native", True)):
+        cuda_impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, routing, precision, force_generic=force)
+    assert calls == [False, True, True]
 
 
 @needs_kernel
@@ -474,13 +514,13 @@ def test_decode_kernel_bandwidth_report():
         times = {}
         for name, fn in (("cuda", cuda_impl.lora_linear_forward), ("triton", triton_impl.lora_linear_forward)):
             for w in weights[:2]:
-                fn(x, w, lora_A, lora_B, scale, routing)
+                fn(x, w, lora_A, lora_B, scale, routing, "native")
             torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             reps = 20 * copies
             start.record()
             for i in range(reps):
-                y, _ = fn(x, weights[i % copies], lora_A, lora_B, scale, routing)
+                y, _ = fn(x, weights[i % copies], lora_A, lora_B, scale, routing, "native")
             end.record()
             torch.cuda.synchronize()
             times[name] = start.elapsed_time(end) / reps * 1e-3

@@ -3,7 +3,10 @@
 For 1..16 rows of float16 / bfloat16 activations on sm_8x / sm_90 GPUs, the forward runs the kernels
 of ``csrc/nf4_lora_decode.cu``: a small LoRA shrink launch (``xa = x A[a]^T``), then one NF4 GEMV
 launch that streams the packed weight once for all rows, split over K where N is small, and adds
-``s[a] * xa B[a]^T`` in its epilogue. Its ``supports`` predicate declines every other call (more
+``s[a] * xa B[a]^T`` in its epilogue. The GEMV runs on tensor cores (``native`` precision: NF4 codes
+rounded to the activation dtype, exact 16-bit products, float32 sums, each quantization block's absmax
+applied in float32) or, for ``exact`` precision and for shapes the tensor-core kernel does not take,
+on CUDA cores in float32. Its ``supports`` predicate declines every other call (more
 rows, float32, other GPUs), which the registry then gives to the next backend (Triton); the
 backward has no kernel here and goes there too.
 """
@@ -86,12 +89,14 @@ def lora_linear_forward(x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor
                         force_generic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``y = x W^T + s[a] (x A[a]^T) B[a]^T`` per row; also returns ``xa = x A[a]^T`` ([M, r], float32).
 
-    Both precisions: the weights are decoded and multiplied in float32 (exact is what native allows too).
-
-    ``split_k`` (> 0 forces the number of K splits) and ``force_generic`` (byte-wise weight loads
-    even where 16-byte loads work) are for tests and benchmarks.
+    ``native``: the tensor-core kernel where the shape allows (K % 32 == 0, 16-byte aligned weight and
+    activations), its only rounding the NF4 codes' to the activation dtype (2^-9 relative in bfloat16,
+    2^-12 in float16 -- what bitsandbytes' own 16-bit dequantization rounds, per element); ``exact``:
+    the float32 CUDA-core kernel. ``split_k`` (> 0 forces the number of K splits) and ``force_generic``
+    (the CUDA-core kernel whatever the precision) are for tests and benchmarks.
     """
     if not supports(x, weight, lora_A, lora_B):
         raise InputError("the CUDA decode kernel takes 1..16 rows of float16/bfloat16 CUDA activations on sm_8x/sm_90 "
                          "(the registry gives other calls to another backend)")
-    return _decode(x, weight, lora_A, lora_B, scale.float(), routing.ids, int(split_k), bool(force_generic))
+    generic = bool(force_generic) or precision == "exact"
+    return _decode(x, weight, lora_A, lora_B, scale.float(), routing.ids, int(split_k), generic)
