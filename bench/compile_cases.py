@@ -16,7 +16,6 @@ import torch
 from xkern.kernels.nf4_lora import lora_shrink_kernel, nf4_dequantize_kernel, nf4_lora_kernel
 from xkern.kernels.xcross import xcross_bwd_kernel, xcross_fwd_kernel
 from xkern.ops.backends.triton_jit import (
-    PATHS,
     _block_p,
     _block_pk,
     _block_r,
@@ -87,7 +86,8 @@ def compile_cases() -> list[CompileCase]:
             for suffix, odd in extra:
                 for rank in (0, 16, 64):
                     for dtype in dtypes:
-                        cfg = _paths(getattr(torch, dtype))[path]
+                        paths = _paths(getattr(torch, dtype))
+                        cfg = paths.get(path + suffix, paths[path])  # the launcher's tiles for this layout
                         if cfg.dequant_base and rank == 0:
                             continue  # large M without LoRA is cuBLAS alone
                         stages = 1 if odd else cfg.num_stages
@@ -108,7 +108,7 @@ def compile_cases() -> list[CompileCase]:
                             config["base"] = "cuBLAS"
                         cases.append(_case("nf4_lora_kernel", path + suffix, config, dtype, nf4_lora_kernel,
                                            nf4_ptrs, const, cfg.num_warps, stages))
-    for path in PATHS:
+    for path in ("decode", "mid", "large"):  # the layout variants of mid share its shrink tiles
         for rank in (16, 64):
             for dtype in dtypes:
                 cfg = _paths(getattr(torch, dtype))[path]

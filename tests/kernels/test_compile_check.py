@@ -66,8 +66,10 @@ def test_launchers_pick_only_checked_configurations(monkeypatch):
         shrink = {(c.config["BLOCK_M"], c.config["BLOCK_K"]) for c in CASES.compile_cases()
                   if c.kernel == "lora_shrink_kernel" and c.dtype == name}
         for m in (1, 3, 16, 17, 64, 256, 257, 4096):
-            for n, k in ((4096, 4096), (512, 4096), (14336, 4096), (4096, 14336), (72, 200)):
-                cfg = tri.default_config(m, n, k, cuda, dtype)
+            # aligned, odd and block-unaligned weights (the last two take their own mid tiles)
+            for n, k, w_cols in ((4096, 4096, None), (512, 4096, 4096), (14336, 4096, 4096), (4096, 14336, None),
+                                 (72, 200, 200), (72, 201, 201), (4096, 4100, 4100), (4100, 4096, 4100)):
+                cfg = tri.default_config(m, n, k, cuda, dtype, w_cols)
                 got = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "num_warps": cfg.num_warps,
                        "num_stages": cfg.num_stages}
                 if not cfg.dequant_base:
@@ -81,6 +83,20 @@ def test_launchers_pick_only_checked_configurations(monkeypatch):
         cfg = tri.xcross_default_config(n, 4096, cuda)
         n_checked = min(x for x, _, _ in xc if x >= n)  # same N_PAD -> same tiles
         assert (n_checked, cfg.block_d, cfg.num_stages) in xc, (n, cfg)
+
+
+def test_mid_tiles_follow_the_weight_layout(monkeypatch):
+    """Odd and block-unaligned weights take the mid tiles the compile check found spill-free for them."""
+    monkeypatch.setattr(tri, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert tri.weight_layout(201, 64) == "-odd" and tri.weight_layout(4100, 64) == "-unaligned"
+    assert tri.weight_layout(4096, 64) == tri.weight_layout(None, 64) == ""
+    for paths, dtype in ((tri.PATHS, torch.bfloat16), (tri.PATHS_FP32, torch.float32)):
+        assert tri.default_config(64, 72, 201, cuda, dtype, 201) == paths["mid-odd"] != paths["mid"]
+        assert tri.default_config(64, 4096, 4100, cuda, dtype, 4100) == paths["mid-unaligned"] != paths["mid"]
+        assert tri.default_config(64, 4096, 4096, cuda, dtype, 4096) == paths["mid"]
+        decode = tri.default_config(4, 4096, 4100, cuda, dtype, 4100)  # the decode path has one layout
+        assert (decode.block_n, decode.block_k) == (paths["decode"].block_n, paths["decode"].block_k)
 
 
 # one case per kernel and path, both archs, the cases that used to fail (no-LoRA decode, X-Cross n=4 fp32, n=8)

@@ -76,10 +76,15 @@ class LaunchConfig:
 
 #: rows above which the CUDA path dequantizes W once and uses cuBLAS (see docs/kernels.md, "Large M")
 LARGE_M = 256
-#: the configurations the CUDA launcher picks, by path (split_k is chosen per call; 1 or >1 are two variants)
+#: the configurations the CUDA launcher picks, by path (split_k is chosen per call; 1 or >1 are two variants).
+#: ``mid-odd`` (W with an odd number of columns: codes gathered element by element, int64 flat indices) and
+#: ``mid-unaligned`` (rows not aligned with the quantization blocks: one absmax per byte) take their own
+#: tiles where the mid tiles would spill (bench/gpu_compile_check.py); a path missing here falls back to mid.
 PATHS = {
     "decode": LaunchConfig(16, 32, 256, split_k=2, num_warps=4, num_stages=4, shrink_m=16, shrink_k=128),
     "mid": LaunchConfig(32, 128, 64, num_warps=4, num_stages=3, shrink_m=32, shrink_k=64),
+    "mid-odd": LaunchConfig(32, 64, 64, num_warps=8, num_stages=1, shrink_m=32, shrink_k=64),
+    "mid-unaligned": LaunchConfig(32, 32, 64, num_warps=4, num_stages=3, shrink_m=32, shrink_k=64),
     "large": LaunchConfig(64, 128, 64, num_warps=8, num_stages=1, shrink_m=64, shrink_k=64, dequant_base=True),
 }
 #: float32 inputs: the dots run on CUDA cores (``input_precision="ieee"``), whose operand tiles live in registers:
@@ -87,6 +92,8 @@ PATHS = {
 PATHS_FP32 = {
     "decode": LaunchConfig(16, 32, 64, split_k=2, num_warps=4, num_stages=3, shrink_m=16, shrink_k=32),
     "mid": LaunchConfig(32, 64, 32, num_warps=8, num_stages=3, shrink_m=32, shrink_k=32),
+    "mid-odd": LaunchConfig(32, 32, 32, num_warps=4, num_stages=1, shrink_m=32, shrink_k=32),
+    "mid-unaligned": LaunchConfig(32, 32, 32, num_warps=8, num_stages=2, shrink_m=32, shrink_k=32),
     "large": LaunchConfig(64, 128, 64, num_warps=8, num_stages=1, shrink_m=32, shrink_k=32, dequant_base=True),
 }
 
@@ -99,10 +106,21 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def weight_layout(w_cols: int | None, blocksize: int) -> str:
+    """The path suffix of a weight's layout: ``-odd`` (odd columns), ``-unaligned`` (rows not aligned with the
+    quantization blocks) or ``""``."""
+    if w_cols is None:
+        return ""
+    if w_cols % 2:
+        return "-odd"
+    return "-unaligned" if w_cols % blocksize else ""
+
+
 def default_config(m: int, n_out: int, n_red: int, device: torch.device,
-                   dtype: torch.dtype = torch.bfloat16) -> LaunchConfig:
-    """By regime: decode (M <= 16) streams W once, split over K to fill the GPU; mid tiles the fused GEMM;
-    large M (> LARGE_M) dequantizes once and lets cuBLAS do the base. The CPU interpreter: small tiles."""
+                   dtype: torch.dtype = torch.bfloat16, w_cols: int | None = None, blocksize: int = 64) -> LaunchConfig:
+    """By regime: decode (M <= 16) streams W once, split over K to fill the GPU; mid tiles the fused GEMM (with
+    its own tiles for odd or block-unaligned weights, ``w_cols`` the columns of W as stored); large M (>
+    LARGE_M) dequantizes once and lets cuBLAS do the base. The CPU interpreter: small tiles."""
     if device.type != "cuda":  # interpreter: a few programs, a few K steps
         return LaunchConfig(block_m=16, block_n=32, block_k=32)
     paths = _paths(dtype)
@@ -112,7 +130,7 @@ def default_config(m: int, n_out: int, n_red: int, device: torch.device,
         split_k = max(1, min(triton.cdiv(2 * _sm_count(device), n_tiles), n_red // (2 * cfg.block_k), 16))
         return LaunchConfig(**{**cfg.__dict__, "split_k": split_k})
     if m <= LARGE_M:
-        return paths["mid"]
+        return paths.get("mid" + weight_layout(w_cols, blocksize), paths["mid"])
     return paths["large"]
 
 
@@ -210,7 +228,7 @@ def _fused(x: torch.Tensor, weight: NF4Tensor, routing: RowRouting, shrink: torc
     m, n_red = x.shape
     k_w = weight.shape[1]
     dev = x.device
-    cfg = config or default_config(m, n_out, n_red, dev, x.dtype)
+    cfg = config or default_config(m, n_out, n_red, dev, x.dtype, k_w, weight.blocksize)
     has_lora = rank > 0 and bool(shrink.shape[0] > 0)
     block_r = _block_r(rank)
     low = _low_precision_dot(x, precision)
