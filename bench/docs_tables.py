@@ -743,10 +743,12 @@ SASS_CLASSES = ("global_load", "shared", "mma", "float", "integer", "move", "loc
 
 
 def gpu_compile_sass() -> str:
-    """SASS instructions per K step of nf4_lora_kernel's main loop, before and after (bf16, rank 16)."""
+    """SASS instructions per K step of nf4_lora_kernel's main loop, before and after (bf16, rank 16; after also
+    under Triton 3.6, the GPU image's)."""
     lines = ["| kernel state | path | direction | arch | tile (N x K) | threads | loop instructions | per element "
              "(per thread) | " + " | ".join(SASS_CLASSES) + " |", "|" + "---|" * (8 + len(SASS_CLASSES))]
-    for label, name in (("before", "gpu-compile-check-before.json"), ("after", "gpu-compile-check.json")):
+    for label, name in (("before", "gpu-compile-check-before.json"), ("after", "gpu-compile-check.json"),
+                        ("after, Triton 3.6", "gpu-compile-check-triton36.json")):
         doc = _compile_check(name)
         for path in ("decode", "mid"):
             for direction in ("forward", "input_grad"):
