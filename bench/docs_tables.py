@@ -902,6 +902,35 @@ def _verdict(p: dict) -> str:
     return "above zero" if p["ci_low"] > 0 else ("below zero" if p["ci_high"] < 0 else "the interval includes zero")
 
 
+def quality_tools_full_gpu_estimate() -> str:
+    """examples/quality_full.py --estimate-gpu: FLOPs of every step, the CPU rate where it ran, an H200 estimate."""
+    path = RESULTS / "gpu-estimate-quality-Tools-full.json"
+    if not path.is_file():
+        return NOT_RUN
+    d = json.loads(path.read_text())
+    lo, hi = d["gpu_utilization"]
+    lines = [f"Source: `bench/results/{path.name}` ({d['note']}). Forward FLOPs per token "
+             f"{d['forward_flops_per_token'] / 1e6:.0f} M (SmolLM2's matmuls and LM head); training tokens measured "
+             f"where a LoRA run finished, else its examples x {d['tokens_per_training_example']:g} tokens; ranking "
+             f"tokens counted ({d['rank_users']} users, each prompt once and 30 titles). H200 at {lo:.0%} and {hi:.0%} "
+             f"of its {d['h200_bf16_tflops']:g} TFLOP/s bf16 peak (assumed, not measured).", "",
+             "| step | tokens | FLOPs | CPU seconds (measured) | CPU TFLOP/s | H200 seconds |", "|" + "---|" * 6]
+    for st in d["steps"]:
+        cpu = f"{st['cpu_seconds']:.0f}" if st["cpu_seconds"] else "-"
+        rate = f"{st['cpu_tflops_achieved']:.3f}" if st["cpu_tflops_achieved"] else "-"
+        est = "" if st["tokens_measured"] else " (estimated)"
+        lines.append(f"| {st['step']} | {st['tokens']:,}{est} | {st['flops']:.3g} | {cpu} | {rate} | "
+                     f"{st['gpu_seconds'][1]:g}-{st['gpu_seconds'][0]:g} |")
+    cpu_rates = [st["cpu_tflops_achieved"] for st in d["steps"] if st["cpu_tflops_achieved"]]
+    cpu_hours = d["total_flops"] / (statistics.mean(cpu_rates) * 1e12) / 3600 if cpu_rates else None
+    lines += ["", f"The whole table: {d['total_flops']:.3g} FLOPs, "
+              + (f"about {cpu_hours:.0f} h at this CPU's measured rate, " if cpu_hours else "")
+              + f"{d['total_gpu_hours'][1] * 60:.0f}-{d['total_gpu_hours'][0] * 60:.0f} min on an H200 by FLOPs. "
+              "Batches of 8 short sequences through SmolLM2-135M launch many small kernels per step, so the GPU's "
+              "time is more likely bound by launches than by FLOPs; the FLOP estimate is a floor."]
+    return "\n".join(lines) + "\n"
+
+
 def quality_tools_full() -> str:
     """examples/quality_full.py: every row on all test users, the paired comparisons, what is still missing."""
     run = _full_run()
@@ -1063,6 +1092,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "quality-tools-full": quality_tools_full,
     "quality-tools-full-xcross-claims": quality_tools_full_xcross_claims,
     "quality-tools-full-weave": quality_tools_full_weave,
+    "quality-tools-full-gpu-estimate": quality_tools_full_gpu_estimate,
 }
 
 

@@ -151,6 +151,93 @@ def plan(args: argparse.Namespace, n_target_users: int) -> tuple[dict[str, Run],
     return runs, rows, [(k, rows[n] if k == "rank" else n) for k, n in steps]
 
 
+# ------------------------------------------------------------------------------------------- GPU estimate
+
+H200_BF16_TFLOPS = 989.0  # dense bf16 tensor-core peak
+GPU_UTILIZATION = (0.05, 0.25)  # assumed share of that peak: small batches of a 135M model use little of it
+
+
+def forward_flops_per_token(config: Any) -> float:
+    """Matmul FLOPs of one token through a Llama-shaped decoder: q/k/v/o, the gated MLP and the LM head
+    (2 per multiply-add; attention scores over these short prompts are left out)."""
+    h, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    kv = h * config.num_key_value_heads // config.num_attention_heads
+    return 2.0 * (layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + h * config.vocab_size)
+
+
+def gpu_estimate(args: argparse.Namespace, runs: dict[str, Run], rows: dict[str, Row],
+                 timings: dict[str, Any]) -> dict[str, Any]:
+    """FLOPs of every training and ranking step (the model's shape x the tokens each step processes), the CPU
+    time measured where a step ran, and what those FLOPs take on an H200 at an assumed share of its peak.
+
+    Training tokens: what a finished LoRA run reports (tokens/s x seconds), else its examples x the mean
+    tokens per example of the finished LoRA runs. Ranking tokens: counted, each user's prompt once and its
+    30 candidate titles. Multipliers of the forward's FLOPs: LoRA training 2 (forward, then the input
+    gradient through the frozen base; no weight gradients), X-Cross training 3 per stream (gradient
+    checkpointing recomputes the forward), ranking 1 per stream."""
+    import xkern
+    from xkern.data.cli import load_domains
+    from xkern.data.encoding import PromptEncoder
+    from xkern.data.negatives import build_candidates
+    from xkern.nn.pretrained import load_tokenizer, resolve
+
+    path = resolve(args.model)
+    config = xkern.load_model(path, progress=False).config
+    per_token = forward_flops_per_token(config)
+    domains = load_domains(args.data, [args.target, *args.sources], seed=args.seed)
+    n_target = len(domains[args.target].train)
+    examples = {f"src-{s}": len(domains[s].train) for s in args.sources}
+    for f in args.fractions:
+        examples[f"lora-{fraction_name(f)}"] = examples[f"xcross-{fraction_name(f)}"] = round(f * n_target)
+    for s in args.sources:
+        examples[f"hybrid-{s}"] = n_target + min(n_target, len(domains[s].train))
+    examples["joint"] = n_target + sum(min(n_target, len(domains[s].train)) for s in args.sources)
+    measured = {}
+    for name, run in runs.items():
+        if run.kind == "lora" and run.done:
+            sm = json.loads((run.out / "summary.json").read_text())
+            if sm.get("train_tokens_per_s") and sm.get("train_seconds"):
+                measured[name] = (sm["train_tokens_per_s"] * sm["train_seconds"], sm["train_examples"])
+    if measured:
+        tokens_per_example = sum(t for t, _ in measured.values()) / sum(n for _, n in measured.values())
+    else:
+        tokens_per_example = float("nan")
+    data = domains[args.target]
+    cands = build_candidates(data, "test", 29, "uniform", args.seed, None if args.eval_users < 0 else args.eval_users)
+    enc = PromptEncoder(load_tokenizer(path), data.name, max_history=args.max_history)
+    title_len = np.array([max(1, len(enc.title(t or ""))) for t in data.titles], dtype=np.float64)
+    rank_tokens = float(sum(len(enc.prompt([data.titles[i] for i in h])) for h in cands.histories)
+                        + title_len[cands.items].sum())
+    steps = []
+    for name, run in runs.items():
+        streams = len(args.sources) if run.kind == "xcross" else 1
+        tokens = measured[name][0] if name in measured else examples[name] * tokens_per_example
+        mult = 3 * streams if run.kind == "xcross" else 2
+        steps.append({"step": f"train:{name}", "tokens": round(tokens), "tokens_measured": name in measured,
+                      "flops": tokens * per_token * mult,
+                      "cpu_seconds": timings.get(f"train:{name}", {}).get("seconds")})
+    for name, row in rows.items():
+        streams = len(row.sources) if row.kind == "xcross" else 1
+        rk = json.loads((args.runs / "ranks" / f"{name}.json").read_text()) \
+            if (args.runs / "ranks" / f"{name}.json").is_file() else {}
+        done = len(rk.get("scores", [])) >= len(cands)
+        steps.append({"step": f"rank:{name}", "tokens": round(rank_tokens), "tokens_measured": True,
+                      "flops": rank_tokens * per_token * streams, "cpu_seconds": rk.get("seconds") if done else None})
+    peak = H200_BF16_TFLOPS * 1e12
+    for st in steps:
+        st["flops"] = float(f"{st['flops']:.4g}")
+        st["gpu_seconds"] = [round(st["flops"] / (peak * u), 2) for u in GPU_UTILIZATION]
+        st["cpu_tflops_achieved"] = round(st["flops"] / st["cpu_seconds"] / 1e12, 4) if st["cpu_seconds"] else None
+    total = sum(st["flops"] for st in steps)
+    return {"target": args.target, "sources": args.sources, "model": args.model,
+            "forward_flops_per_token": per_token, "tokens_per_training_example": round(tokens_per_example, 1),
+            "rank_users": len(cands), "h200_bf16_tflops": H200_BF16_TFLOPS, "gpu_utilization": list(GPU_UTILIZATION),
+            "steps": steps, "total_flops": float(f"{total:.4g}"),
+            "total_gpu_hours": [round(total / (peak * u) / 3600, 3) for u in GPU_UTILIZATION],
+            "cpu": cpu_model(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "note": "an estimate from FLOP counts, not a GPU measurement"}
+
+
 # ------------------------------------------------------------------------------------------------- training
 
 def train(run: Run, runs_dir: Path, timings: dict[str, Any]) -> None:
@@ -522,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-publish", action="store_true", help="do not copy logs/plots into bench/results or "
                    "regenerate the docs")
     p.add_argument("--dry-run", action="store_true", help="print the plan (what is done, what is to do) and stop")
+    p.add_argument("--estimate-gpu", action="store_true", help="write the FLOP counts of every step and their time on "
+                   "an H200 (bench/results/gpu-estimate-quality-<target>-full.json) and stop")
     args = p.parse_args(argv)
     args.sources = [s for s in args.sources.split(",") if s]
     args.fractions = [float(f) for f in args.fractions.split(",") if f]
@@ -541,6 +630,14 @@ def main(argv: list[str] | None = None) -> int:
             ("scored" if (args.runs / "ranks" / f"{name}.json").is_file() else "to rank")
         print(f"{kind:5s} {name:16s} {state}", flush=True)
     if args.dry_run:
+        return 0
+    if args.estimate_gpu:
+        timings_path = args.runs / "timings.json"
+        est = gpu_estimate(args, runs, rows, json.loads(timings_path.read_text()) if timings_path.is_file() else {})
+        out = ROOT / "bench" / "results" / f"gpu-estimate-quality-{args.target}-full.json"
+        out.write_text(json.dumps(est, indent=1) + "\n")
+        print(f"{est['total_flops']:.3g} FLOPs in all; on an H200 at {GPU_UTILIZATION} of its bf16 peak: "
+              f"{est['total_gpu_hours']} hours; wrote {out}")
         return 0
     t_start = time.perf_counter()
     args.runs.mkdir(parents=True, exist_ok=True)

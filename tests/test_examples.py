@@ -141,3 +141,19 @@ def test_quality_full_trains_skips_what_is_done_and_writes_quality_rows(tmp_path
     assert "not measured yet" not in claims
     assert all(f"X-Cross on {f} of the Tools training users" in claims for f in ("1.0", "0.5"))
     assert "merge minus the plain merge" in claims and "merge minus the target-only LoRA" in claims
+
+
+def test_gpu_estimate_counts_every_matmul_of_the_decoder():
+    """The FLOPs per token of the full-scale table's GPU estimate are 2 x the weights of every linear layer a
+    token passes through (attention with grouped KV heads, the gated MLP, the LM head)."""
+    import torch
+    import transformers as tf
+
+    from tests.helpers import tiny_config
+
+    qf = _load("quality_full")
+    cfg = tiny_config("llama", intermediate_size=40)
+    model = tf.LlamaForCausalLM(cfg)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert qf.forward_flops_per_token(cfg) == 2 * linear
+    assert cfg.num_key_value_heads < cfg.num_attention_heads  # the k/v projections are the narrower ones
