@@ -952,7 +952,31 @@ def quality_tools_full() -> str:
             f"paired over the same validation examples. {m['cpu']}, {m['threads']} threads, compute "
             f"{run['config']['compute_dtype']}. Training wall time per run: {timing or 'none finished here'}. "
             f"Rows still missing: {', '.join(run['missing_rows']) or 'none'}.")
+    tails = _curve_tails()
+    if tails:
+        note += ("\n\nValidation over the last fifth of each finished run's steps (its learning curve; \"still "
+                 "falling\": more than 0.005 lower at the end, where more epochs may pay): " + "; ".join(tails) + ".")
     return "\n".join(lines) + "\n" + note + "\n"
+
+
+def _curve_tails() -> list[str]:
+    """Per training log committed with the full-scale table: the validation loss at the first evaluation in the
+    last fifth of its steps and at its last, and whether it was still falling."""
+    out = []
+    for path in sorted((RESULTS / "logs" / FULL.removesuffix(".json")).glob("*-train_log.json")):
+        log = json.loads(path.read_text())
+        evals = [e for e in (log.get("eval_loss") or log.get("val") or []) if e.get("loss") is not None]
+        if len(evals) < 2:
+            continue
+        last = evals[-1]
+        first = next(e for e in evals if e["step"] >= 0.8 * last["step"])
+        if first is last:
+            first = evals[-2]
+        change = last["loss"] - first["loss"]
+        trend = "still falling" if change < -0.005 else ("rising" if change > 0.005 else "flat")
+        out.append(f"{path.name.removesuffix('-train_log.json')} {first['loss']:.3f} (step {first['step']}) -> "
+                   f"{last['loss']:.3f} (step {last['step']}), {change:+.3f}, {trend}")
+    return out
 
 
 def _claim(run: dict, a: str, b: str) -> tuple[dict, dict] | None:
