@@ -27,64 +27,34 @@ int log2_exact(int v) {
   return (1 << lg) == v ? lg : -1;
 }
 
-// Opt in to more than 48 KiB of dynamic shared memory for `kernel`, once per device (kept out of graph
-// capture: the first launch on a device happens before any capture of it).
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+// Opt in to more than 48 KiB of dynamic shared memory for `Kernel`, once per device and kernel (kept out
+// of graph capture: the first launch on a device happens before any capture of it).
+template <auto Kernel>
+cudaError_t allow_smem(size_t bytes) {
   if (bytes <= 48 * 1024) return cudaSuccess;
-  static std::atomic<uint64_t> configured{0};  // one per kernel instantiation
+  static std::atomic<uint64_t> configured{0};  // one per kernel: Kernel is a template argument
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   const uint64_t bit = dev < 64 ? (uint64_t{1} << dev) : 0;
   if (bit == 0 || !(configured.load() & bit)) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+    err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
     if (err != cudaSuccess) return err;
     configured.fetch_or(bit);
   }
   return cudaSuccess;
 }
 
-template <typename T, int NH, int GK, bool DQ>
-cudaError_t launch_mma(const DecodeParams& p, const DecodePlan& plan, int lg_block, cudaStream_t stream) {
-  auto kernel = decode::nf4_lora_mma_kernel<T, NH, GK, DQ>;
-  constexpr size_t kSmem = decode::mma_smem_bytes();
-  const cudaError_t err = allow_smem(kernel, kSmem);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(plan.n_tiles), static_cast<unsigned>(plan.split_k));
-  kernel<<<grid, kThreads, kSmem, stream>>>(p, plan.k_slab, plan.split_k, lg_block);
-  return cudaGetLastError();
-}
-
-template <typename T, int NH, int GK>
-cudaError_t launch_mma_for(const DecodeParams& p, const DecodePlan& plan, int lg_block, cudaStream_t stream) {
-  return p.double_quant ? launch_mma<T, NH, GK, true>(p, plan, lg_block, stream)
-                        : launch_mma<T, NH, GK, false>(p, plan, lg_block, stream);
-}
-
-template <typename T>
-cudaError_t launch_mma_for(const DecodeParams& p, const DecodePlan& plan, int lg_block, cudaStream_t stream) {
-  if (plan.gk == 64) {
-    return plan.mt <= 8 ? launch_mma_for<T, 1, 64>(p, plan, lg_block, stream)
-                        : launch_mma_for<T, 2, 64>(p, plan, lg_block, stream);
-  }
-  return plan.mt <= 8 ? launch_mma_for<T, 1, 32>(p, plan, lg_block, stream)
-                      : launch_mma_for<T, 2, 32>(p, plan, lg_block, stream);
-}
-
 template <typename T>
 cudaError_t launch_gemv_for(const DecodeParams& p, const DecodePlan& plan, int lg_block, cudaStream_t stream) {
-  if (!plan.vec) {
-    constexpr int kMT = 16;
-    auto kernel = decode::nf4_lora_gemv_kernel<T, kMT, decode::kGenericRowsPerWarp>;
-    constexpr size_t kSmem = static_cast<size_t>(kMT) * kWindow * sizeof(T);
-    const cudaError_t err = allow_smem(kernel, kSmem);
+  return decode::visit_gemv<T>(plan, p.double_quant, [&](auto variant) {
+    using V = decltype(variant);
+    const cudaError_t err = allow_smem<V::kernel>(V::smem);
     if (err != cudaSuccess) return err;
     const dim3 grid(static_cast<unsigned>(plan.n_tiles), static_cast<unsigned>(plan.split_k));
-    kernel<<<grid, kThreads, kSmem, stream>>>(p, plan.k_slab, plan.split_k, lg_block);
+    V::kernel<<<grid, kThreads, V::smem, stream>>>(p, plan.k_slab, plan.split_k, lg_block);
     return cudaGetLastError();
-  }
-  return launch_mma_for<T>(p, plan, lg_block, stream);
+  });
 }
 
 template <typename T, typename TA>
@@ -119,7 +89,7 @@ cudaError_t launch_nf4_lora_decode(const DecodeParams& p, const DecodePlan& plan
       (p.double_quant && (!p.absmax2 || !p.code2 || !p.offset)) ||
       (has_lora && (!p.ids || !p.lora_A || !p.lora_B || !p.scale || !p.xa)) ||
       (plan.split_k > 1 && (!p.partial || !p.counters || plan.counter_elems < static_cast<size_t>(plan.n_tiles))) ||
-      (plan.vec && (p.K % plan.gk != 0 || (plan.gk != 32 && plan.gk != 64) || p.blocksize < plan.gk ||
+      (plan.vec && ((plan.gk != 32 && plan.gk != 64) || p.K % plan.gk != 0 || p.blocksize < plan.gk ||
                     !aligned16(p.packed) || !aligned16(p.x))) ||
       (p.act_dtype != DType::kFloat16 && p.act_dtype != DType::kBFloat16)) {
     return cudaErrorInvalidValue;

@@ -575,6 +575,41 @@ __global__ void __launch_bounds__(kThreads)
   finish_outputs<T, kMine>(p, split, split_k, n_tile, mine, out_m, out_n, active, s_last);
 }
 
+// ---- which GEMV a plan runs ------------------------------------------------------------------
+
+// A GEMV instantiation and its dynamic shared memory, as a type (the kernel is a template argument, so
+// per-kernel state such as the shared-memory opt-in can be keyed by it).
+template <auto Kernel, size_t Smem>
+struct GemvVariant {
+  static constexpr auto kernel = Kernel;
+  static constexpr size_t smem = Smem;
+};
+
+// Calls f(GemvVariant<...>{}) with the instantiation `plan` asks for (generic, or tensor-core by rows,
+// chunk and absmax kind). The launcher and the host emulator both dispatch through here.
+template <typename T, typename F>
+decltype(auto) visit_gemv(const DecodePlan& plan, bool double_quant, F&& f) {
+  constexpr size_t kMma = mma_smem_bytes();
+  if (!plan.vec) {
+    return f(GemvVariant<nf4_lora_gemv_kernel<T, 16, kGenericRowsPerWarp>, size_t{16} * kWindow * sizeof(T)>{});
+  }
+  const bool wide = plan.mt > 8;
+  if (plan.gk == 64) {
+    if (wide) {
+      return double_quant ? f(GemvVariant<nf4_lora_mma_kernel<T, 2, 64, true>, kMma>{})
+                          : f(GemvVariant<nf4_lora_mma_kernel<T, 2, 64, false>, kMma>{});
+    }
+    return double_quant ? f(GemvVariant<nf4_lora_mma_kernel<T, 1, 64, true>, kMma>{})
+                        : f(GemvVariant<nf4_lora_mma_kernel<T, 1, 64, false>, kMma>{});
+  }
+  if (wide) {
+    return double_quant ? f(GemvVariant<nf4_lora_mma_kernel<T, 2, 32, true>, kMma>{})
+                        : f(GemvVariant<nf4_lora_mma_kernel<T, 2, 32, false>, kMma>{});
+  }
+  return double_quant ? f(GemvVariant<nf4_lora_mma_kernel<T, 1, 32, true>, kMma>{})
+                      : f(GemvVariant<nf4_lora_mma_kernel<T, 1, 32, false>, kMma>{});
+}
+
 // ---- the LoRA shrink -------------------------------------------------------------------------
 
 // xa[m, r] = x[m, :] . A[ids[m], r, :] in float32 (0 for base-only rows); one warp per (m, r),

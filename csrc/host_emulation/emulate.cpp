@@ -48,23 +48,11 @@ void run_grid(unsigned grid_x, unsigned grid_y, Body body) {
 
 template <typename T>
 void gemv_for(const DecodeParams& p, const DecodePlan& plan, int lg_block) {
-  using namespace xkern::decode;
-  static_assert(mma_smem_bytes() <= kSmemBytes && 16 * kWindow * sizeof(T) <= kSmemBytes, "emulated shared memory");
-  auto run = [&](auto kernel) {
-    run_grid(plan.n_tiles, plan.split_k, [&] { kernel(p, plan.k_slab, plan.split_k, lg_block); });
-  };
-  if (!plan.vec) return run(nf4_lora_gemv_kernel<T, 16, kGenericRowsPerWarp>);
-  const bool dq = p.double_quant;
-  const bool wide = plan.mt > 8;
-  if (plan.gk == 64) {
-    if (wide) return dq ? run(nf4_lora_mma_kernel<T, 2, 64, true>) : run(nf4_lora_mma_kernel<T, 2, 64, false>);
-    return dq ? run(nf4_lora_mma_kernel<T, 1, 64, true>) : run(nf4_lora_mma_kernel<T, 1, 64, false>);
-  }
-  if (plan.gk == 32) {
-    if (wide) return dq ? run(nf4_lora_mma_kernel<T, 2, 32, true>) : run(nf4_lora_mma_kernel<T, 2, 32, false>);
-    return dq ? run(nf4_lora_mma_kernel<T, 1, 32, true>) : run(nf4_lora_mma_kernel<T, 1, 32, false>);
-  }
-  throw std::runtime_error("bad plan.gk");
+  xkern::decode::visit_gemv<T>(plan, p.double_quant, [&](auto variant) {
+    using V = decltype(variant);
+    static_assert(V::smem <= kSmemBytes, "emulated shared memory too small");
+    run_grid(plan.n_tiles, plan.split_k, [&] { V::kernel(p, plan.k_slab, plan.split_k, lg_block); });
+  });
 }
 
 template <typename T, typename TA>
