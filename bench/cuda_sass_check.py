@@ -34,15 +34,21 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "bench") not in sys.path:
     sys.path.insert(0, str(ROOT / "bench"))
 
-from gpu_compile_check import _bin, sass_main_loop  # noqa: E402
+from gpu_compile_check import (  # noqa: E402
+    BYTES_PER_ELEMENT,
+    H200_GHZ,
+    H200_HBM_TBS,
+    H200_SMS,
+    ISSUE_PER_CLOCK,
+    _bin,
+    issue_bound_tbs,
+    sass_main_loop,
+)
 
 ARCHS = ("80", "90a")
 # what torch's extension build adds to every nvcc call
 TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                     "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
-H200_SMS, H200_GHZ, H200_HBM_TBS = 132, 1.98, 4.8
-BYTES_PER_ELEMENT = 0.5 + 1 / 64 + 4 / (64 * 256)  # double-quantized NF4, blocksize 64
-ISSUE_PER_CLOCK = 128  # thread-instructions per SM per clock (4 schedulers x 32 lanes)
 _KERNEL = re.compile(r"_ZN5xkern6decode\d+(?P<name>nf4_lora_mma_kernel|nf4_lora_gemv_kernel)I"
                      r"(?P<dtype>6__half|13__nv_bfloat16)(?P<args>(?:L[ib]\d+E)+)E")
 _ARG = re.compile(r"L([ib])(\d+)E")
@@ -123,7 +129,7 @@ def measure(csrc: Path, arch: str, workdir: Path) -> list[dict]:
         else:
             elements = info["rw"] * 32
         per = round(loop["instructions"] / elements, 2) if elements else None
-        tbs = ISSUE_PER_CLOCK / per * H200_SMS * H200_GHZ * 1e9 * BYTES_PER_ELEMENT / 1e12 if per else None
+        tbs = issue_bound_tbs(per) if per else None
         records.append({**info, "arch": f"sm_{arch}", "mangled": mangled, **ptxas.get(mangled, {}),
                         "loop_instructions": loop["instructions"], "by_class": loop["by_class"],
                         "elements_per_thread_iteration": elements, "per_element": per,

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "bench") not in sys.path:  # gpu_compile_check.py beside this script
+    sys.path.insert(0, str(ROOT / "bench"))
 RESULTS = ROOT / "bench" / "results"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 METRICS = ("HR@1", "HR@3", "HR@10", "NDCG@3", "NDCG@10", "MRR")
@@ -763,16 +765,13 @@ def gpu_compile_sass() -> str:
     return "\n".join(lines) + "\n"
 
 
-H200_HBM_TBS = 4.8
-H200_SMS, H200_GHZ = 132, 1.98
-
-
 def gpu_roofline() -> str:
     """The decode path's distance to the H200 bandwidth roofline, from the SASS of the main loop: issue-bound
     elements per clock (4 schedulers x 32 lanes per SM) against the bytes per element of NF4."""
+    from gpu_compile_check import H200_HBM_TBS, ISSUE_PER_CLOCK, issue_bound_tbs
+
     lines = ["| kernel state | arch | SASS per element | issue-bound elements / clock / SM | issue-bound weight "
              "TB/s | fraction of 4.8 TB/s |", "|---|---|---|---|---|---|"]
-    bytes_per_element = 0.5 + 1 / 64 + 4 / (64 * 256)  # packed code + absmax byte + absmax2 (double quant, bs 64)
     for label, name in (("before", "gpu-compile-check-before.json"), ("after", "gpu-compile-check.json")):
         doc = _compile_check(name)
         for arch in ("sm_90a",):
@@ -780,8 +779,8 @@ def gpu_roofline() -> str:
             if r is None:
                 continue
             per = r["loop"]["per_element"]
-            epc = 128 / per
-            tbs = epc * H200_SMS * H200_GHZ * 1e9 * bytes_per_element / 1e12
+            epc = ISSUE_PER_CLOCK / per
+            tbs = issue_bound_tbs(per)
             lines.append(f"| {label} | {arch} | {per:g} | {epc:.1f} | {tbs:.2f} | {tbs / H200_HBM_TBS:.0%} |")
     return "\n".join(lines) + "\n"
 

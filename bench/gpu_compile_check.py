@@ -41,7 +41,7 @@ for path in (ROOT, ROOT / "bench"):  # the package, and compile_cases.py beside 
 _NOT_DIVISIBLE = {"M", "R", "T", "numel"}
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 ARCH_NAME = {80: "sm_80", 90: "sm_90a"}
-_INSTR = re.compile(r"/\*(?P<addr>[0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?(?P<op>[A-Z][A-Z0-9_.]*)(?P<rest>[^;]*);")
+_INSTR = re.compile(r"/\*(?P<addr>[0-9a-f]{4,})\*/\s+(?P<pred>@!?U?P\w+\s+)?(?P<op>[A-Z][A-Z0-9_.]*)(?P<rest>[^;]*);")
 _LABEL = re.compile(r"^\s*(?P<label>\.L_x_\d+):")
 _HEX = re.compile(r"\s*(?:`\()?0x([0-9a-f]+)")
 _BRA = re.compile(r"`\((?P<label>\.L_x_\d+)\)")
@@ -57,6 +57,20 @@ def _bare_package() -> None:
         face = types.ModuleType("xkern")
         face.__path__ = [str(ROOT / "xkern")]
         sys.modules["xkern"] = face
+
+
+# The issue-bound ceiling of a decode loop on an H200: an SM issues at most 4 warp-instructions (128
+# thread-instructions) per clock, so a loop taking ``p`` SASS instructions per decoded element decodes at most
+# ``128 / p`` elements per clock per SM; times 132 SMs x 1.98 GHz x the bytes of an element (NF4 code, absmax
+# byte, absmax2 share: double quantization, blocksize 64) is the weight bandwidth it allows.
+H200_SMS, H200_GHZ, H200_HBM_TBS = 132, 1.98, 4.8
+BYTES_PER_ELEMENT = 0.5 + 1 / 64 + 4 / (64 * 256)
+ISSUE_PER_CLOCK = 128
+
+
+def issue_bound_tbs(per_element: float) -> float:
+    """The weight bandwidth (TB/s) an H200 can decode at when issue is the only limit."""
+    return ISSUE_PER_CLOCK / per_element * H200_SMS * H200_GHZ * 1e9 * BYTES_PER_ELEMENT / 1e12
 
 
 def _bin(tool: str) -> str:
@@ -109,7 +123,7 @@ def sass_main_loop(sass: str, prefer: tuple[str, ...] = ()) -> dict:
                 labels[lab] = addr
             pending.clear()
             instrs.append((addr, m.group("op"), m.group("rest")))
-            if m.group("op") == "EXIT" and "@" not in line.split("*/", 1)[-1].split("EXIT")[0]:
+            if m.group("op") == "EXIT" and not m.group("pred"):
                 first_exit = min(first_exit, addr)
     best = None
     best_key = None

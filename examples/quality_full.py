@@ -151,6 +151,19 @@ def plan(args: argparse.Namespace, n_target_users: int) -> tuple[dict[str, Run],
     return runs, rows, [(k, rows[n] if k == "rank" else n) for k, n in steps]
 
 
+def ranking_candidates(args: argparse.Namespace, data: Any) -> Any:
+    """The harness's candidates: each test user's item and 29 uniform negatives (seeded), all users or the first
+    ``--eval-users``."""
+    from xkern.data.negatives import build_candidates
+
+    return build_candidates(data, "test", 29, "uniform", args.seed, None if args.eval_users < 0 else args.eval_users)
+
+
+def title_lengths(enc: Any, titles: Any) -> np.ndarray:
+    """Tokens of every item's title (at least 1: an empty title still ends the prompt)."""
+    return np.array([max(1, len(enc.title(t or ""))) for t in titles], dtype=np.float64)
+
+
 # ------------------------------------------------------------------------------------------- GPU estimate
 
 H200_BF16_TFLOPS = 989.0  # dense bf16 tensor-core peak
@@ -178,7 +191,6 @@ def gpu_estimate(args: argparse.Namespace, runs: dict[str, Run], rows: dict[str,
     import xkern
     from xkern.data.cli import load_domains
     from xkern.data.encoding import PromptEncoder
-    from xkern.data.negatives import build_candidates
     from xkern.nn.pretrained import load_tokenizer, resolve
 
     path = resolve(args.model)
@@ -203,9 +215,9 @@ def gpu_estimate(args: argparse.Namespace, runs: dict[str, Run], rows: dict[str,
     else:
         tokens_per_example = float("nan")
     data = domains[args.target]
-    cands = build_candidates(data, "test", 29, "uniform", args.seed, None if args.eval_users < 0 else args.eval_users)
+    cands = ranking_candidates(args, data)
     enc = PromptEncoder(load_tokenizer(path), data.name, max_history=args.max_history)
-    title_len = np.array([max(1, len(enc.title(t or ""))) for t in data.titles], dtype=np.float64)
+    title_len = title_lengths(enc, data.titles)
     rank_tokens = float(sum(len(enc.prompt([data.titles[i] for i in h])) for h in cands.histories)
                         + title_len[cands.items].sum())
     steps = []
@@ -271,15 +283,13 @@ class Ranker:
         import xkern
         from xkern.data.cli import load_domains
         from xkern.data.encoding import PromptEncoder
-        from xkern.data.negatives import build_candidates
         from xkern.nn import resolve_dtype
         from xkern.nn.pretrained import load_tokenizer, resolve
 
         torch.set_num_threads(args.threads)
         self.args, self.runs = args, runs
         self.data = load_domains(args.data, [args.target], seed=args.seed)[args.target]
-        n = None if args.eval_users < 0 else args.eval_users
-        self.cands = build_candidates(self.data, "test", 29, "uniform", args.seed, n)
+        self.cands = ranking_candidates(args, self.data)
         path = resolve(args.model)
         self.dtype, _ = resolve_dtype("auto", args.device)
         self.model = xkern.load_model(path, dtype=self.dtype, device=args.device, progress=False)
@@ -342,7 +352,7 @@ class Ranker:
 
             return score, prior
         sc = PrefixLikelihoodScorer(self.model, self.enc, self.data.titles, self.adapter(row))
-        count = np.array([max(1, len(self.enc.title(t or ""))) for t in self.data.titles], dtype=np.float64)
+        count = title_lengths(self.enc, self.data.titles)
 
         def score_lora(h: Any, items: np.ndarray) -> np.ndarray:
             with torch.no_grad():

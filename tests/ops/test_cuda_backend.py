@@ -36,9 +36,9 @@ needs_kernel = pytest.mark.skipif(not KERNEL_BUILT, reason="xkern._C with the de
                                   "(pip install --no-build-isolation -e . with CUDA torch and nvcc)")
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 RANKS = {1: [8], 4: [4, 16, 1, 8], 16: [(5 * a) % 16 + 1 for a in range(16)]}
+SASS_CHECK = load_script("bench/cuda_sass_check.py")
 # what torch's extension build adds to every nvcc call (no implicit half/bfloat16 conversions)
-TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
+TORCH_NVCC_FLAGS = SASS_CHECK.TORCH_NVCC_FLAGS
 
 
 def _nvcc() -> str:
@@ -140,15 +140,14 @@ def test_tensor_core_decode_loop_meets_its_instruction_budget(tmp_path):
     on sm_80 and sm_90a (so the H200's issue rate allows more than its HBM rate), no GEMV spills; under the nvcc
     that wrote bench/results/cuda-decode-sass.json its numbers reproduce."""
     _nvcc()
-    sass = load_script("bench/cuda_sass_check.py")
-    records = [r for arch in ARCHS for r in sass.measure(CSRC, arch, tmp_path)]
-    assert sass.problems({"states": {"after": records}}) == []
+    records = [r for arch in ARCHS for r in SASS_CHECK.measure(CSRC, arch, tmp_path)]
+    assert SASS_CHECK.problems({"states": {"after": records}}) == []
     mma = [r for r in records if r["kernel"] == "nf4_lora_mma_kernel"]
     assert len(mma) == 16 * len(ARCHS)
     assert all(r["per_element"] <= 4 and r["fraction_of_hbm"] > 0.7 for r in mma), [r["per_element"] for r in mma]
     committed = json.loads((ROOT / "bench" / "results" / "cuda-decode-sass.json").read_text())
     assert committed["problems"] == []
-    if sass.nvcc_version() == committed["nvcc"]:
+    if SASS_CHECK.nvcc_version() == committed["nvcc"]:
         numbers = lambda rs: {(r["mangled"], r["arch"]): (r.get("regs"), r.get("spill_bytes"), r["loop_instructions"],
                                                           r["per_element"]) for r in rs}  # noqa: E731
         assert numbers(records) == numbers(committed["states"]["after"])

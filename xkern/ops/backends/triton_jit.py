@@ -208,7 +208,7 @@ def _block_r(rank: int) -> int:
 def _group(w_cols: int, blocksize: int, tile_cols: int) -> int:
     """Elements per absmax load in ``_w_tile``: the tile's share of a quantization block when the blocks
     align with W's rows, else 2 (one per byte)."""
-    return min(blocksize, tile_cols) if w_cols % blocksize == 0 and w_cols % 2 == 0 else 2
+    return min(blocksize, tile_cols) if weight_layout(w_cols, blocksize) == "" else 2
 
 
 # The GPU's 16-bit ``tl.dot`` branches, run on the CPU interpreter by tests (float16 only: the interpreter's
