@@ -951,6 +951,11 @@ def quality_tools_full() -> str:
             f"paired over the same validation examples. {m['cpu']}, {m['threads']} threads, compute "
             f"{run['config']['compute_dtype']}. Training wall time per run: {timing or 'none finished here'}. "
             f"Rows still missing: {', '.join(run['missing_rows']) or 'none'}.")
+    sources = [f"{name} ({r['domain']}: {r['train_examples']:,} examples, {r['steps']:,} steps, validation "
+               f"{r['val_loss_start_run']:.3f} -> {r['val_loss_end_run']:.3f} on {r['val_examples']} of its own users, "
+               f"{r['train_seconds'] / 3600:.2f} h)" for name, r in run.get("source_runs", {}).items()]
+    if sources:
+        note += "\n\nSource LoRAs (X-Cross's frozen streams, the plain merge's parts): " + "; ".join(sources) + "."
     tails = _curve_tails()
     if tails:
         note += ("\n\nValidation over the last fifth of each finished run's steps (its learning curve; \"still "

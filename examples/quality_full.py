@@ -457,7 +457,8 @@ def run_info(run: Run) -> dict[str, Any]:
     s = json.loads((run.out / "summary.json").read_text())
     return {"trainable_params": s["trainable_parameters"], "steps": s["steps"], "train_examples": s["train_examples"],
             "train_seconds": s.get("train_seconds"), "train_tokens_per_s": s.get("train_tokens_per_s"),
-            "val_loss_start_run": s.get("val_loss_before"), "val_loss_end_run": s.get("val_loss_after")}
+            "val_loss_start_run": s.get("val_loss_before"), "val_loss_end_run": s.get("val_loss_after"),
+            "val_examples": s.get("val_examples")}
 
 
 def model_rows(ranker: Ranker, row: Row, runs: dict[str, Run], n_boot: int, seed: int) -> list[dict[str, Any]]:
@@ -566,6 +567,9 @@ def report(args: argparse.Namespace, runs: dict[str, Run], ranked: list[Row], ra
                    "xcross_args": XCROSS_ARGS + (" " + args.xcross_args if args.xcross_args else "")},
         "commands": {name: "xkern " + shlex.join(r.argv) for name, r in runs.items() if r.done},
         "rows": rows, "paired": pairs(rows, full, args.n_boot, args.seed),
+        # X-Cross's frozen streams and the plain merge's parts: validated on their own domain, not ranked
+        "source_runs": {f"src-{s}": {"domain": s, **run_info(runs[f"src-{s}"])} for s in args.sources
+                        if runs[f"src-{s}"].done},
         "missing_rows": missing, "timings": timings,
         "machine": {"cpu": cpu_model(), "threads": args.threads, "device": args.device or "cpu"},
         "wall_seconds_this_invocation": round(time.perf_counter() - t_start, 1),

@@ -123,6 +123,10 @@ def test_quality_full_trains_skips_what_is_done_and_writes_quality_rows(tmp_path
         ("weave-merge+pmi", "plain-merge+pmi", "HR@10"), ("xcross-0.5+pmi", "lora-1.0+pmi", "MRR"),
         ("joint", "sasrec", "HR@10")}
     assert json.loads((runs / "lora-0.5" / "summary.json").read_text())["recipe"]["fraction"] == 0.5
+    src = json.loads((runs / "src-Toys" / "summary.json").read_text())  # the source, reported though not ranked
+    assert q["source_runs"]["src-Toys"] == {**q["source_runs"]["src-Toys"], "domain": "Toys", "steps": src["steps"],
+                                            "train_examples": src["train_examples"],
+                                            "val_loss_end_run": src["val_loss_after"]}
     logs = {p.name: p.stat().st_mtime_ns for p in runs.glob("*.log")}
     ranks = {p.name: p.stat().st_mtime_ns for p in (runs / "ranks").glob("*.json")}
     capsys.readouterr()
@@ -137,6 +141,7 @@ def test_quality_full_trains_skips_what_is_done_and_writes_quality_rows(tmp_path
     tables.RESULTS = tmp_path
     table = tables.quality_tools_full()
     assert all(f"| {m} |" in table for m in methods) and "Rows still missing: none" in table
+    assert f"src-Toys (Toys: {src['train_examples']:,} examples, {src['steps']:,} steps, validation " in table
     claims = tables.quality_tools_full_xcross_claims() + tables.quality_tools_full_weave()
     assert "not measured yet" not in claims
     assert all(f"X-Cross on {f} of the Tools training users" in claims for f in ("1.0", "0.5"))
