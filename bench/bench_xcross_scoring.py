@@ -8,7 +8,13 @@ without prefix sharing (interleaved, median of ``--reps``), their ratio, the one
 (``xkern.serve.PrefixLikelihoodScorer``) for the cost of n streams against one, and the largest
 difference between the two X-Cross scorings (they compute the same scores).
 
-    OMP_NUM_THREADS=2 python bench/bench_xcross_scoring.py   # -> bench/results/xcross-scoring-cpu.json
+``--val-users N`` also times X-Cross training's validation (``xkern.xcross.train.validate``: the first N
+validation users, 1 + ``--val-neg`` candidates, PMI scores as ``--calibrate`` trains them) with one row
+per (user, candidate) pair and with prefix sharing, and compares their per-example losses.
+
+    OMP_NUM_THREADS=2 python bench/bench_xcross_scoring.py --data ../shared/data/amazon-xcross
+    python bench/bench_xcross_scoring.py --data ../shared/data/amazon-xcross --dtype bfloat16 --users 2 --reps 1 \
+        --val-users 16 --out bench/results/xcross-validation-cpu.json
 """
 
 from __future__ import annotations
@@ -27,13 +33,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=None, help="processed domain folders root (default: the workplace's Amazon data)")
+    p.add_argument("--data", default=None, help="processed domain folders root (or XKERN_DATA)")
     p.add_argument("--target", default="Tools")
     p.add_argument("--users", type=int, default=4)
     p.add_argument("--max-history", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64, help="pairs per forward (both ways)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--val-users", type=int, default=0, help="also time validate() on this many validation users")
+    p.add_argument("--val-neg", type=int, default=9)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "xcross-scoring-cpu.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -52,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     cands = build_candidates(data, "test", 29, "uniform", 0, args.users)
     hists = [list(h) for h in cands.histories]
     path = smollm2_gguf()
-    xm = xkern.load_model(str(path), dtype=torch.float32, progress=False)
+    xm = xkern.load_model(str(path), dtype=getattr(torch, args.dtype), progress=False)
     tok = load_tokenizer(path)
     for i in range(2):
         xm.add_adapter(f"s{i}", r=16, lora_alpha=32, seed=i, init_lora_weights=False)
@@ -81,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     prompt_tokens = [len(xc.encoder.prompts.prompt([data.titles[i] for i in h])) for h in hists]
     title_tokens = [len(xc.encoder.prompts.title(data.titles[int(c)])) for row in cands.items for c in row]
     report = {
-        "kind": "xcross-scoring", "base": "SmolLM2-135M-Instruct (NF4)", "streams": 2, "target": data.name,
+        "kind": "xcross-scoring", "base": "SmolLM2-135M-Instruct (NF4)", "dtype": args.dtype, "streams": 2,
+        "target": data.name,
         "users": len(hists), "candidates": int(cands.items.shape[1]), "max_history": args.max_history,
         "batch_size": args.batch_size, "reps": args.reps, "threads": torch.get_num_threads(),
         "mean_prompt_tokens": float(np.mean(prompt_tokens)), "mean_title_tokens": float(np.mean(title_tokens)),
@@ -91,12 +101,34 @@ def main(argv: list[str] | None = None) -> int:
         "max_abs_score_difference": diff,
         "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)],
     }
+    if args.val_users:
+        report["validation"] = time_validation(xc, data, args)
     for k, v in per_user.items():
         print(f"{k:<28} {v:.3f} s/user")
     print(f"shared prefix: {report['speedup_shared_prefix']:.2f}x faster; 2 streams / 1 adapter "
           f"{report['xcross_vs_one_adapter']:.2f}x; max |score difference| {diff:.2e}")
     print(f"wrote {write_report(args.out, report)}")
     return 0
+
+
+def time_validation(xc, data, args: argparse.Namespace) -> dict:
+    """validate() of the first ``--val-users`` validation users, one row per pair against prefix sharing."""
+    from xkern.xcross.train import candidate_examples, validate
+
+    val = candidate_examples(data, "val", args.val_neg, 0, -1, None)[:args.val_users]
+    out: dict = {"users": len(val), "candidates": args.val_neg + 1, "calibrate": True, "seconds": {}}
+    losses = {}
+    for name, shared in (("per_pair", False), ("shared_prefix", True)):
+        t = time.perf_counter()
+        losses[name] = validate(xc, val, args.batch_size, calibrate=True, prefix_sharing=shared)["losses"]
+        out["seconds"][name] = round(time.perf_counter() - t, 2)
+    out["speedup_shared_prefix"] = round(out["seconds"]["per_pair"] / out["seconds"]["shared_prefix"], 2)
+    out["mean_loss"] = {k: round(float(np.mean(v)), 5) for k, v in losses.items()}
+    out["max_abs_loss_difference"] = float(np.max(np.abs(np.subtract(losses["per_pair"], losses["shared_prefix"]))))
+    print(f"validate(), {len(val)} users x {args.val_neg + 1} candidates, PMI: {out['seconds']} -> "
+          f"{out['speedup_shared_prefix']}x; mean loss {out['mean_loss']}; max |loss difference| "
+          f"{out['max_abs_loss_difference']:.2e}")
+    return out
 
 
 if __name__ == "__main__":

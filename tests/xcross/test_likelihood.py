@@ -133,6 +133,32 @@ def test_calibrated_score_subtracts_each_titles_empty_history_score(setup):
                                                                                           calibrate=True)
 
 
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_prefix_shared_validation_equals_one_row_per_pair(setup, calibrate):
+    """validate() scores each history's prompt once for its candidates; its loss, per-example losses, MRR and
+    HR@1 are those of one full row per (history, candidate) pair (the training loss's scores), with the
+    integrators on and prompts of different lengths, in batches that split a user's candidates."""
+    from xkern.xcross.train import candidate_examples, validate
+
+    data, tok, xm = setup
+    xc = XCrossModel(xm, ["a0", "a1"], scoring="likelihood", integrator_norm="rms", likelihood_reduce="mean",
+                     bias=True, tokenizer=tok, titles=data.titles, domain=data.name, max_history=3)
+    with torch.no_grad():
+        torch.manual_seed(4)
+        for p in [*xc.w_concat, *xc.integrator_bias]:
+            p.normal_(0, 0.05)
+    val = candidate_examples(data, "val", 4, 0, -1, None)[:12]
+    assert len({len(h) for h, _, _ in val}) > 1
+    xc.train()
+    ref = validate(xc, val, batch_size=7, calibrate=calibrate, prefix_sharing=False)
+    got = validate(xc, val, batch_size=7, calibrate=calibrate)
+    assert xc.training  # the mode is given back
+    np.testing.assert_allclose(got["losses"], ref["losses"], rtol=1e-4, atol=1e-4)
+    assert got["loss"] == pytest.approx(ref["loss"], abs=1e-4)
+    assert (got["mrr"], got["hr@1"]) == pytest.approx((ref["mrr"], ref["hr@1"]))
+    assert np.std(ref["losses"]) > 1e-3  # examples told apart: not a constant
+
+
 def test_calibrated_training_loss_scores_are_the_pmi_scores_and_train(setup, tmp_path):
     """example_loss(calibrate=True): the scores it takes the cross-entropy of are score(calibrate=True), the
     gradient reaches the integrators through both terms, the loss can be fitted on a fixed batch, train()

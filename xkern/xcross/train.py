@@ -135,22 +135,30 @@ def example_loss(xc: XCrossModel, batch: Sequence[Example], forward: nn.Module |
 
 @torch.no_grad()
 def validate(xc: XCrossModel, examples: Sequence[Example], batch_size: int = 64,
-             calibrate: bool = False) -> dict[str, float]:
+             calibrate: bool = False, prefix_sharing: bool = True) -> dict[str, float]:
     """Mean loss, MRR and HR@1 over fixed candidate lists (eval mode, no gradients), and each example's
     loss (``losses``): two validations of the same examples compare pairwise, so a change can be told
-    from the validation set's own noise."""
+    from the validation set's own noise.
+
+    Likelihood scoring with ``prefix_sharing`` scores each history's prompt once for all its candidates
+    (:meth:`XCrossModel.score`): the scores of one row per (history, candidate) pair, which
+    ``prefix_sharing=False`` runs, for a fraction of the tokens (a prompt is ~10 titles long)."""
     if not examples:
         return {}
-    was = xc.training
-    xc.eval()
-    per = max(1, batch_size // len(examples[0][1]))
-    scores = []
-    try:
-        for s in range(0, len(examples), per):
-            scores.append(example_loss(xc, examples[s:s + per], calibrate=calibrate)[1].float().cpu())
-    finally:
-        xc.train(was)
-    all_scores = torch.cat(scores)
+    if prefix_sharing and xc.scoring == "likelihood":
+        all_scores = xc.score([h for h, _, _ in examples], np.stack([c for _, c, _ in examples]), batch_size,
+                              calibrate=calibrate).float()
+    else:
+        was = xc.training
+        xc.eval()
+        per = max(1, batch_size // len(examples[0][1]))
+        scores = []
+        try:
+            for s in range(0, len(examples), per):
+                scores.append(example_loss(xc, examples[s:s + per], calibrate=calibrate)[1].float().cpu())
+        finally:
+            xc.train(was)
+        all_scores = torch.cat(scores)
     targets = torch.tensor([t for _, _, t in examples])
     losses = F.cross_entropy(all_scores, targets, reduction="none")
     m = evaluate_ranking(all_scores.numpy(), targets.numpy(), ks=(1,))
