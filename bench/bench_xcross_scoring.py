@@ -8,13 +8,17 @@ without prefix sharing (interleaved, median of ``--reps``), their ratio, the one
 (``xkern.serve.PrefixLikelihoodScorer``) for the cost of n streams against one, and the largest
 difference between the two X-Cross scorings (they compute the same scores).
 
+``--train-steps N`` also times N training steps (forward and backward of ``example_loss``, batch
+``--train-batch`` x (1 + 1) candidates, PMI, activation checkpointing as the full-scale runs train) with
+one row per pair and with packed rows (:meth:`XCrossModel.pack`), and compares their losses and gradients.
+
 ``--val-users N`` also times X-Cross training's validation (``xkern.xcross.train.validate``: the first N
 validation users, 1 + ``--val-neg`` candidates, PMI scores as ``--calibrate`` trains them) with one row
 per (user, candidate) pair and with prefix sharing, and compares their per-example losses.
 
     OMP_NUM_THREADS=2 python bench/bench_xcross_scoring.py --data ../shared/data/amazon-xcross
     python bench/bench_xcross_scoring.py --data ../shared/data/amazon-xcross --dtype bfloat16 --users 2 --reps 1 \
-        --val-users 16 --out bench/results/xcross-validation-cpu.json
+        --val-users 16 --train-steps 4 --out bench/results/xcross-validation-cpu.json
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--val-users", type=int, default=0, help="also time validate() on this many validation users")
     p.add_argument("--val-neg", type=int, default=9)
+    p.add_argument("--train-steps", type=int, default=0, help="also time this many training steps both ways")
+    p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "xcross-scoring-cpu.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -103,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.val_users:
         report["validation"] = time_validation(xc, data, args)
+    if args.train_steps:
+        report["training"] = time_training(xc, data, args)
     for k, v in per_user.items():
         print(f"{k:<28} {v:.3f} s/user")
     print(f"shared prefix: {report['speedup_shared_prefix']:.2f}x faster; 2 streams / 1 adapter "
@@ -128,6 +136,43 @@ def time_validation(xc, data, args: argparse.Namespace) -> dict:
     print(f"validate(), {len(val)} users x {args.val_neg + 1} candidates, PMI: {out['seconds']} -> "
           f"{out['speedup_shared_prefix']}x; mean loss {out['mean_loss']}; max |loss difference| "
           f"{out['max_abs_loss_difference']:.2e}")
+    return out
+
+
+def time_training(xc, data, args: argparse.Namespace) -> dict:
+    """Forward + backward of ``example_loss`` on the same training batches, one row per pair against packed."""
+    from xkern.train.loop import _grad_checkpointing
+    from xkern.xcross.train import candidate_examples, example_loss
+
+    for p in xc.model.parameters():
+        p.requires_grad_(False)
+    params = [q for q in xc.trainable_parameters() if q.requires_grad]
+    ex = candidate_examples(data, "train", 1, 0, 0, None)[:args.train_steps * args.train_batch]
+    batches = [ex[i:i + args.train_batch] for i in range(0, len(ex), args.train_batch)]
+    out: dict = {"steps": len(batches), "batch": args.train_batch, "candidates": 2, "calibrate": True,
+                 "grad_checkpointing": True, "seconds_per_step": {}}
+    losses, grads = {}, {}
+    xc.train()
+    with _grad_checkpointing(xc.model.model, True):
+        for name, packed in (("per_pair", False), ("packed", True)):
+            t = time.perf_counter()
+            losses[name], grads[name] = [], []
+            for batch in batches:
+                for q in params:
+                    q.grad = None
+                loss = example_loss(xc, batch, calibrate=True, packed=packed)[0]
+                loss.backward()
+                losses[name].append(float(loss.detach()))
+                grads[name].append(torch.cat([q.grad.flatten().float() for q in params]))
+            out["seconds_per_step"][name] = round((time.perf_counter() - t) / len(batches), 2)
+    out["speedup_packed"] = round(out["seconds_per_step"]["per_pair"] / out["seconds_per_step"]["packed"], 2)
+    out["max_abs_loss_difference"] = float(np.max(np.abs(np.subtract(losses["per_pair"], losses["packed"]))))
+    out["max_relative_gradient_difference"] = max(
+        float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(grads["packed"], grads["per_pair"],
+                                                                           strict=True))
+    print(f"training step, {args.train_batch} examples x 2 candidates, PMI: {out['seconds_per_step']} s -> "
+          f"{out['speedup_packed']}x; max |loss difference| {out['max_abs_loss_difference']:.2e}, max relative "
+          f"gradient difference {out['max_relative_gradient_difference']:.2e}")
     return out
 
 

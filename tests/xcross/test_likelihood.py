@@ -134,6 +134,43 @@ def test_calibrated_score_subtracts_each_titles_empty_history_score(setup):
 
 
 @pytest.mark.parametrize("calibrate", [False, True])
+def test_packed_training_rows_give_the_scores_and_gradients_of_one_row_per_pair(setup, calibrate):
+    """example_loss packs each example's prompt with all its candidates' titles (a block mask, positions
+    restarted after the prompt): its scores, loss and the integrators' gradients are those of one row per
+    (history, candidate) pair, for prompts of different lengths, repeated candidates and sum and mean titles."""
+    from xkern.xcross.train import candidate_examples, example_loss
+
+    data, tok, xm = setup
+    for reduce in ("mean", "sum"):
+        xc = XCrossModel(xm, ["a0", "a1"], scoring="likelihood", integrator_norm="rms", likelihood_reduce=reduce,
+                         bias=True, tokenizer=tok, titles=data.titles, domain=data.name, max_history=3)
+        with torch.no_grad():
+            torch.manual_seed(5)
+            for p in [*xc.w_concat, *xc.integrator_bias]:
+                p.normal_(0, 0.05)
+        batch = candidate_examples(data, "train", 3, 0, 0, None)[:5]
+        batch[1] = (batch[1][0], batch[0][1].copy(), batch[0][2])  # the same candidates as another example
+        assert len({len(h) for h, _, _ in batch}) > 1
+        grads = []
+        for packed in (False, True):
+            xc.zero_grad()
+            loss, scores = example_loss(xc, batch, calibrate=calibrate, packed=packed)
+            loss.backward()
+            grads.append([p.grad.clone() for p in [*xc.w_concat, *xc.integrator_bias, xc.w]])
+            if not packed:
+                ref_loss, ref_scores = loss.detach(), scores.detach()
+        torch.testing.assert_close(scores.detach(), ref_scores, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-4, atol=1e-4)
+        for got, ref in zip(*grads, strict=True):
+            torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-5)
+        assert ref_scores.std(dim=1).min() > 0 and max(float(g.abs().max()) for g in grads[0]) > 0
+    rows = xc.pack([(batch[0][0], batch[0][1])])
+    title = xc.encoder.prompts.title(data.titles[int(batch[0][1][0])])
+    prompt = xc.encoder.prompt_ids(batch[0][0])
+    assert rows.input_ids.shape[1] < len(batch[0][1]) * (len(prompt) + len(title))  # the prompt is there once
+
+
+@pytest.mark.parametrize("calibrate", [False, True])
 def test_prefix_shared_validation_equals_one_row_per_pair(setup, calibrate):
     """validate() scores each history's prompt once for its candidates; its loss, per-example losses, MRR and
     HR@1 are those of one full row per (history, candidate) pair (the training loss's scores), with the

@@ -159,11 +159,15 @@ class CompletionPairEncoder:
         self.pad_id = int(pad or 0)
         self._prompt: dict[tuple[int, ...], list[int]] = {}
 
-    def pair(self, history: Sequence[int], item: int) -> dict[str, list[int]]:
+    def prompt_ids(self, history: Sequence[int]) -> list[int]:
+        """The next-item prompt of ``history`` (item indices), cached per history."""
         key = tuple(int(i) for i in history)
         if key not in self._prompt:
             self._prompt[key] = self.prompts.prompt(titles_of(key, self.titles))
-        return prompt_completion_example(self._prompt[key], self.prompts.title(self.titles[int(item)] or ""))
+        return self._prompt[key]
+
+    def pair(self, history: Sequence[int], item: int) -> dict[str, list[int]]:
+        return prompt_completion_example(self.prompt_ids(history), self.prompts.title(self.titles[int(item)] or ""))
 
     def pair_ids(self, history: Sequence[int], item: int) -> list[int]:
         return self.pair(history, item)["input_ids"]

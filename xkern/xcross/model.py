@@ -21,6 +21,7 @@ import inspect
 import json
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,25 @@ def adapter_fingerprint(model: XkernModel, name: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- the model
+
+@dataclass
+class PackedPairs:
+    """Likelihood rows that hold one prompt and several candidate titles (:meth:`XCrossModel.pack`).
+
+    ``attention_mask`` ``[R, 1, L, L]`` (True: attend) lets a title's tokens see the prompt and their own
+    title only, ``position_ids`` place every title right after the prompt, so each title is scored as in
+    its own (prompt, title) row. ``predictor[k]`` (a flat index into the ``R x L`` positions) is the
+    position whose output predicts token ``target[k]``, which belongs to candidate slot ``slot[k]``;
+    ``counts`` holds each slot's title length."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    predictor: torch.Tensor
+    target: torch.Tensor
+    slot: torch.Tensor
+    counts: torch.Tensor
+
 
 class XCrossModel(nn.Module):
     """X-Cross over the adapters ``adapters`` of an :class:`XkernModel` (see the module docstring).
@@ -274,6 +294,46 @@ class XCrossModel(nn.Module):
             span[i, end - len(self.encoder.candidate_ids(int(c))):end] = 1
         return ids, mask, span
 
+    def pack(self, groups: Sequence[tuple[Sequence[int] | None, Sequence[int]]]) -> PackedPairs:
+        """One row per ``(history, candidates)`` group (``history=None``: the prompt of an empty history):
+        the prompt once, then every candidate's title. Scores from it equal those of one
+        (prompt, title) row per candidate, for the prompt's tokens once per group instead of once per
+        candidate, and they are differentiable (training; inference reuses a KV cache instead)."""
+        enc = self.encoder
+        if self.scoring != "likelihood" or not isinstance(enc, CompletionPairEncoder):
+            raise InputError("pack() needs scoring='likelihood' and set_domain(...) first")
+        rows, positions, segments, predictor, target, slot, counts = [], [], [], [], [], [], []
+        for h, cands in groups:
+            prompt = enc.prompt_ids(h if h is not None else [])
+            ids, pos, seg = list(prompt), list(range(len(prompt))), [0] * len(prompt)
+            for j, c in enumerate(cands):
+                title = enc.prompts.title(enc.titles[int(c)] or "")  # an empty one scores 0, as in its own row
+                for i, tok in enumerate(title):  # the prompt's last position predicts every title's first token
+                    predictor.append((len(rows), len(prompt) - 1 if i == 0 else len(ids) + i - 1))
+                    target.append(tok)
+                    slot.append(len(counts))
+                counts.append(len(title))
+                ids += title
+                pos += range(len(prompt), len(prompt) + len(title))
+                seg += [j + 1] * len(title)
+            rows.append(ids)
+            positions.append(pos)
+            segments.append(seg)
+        width = max(len(r) for r in rows)
+        pad = [width - len(r) for r in rows]
+        ids_t = torch.tensor([r + [enc.pad_id] * k for r, k in zip(rows, pad, strict=True)])
+        pos_t = torch.tensor([p + [0] * k for p, k in zip(positions, pad, strict=True)])
+        seg_t = torch.tensor([g + [-1] * k for g, k in zip(segments, pad, strict=True)])
+        q, k = seg_t[:, :, None], seg_t[:, None, :]
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        mask = causal & (k >= 0) & ((k == 0) | (k == q))  # a title sees the prompt and itself, not the others
+        mask |= torch.eye(width, dtype=torch.bool)  # padding attends to itself (never to anything real)
+        flat = torch.tensor([r * width + t for r, t in predictor])
+        dev = self.device
+        return PackedPairs(ids_t.to(dev), mask[:, None].to(dev), pos_t.to(dev), flat.to(dev),
+                           torch.tensor(target, device=dev), torch.tensor(slot, device=dev),
+                           torch.tensor(counts, device=dev))
+
     # ---- forward -----------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -308,8 +368,10 @@ class XCrossModel(nn.Module):
 
         return hook
 
-    def stream_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Each stream's final hidden states ``[n, N, T, d]`` (integrated after every block)."""
+    def stream_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Each stream's final hidden states ``[n, N, T, d]`` (integrated after every block). The mask is a
+        ``[N, T]`` padding mask or a ready ``[N, 1, T, T]`` one (with ``position_ids``: packed rows)."""
         n, rows = self.n_streams, input_ids.shape[0]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -317,9 +379,11 @@ class XCrossModel(nn.Module):
         if missing:
             raise InputKeyError(f"adapter(s) {missing} were removed from the model")
         ids = input_ids.repeat(n, 1)  # stream-major: stream m holds rows m*N .. (m+1)*N - 1
-        mask = attention_mask.repeat(n, 1)
+        mask = attention_mask.repeat(n, *([1] * (attention_mask.dim() - 1)))
         names = [a for a in self.adapters for _ in range(rows)]
         kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids.repeat(n, 1)
         if self._use_cache:
             kwargs["use_cache"] = False
         with routing_scope(self.model.routing(names, len(names))), self._integrators(n):
@@ -327,9 +391,30 @@ class XCrossModel(nn.Module):
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         return hidden.reshape(n, rows, *hidden.shape[1:])
 
+    def _title_scores(self, states: torch.Tensor, tokens: torch.Tensor, slot: torch.Tensor,
+                      counts: torch.Tensor) -> torch.Tensor:
+        """Per slot, the summed (or mean) log-probability of its title tokens ``tokens`` predicted from the
+        mixed hidden ``states`` ``[K, d]``; ``slot[k]`` says whose token ``k`` is, ``counts`` each slot's length."""
+        logits = self.lm_head(states).float()
+        logp = F.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+        total = torch.zeros(len(counts), device=self.device).index_add(0, slot, logp)
+        if self.likelihood_reduce == "mean":
+            total = total / counts.clamp_min(1).to(total.dtype)
+        return total
+
+    def _packed_scores(self, packed: PackedPairs) -> torch.Tensor:
+        hidden = self.stream_hidden(packed.input_ids, packed.attention_mask, packed.position_ids)
+        mixed = (self.w.to(hidden.dtype)[:, None, None, None] * hidden).sum(0)  # [R, L, d]
+        states = mixed.reshape(-1, mixed.shape[-1])[packed.predictor]
+        return self._title_scores(states, packed.target, packed.slot, packed.counts)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Scores ``[N]`` of N tokenized (history, candidate) pairs (``labels``: the third item of :meth:`encode`)."""
+                labels: torch.Tensor | None = None, packed: PackedPairs | None = None) -> torch.Tensor:
+        """Scores ``[N]`` of N tokenized (history, candidate) pairs (``labels``: the third item of :meth:`encode`),
+        or, given ``packed`` (:meth:`pack`; ``input_ids`` and ``attention_mask`` are its own), one score per
+        candidate slot of the packed rows."""
+        if packed is not None:
+            return self._packed_scores(packed)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
@@ -341,13 +426,8 @@ class XCrossModel(nn.Module):
             mixed = (self.w.to(hidden.dtype)[:, None, None, None] * hidden).sum(0)  # [N, T, d]
             target = labels.to(self.device)[:, 1:]
             picked = target != IGNORE  # the hidden state at t predicts token t + 1
-            logits = self.lm_head(mixed[:, :-1][picked]).float()
-            logp = F.log_softmax(logits, dim=-1).gather(-1, target[picked][:, None]).squeeze(-1)
             row = torch.arange(rows, device=self.device)[:, None].expand_as(target)[picked]
-            total = torch.zeros(rows, device=self.device).index_add(0, row, logp)
-            if self.likelihood_reduce == "mean":
-                total = total / picked.sum(1).clamp_min(1).to(total.dtype)
-            return total
+            return self._title_scores(mixed[:, :-1][picked], target[picked], row, picked.sum(1))
         pool_mask, mode = attention_mask, self.pooling_mode
         if mode == "candidate":
             if labels is None:

@@ -114,21 +114,31 @@ def _pick_users(train: dict[int, list[int]], cap: int | None, seed: int) -> set[
 
 
 def example_loss(xc: XCrossModel, batch: Sequence[Example], forward: nn.Module | None = None,
-                 calibrate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 calibrate: bool = False, packed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean cross-entropy of the targets among their candidates, scores [B, 1 + K]).
 
     ``forward``: what runs ``xc``'s forward (its DDP wrapper under ``torchrun``); ``xc`` itself by default.
     ``calibrate`` (likelihood scoring): each score minus the same candidate's score after an empty history,
     both differentiable, so the integrators learn the history-dependent part rather than the title prior.
+    ``packed`` (likelihood scoring): each example's prompt once with all its candidates' titles
+    (:meth:`XCrossModel.pack`; the empty-history prompt once for the whole batch), the scores of one
+    row per (history, candidate) pair, which ``packed=False`` runs.
     """
+    if calibrate and xc.scoring != "likelihood":
+        raise InputError("calibrate needs scoring='likelihood' (a classification score has no title prior)")
     run = forward or xc
-    ids, mask, labels = xc.encode([(h, int(c)) for h, cands, _ in batch for c in cands])
-    scores = run(ids, mask, labels).view(len(batch), -1)
-    if calibrate:
-        if xc.scoring != "likelihood":
-            raise InputError("calibrate needs scoring='likelihood' (a classification score has no title prior)")
-        ids, mask, labels = xc.encode([([], int(c)) for _, cands, _ in batch for c in cands])
-        scores = scores - run(ids, mask, labels).view(len(batch), -1)
+    if packed and xc.scoring == "likelihood":
+        rows = xc.pack([(h, cands) for h, cands, _ in batch])
+        scores = run(rows.input_ids, rows.attention_mask, packed=rows).view(len(batch), -1)
+        if calibrate:
+            prior = xc.pack([(None, np.concatenate([cands for _, cands, _ in batch]))])
+            scores = scores - run(prior.input_ids, prior.attention_mask, packed=prior).view(len(batch), -1)
+    else:
+        ids, mask, labels = xc.encode([(h, int(c)) for h, cands, _ in batch for c in cands])
+        scores = run(ids, mask, labels).view(len(batch), -1)
+        if calibrate:
+            ids, mask, labels = xc.encode([([], int(c)) for _, cands, _ in batch for c in cands])
+            scores = scores - run(ids, mask, labels).view(len(batch), -1)
     target = torch.tensor([t for _, _, t in batch], device=scores.device)
     return F.cross_entropy(scores, target), scores
 
@@ -155,7 +165,8 @@ def validate(xc: XCrossModel, examples: Sequence[Example], batch_size: int = 64,
         scores = []
         try:
             for s in range(0, len(examples), per):
-                scores.append(example_loss(xc, examples[s:s + per], calibrate=calibrate)[1].float().cpu())
+                scores.append(example_loss(xc, examples[s:s + per], calibrate=calibrate,
+                                           packed=False)[1].float().cpu())
         finally:
             xc.train(was)
         all_scores = torch.cat(scores)
