@@ -870,6 +870,15 @@ NOT_RUN = ("Not measured yet: `examples/quality_full.py` has not ranked a row (i
            "the table appears as rows finish).\n")
 
 
+def _dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _hours(seconds: float | None) -> str:
+    """A training run's wall time; None where it was resumed before xkern kept every invocation's total."""
+    return f"{seconds / 3600:.2f} h" if seconds is not None else "time not recorded (resumed across sessions)"
+
+
 def _full_rows(run: dict, models: list[str] | None = None) -> list[str]:
     """Model rows (raw and PMI) and baselines: metrics with intervals, parameters, validation change, wall time."""
     full = next((r for r in run["rows"] if r["method"] == "lora-1.0"), None)
@@ -885,7 +894,7 @@ def _full_rows(run: dict, models: list[str] | None = None) -> list[str]:
                   f"{ch['ci_high']:+.3f}]" if ch else "-")
         lines.append(f"| {r['method']} | {r['fraction']} | {r['n_users']} | {r['trainable_params']:,}{share} | "
                      f"{_ci(r['metrics']['HR@10'])} | {_ci(r['metrics']['MRR'])} | {_ci(r['metrics']['NDCG@10'])} | "
-                     f"{change} | {r.get('train_seconds', '-')} | {r.get('rank_seconds', '-')} |")
+                     f"{change} | {_dash(r.get('train_seconds'))} | {_dash(r.get('rank_seconds'))} |")
     return lines
 
 
@@ -943,7 +952,7 @@ def quality_tools_full() -> str:
         mrr = _pair(run, p["a"], p["b"], "MRR")
         lines.append(f"| {p['a']} - {p['b']} | {_diff(p)} | {_diff(mrr) if mrr else '-'} |")
     m = run["machine"]
-    timing = "; ".join(f"{k.removeprefix('train:')} {v['seconds'] / 3600:.2f} h (load {v['load_start']}-"
+    timing = "; ".join(f"{k.removeprefix('train:')} {_hours(v['seconds'])} (load {v['load_start']}-"
                        f"{v['load_end']})" for k, v in run["timings"].items())
     note = (f"\nSource: `bench/results/{FULL}` ({run['command']}): {run['domain']} test users, 30 candidates each "
             f"(29 uniform negatives, seed {run['seed']}); intervals: percentile bootstrap over users, "
@@ -953,7 +962,7 @@ def quality_tools_full() -> str:
             f"Rows still missing: {', '.join(run['missing_rows']) or 'none'}.")
     sources = [f"{name} ({r['domain']}: {r['train_examples']:,} examples, {r['steps']:,} steps, validation "
                f"{r['val_loss_start_run']:.3f} -> {r['val_loss_end_run']:.3f} on {r['val_examples']} of its own users, "
-               f"{r['train_seconds'] / 3600:.2f} h)" for name, r in run.get("source_runs", {}).items()]
+               f"{_hours(r['train_seconds'])})" for name, r in run.get("source_runs", {}).items()]
     if sources:
         note += "\n\nSource LoRAs (X-Cross's frozen streams, the plain merge's parts): " + "; ".join(sources) + "."
     tails = _curve_tails()

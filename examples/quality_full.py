@@ -178,12 +178,12 @@ def forward_flops_per_token(config: Any) -> float:
     return 2.0 * (layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + h * config.vocab_size)
 
 
-def gpu_estimate(args: argparse.Namespace, runs: dict[str, Run], rows: dict[str, Row],
-                 timings: dict[str, Any]) -> dict[str, Any]:
+def gpu_estimate(args: argparse.Namespace, runs: dict[str, Run], rows: dict[str, Row]) -> dict[str, Any]:
     """FLOPs of every training and ranking step (the model's shape x the tokens each step processes), the CPU
     time measured where a step ran, and what those FLOPs take on an H200 at an assumed share of its peak.
 
-    Training tokens: what a finished LoRA run reports (tokens/s x seconds), else its examples x the mean
+    Training tokens: what a finished LoRA run reports (its last invocation's tokens/s x seconds, over all its
+    steps), else its examples x the mean
     tokens per example of the finished LoRA runs. Ranking tokens: counted, each user's prompt once and its
     30 candidate titles. Multipliers of the forward's FLOPs: LoRA training 2 (forward, then the input
     gradient through the frozen base; no weight gradients), X-Cross training 3 per stream (gradient
@@ -208,8 +208,10 @@ def gpu_estimate(args: argparse.Namespace, runs: dict[str, Run], rows: dict[str,
     for name, run in runs.items():
         if run.kind == "lora" and run.done:
             sm = json.loads((run.out / "summary.json").read_text())
-            if sm.get("train_tokens_per_s") and sm.get("train_seconds"):
-                measured[name] = (sm["train_tokens_per_s"] * sm["train_seconds"], sm["train_examples"])
+            if sm.get("train_tokens_per_s") and sm.get("train_seconds"):  # the last call's rate and seconds
+                last_call = sm["steps"] - sm.get("resumed_from_step", 0)
+                measured[name] = (sm["train_tokens_per_s"] * sm["train_seconds"] * sm["steps"] / max(last_call, 1),
+                                  sm["train_examples"])
     if measured:
         tokens_per_example = sum(t for t, _ in measured.values()) / sum(n for _, n in measured.values())
     else:
@@ -227,7 +229,7 @@ def gpu_estimate(args: argparse.Namespace, runs: dict[str, Run], rows: dict[str,
         mult = 3 * streams if run.kind == "xcross" else 2
         steps.append({"step": f"train:{name}", "tokens": round(tokens), "tokens_measured": name in measured,
                       "flops": tokens * per_token * mult,
-                      "cpu_seconds": timings.get(f"train:{name}", {}).get("seconds")})
+                      "cpu_seconds": run_info(run, args.runs)["train_seconds"] if run.done else None})
     for name, row in rows.items():
         streams = len(row.sources) if row.kind == "xcross" else 1
         rk = json.loads((args.runs / "ranks" / f"{name}.json").read_text()) \
@@ -266,7 +268,9 @@ def train(run: Run, runs_dir: Path, timings: dict[str, Any]) -> None:
     if rc != 0:
         raise SystemExit(f"{run.name} failed (exit {rc}); see {log}. Running this command again resumes it.")
     prev = timings.get(f"train:{run.name}", {})
-    timings[f"train:{run.name}"] = {"seconds": round(prev.get("seconds", 0) + time.time() - t0, 1),
+    timings[f"train:{run.name}"] = {"seconds": run_info(run, runs_dir)["train_seconds"],  # every invocation's
+                                    "seconds_last_invocation": round(time.time() - t0, 1),
+                                    "invocations": invocations(run, runs_dir),
                                     "load_start": prev.get("load_start", round(load0, 2)),
                                     "load_end": round(os.getloadavg()[0], 2), "cpu": cpu_model(),
                                     "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -447,16 +451,32 @@ def paired_drop(start: list[float], end: list[float], n_boot: int, seed: int) ->
     return {**{k: round(change[k], 4) for k in ("diff", "ci_low", "ci_high")}, "n": int(d.size)}
 
 
-def run_info(run: Run) -> dict[str, Any]:
-    """Trainable parameters, steps, examples and seconds of a finished run, from what its command wrote."""
+def invocations(run: Run, runs_dir: Path) -> int:
+    """How many times this script started the run's command (the headers it writes into ``<runs>/<name>.log``)."""
+    log = runs_dir / f"{run.name}.log"
+    return sum(line.startswith("# ") and " xkern " in line for line in log.read_text().splitlines()) \
+        if log.is_file() else 0
+
+
+def run_info(run: Run, runs_dir: Path) -> dict[str, Any]:
+    """Trainable parameters, steps, examples and training seconds of a finished run, from what its command
+    wrote. The seconds are every invocation's where the run kept their total; a run resumed before xkern kept
+    it reports them only if it ran in one invocation (else None: the earlier invocations' time is unknown)."""
+    def seconds(total: float | None, this_call: float | None) -> float | None:
+        if total is not None:
+            return round(total, 1)
+        return round(this_call, 1) if this_call is not None and invocations(run, runs_dir) <= 1 else None
+
     if run.kind == "xcross":
         log = json.loads((run.out / "train_log.json").read_text())
         return {"trainable_params": log["trainable"]["total"] + log.get("extra_trainable", 0),
                 "steps": log.get("steps"), "train_examples": log.get("n_train_examples"),
-                "train_seconds": round(log.get("seconds") or 0, 1), "best_step": log.get("best_step")}
+                "train_seconds": seconds(log.get("seconds_total"), log.get("seconds")),
+                "best_step": log.get("best_step")}
     s = json.loads((run.out / "summary.json").read_text())
     return {"trainable_params": s["trainable_parameters"], "steps": s["steps"], "train_examples": s["train_examples"],
-            "train_seconds": s.get("train_seconds"), "train_tokens_per_s": s.get("train_tokens_per_s"),
+            "train_seconds": seconds(s.get("train_seconds_total"), s.get("train_seconds")),
+            "train_tokens_per_s": s.get("train_tokens_per_s"),
             "val_loss_start_run": s.get("val_loss_before"), "val_loss_end_run": s.get("val_loss_after"),
             "val_examples": s.get("val_examples")}
 
@@ -471,12 +491,13 @@ def model_rows(ranker: Ranker, row: Row, runs: dict[str, Run], n_boot: int, seed
     prior = dict(zip(state["prior"]["items"], state["prior"]["scores"], strict=True))
     prior_of = np.vectorize(prior.__getitem__)(ranker.cands.items)
     trained = [runs[p] for p in row.parts if not (row.kind == "xcross" and p.startswith("src-"))]
-    infos = [run_info(r) for r in trained]
+    infos = [run_info(r, ranker.args.runs) for r in trained]
+    seconds = [i["train_seconds"] for i in infos]
     info: dict[str, Any] = {
         "model": row.name, "kind": row.kind, "parts": row.parts,
         "trainable_params": sum(i["trainable_params"] for i in infos),
         "steps": sum(i["steps"] or 0 for i in infos), "train_examples": sum(i["train_examples"] or 0 for i in infos),
-        "train_seconds": round(sum(i["train_seconds"] or 0 for i in infos), 1),
+        "train_seconds": round(sum(seconds), 1) if None not in seconds else None,
         "rank_seconds": round(state["seconds"] + state.get("prior_seconds", 0), 1),
         "rank_load_end": state.get("load_end")}
     if row.kind == "xcross":
@@ -556,6 +577,10 @@ def report(args: argparse.Namespace, runs: dict[str, Run], ranked: list[Row], ra
     out = Path(args.out or ROOT / "bench" / "results" / f"quality-{args.target}-full.json")
     expected = [f"{kind}-{fraction_name(f)}" for kind in ("lora", "xcross") for f in args.fractions]
     missing = [n for n in [*expected, "weave-merge", "plain-merge", "joint"] if n not in {r.name for r in ranked}]
+    for key, t in timings.items():  # a training's seconds are what its run kept (every invocation's), or unknown
+        name = key.removeprefix("train:")
+        if key.startswith("train:") and name in runs and runs[name].done:
+            t["seconds"] = run_info(runs[name], args.runs)["train_seconds"]
     doc = {
         "kind": "xkern-quality", "domain": args.target, "split": "test", "seed": args.seed,
         "sources": list(args.sources),
@@ -568,7 +593,7 @@ def report(args: argparse.Namespace, runs: dict[str, Run], ranked: list[Row], ra
         "commands": {name: "xkern " + shlex.join(r.argv) for name, r in runs.items() if r.done},
         "rows": rows, "paired": pairs(rows, full, args.n_boot, args.seed),
         # X-Cross's frozen streams and the plain merge's parts: validated on their own domain, not ranked
-        "source_runs": {f"src-{s}": {"domain": s, **run_info(runs[f"src-{s}"])} for s in args.sources
+        "source_runs": {f"src-{s}": {"domain": s, **run_info(runs[f"src-{s}"], args.runs)} for s in args.sources
                         if runs[f"src-{s}"].done},
         "missing_rows": missing, "timings": timings,
         "machine": {"cpu": cpu_model(), "threads": args.threads, "device": args.device or "cpu"},
@@ -646,8 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     if args.estimate_gpu:
-        timings_path = args.runs / "timings.json"
-        est = gpu_estimate(args, runs, rows, json.loads(timings_path.read_text()) if timings_path.is_file() else {})
+        est = gpu_estimate(args, runs, rows)
         out = ROOT / "bench" / "results" / f"gpu-estimate-quality-{args.target}-full.json"
         out.write_text(json.dumps(est, indent=1) + "\n")
         print(f"{est['total_flops']:.3g} FLOPs in all; on an H200 at {GPU_UTILIZATION} of its bf16 peak: "

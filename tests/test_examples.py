@@ -123,6 +123,8 @@ def test_quality_full_trains_skips_what_is_done_and_writes_quality_rows(tmp_path
         ("weave-merge+pmi", "plain-merge+pmi", "HR@10"), ("xcross-0.5+pmi", "lora-1.0+pmi", "MRR"),
         ("joint", "sasrec", "HR@10")}
     assert json.loads((runs / "lora-0.5" / "summary.json").read_text())["recipe"]["fraction"] == 0.5
+    timing, lora = q["timings"]["train:lora-1.0"], json.loads((runs / "lora-1.0" / "summary.json").read_text())
+    assert timing["invocations"] == 1 and timing["seconds"] == round(lora["train_seconds_total"], 1) > 0
     src = json.loads((runs / "src-Toys" / "summary.json").read_text())  # the source, reported though not ranked
     assert q["source_runs"]["src-Toys"] == {**q["source_runs"]["src-Toys"], "domain": "Toys", "steps": src["steps"],
                                             "train_examples": src["train_examples"],
@@ -146,6 +148,23 @@ def test_quality_full_trains_skips_what_is_done_and_writes_quality_rows(tmp_path
     assert "not measured yet" not in claims
     assert all(f"X-Cross on {f} of the Tools training users" in claims for f in ("1.0", "0.5"))
     assert "merge minus the plain merge" in claims and "merge minus the target-only LoRA" in claims
+
+
+def test_a_runs_training_time_is_its_total_or_unknown(tmp_path):
+    """run_info reports the total the training command kept across invocations; for a run written before that
+    total existed, its one invocation's seconds, or nothing (None) once it was started more than once."""
+    qf = _load("quality_full")
+    out = tmp_path / "src-Toys"
+    out.mkdir()
+    summary = {"trainable_parameters": 10, "steps": 5, "train_examples": 40, "train_seconds": 12.0}
+    (out / "summary.json").write_text(json.dumps(summary))
+    run, log = qf.Run("src-Toys", "lora", [], out), tmp_path / "src-Toys.log"
+    log.write_text("# 2026-12-04 10:00:00 xkern train-lora --domain Toys\nstep 1\n")
+    assert qf.invocations(run, tmp_path) == 1 and qf.run_info(run, tmp_path)["train_seconds"] == 12.0
+    log.write_text(log.read_text() + "# 2026-12-04 12:00:00 xkern train-lora --domain Toys\n")
+    assert qf.invocations(run, tmp_path) == 2 and qf.run_info(run, tmp_path)["train_seconds"] is None
+    (out / "summary.json").write_text(json.dumps({**summary, "train_seconds_total": 30.04}))
+    assert qf.run_info(run, tmp_path)["train_seconds"] == 30.0
 
 
 def test_gpu_estimate_counts_every_matmul_of_the_decoder():

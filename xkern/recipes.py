@@ -99,8 +99,8 @@ def _fingerprint(examples: list[dict[str, Any]]) -> str:
 
 
 def _tokens_per_second(examples: list[dict[str, Any]], cfg: Any, steps: int, seconds: float) -> float | None:
-    """Training tokens per second: the examples' mean length times the examples of the steps run (all
-    processes), over the loop's seconds (validations included)."""
+    """Training tokens per second: the examples' mean length times the examples of the steps this call ran
+    (all processes), over its seconds (validations included)."""
     if not seconds or not examples:
         return None
     lengths = [len(e["input_ids"]) if "input_ids" in e else len(e["prompt_ids"]) * len(e["candidates"])
@@ -149,9 +149,10 @@ def train_lora_on_domains(recipe: LoraRecipe, train_domains: list[DomainData], t
         "recipe": asdict(recipe), "train_domains": [d.name for d in train_domains], "target": target.name,
         "train_examples": len(train), "val_examples": len(val), "val_loss_before": before,
         "val_loss_after": res.final_eval_loss, "steps": res.steps, "train_seconds": round(res.seconds, 1),
+        "train_seconds_total": res.seconds_total, "resumed_from_step": res.start_step,
         "trainable_parameters": sum(p.numel() for p in model.adapter_parameters(adapter)),
         "adapter_dir": str(out / "adapter"), "dtype": str(dtype).removeprefix("torch."),
-        "train_tokens_per_s": _tokens_per_second(train, recipe.train, res.steps, res.seconds),
+        "train_tokens_per_s": _tokens_per_second(train, recipe.train, res.steps - res.start_step, res.seconds),
     }
     if recipe.eval_users > 0:
         from xkern.data.evaluate import evaluate_scorer

@@ -89,6 +89,27 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, checkpointing):
         torch.testing.assert_close(wr[k], wf[k], atol=1e-7, rtol=1e-6)
 
 
+def test_a_resumed_run_counts_every_invocations_seconds(tmp_path):
+    """Training seconds add up across an interruption (kept in the checkpoint): the resumed call's total is
+    the first call's seconds plus its own; a checkpoint that never recorded them gives an unknown total (None),
+    not the last call's seconds passed off as the run's."""
+    cfg = dict(batch_size=4, epochs=2, lr=5e-3, progress=False, save_every=1)
+    data = memorizable_examples(16)
+    first = train_lora(_model(), "a", data, output_dir=tmp_path / "run", stop_after=3, **cfg)
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert first.start_step == 0 and first.seconds_total == pytest.approx(first.seconds, abs=0.2)
+    assert state["seconds"] >= first.seconds - 0.1
+    res = train_lora(_model(), "a", data, output_dir=tmp_path / "run", **cfg)
+    assert res.start_step == 3 and res.steps == 8
+    assert res.seconds_total >= state["seconds"] + res.seconds - 0.1 and res.seconds_total > res.seconds
+    assert json.loads((tmp_path / "run" / "train_log.json").read_text())["seconds_total"] == res.seconds_total
+    train_lora(_model(), "a", data, output_dir=tmp_path / "old", stop_after=3, **cfg)
+    ckpt = tmp_path / "old" / "checkpoint" / "state.json"  # as a checkpoint written before the total was kept
+    ckpt.write_text(json.dumps({k: v for k, v in json.loads(ckpt.read_text()).items() if k != "seconds"}))
+    old = train_lora(_model(), "a", data, output_dir=tmp_path / "old", **cfg)
+    assert old.start_step == 3 and old.seconds > 0 and old.seconds_total is None
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     data = memorizable_examples(8)
     runs = []

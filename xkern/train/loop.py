@@ -202,9 +202,13 @@ class FitResult:
     best_step: int | None = None
     best_loss: float | None = None
     stopped_early: bool = False
-    seconds: float = 0.0
+    seconds: float = 0.0  # this call's
     world_size: int = 1
     rank: int = 0
+    start_step: int = 0  # where this call began (a resumed run: its checkpoint's step)
+    # every call's seconds up to the last checkpoint plus this call's; None when resumed from a checkpoint that
+    # did not record them (the time of the steps before it is unknown)
+    seconds_total: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -282,6 +286,8 @@ class _Run:
         self.best: list[torch.Tensor] | None = None
         self.bad = 0  # validations since the best one
         self.last_saved: int | None = None  # step of the last checkpoint written (or resumed from)
+        self.prior_seconds: float | None = 0.0  # training seconds of earlier calls, up to their last checkpoint
+        self.started = time.perf_counter()
         self.wrapped = module
         self._epoch: dict[int, tuple[Sequence[Any], list[int]]] = {}
 
@@ -298,7 +304,9 @@ class _Run:
                                  "start over")
             load_optimizer_state(self.module, self.opt, loaded["optimizer"], self.by_name)
             set_rng_state(loaded["rng"])
-            result.steps = int(loaded["step"])
+            result.steps = result.start_step = int(loaded["step"])
+            seconds = loaded.get("seconds")
+            self.prior_seconds = float(seconds) if seconds is not None else (0.0 if result.steps == 0 else None)
             result.train_loss = list(loaded["train_loss"])
             result.evals = [dict(e) for e in loaded["evals"]]
             self.last_saved = result.steps
@@ -405,7 +413,8 @@ class _Run:
         """Every rank takes part under FSDP (it gathers the optimizer state and the parameters); rank 0 writes."""
         cfg = self.cfg
         if self.fsdp or self.rank == 0:  # under DDP the other ranks would build a state nobody writes
-            state = {**_state(self.result), "optimizer": optimizer_state(self.module, self.opt, self.by_name),
+            state = {**_state(self.result), "seconds": self.seconds_total(),
+                     "optimizer": optimizer_state(self.module, self.opt, self.by_name),
                      "optimizer_keys": "names" if self.by_name else "index", "rng": rng_state(),
                      "examples_per_step": self.examples_per_step, "world_size": self.world,
                      "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "total_steps": self.total,
@@ -416,6 +425,9 @@ class _Run:
         self.last_saved = self.result.steps
         if self.world > 1:
             dist.barrier()  # no rank runs ahead of a checkpoint it might be asked to resume from
+
+    def seconds_total(self) -> float | None:
+        return None if self.prior_seconds is None else round(self.prior_seconds + time.perf_counter() - self.started, 1)
 
     def finish(self) -> None:
         """The last checkpoint, the best parameters back (keep_best, finished runs), FSDP released."""
@@ -454,7 +466,7 @@ def fit(module: torch.nn.Module, param_groups: Sequence[dict[str, Any]], data: E
     step = result.steps
     stop_at = total if stop_after is None else min(total, step + stop_after)
     module.train()
-    start = time.perf_counter()
+    start = run.started = time.perf_counter()
     bar = tqdm(total=total, initial=step, desc=desc, disable=not cfg.progress or run.rank != 0)
     interrupted = False
     try:
@@ -496,6 +508,7 @@ def fit(module: torch.nn.Module, param_groups: Sequence[dict[str, Any]], data: E
             p.requires_grad_(False)
     result.steps = step
     result.seconds = time.perf_counter() - start
+    result.seconds_total = run.seconds_total()
     run.finish()
     if interrupted:
         raise TrainingInterrupted(step, checkpointer is not None)

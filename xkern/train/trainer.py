@@ -36,8 +36,10 @@ class TrainResult:
     steps: int
     train_loss: list[float] = field(default_factory=list)
     eval_loss: list[tuple[int, float]] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # this call's
     log_path: str | None = None
+    start_step: int = 0  # the step this call resumed from
+    seconds_total: float | None = None  # every call's (None: resumed from a checkpoint that did not keep them)
 
     @property
     def final_eval_loss(self) -> float | None:
@@ -146,13 +148,15 @@ def train_lora(model: XkernModel, adapter_name: str, dataset: Sequence[dict[str,
               validate=validate if eval_dataset is not None else None, checkpointer=checkpointer,
               hf_model=model.model, desc=f"train {adapter_name}", callback=callback, stop_after=stop_after)
     evals = [(int(e["step"]), float(e["loss"])) for e in res.evals]
-    result = TrainResult(steps=res.steps, train_loss=res.train_loss, eval_loss=evals, seconds=res.seconds)
+    result = TrainResult(steps=res.steps, train_loss=res.train_loss, eval_loss=evals, seconds=res.seconds,
+                         start_step=res.start_step, seconds_total=res.seconds_total)
     finished = res.steps >= res.total_steps
     if out_dir is not None and rank == 0:
         if finished:
             model.save_adapter(adapter_name, out_dir / "adapter")
         log = {"adapter": adapter_name, "config": asdict(cfg), "world_size": world, "total_steps": res.total_steps,
                "steps": res.steps, "finished": finished, "seconds_this_run": result.seconds,
+               "seconds_total": res.seconds_total,
                "train_loss": [{"step": i + 1, "loss": v} for i, v in enumerate(res.train_loss)],
                "eval_loss": [{"step": s, "loss": v} for s, v in evals]}
         atomic_write_text(out_dir / LOG_NAME, json.dumps(log, indent=2) + "\n")

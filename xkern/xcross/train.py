@@ -82,9 +82,11 @@ class XCrossTrainResult:
     best_step: int = 0
     best_val_loss: float | None = None
     stopped_early: bool = False
-    seconds: float = 0.0
+    seconds: float = 0.0  # this call's
     n_train_examples: int = 0
     n_trainable: int = 0
+    start_step: int = 0  # the step this call resumed from
+    seconds_total: float | None = None  # every call's (None: resumed from a checkpoint that did not keep them)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -261,7 +263,8 @@ def train(xc: XCrossModel, data: DomainData, *, config: XCrossTrainConfig | None
               checkpointer=checkpointer, stop_after=stop_after, hf_model=xc.model.model)
     result = XCrossTrainResult(steps=res.steps, train_loss=res.train_loss, val=res.evals,
                                best_step=res.best_step if val_examples else res.steps, best_val_loss=res.best_loss,
-                               stopped_early=res.stopped_early, seconds=res.seconds, n_train_examples=n_examples,
+                               stopped_early=res.stopped_early, seconds=res.seconds, start_step=res.start_step,
+                               seconds_total=res.seconds_total, n_train_examples=n_examples,
                                n_trainable=sum(p.numel() for g in groups for p in g["params"]))
     if output_dir is not None and res.rank == 0:  # under torchrun every rank holds the same state
         out = Path(output_dir)
