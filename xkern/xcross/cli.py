@@ -136,7 +136,8 @@ def cmd_train_xcross(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))  # under torchrun rank 0 alone reports and writes
     counts = xc.num_trainable()
     if rank == 0:
-        pairs = res.steps * config.batch_size * (1 + config.n_neg) * int(os.environ.get("WORLD_SIZE", "1") or 1)
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)  # the pairs of the steps this call ran, over its seconds
+        pairs = (res.steps - res.start_step) * config.batch_size * (1 + config.n_neg) * world
         rate = f"{pairs / res.seconds:.1f} (history, candidate) pairs/s" if res.seconds else "-"
         print(f"trained X-Cross over {names} on {data.name}: {res.steps} steps, {res.n_train_examples} examples, "
               f"best val loss {res.best_val_loss} at step {res.best_step}"
