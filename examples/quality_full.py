@@ -268,8 +268,8 @@ def train(run: Run, runs_dir: Path, timings: dict[str, Any]) -> None:
     if rc != 0:
         raise SystemExit(f"{run.name} failed (exit {rc}); see {log}. Running this command again resumes it.")
     prev = timings.get(f"train:{run.name}", {})
-    timings[f"train:{run.name}"] = {"seconds": run_info(run, runs_dir)["train_seconds"],  # every invocation's
-                                    "seconds_last_invocation": round(time.time() - t0, 1),
+    # its training seconds (every invocation's) are read from the run itself when the table is written
+    timings[f"train:{run.name}"] = {"seconds_last_invocation": round(time.time() - t0, 1),
                                     "invocations": invocations(run, runs_dir),
                                     "load_start": prev.get("load_start", round(load0, 2)),
                                     "load_end": round(os.getloadavg()[0], 2), "cpu": cpu_model(),
@@ -579,8 +579,7 @@ def report(args: argparse.Namespace, runs: dict[str, Run], ranked: list[Row], ra
     missing = [n for n in [*expected, "weave-merge", "plain-merge", "joint"] if n not in {r.name for r in ranked}]
     for key, t in timings.items():  # a training's seconds are what its run kept (every invocation's), or unknown
         name = key.removeprefix("train:")
-        if key.startswith("train:") and name in runs and runs[name].done:
-            t["seconds"] = run_info(runs[name], args.runs)["train_seconds"]
+        t["seconds"] = run_info(runs[name], args.runs)["train_seconds"] if name in runs and runs[name].done else None
     doc = {
         "kind": "xkern-quality", "domain": args.target, "split": "test", "seed": args.seed,
         "sources": list(args.sources),

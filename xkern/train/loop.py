@@ -287,7 +287,7 @@ class _Run:
         self.bad = 0  # validations since the best one
         self.last_saved: int | None = None  # step of the last checkpoint written (or resumed from)
         self.prior_seconds: float | None = 0.0  # training seconds of earlier calls, up to their last checkpoint
-        self.started = time.perf_counter()
+        self.started = time.perf_counter()  # restarted when fit's loop begins: this call's training seconds
         self.wrapped = module
         self._epoch: dict[int, tuple[Sequence[Any], list[int]]] = {}
 
@@ -466,7 +466,7 @@ def fit(module: torch.nn.Module, param_groups: Sequence[dict[str, Any]], data: E
     step = result.steps
     stop_at = total if stop_after is None else min(total, step + stop_after)
     module.train()
-    start = run.started = time.perf_counter()
+    run.started = time.perf_counter()
     bar = tqdm(total=total, initial=step, desc=desc, disable=not cfg.progress or run.rank != 0)
     interrupted = False
     try:
@@ -507,7 +507,7 @@ def fit(module: torch.nn.Module, param_groups: Sequence[dict[str, Any]], data: E
         for p in run.params:
             p.requires_grad_(False)
     result.steps = step
-    result.seconds = time.perf_counter() - start
+    result.seconds = time.perf_counter() - run.started
     result.seconds_total = run.seconds_total()
     run.finish()
     if interrupted:
