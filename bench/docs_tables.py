@@ -947,15 +947,19 @@ def quality_tools_full_gpu_estimate() -> str:
     lo, hi = d["gpu_utilization"]
     lines = [f"Source: `bench/results/{path.name}` ({d['note']}). Forward FLOPs per token "
              f"{d['forward_flops_per_token'] / 1e6:.0f} M (SmolLM2's matmuls and LM head); training tokens measured "
-             f"where a LoRA run finished, else its examples x {d['tokens_per_training_example']:g} tokens; ranking "
-             f"tokens counted ({d['rank_users']} users, each prompt once and 30 titles). H200 at {lo:.0%} and {hi:.0%} "
-             f"of its {d['h200_bf16_tflops']:g} TFLOP/s bf16 peak (assumed, not measured).", "",
-             "| step | tokens | FLOPs | CPU seconds (measured) | CPU TFLOP/s | H200 seconds |", "|" + "---|" * 6]
+             f"where a LoRA run finished, else its examples x {d['tokens_per_training_example']:g} tokens; "
+             "validation tokens counted on each run's validation examples, times its validations; ranking "
+             f"tokens counted ({d['rank_users']} users, each prompt once and 30 titles, and the PMI prior's titles). "
+             f"H200 at {lo:.0%} and {hi:.0%} of its {d['h200_bf16_tflops']:g} TFLOP/s bf16 peak (assumed, not "
+             "measured).", "",
+             "| step | tokens | validation tokens x validations | FLOPs | CPU seconds (measured) | CPU TFLOP/s "
+             "| H200 seconds |", "|" + "---|" * 7]
     for st in d["steps"]:
         cpu = f"{st['cpu_seconds']:.0f}" if st["cpu_seconds"] else "-"
         rate = f"{st['cpu_tflops_achieved']:.3f}" if st["cpu_tflops_achieved"] else "-"
         est = "" if st["tokens_measured"] else " (estimated)"
-        lines.append(f"| {st['step']} | {st['tokens']:,}{est} | {st['flops']:.3g} | {cpu} | {rate} | "
+        val = f"{st['validation_tokens']:,} x {st['validations']}" if "validations" in st else "-"
+        lines.append(f"| {st['step']} | {st['tokens']:,}{est} | {val} | {st['flops']:.3g} | {cpu} | {rate} | "
                      f"{st['gpu_seconds'][1]:g}-{st['gpu_seconds'][0]:g} |")
     cpu_rates = [st["cpu_tflops_achieved"] for st in d["steps"] if st["cpu_tflops_achieved"]]
     cpu_hours = d["total_flops"] / (statistics.mean(cpu_rates) * 1e12) / 3600 if cpu_rates else None

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shlex
 import shutil
@@ -55,7 +56,10 @@ LORA_ARGS = ("--r 8 --epochs 1 --batch-size 8 --lr 2e-4 --warmup-steps 20 --keep
 # What the step-size study found usable for the integrators on SmolLM2 (docs/xcross.md).
 XCROSS_ARGS = ("--scoring likelihood --integrator-norm rms --likelihood-reduce mean --calibrate --lr 1e-5 "
                "--batch-size 8 --n-neg 1 --val-neg 9 --max-val-users 200 --grad-checkpointing --epochs 1 "
-               "--eval-every 50 --patience 4 --keep-best --save-every 25")
+               "--patience 4 --keep-best --save-every 25")
+# X-Cross validates every max(50, steps / 5) steps: a validation (200 users x 10 candidates, PMI, 2 streams)
+# costs about as much as 25 training steps, so a fixed 50 would spend nearly half of the largest run on it.
+XCROSS_EVAL_EVERY, XCROSS_VALIDATIONS = 50, 5
 BASELINES = ("random", "popularity", "item-markov", "sasrec")
 VAL_USERS = 200
 
@@ -99,7 +103,6 @@ def plan(args: argparse.Namespace, n_target_users: int) -> tuple[dict[str, Run],
     common = ["--data", str(args.data), "--model", args.model, "--seed", str(args.seed), "--no-progress",
               "--threads", str(args.threads)] + (["--device", args.device] if args.device else [])
     lora = [*common, *shlex.split(LORA_ARGS), *shlex.split(args.lora_args)]
-    xcross = [*common, *shlex.split(XCROSS_ARGS), *shlex.split(args.xcross_args)]
     runs: dict[str, Run] = {}
 
     def add(name: str, kind: str, argv: list[str], fraction: float | str = "-") -> None:
@@ -108,10 +111,13 @@ def plan(args: argparse.Namespace, n_target_users: int) -> tuple[dict[str, Run],
 
     for s in args.sources:
         add(f"src-{s}", "lora", ["train-lora", *lora, "--domain", s])
+    batch = int(last_value([*shlex.split(XCROSS_ARGS), *shlex.split(args.xcross_args)], "--batch-size"))
     for f in args.fractions:
         add(f"lora-{fraction_name(f)}", "lora", ["train-lora", *lora, "--domain", args.target, "--fraction", str(f)], f)
         streams = [a for s in args.sources for a in ("--adapter", f"{s.lower()}={runs_dir / f'src-{s}' / 'adapter'}")]
-        add(f"xcross-{fraction_name(f)}", "xcross", ["train-xcross", *xcross, "--target", args.target, *streams,
+        every = max(XCROSS_EVAL_EVERY, math.ceil(math.ceil(round(f * n_target_users) / batch) / XCROSS_VALIDATIONS))
+        xc_args = [*common, *shlex.split(XCROSS_ARGS), "--eval-every", str(every), *shlex.split(args.xcross_args)]
+        add(f"xcross-{fraction_name(f)}", "xcross", ["train-xcross", *xc_args, "--target", args.target, *streams,
                                                      "--fraction", str(f)], f)
     cap = ["--max-train-users", str(n_target_users)]  # every target user and as many of each source's
     for s in args.sources:
@@ -151,6 +157,14 @@ def plan(args: argparse.Namespace, n_target_users: int) -> tuple[dict[str, Run],
     return runs, rows, [(k, rows[n] if k == "rank" else n) for k, n in steps]
 
 
+def last_value(tokens: list[str], flag: str) -> str:
+    """The value a command line gives ``flag`` (the last one wins, as in argparse)."""
+    values = [tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == flag]
+    if not values:
+        raise SystemExit(f"no {flag} in {shlex.join(tokens)}")
+    return values[-1]
+
+
 def ranking_candidates(args: argparse.Namespace, data: Any) -> Any:
     """The harness's candidates: each test user's item and 29 uniform negatives (seeded), all users or the first
     ``--eval-users``."""
@@ -184,14 +198,21 @@ def gpu_estimate(args: argparse.Namespace, runs: dict[str, Run], rows: dict[str,
 
     Training tokens: what a finished LoRA run reports (its last invocation's tokens/s x seconds, over all its
     steps), else its examples x the mean
-    tokens per example of the finished LoRA runs. Ranking tokens: counted, each user's prompt once and its
-    30 candidate titles. Multipliers of the forward's FLOPs: LoRA training 2 (forward, then the input
-    gradient through the frozen base; no weight gradients), X-Cross training 3 per stream (gradient
-    checkpointing recomputes the forward), ranking 1 per stream."""
+    tokens per example of the finished LoRA runs. Validation tokens: counted on the run's own validation
+    examples (a LoRA's prompts and titles; X-Cross's prompts and 1 + ``--val-neg`` titles, twice with
+    ``--calibrate``), times its validations (those its log records, else one at the start and one per
+    ``--eval-every`` steps). Ranking tokens: counted, each user's prompt once and its 30 candidate titles,
+    and the PMI prior's unique titles once. Multipliers of the forward's FLOPs: LoRA training 2 (forward,
+    then the input gradient through the frozen base; no weight gradients), X-Cross training 3 per stream
+    (gradient checkpointing recomputes the forward), validation and ranking 1 per stream."""
     import xkern
+    from xkern.cli import build_parser
     from xkern.data.cli import load_domains
     from xkern.data.encoding import PromptEncoder
+    from xkern.data.examples import causal_lm_examples
     from xkern.nn.pretrained import load_tokenizer, resolve
+    from xkern.recipes import cap_users
+    from xkern.xcross.train import candidate_examples
 
     path = resolve(args.model)
     config = xkern.load_model(path, progress=False).config
@@ -221,22 +242,42 @@ def gpu_estimate(args: argparse.Namespace, runs: dict[str, Run], rows: dict[str,
     enc = PromptEncoder(load_tokenizer(path), data.name, max_history=args.max_history)
     title_len = title_lengths(enc, data.titles)
     rank_tokens = float(sum(len(enc.prompt([data.titles[i] for i in h])) for h in cands.histories)
-                        + title_len[cands.items].sum())
+                        + title_len[cands.items].sum() + len(enc.prompt([])) + title_len[np.unique(cands.items)].sum())
+    parser = build_parser()
     steps = []
     for name, run in runs.items():
         streams = len(args.sources) if run.kind == "xcross" else 1
         tokens = measured[name][0] if name in measured else examples[name] * tokens_per_example
         mult = 3 * streams if run.kind == "xcross" else 2
+        cmd = parser.parse_args(run.argv)
+        if run.kind == "xcross":
+            val = candidate_examples(data, "val", cmd.val_neg, cmd.seed, -1, None)[: cmd.max_val_users or None]
+            val_tokens = sum(len(enc.prompt([data.titles[i] for i in h])) for h, _, _ in val) \
+                + (2 if cmd.calibrate else 1) * sum(title_len[c].sum() for _, c, _ in val)
+        else:
+            val_data = domains[cmd.domain]
+            val_enc = PromptEncoder(enc.tokenizer, val_data.name, max_history=args.max_history)
+            val = causal_lm_examples(val_enc, cap_users(val_data, "val", cmd.max_val_users, cmd.seed), "val")
+            val_tokens = sum(len(e["input_ids"]) for e in val)
+        log_path = run.out / "train_log.json"
+        if run.done and log_path.is_file():
+            log = json.loads(log_path.read_text())
+            validations = len(log["val"]) if run.kind == "xcross" else len(log["eval_loss"]) + 1  # + the start's
+        else:
+            n_steps = cmd.max_steps or math.ceil(cmd.epochs * examples[name] / (cmd.batch_size * cmd.grad_accum))
+            validations = 1 + (math.ceil(n_steps / cmd.eval_every) if cmd.eval_every else 1)
         steps.append({"step": f"train:{name}", "tokens": round(tokens), "tokens_measured": name in measured,
-                      "flops": tokens * per_token * mult,
+                      "validation_tokens": round(float(val_tokens)), "validations": validations,
+                      "flops": (tokens * mult + val_tokens * validations * streams) * per_token,
                       "cpu_seconds": run_info(run, args.runs)["train_seconds"] if run.done else None})
     for name, row in rows.items():
         streams = len(row.sources) if row.kind == "xcross" else 1
         rk = json.loads((args.runs / "ranks" / f"{name}.json").read_text()) \
             if (args.runs / "ranks" / f"{name}.json").is_file() else {}
-        done = len(rk.get("scores", [])) >= len(cands)
+        done = len(rk.get("scores", [])) >= len(cands) and rk.get("prior") is not None
         steps.append({"step": f"rank:{name}", "tokens": round(rank_tokens), "tokens_measured": True,
-                      "flops": rank_tokens * per_token * streams, "cpu_seconds": rk.get("seconds") if done else None})
+                      "flops": rank_tokens * per_token * streams,
+                      "cpu_seconds": rk["seconds"] + rk.get("prior_seconds", 0) if done else None})
     peak = H200_BF16_TFLOPS * 1e12
     for st in steps:
         st["flops"] = float(f"{st['flops']:.4g}")
@@ -588,7 +629,8 @@ def report(args: argparse.Namespace, runs: dict[str, Run], ranked: list[Row], ra
                    "score": "mean log-probability of the title after the next-item prompt",
                    "pmi": "the same minus its mean log-probability after the prompt of an empty history",
                    "lora_args": LORA_ARGS + (" " + args.lora_args if args.lora_args else ""),
-                   "xcross_args": XCROSS_ARGS + (" " + args.xcross_args if args.xcross_args else "")},
+                   "xcross_args": XCROSS_ARGS + f" --eval-every max({XCROSS_EVAL_EVERY}, steps / "
+                                  f"{XCROSS_VALIDATIONS})" + (" " + args.xcross_args if args.xcross_args else "")},
         "commands": {name: "xkern " + shlex.join(r.argv) for name, r in runs.items() if r.done},
         "rows": rows, "paired": pairs(rows, full, args.n_boot, args.seed),
         # X-Cross's frozen streams and the plain merge's parts: validated on their own domain, not ranked
@@ -643,7 +685,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="comma-separated runs and rows to work on (default: all)")
     p.add_argument("--lora-args", default="", help="extra train-lora flags, after the defaults (they win)")
     p.add_argument("--xcross-args", default="", help="extra train-xcross flags, after the defaults (they win)")
-    p.add_argument("--out", default=None, help="default bench/results/quality-<target>-full.json")
+    p.add_argument("--out", default=None, help="default bench/results/quality-<target>-full.json (with "
+                   "--estimate-gpu: bench/results/gpu-estimate-quality-<target>-full.json)")
     p.add_argument("--no-publish", action="store_true", help="do not copy logs/plots into bench/results or "
                    "regenerate the docs")
     p.add_argument("--dry-run", action="store_true", help="print the plan (what is done, what is to do) and stop")
@@ -671,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.estimate_gpu:
         est = gpu_estimate(args, runs, rows)
-        out = ROOT / "bench" / "results" / f"gpu-estimate-quality-{args.target}-full.json"
+        out = Path(args.out or ROOT / "bench" / "results" / f"gpu-estimate-quality-{args.target}-full.json")
         out.write_text(json.dumps(est, indent=1) + "\n")
         print(f"{est['total_flops']:.3g} FLOPs in all; on an H200 at {GPU_UTILIZATION} of its bf16 peak: "
               f"{est['total_gpu_hours']} hours; wrote {out}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,6 +131,19 @@ def test_quality_full_trains_skips_what_is_done_and_writes_quality_rows(tmp_path
     assert q["source_runs"]["src-Toys"] == {**q["source_runs"]["src-Toys"], "domain": "Toys", "steps": src["steps"],
                                             "train_examples": src["train_examples"],
                                             "val_loss_end_run": src["val_loss_after"]}
+    # the GPU estimate counts every validation the commands ran (the start and each of the 2 steps) and the
+    # ranking time the rows report
+    est_path = tmp_path / "estimate.json"
+    assert qf.main([*argv, "--estimate-gpu", "--out", str(est_path)]) == 0
+    est = {st["step"]: st for st in json.loads(est_path.read_text())["steps"]}
+    trained = ["src-Toys", "lora-0.5", "lora-1.0", "xcross-0.5", "xcross-1.0", "hybrid-Toys", "joint"]
+    assert set(est) == {f"train:{r}" for r in trained} | {f"rank:{m}" for m in models}
+    for name, st in est.items():
+        if name.startswith("train:"):
+            assert st["validations"] == 3 and st["validation_tokens"] > 0
+            assert st["flops"] > st["tokens"] * 2 * json.loads(est_path.read_text())["forward_flops_per_token"]
+        else:
+            assert st["cpu_seconds"] == pytest.approx(by[name.removeprefix("rank:")]["rank_seconds"], abs=0.1)
     logs = {p.name: p.stat().st_mtime_ns for p in runs.glob("*.log")}
     ranks = {p.name: p.stat().st_mtime_ns for p in (runs / "ranks").glob("*.json")}
     capsys.readouterr()
@@ -165,6 +180,27 @@ def test_a_runs_training_time_is_its_total_or_unknown(tmp_path):
     assert qf.invocations(run, tmp_path) == 2 and qf.run_info(run, tmp_path)["train_seconds"] is None
     (out / "summary.json").write_text(json.dumps({**summary, "train_seconds_total": 30.04}))
     assert qf.run_info(run, tmp_path)["train_seconds"] == 30.0
+
+
+def test_xcross_runs_validate_every_50_steps_or_a_fifth_of_a_larger_run():
+    """7,892 target users in batches of 8: 247 steps at 25% (every 50), 494 at 50% (every 99), 987 at 100% (every
+    198); an --eval-every in --xcross-args wins."""
+    import argparse
+
+    from xkern.cli import build_parser
+
+    qf = _load("quality_full")
+    ns = argparse.Namespace(runs="runs", data="d", model="m", seed=0, threads=1, device=None, lora_args="",
+                            xcross_args="", sources=["Toys", "Sports"], fractions=[0.25, 0.5, 1.0], target="Tools",
+                            only=None)
+
+    def every(name: str, xcross_args: str = "") -> int:
+        runs = qf.plan(argparse.Namespace(**{**vars(ns), "xcross_args": xcross_args}), 7892)[0]
+        return build_parser().parse_args(runs[name].argv).eval_every
+
+    assert [every(f"xcross-{f}") for f in ("0.25", "0.5", "1.0")] == [50, 99, 198]
+    assert every("xcross-1.0", "--eval-every 7 --batch-size 4") == 7
+    assert every("xcross-1.0", "--batch-size 4") == 395  # 1,973 steps
 
 
 def test_gpu_estimate_counts_every_matmul_of_the_decoder():
