@@ -10,8 +10,7 @@ difference between the two X-Cross scorings (they compute the same scores).
 
 ``--train-steps N`` also times N training steps (forward and backward of ``example_loss``, batch
 ``--train-batch`` x (1 + 1) candidates, PMI, activation checkpointing as the full-scale runs train) with
-one row per pair, with packed rows (:meth:`XCrossModel.pack`) in one padded batch, and with packed rows in
-length groups (what training runs), and compares their losses and gradients with the first.
+one row per pair and with packed rows (:meth:`XCrossModel.pack`), and compares their losses and gradients.
 
 ``--val-users N`` also times X-Cross training's validation (``xkern.xcross.train.validate``: the first N
 validation users, 1 + ``--val-neg`` candidates, PMI scores as ``--calibrate`` trains them) with one row
@@ -155,33 +154,25 @@ def time_training(xc, data, args: argparse.Namespace) -> dict:
     losses, grads = {}, {}
     xc.train()
     with _grad_checkpointing(xc.model.model, True):
-        for name, packed, grouped in (("per_pair", False, False), ("packed", True, False),
-                                      ("packed_length_groups", True, True)):
+        for name, packed in (("per_pair", False), ("packed", True)):
             t = time.perf_counter()
             losses[name], grads[name] = [], []
             for batch in batches:
                 for q in params:
                     q.grad = None
-                loss = example_loss(xc, batch, calibrate=True, packed=packed, group_lengths=grouped)[0]
+                loss = example_loss(xc, batch, calibrate=True, packed=packed)[0]
                 loss.backward()
                 losses[name].append(float(loss.detach()))
                 grads[name].append(torch.cat([q.grad.flatten().float() for q in params]))
             out["seconds_per_step"][name] = round((time.perf_counter() - t) / len(batches), 2)
-    sec = out["seconds_per_step"]
-    out["speedup_packed"] = round(sec["per_pair"] / sec["packed"], 2)
-    out["speedup_length_groups"] = round(sec["packed"] / sec["packed_length_groups"], 2)
-    for name in ("packed", "packed_length_groups"):
-        suffix = "" if name == "packed" else "_length_groups"
-        out["max_abs_loss_difference" + suffix] = float(np.max(np.abs(np.subtract(losses["per_pair"],
-                                                                                     losses[name]))))
-        out["max_relative_gradient_difference" + suffix] = max(
-            float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(grads[name], grads["per_pair"],
-                                                                               strict=True))
-    print(f"training step, {args.train_batch} examples x 2 candidates, PMI: {sec} s -> packed "
-          f"{out['speedup_packed']}x, length groups {out['speedup_length_groups']}x more; max |loss difference| "
-          f"{out['max_abs_loss_difference']:.2e} / {out['max_abs_loss_difference_length_groups']:.2e}, max "
-          f"relative gradient difference {out['max_relative_gradient_difference']:.2e} / "
-          f"{out['max_relative_gradient_difference_length_groups']:.2e}")
+    out["speedup_packed"] = round(out["seconds_per_step"]["per_pair"] / out["seconds_per_step"]["packed"], 2)
+    out["max_abs_loss_difference"] = float(np.max(np.abs(np.subtract(losses["per_pair"], losses["packed"]))))
+    out["max_relative_gradient_difference"] = max(
+        float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(grads["packed"], grads["per_pair"],
+                                                                           strict=True))
+    print(f"training step, {args.train_batch} examples x 2 candidates, PMI: {out['seconds_per_step']} s -> "
+          f"{out['speedup_packed']}x; max |loss difference| {out['max_abs_loss_difference']:.2e}, max relative "
+          f"gradient difference {out['max_relative_gradient_difference']:.2e}")
     return out
 
 

@@ -277,34 +277,6 @@ def train_precision() -> str:
             + ", ".join(f"{r['load_average']:.2f} ({n})" for n, r in d["runs"].items()) + " at the end of each run.\n")
 
 
-def train_length_groups() -> str:
-    """bench_length_groups.py and bench_xcross_scoring.py --train-steps: a training step with its rows in one
-    padded batch and in length groups, the seconds and the loss and gradient differences."""
-    lines = ["| step | dtype | examples | padded tokens that are real: one batch -> groups | s per step: one batch "
-             "-> groups | speedup | max loss difference | max relative gradient difference |",
-             "|---|---|---|---|---|---|---|---|"]
-    sources = []
-    for path in sorted(RESULTS.glob("train-length-groups-*-cpu.json")):
-        d = json.loads(path.read_text())
-        frac, sec = d["token_fraction_real"], d["seconds_per_step"]
-        lines.append(f"| LoRA, {' + '.join(d['domains'])} | {d['dtype']} | {d['steps']} batches of "
-                     f"{d['batch_size']} | {frac['one_batch']:.0%} -> {frac['length_groups']:.0%} | "
-                     f"{sec['one_batch']:.2f} -> {sec['length_groups']:.2f} | {d['speedup']:.2f}x | "
-                     f"{d['max_abs_loss_difference']:.1e} | {d['max_relative_gradient_difference']:.1e} |")
-        sources.append(f"`bench/results/{path.name}` (load average {d['load_average']:.2f} at the end)")
-    x = json.loads((RESULTS / "xcross-length-groups-cpu.json").read_text())
-    tr, sec = x["training"], x["training"]["seconds_per_step"]
-    lines.append(f"| X-Cross, {x['target']}, 2 streams, PMI | {x['dtype']} | {tr['steps']} batches of {tr['batch']} "
-                 f"x 2 candidates | - | {sec['packed']:.2f} -> {sec['packed_length_groups']:.2f} | "
-                 f"{tr['speedup_length_groups']:.2f}x | {tr['max_abs_loss_difference_length_groups']:.1e} | "
-                 f"{tr['max_relative_gradient_difference_length_groups']:.1e} |")
-    sources.append(f"`bench/results/xcross-length-groups-cpu.json` (load average {x['load_average'][1]:.2f} at the "
-                   "end; its differences are against one row per (history, candidate) pair, "
-                   f"{sec['per_pair']:.2f} s a step)")
-    cpu = json.loads(sorted(RESULTS.glob("train-length-groups-*-cpu.json"))[0].read_text())["cpu"]
-    return "\n".join(lines) + f"\n\nSources: {'; '.join(sources)}. CPU {cpu}, 2 threads, nothing else running.\n"
-
-
 def scoring_cpu() -> str:
     """bench_scoring.py: seconds per user, and the ranking under bf16 and a title cap, with paired intervals."""
     path = _latest("scoring-cpu.json")
@@ -1136,7 +1108,6 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "profile-forward": profile_forward,
     "scoring-cpu": scoring_cpu,
     "train-precision": train_precision,
-    "train-length-groups": train_length_groups,
     "bad-input": bad_input,
     "quality-tools-baselines": quality_tools_baselines,
     "quality-tools-likelihood": quality_tools_likelihood,

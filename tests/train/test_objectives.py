@@ -10,7 +10,7 @@ import xkern
 from tests.helpers import tiny_model
 from xkern.data.encoding import IGNORE
 from xkern.errors import InputError
-from xkern.train.objectives import CandidateScoring, CausalLM, length_groups, sequence_logprob
+from xkern.train.objectives import CandidateScoring, CausalLM, sequence_logprob
 
 
 def _model(family: str) -> xkern.XkernModel:
@@ -50,8 +50,6 @@ def test_label_only_head_gives_the_full_logits_loss_and_gradients(family, object
     xm, obj = _model(family), objective()
     assert xm.supports_logits_at
     batch = _batch(obj)
-    if objective is CausalLM:  # rows of 7, 4 and 9 tokens: the loss runs them as two trimmed groups
-        assert [g["input_ids"].shape for g in length_groups(xm, batch)] == [(1, 4), (2, 9)]
     params = xm.adapter_parameters("a")
     got = obj.loss(xm, batch, "a")
     got_grads = torch.autograd.grad(got, params)
@@ -79,23 +77,3 @@ def test_logits_at_selects_rows_and_refuses_what_it_cannot_do():
     assert not bert.supports_logits_at
     with pytest.raises(InputError, match="plain decoder"):
         bert(input_ids=ids, logits_at=at)
-
-
-def test_length_groups_keep_every_token_and_trim_each_group_to_its_longest_row():
-    g = torch.Generator().manual_seed(3)
-    lengths = [30, 5, 28, 6, 31, 4, 29, 7]
-    rows = [torch.randint(3, 128, (n,), generator=g).tolist() for n in lengths]
-    batch = CausalLM().collate([{"input_ids": r} for r in rows], pad_id=0)
-    groups = length_groups(torch.nn.Linear(1, 1), batch)
-    assert [gr["input_ids"].shape for gr in groups] == [(4, 7), (4, 31)]
-    got = sorted(gr["input_ids"][i][gr["attention_mask"][i].bool()].tolist() for gr in groups
-                 for i in range(gr["input_ids"].shape[0]))
-    assert got == sorted(rows)
-    for gr in groups:  # labels follow their rows: the same tokens, pads ignored
-        assert torch.equal(gr["labels"].masked_fill(gr["attention_mask"] == 0, 0), gr["input_ids"].masked_fill(
-            gr["attention_mask"] == 0, 0)) and (gr["labels"][gr["attention_mask"] == 0] == IGNORE).all()
-    even = CausalLM().collate([{"input_ids": r[:4]} for r in rows], pad_id=0)
-    assert length_groups(torch.nn.Linear(1, 1), even) == [even]  # nothing to save
-    wrapper = torch.nn.Module()
-    wrapper.module = torch.nn.Linear(1, 1)  # a DDP/FSDP wrapper reduces once per forward: one group
-    assert length_groups(wrapper, batch) == [batch]

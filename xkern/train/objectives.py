@@ -57,35 +57,6 @@ def labelled_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     return logp, rows
 
 
-def split_by_length(lengths: torch.Tensor, min_saving: float = 0.1) -> list[torch.Tensor]:
-    """Row indices in at most two groups of similar length (shortest first), where padding each group to its own
-    longest row instead of all to the longest saves at least ``min_saving`` of the padded tokens; else one
-    group, every row in order. Right-padded rows keep their tokens when a group is trimmed to its width."""
-    n = lengths.numel()
-    if n < 2:
-        return [torch.arange(n, device=lengths.device)]
-    ordered, order = lengths.sort(stable=True)
-    k = torch.arange(1, n, device=lengths.device)  # the shortest k rows, then the rest
-    padded = k * ordered[:-1] + (n - k) * ordered[-1]
-    best = int(padded.argmin())
-    if padded[best] > (1 - min_saving) * n * ordered[-1]:
-        return [torch.arange(n, device=lengths.device)]
-    return [order[:best + 1], order[best + 1:]]
-
-
-def length_groups(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                  min_saving: float = 0.1) -> list[dict[str, torch.Tensor]]:
-    """A right-padded batch as :func:`split_by_length`'s groups, each trimmed to its longest row: the same
-    tokens through the model with fewer pads (random batches of 8 Amazon prompts are ~30% padding). The batch
-    as it is under a DDP/FSDP wrapper (``.module``), which reduces gradients once per forward."""
-    mask = batch["attention_mask"]
-    lengths = mask.sum(dim=1)
-    parts = [None] if hasattr(model, "module") else split_by_length(lengths, min_saving)
-    if len(parts) == 1:
-        return [batch]
-    return [{key: t[rows][:, :int(lengths[rows].max())] for key, t in batch.items()} for rows in parts]
-
-
 def sequence_logprob(logits: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed log-probability of the labelled tokens of each row (labels -100 are skipped)."""
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -96,11 +67,7 @@ def sequence_logprob(logits: torch.Tensor, input_ids: torch.Tensor, labels: torc
 
 
 class CausalLM:
-    """Next-token cross-entropy over the labelled tokens (right padding). ``group_lengths=False``: the whole
-    padded batch in one forward (the reference for :func:`length_groups`)."""
-
-    def __init__(self, group_lengths: bool = True) -> None:
-        self.group_lengths = group_lengths
+    """Next-token cross-entropy over the labelled tokens (right padding)."""
 
     @staticmethod
     def rows(examples: Sequence[dict[str, Any]]) -> tuple[list[list[int]], list[list[int]]]:
@@ -121,9 +88,8 @@ class CausalLM:
         return {"input_ids": input_ids, "attention_mask": mask, "labels": pad_rows(labels, IGNORE)}
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], adapter: str) -> torch.Tensor:
-        """Mean over every labelled token of the batch (one forward per :func:`length_groups` group)."""
-        groups = length_groups(model, batch) if self.group_lengths else [batch]
-        return -torch.cat([labelled_logprobs(model, g, adapter)[0] for g in groups]).mean()
+        logp, _ = labelled_logprobs(model, batch, adapter)
+        return -logp.mean()
 
 
 class CandidateScoring:

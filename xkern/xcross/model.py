@@ -123,7 +123,7 @@ class PackedPairs:
     title only, ``position_ids`` place every title right after the prompt, so each title is scored as in
     its own (prompt, title) row. ``predictor[k]`` (a flat index into the ``R x L`` positions) is the
     position whose output predicts token ``target[k]``, which belongs to candidate slot ``slot[k]``;
-    ``counts`` holds each slot's title length, ``lengths`` each row's tokens before its padding."""
+    ``counts`` holds each slot's title length."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -132,7 +132,6 @@ class PackedPairs:
     target: torch.Tensor
     slot: torch.Tensor
     counts: torch.Tensor
-    lengths: torch.Tensor
 
 
 class XCrossModel(nn.Module):
@@ -333,7 +332,7 @@ class XCrossModel(nn.Module):
         dev = self.device
         return PackedPairs(ids_t.to(dev), mask[:, None].to(dev), pos_t.to(dev), flat.to(dev),
                            torch.tensor(target, device=dev), torch.tensor(slot, device=dev),
-                           torch.tensor(counts, device=dev), torch.tensor([len(r) for r in rows]))
+                           torch.tensor(counts, device=dev))
 
     # ---- forward -----------------------------------------------------------------------------------------
 

@@ -35,7 +35,6 @@ from xkern.fileio import atomic_write_text
 from xkern.nn.model import XkernModel
 from xkern.train.checkpoint import ParameterCheckpoint
 from xkern.train.loop import TrainConfig, fit, option, with_overrides
-from xkern.train.objectives import split_by_length
 from xkern.train.trainer import NOT_IDENTITY
 from xkern.xcross.model import XCrossModel, adapter_fingerprint
 
@@ -117,8 +116,7 @@ def _pick_users(train: dict[int, list[int]], cap: int | None, seed: int) -> set[
 
 
 def example_loss(xc: XCrossModel, batch: Sequence[Example], forward: nn.Module | None = None,
-                 calibrate: bool = False, packed: bool = True,
-                 group_lengths: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 calibrate: bool = False, packed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean cross-entropy of the targets among their candidates, scores [B, 1 + K]).
 
     ``forward``: what runs ``xc``'s forward (its DDP wrapper under ``torchrun``); ``xc`` itself by default.
@@ -126,25 +124,14 @@ def example_loss(xc: XCrossModel, batch: Sequence[Example], forward: nn.Module |
     both differentiable, so the integrators learn the history-dependent part rather than the title prior.
     ``packed`` (likelihood scoring): each example's prompt once with all its candidates' titles
     (:meth:`XCrossModel.pack`; the empty-history prompt once for the whole batch), the scores of one
-    row per (history, candidate) pair, which ``packed=False`` runs. With ``group_lengths`` the packed rows run
-    as :func:`~xkern.train.objectives.split_by_length`'s groups, each padded to its own longest row (not
-    under a DDP wrapper, which reduces gradients once per forward).
+    row per (history, candidate) pair, which ``packed=False`` runs.
     """
     if calibrate and xc.scoring != "likelihood":
         raise InputError("calibrate needs scoring='likelihood' (a classification score has no title prior)")
     run = forward or xc
     if packed and xc.scoring == "likelihood":
-        pairs = [(h, cands) for h, cands, _ in batch]
-        rows = xc.pack(pairs)
-        parts = split_by_length(rows.lengths) if group_lengths and not hasattr(run, "module") else [None]
-        if len(parts) == 1:
-            scores = run(rows.input_ids, rows.attention_mask, packed=rows).view(len(batch), -1)
-        else:
-            grouped = []
-            for idx in parts:
-                sub = xc.pack([pairs[i] for i in idx.tolist()])
-                grouped.append(run(sub.input_ids, sub.attention_mask, packed=sub).view(len(idx), -1))
-            scores = torch.cat(grouped)[torch.cat(parts).argsort()]
+        rows = xc.pack([(h, cands) for h, cands, _ in batch])
+        scores = run(rows.input_ids, rows.attention_mask, packed=rows).view(len(batch), -1)
         if calibrate:
             prior = xc.pack([(None, np.concatenate([cands for _, cands, _ in batch]))])
             scores = scores - run(prior.input_ids, prior.attention_mask, packed=prior).view(len(batch), -1)
