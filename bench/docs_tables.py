@@ -962,7 +962,8 @@ def quality_tools_full() -> str:
             f"(29 uniform negatives, seed {run['seed']}); intervals: percentile bootstrap over users, "
             f"{run['config']['n_boot']} resamples; validation change: the row's validation loss minus its start, "
             f"paired over the same validation examples. {m['cpu']}, {m['threads']} threads, compute "
-            f"{run['config']['compute_dtype']}. Training wall time per run: {timing or 'none finished here'}. "
+            f"{run['config']['compute_dtype']}. Training wall time per run (the process's clock, so it includes "
+            f"the spans the pipeline was paused for CI and benchmarks): {timing or 'none finished here'}. "
             f"Rows still missing: {', '.join(run['missing_rows']) or 'none'}.")
     sources = [f"{name} ({r['domain']}: {r['train_examples']:,} examples, {r['steps']:,} steps, validation "
                f"{r['val_loss_start_run']:.3f} -> {r['val_loss_end_run']:.3f} on {r['val_examples']} of its own users, "
