@@ -111,14 +111,17 @@ def plan(args: argparse.Namespace, n_target_users: int) -> tuple[dict[str, Run],
 
     for s in args.sources:
         add(f"src-{s}", "lora", ["train-lora", *lora, "--domain", s])
-    batch = int(last_value([*shlex.split(XCROSS_ARGS), *shlex.split(args.xcross_args)], "--batch-size"))
+    from xkern.cli import build_parser
+
+    streams = [a for s in args.sources for a in ("--adapter", f"{s.lower()}={runs_dir / f'src-{s}' / 'adapter'}")]
     for f in args.fractions:
         add(f"lora-{fraction_name(f)}", "lora", ["train-lora", *lora, "--domain", args.target, "--fraction", str(f)], f)
-        streams = [a for s in args.sources for a in ("--adapter", f"{s.lower()}={runs_dir / f'src-{s}' / 'adapter'}")]
-        every = max(XCROSS_EVAL_EVERY, math.ceil(math.ceil(round(f * n_target_users) / batch) / XCROSS_VALIDATIONS))
-        xc_args = [*common, *shlex.split(XCROSS_ARGS), "--eval-every", str(every), *shlex.split(args.xcross_args)]
-        add(f"xcross-{fraction_name(f)}", "xcross", ["train-xcross", *xc_args, "--target", args.target, *streams,
-                                                     "--fraction", str(f)], f)
+        tail = ["--target", args.target, *streams, "--fraction", str(f)]
+        head, user = ["train-xcross", *common, *shlex.split(XCROSS_ARGS)], shlex.split(args.xcross_args)
+        cmd = build_parser().parse_args([*head, *user, *tail])
+        steps = math.ceil(round(f * n_target_users) / (cmd.batch_size * cmd.grad_accum))
+        every = max(XCROSS_EVAL_EVERY, math.ceil(steps / XCROSS_VALIDATIONS))  # an --eval-every in user wins
+        add(f"xcross-{fraction_name(f)}", "xcross", [*head, "--eval-every", str(every), *user, *tail], f)
     cap = ["--max-train-users", str(n_target_users)]  # every target user and as many of each source's
     for s in args.sources:
         add(f"hybrid-{s}", "lora", ["train-lora", *lora, "--domain", args.target, "--train-domains",
@@ -155,14 +158,6 @@ def plan(args: argparse.Namespace, n_target_users: int) -> tuple[dict[str, Run],
         keep = set(args.only)
         steps = [s for s in steps if s[1] in keep]
     return runs, rows, [(k, rows[n] if k == "rank" else n) for k, n in steps]
-
-
-def last_value(tokens: list[str], flag: str) -> str:
-    """The value a command line gives ``flag`` (the last one wins, as in argparse)."""
-    values = [tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == flag]
-    if not values:
-        raise SystemExit(f"no {flag} in {shlex.join(tokens)}")
-    return values[-1]
 
 
 def ranking_candidates(args: argparse.Namespace, data: Any) -> Any:
@@ -276,8 +271,7 @@ def gpu_estimate(args: argparse.Namespace, runs: dict[str, Run], rows: dict[str,
             if (args.runs / "ranks" / f"{name}.json").is_file() else {}
         done = len(rk.get("scores", [])) >= len(cands) and rk.get("prior") is not None
         steps.append({"step": f"rank:{name}", "tokens": round(rank_tokens), "tokens_measured": True,
-                      "flops": rank_tokens * per_token * streams,
-                      "cpu_seconds": rk["seconds"] + rk.get("prior_seconds", 0) if done else None})
+                      "flops": rank_tokens * per_token * streams, "cpu_seconds": rank_seconds(rk) if done else None})
     peak = H200_BF16_TFLOPS * 1e12
     for st in steps:
         st["flops"] = float(f"{st['flops']:.4g}")
@@ -492,6 +486,11 @@ def paired_drop(start: list[float], end: list[float], n_boot: int, seed: int) ->
     return {**{k: round(change[k], 4) for k in ("diff", "ci_low", "ci_high")}, "n": int(d.size)}
 
 
+def rank_seconds(state: dict[str, Any]) -> float:
+    """A row's ranking time from its saved scores: every chunk's seconds and the prior's."""
+    return round(state["seconds"] + state.get("prior_seconds", 0), 1)
+
+
 def invocations(run: Run, runs_dir: Path) -> int:
     """How many times this script started the run's command (the headers it writes into ``<runs>/<name>.log``)."""
     log = runs_dir / f"{run.name}.log"
@@ -539,7 +538,7 @@ def model_rows(ranker: Ranker, row: Row, runs: dict[str, Run], n_boot: int, seed
         "trainable_params": sum(i["trainable_params"] for i in infos),
         "steps": sum(i["steps"] or 0 for i in infos), "train_examples": sum(i["train_examples"] or 0 for i in infos),
         "train_seconds": round(sum(seconds), 1) if None not in seconds else None,
-        "rank_seconds": round(state["seconds"] + state.get("prior_seconds", 0), 1),
+        "rank_seconds": rank_seconds(state),
         "rank_load_end": state.get("load_end")}
     if row.kind == "xcross":
         log = json.loads((trained[0].out / "train_log.json").read_text())

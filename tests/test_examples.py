@@ -135,13 +135,14 @@ def test_quality_full_trains_skips_what_is_done_and_writes_quality_rows(tmp_path
     # ranking time the rows report
     est_path = tmp_path / "estimate.json"
     assert qf.main([*argv, "--estimate-gpu", "--out", str(est_path)]) == 0
-    est = {st["step"]: st for st in json.loads(est_path.read_text())["steps"]}
+    estimate = json.loads(est_path.read_text())
+    est = {st["step"]: st for st in estimate["steps"]}
     trained = ["src-Toys", "lora-0.5", "lora-1.0", "xcross-0.5", "xcross-1.0", "hybrid-Toys", "joint"]
     assert set(est) == {f"train:{r}" for r in trained} | {f"rank:{m}" for m in models}
     for name, st in est.items():
         if name.startswith("train:"):
             assert st["validations"] == 3 and st["validation_tokens"] > 0
-            assert st["flops"] > st["tokens"] * 2 * json.loads(est_path.read_text())["forward_flops_per_token"]
+            assert st["flops"] > st["tokens"] * 2 * estimate["forward_flops_per_token"]
         else:
             assert st["cpu_seconds"] == pytest.approx(by[name.removeprefix("rank:")]["rank_seconds"], abs=0.1)
     logs = {p.name: p.stat().st_mtime_ns for p in runs.glob("*.log")}
