@@ -13,12 +13,14 @@ with its ``run.json``, is skipped):
 * ``xcross-<f>``: X-Cross over the frozen source LoRAs on the same users (``xkern train-xcross
   --fraction``; likelihood scoring, RMS-normalised integrator input, the PMI objective, lr 1e-5);
 * ``hybrid-<S>``: WeaveRec's hybrid LoRA per source, the target's training users and as many sampled
-  users of the source; ``joint``: one LoRA on the target's users and as many of each source's.
+  users of the source; ``joint``: one LoRA on the target's users and as many of each source's;
+* ``lora-1.0-ep2``: a second epoch of ``lora-1.0`` as a run of its own (``--init-adapter`` its adapter,
+  ``--positions random``: each user's target drawn anew from their sequence), ranked as a row of its own.
 
 What it ranks (1 + 29 uniform candidates per test user, seed 0, the harness's candidates): every
-``lora-<f>`` and ``xcross-<f>``, ``weave-merge`` (uniform task-arithmetic merge of ``lora-1.0`` and the
-hybrids), ``plain-merge`` (``lora-1.0`` and the source LoRAs) and ``joint``, each as raw mean title
-log-likelihood and as PMI (minus the title's score after an empty history), and the baselines. Scores
+``lora-<f>`` (and ``lora-1.0-ep2``) and ``xcross-<f>``, ``weave-merge`` (uniform task-arithmetic merge of
+``lora-1.0`` and the hybrids), ``plain-merge`` (``lora-1.0`` and the source LoRAs) and ``joint``, each as raw
+mean title log-likelihood and as PMI (minus the title's score after an empty history), and the baselines. Scores
 are saved per chunk of users under ``<runs>/ranks/``, so ranking resumes too. Each model row carries its
 trainable parameters, validation loss at the start and at the end with the paired 95% interval of
 the change over the same validation examples, and the wall time of its training and ranking.
@@ -62,6 +64,7 @@ XCROSS_ARGS = ("--scoring likelihood --integrator-norm rms --likelihood-reduce m
 XCROSS_EVAL_EVERY, XCROSS_VALIDATIONS = 50, 5
 BASELINES = ("random", "popularity", "item-markov", "sasrec")
 VAL_USERS = 200
+SECOND_EPOCH = "-ep2"  # the name of the target LoRA's second-epoch run and row: lora-1.0-ep2
 
 
 @dataclass
@@ -128,8 +131,14 @@ def plan(args: argparse.Namespace, n_target_users: int) -> tuple[dict[str, Run],
                                     f"{args.target},{s}", *cap])
     add("joint", "lora", ["train-lora", *lora, "--domain", args.target, "--train-domains",
                           ",".join([args.target, *args.sources]), *cap])
-
     full = f"lora-{fraction_name(max(args.fractions))}"
+    # Its validation still fell at the end of the epoch, so the target LoRA on all users gets a second one, as a
+    # run of its own (the first stays a row): the same recipe started from its adapter, each user's target drawn
+    # at random from their sequence (the first epoch saw the last only), with its own warm-up and decay.
+    second = f"{full}{SECOND_EPOCH}"
+    add(second, "lora", [*runs[full].argv[:-2], "--positions", "random", "--init-adapter",
+                         str(runs[full].out / "adapter")], max(args.fractions))
+
     rows = {f"lora-{fraction_name(f)}": Row(f"lora-{fraction_name(f)}", "adapter", [f"lora-{fraction_name(f)}"], f)
             for f in args.fractions}
     rows.update({f"xcross-{fraction_name(f)}": Row(f"xcross-{fraction_name(f)}", "xcross",
@@ -140,6 +149,7 @@ def plan(args: argparse.Namespace, n_target_users: int) -> tuple[dict[str, Run],
     rows["plain-merge"] = Row("plain-merge", "merge", [full, *(f"src-{s}" for s in args.sources)], 1.0,
                               list(args.sources))
     rows["joint"] = Row("joint", "adapter", ["joint"], 1.0, list(args.sources))
+    rows[second] = Row(second, "adapter", [second], max(args.fractions))
 
     order: list[str] = [full, *(f"src-{s}" for s in args.sources)]
     fr = sorted(args.fractions)
@@ -147,6 +157,7 @@ def plan(args: argparse.Namespace, n_target_users: int) -> tuple[dict[str, Run],
     order += [f"xcross-{fraction_name(f)}" for f in fr[1:-1]]
     order += ["weave-merge", "plain-merge", "joint"]
     order += [f"xcross-{fraction_name(fr[-1])}"] if len(fr) > 1 else []
+    order += [second]
     steps: list[tuple[str, str]] = []
     for name in dict.fromkeys(order):
         for part in (rows[name].parts if name in rows else [name]):
@@ -220,6 +231,8 @@ def gpu_estimate(args: argparse.Namespace, runs: dict[str, Run], rows: dict[str,
     for s in args.sources:
         examples[f"hybrid-{s}"] = n_target + min(n_target, len(domains[s].train))
     examples["joint"] = n_target + sum(min(n_target, len(domains[s].train)) for s in args.sources)
+    full = f"lora-{fraction_name(max(args.fractions))}"
+    examples[full + SECOND_EPOCH] = examples[full]
     measured = {}
     for name, run in runs.items():
         if run.kind == "lora" and run.done:
@@ -616,7 +629,8 @@ def report(args: argparse.Namespace, runs: dict[str, Run], ranked: list[Row], ra
     rows += baseline_rows(ranker, args.n_boot, args.seed)
     out = Path(args.out or ROOT / "bench" / "results" / f"quality-{args.target}-full.json")
     expected = [f"{kind}-{fraction_name(f)}" for kind in ("lora", "xcross") for f in args.fractions]
-    missing = [n for n in [*expected, "weave-merge", "plain-merge", "joint"] if n not in {r.name for r in ranked}]
+    missing = [n for n in [*expected, "weave-merge", "plain-merge", "joint", full + SECOND_EPOCH]
+               if n not in {r.name for r in ranked}]
     for key, t in timings.items():  # a training's seconds are what its run kept (every invocation's), or unknown
         name = key.removeprefix("train:")
         t["seconds"] = run_info(runs[name], args.runs)["train_seconds"] if name in runs and runs[name].done else None

@@ -108,7 +108,8 @@ def test_quality_full_trains_skips_what_is_done_and_writes_quality_rows(tmp_path
     assert qf.main(argv) == 0
     q = json.loads(out.read_text())
     methods = [r["method"] for r in q["rows"]]
-    models = ["lora-0.5", "lora-1.0", "xcross-0.5", "xcross-1.0", "weave-merge", "plain-merge", "joint"]
+    models = ["lora-0.5", "lora-1.0", "xcross-0.5", "xcross-1.0", "weave-merge", "plain-merge", "joint",
+              "lora-1.0-ep2"]
     assert methods == [m + s for m in models for s in ("", "+pmi")] + list(qf.BASELINES)
     assert q["missing_rows"] == []
     assert all(r["n_users"] == 6 for r in q["rows"])
@@ -125,6 +126,13 @@ def test_quality_full_trains_skips_what_is_done_and_writes_quality_rows(tmp_path
         ("weave-merge+pmi", "plain-merge+pmi", "HR@10"), ("xcross-0.5+pmi", "lora-1.0+pmi", "MRR"),
         ("joint", "sasrec", "HR@10")}
     assert json.loads((runs / "lora-0.5" / "summary.json").read_text())["recipe"]["fraction"] == 0.5
+    second = json.loads((runs / "lora-1.0-ep2" / "summary.json").read_text())  # starts where lora-1.0 ended
+    assert second["recipe"]["positions"] == "random" and second["recipe"]["init_adapter"] == str(runs / "lora-1.0"
+                                                                                                 / "adapter")
+    assert second["val_loss_before"] == pytest.approx(json.loads((runs / "lora-1.0" / "summary.json").read_text())
+                                                      ["val_loss_after"], rel=1e-4)
+    assert by["lora-1.0-ep2"]["trainable_params"] == by["lora-1.0"]["trainable_params"]
+    assert ("lora-1.0-ep2+pmi", "lora-1.0+pmi", "HR@10") in {(p["a"], p["b"], p["metric"]) for p in q["paired"]}
     timing, lora = q["timings"]["train:lora-1.0"], json.loads((runs / "lora-1.0" / "summary.json").read_text())
     assert timing["invocations"] == 1 and timing["seconds"] == round(lora["train_seconds_total"], 1) > 0
     src = json.loads((runs / "src-Toys" / "summary.json").read_text())  # the source, reported though not ranked
@@ -137,7 +145,8 @@ def test_quality_full_trains_skips_what_is_done_and_writes_quality_rows(tmp_path
     assert qf.main([*argv, "--estimate-gpu", "--out", str(est_path)]) == 0
     estimate = json.loads(est_path.read_text())
     est = {st["step"]: st for st in estimate["steps"]}
-    trained = ["src-Toys", "lora-0.5", "lora-1.0", "xcross-0.5", "xcross-1.0", "hybrid-Toys", "joint"]
+    trained = ["src-Toys", "lora-0.5", "lora-1.0", "xcross-0.5", "xcross-1.0", "hybrid-Toys", "joint",
+               "lora-1.0-ep2"]
     assert set(est) == {f"train:{r}" for r in trained} | {f"rank:{m}" for m in models}
     for name, st in est.items():
         if name.startswith("train:"):
@@ -150,7 +159,7 @@ def test_quality_full_trains_skips_what_is_done_and_writes_quality_rows(tmp_path
     capsys.readouterr()
     assert qf.main(argv) == 0
     said = capsys.readouterr().out
-    assert "[train]" not in said and said.count(" done\n") == 7
+    assert "[train]" not in said and said.count(" done\n") == 8
     assert {p.name: p.stat().st_mtime_ns for p in runs.glob("*.log")} == logs
     assert {p.name: p.stat().st_mtime_ns for p in (runs / "ranks").glob("*.json")} == ranks
     again = json.loads(out.read_text())

@@ -23,10 +23,11 @@ import torch
 from xkern.adapters.peft_format import BASE
 from xkern.commands import data_options, model_options, names, out_option, rank, run_options
 from xkern.data.domain import DomainData
+from xkern.data.examples import POSITIONS
 from xkern.distributed import dist_setup
 from xkern.errors import InputError
 from xkern.fileio import atomic_write_text
-from xkern.train.loop import TrainConfig
+from xkern.train.loop import DrawnData, TrainConfig
 
 
 @dataclass
@@ -43,6 +44,8 @@ class LoraRecipe:
     fraction: float = 1.0  # of the target domain's training users (nested, seeded: the same users as train-xcross)
     max_val_users: int | None = 200
     max_per_user: int = 1
+    positions: str = "last"  # which of a user's positions are targets: the last, or random ones drawn per epoch
+    init_adapter: str | None = None  # start from this trained adapter (PEFT folder) instead of PEFT's init
     max_history: int = 5
     n_neg: int = 4  # negatives per example for the "candidates" objective
     eval_users: int = 0  # > 0: also rank 1 positive + 29 negatives for that many test users
@@ -123,27 +126,43 @@ def train_lora_on_domains(recipe: LoraRecipe, train_domains: list[DomainData], t
     dtype, _ = resolve_dtype(recipe.dtype, recipe.device)
     all_domains = list({d.name: d for d in [*train_domains, target]}.values())
     model, tok = load_lm(recipe.model, all_domains, dtype, recipe.device, recipe.seed)
-    make = (lambda enc, d, split: causal_lm_examples(enc, d, split, recipe.max_per_user)) \
-        if recipe.objective == "causal_lm" else \
-        (lambda enc, d, split: candidate_examples(enc, d, split, recipe.n_neg, recipe.seed, recipe.max_per_user))
-    train = []
-    for d in train_domains:
-        enc = PromptEncoder(tok, d.name, recipe.max_history)
-        train += make(enc, cap_users(d, "train", recipe.max_train_users, recipe.seed), "train")
+
+    def make(enc: PromptEncoder, d: DomainData, split: str, epoch: int = 0) -> list[dict[str, Any]]:
+        if recipe.objective == "causal_lm":
+            return causal_lm_examples(enc, d, split, recipe.max_per_user, recipe.positions, recipe.seed, epoch)
+        return candidate_examples(enc, d, split, recipe.n_neg, recipe.seed, recipe.max_per_user, recipe.positions,
+                                  epoch)
+
+    train_sets = [(PromptEncoder(tok, d.name, recipe.max_history), cap_users(d, "train", recipe.max_train_users,
+                                                                               recipe.seed)) for d in train_domains]
+
+    def draw(epoch: int) -> list[dict[str, Any]]:
+        return [ex for enc, d in train_sets for ex in make(enc, d, "train", epoch)]
+
+    train = draw(0)
     val_data = cap_users(target, "val", recipe.max_val_users, recipe.seed)
     val = make(PromptEncoder(tok, target.name, recipe.max_history), val_data, "val")
     if not train or not val:
         raise InputError(f"no training ({len(train)}) or validation ({len(val)}) examples")
     model.add_adapter(adapter, r=recipe.r, lora_alpha=recipe.lora_alpha,
                       target_modules=list(recipe.target_modules) if recipe.target_modules else None, seed=recipe.seed)
-    before = evaluate_loss(model, adapter, val, recipe.objective, recipe.train.batch_size)
     identity = {"command": "train-lora", "model": recipe.model, "dtype": str(dtype).removeprefix("torch."),
                 "data": [d.meta.get("source", d.name) for d in train_domains], "target": target.name,
                 "objective": recipe.objective, "max_train_users": recipe.max_train_users,
                 "max_per_user": recipe.max_per_user, "max_history": recipe.max_history,
                 "train_examples": _fingerprint(train)}
+    if recipe.positions != "last":  # absent at the default, so runs checkpointed before the option resume
+        identity["positions"] = recipe.positions
+    if recipe.init_adapter is not None:
+        from xkern.adapters.peft_format import load_adapter as read_adapter
+        from xkern.serve.runs import ADAPTER_FILES, sha256_file
+
+        model.set_adapter_weights(adapter, read_adapter(recipe.init_adapter), f"--init-adapter {recipe.init_adapter}")
+        identity["init_adapter"] = "-".join(sha256_file(Path(recipe.init_adapter) / f)[:16] for f in ADAPTER_FILES)
+    before = evaluate_loss(model, adapter, val, recipe.objective, recipe.train.batch_size)
     out.mkdir(parents=True, exist_ok=True)
-    res = train_lora(model, adapter, train, objective=recipe.objective, eval_dataset=val, output_dir=out,
+    data = DrawnData(draw, recipe.seed) if recipe.positions == "random" else train
+    res = train_lora(model, adapter, data, objective=recipe.objective, eval_dataset=val, output_dir=out,
                      config=recipe.train, identity=identity)
     summary: dict[str, Any] = {
         "recipe": asdict(recipe), "train_domains": [d.name for d in train_domains], "target": target.name,
@@ -184,7 +203,8 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         target_modules=args.target_modules or None, objective=args.objective,
         train=config_from_args(TrainConfig, args, seed=args.seed, progress=not args.no_progress),
         max_train_users=args.max_train_users, fraction=args.fraction, max_val_users=args.max_val_users,
-        max_per_user=args.per_user, max_history=args.max_history, eval_users=args.eval_users, dtype=args.dtype,
+        max_per_user=args.per_user, positions=args.positions, init_adapter=args.init_adapter,
+        max_history=args.max_history, eval_users=args.eval_users, dtype=args.dtype,
         device=args.device)
     from dataclasses import replace
 
@@ -264,6 +284,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "train-xcross --fraction takes)")
     p.add_argument("--max-val-users", type=int, default=200, help="validation users (default 200)")
     p.add_argument("--per-user", type=int, default=1, help="training positions per user sequence (default 1)")
+    p.add_argument("--positions", choices=POSITIONS, default="last",
+                   help="which positions of a user's sequence are targets: the last --per-user ones, or as many "
+                        "drawn at random anew each epoch (so that epochs cover whole sequences) (default last)")
+    p.add_argument("--init-adapter", default=None, metavar="DIR",
+                   help="start from this trained adapter (PEFT folder; same modules, --r and --alpha) instead of "
+                        "PEFT's initialization: another epoch of a finished run, as a run of its own")
     p.add_argument("--max-history", type=int, default=5, help="history titles in the prompt (default 5)")
     p.add_argument("--eval-users", type=int, default=0, help="also rank 30 candidates for N test users")
     p.add_argument("--overwrite", action="store_true",

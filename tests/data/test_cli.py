@@ -49,6 +49,32 @@ def test_train_lora_on_synthetic_lowers_validation_loss(tmp_path, capsys):
     assert summary["test_lora"]["n_users"] == 20
 
 
+def test_train_lora_continues_a_trained_adapter_on_random_positions(tmp_path, capsys):
+    """--init-adapter starts where another run ended (its validation loss is this run's start), the start is part
+    of the run's identity, and --positions random draws each epoch's targets anew."""
+    common = ["train-lora", "--data", "synthetic", "--domain", "Tools", "--model", "tiny", "--lr", "1e-2",
+              "--batch-size", "16", "--max-train-users", "48", "--max-val-users", "16", "--no-progress"]
+    assert main([*common, "--epochs", "1", "--out", str(tmp_path / "first")]) == 0
+    first = json.loads((tmp_path / "first" / "summary.json").read_text())
+    more = [*common, "--epochs", "2", "--positions", "random", "--save-every", "1",
+            "--init-adapter", str(tmp_path / "first" / "adapter"), "--out", str(tmp_path / "second")]
+    assert main([*more, "--max-steps", "4"]) == 0  # stops within epoch 2: a checkpoint to resume
+    second = json.loads((tmp_path / "second" / "summary.json").read_text())
+    assert second["val_loss_before"] == pytest.approx(first["val_loss_after"], rel=1e-4)
+    assert second["recipe"]["positions"] == "random" and second["train_examples"] == first["train_examples"]
+    state = json.loads((tmp_path / "second" / "checkpoint" / "state.json").read_text())
+    assert len(state["identity"]["init_adapter"]) == 33  # its config's and weights' digests
+    capsys.readouterr()
+    other = [*more[:-4], "--init-adapter", str(tmp_path / "second" / "checkpoint" / "adapter"), *more[-2:]]
+    assert main(other) != 0  # another starting adapter is another run: refused, not resumed
+    assert "differs in init_adapter" in capsys.readouterr().err
+    assert main(more) == 0
+    assert json.loads((tmp_path / "second" / "summary.json").read_text())["resumed_from_step"] == 4
+    assert main([*common, "--r", "4", "--init-adapter", str(tmp_path / "first" / "adapter"), "--out",
+                 str(tmp_path / "third")]) != 0
+    assert "another rank" in capsys.readouterr().err
+
+
 def test_demo_prints_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "demo"
     rc = main(["demo", "--users", "60", "--fractions", "0.5,1", "--out", str(out), "--no-progress", "--plot",

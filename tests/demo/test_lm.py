@@ -111,3 +111,32 @@ def test_two_worker_processes_give_the_single_process_table():
         assert {k: a[k] for k in metrics} == {k: b[k] for k in metrics}, a["method"]
     assert sorted(seen) == sorted(r["method"] for r in two["rows"])  # every row reported as it finished
     assert {"src-Toys", "tgt-1"} <= set(two["lm"]["adapters"])  # both processes' adapters described
+
+
+def test_random_target_positions_are_drawn_per_epoch_and_cover_the_sequences(domains):
+    tools = domains["Tools"]
+    positions = {u: set(range(1, len(s))) for u, s in tools.train.items()}
+
+    def targets(epoch: int, k: int = 1) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for user, hist, tgt in next_item_pairs(tools, "train", k, positions="random", seed=3, epoch=epoch):
+            assert tools.train[user][: len(hist)] == hist and tools.train[user][len(hist)] == tgt
+            out.setdefault(user, []).append(len(hist))
+        return out
+
+    first = targets(0)
+    assert first == targets(0)  # seeded: a resumed run redraws the same examples
+    assert all(len(v) == 1 and v[0] in positions[u] for u, v in first.items())
+    assert len(first) == sum(1 for p in positions.values() if p)  # every epoch the same count, one per user
+    assert any(first[u] != targets(1)[u] for u in first)
+    seen = {u: set() for u in first}
+    for epoch in range(100):  # a sequence of <= 19 positions misses one with probability < 19 * 0.95**100 = 0.01
+        for u, v in targets(epoch).items():
+            seen[u].update(v)
+    assert sum(seen[u] == positions[u] for u in first) >= 0.95 * len(first)  # over epochs, whole sequences
+    two = targets(0, 2)
+    assert all(len(v) == min(2, len(positions[u])) and len(set(v)) == len(v) for u, v in two.items())
+    last = next_item_pairs(tools, "train", 1)
+    assert [len(h) for u, h, _ in last] == [len(tools.train[u]) - 1 for u, _, _ in last]
+    with pytest.raises(ValueError, match="positions"):
+        next_item_pairs(tools, "train", 1, positions="first")

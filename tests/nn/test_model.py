@@ -269,3 +269,26 @@ def test_cuda_graph_capture_refuses_cpu_inputs():
     xm = xkern.load_model(tiny_model("llama"), dtype=torch.float32, progress=False)
     with pytest.raises(InputError, match="CUDA device"):
         xm.capture_cuda_graph(torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_set_adapter_weights_copies_in_place_and_refuses_another_shape_or_scale():
+    xm = xkern.load_model(tiny_model("llama"), dtype=torch.float32, progress=False)
+    xm.add_adapter("trained", r=4, lora_alpha=8, init_lora_weights=False, seed=1)
+    xm.add_adapter("fresh", r=4, lora_alpha=8, seed=2)
+    params = xm.adapter_parameters("fresh")
+    xm.set_adapter_weights("fresh", xm.get_adapter("trained"))
+    assert [id(p) for p in xm.adapter_parameters("fresh")] == [id(p) for p in params]  # an optimizer keeps them
+    ids = torch.randint(3, 128, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(xm(input_ids=ids, adapter_names="fresh").logits,
+                                   xm(input_ids=ids, adapter_names="trained").logits, atol=0, rtol=0)
+    xm.add_adapter("r8", r=8, lora_alpha=16, seed=3)
+    xm.add_adapter("alpha", r=4, lora_alpha=4, seed=4)
+    xm.add_adapter("attention", r=4, lora_alpha=8, target_modules=["q_proj"], seed=5)
+    for name, match in (("r8", "another rank"), ("alpha", "lora_alpha / r"), ("attention", "other modules")):
+        before = {k: v.clone() for k, v in xm.state_dict().items() if f".{name}" in k}
+        with pytest.raises(AdapterError, match=match):
+            xm.set_adapter_weights(name, xm.get_adapter("trained"), "run-1")
+        assert all(torch.equal(xm.state_dict()[k], v) for k, v in before.items())  # nothing copied
+    with pytest.raises(KeyError, match="nope"):
+        xm.set_adapter_weights("nope", xm.get_adapter("trained"))

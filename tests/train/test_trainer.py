@@ -14,6 +14,7 @@ import torch
 import xkern
 from tests.helpers import memorizable_examples, tiny_model
 from xkern.train import TrainConfig, evaluate_loss, train_lora
+from xkern.train.loop import DrawnData
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -87,6 +88,33 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, checkpointing):
     wf, wr = _weights(full, "a"), _weights(resumed_model, "a")
     for k in wf:
         torch.testing.assert_close(wr[k], wf[k], atol=1e-7, rtol=1e-6)
+
+
+def test_drawn_data_trains_on_each_epochs_draw_and_resumes_to_the_same_result(tmp_path):
+    pools = [memorizable_examples(16, seed=s) for s in range(3)]
+    drawn: list[int] = []
+
+    def draw(epoch: int) -> list[dict]:
+        drawn.append(epoch)
+        return pools[epoch]
+
+    cfg = dict(batch_size=4, epochs=3, lr=5e-3, progress=False)
+    full = _model()
+    res_full = train_lora(full, "a", DrawnData(draw, seed=0), **cfg)
+    assert res_full.steps == 12 and set(drawn) == {0, 1, 2}
+    static = _model()  # epoch 0 is the same draw, so its steps equal StaticData's; the later ones do not
+    res_static = train_lora(static, "a", pools[0], **cfg)
+    assert res_static.train_loss[:4] == pytest.approx(res_full.train_loss[:4], rel=1e-6)
+    assert res_static.train_loss[4:] != pytest.approx(res_full.train_loss[4:], rel=1e-3)
+    first = train_lora(_model(), "a", DrawnData(draw), output_dir=tmp_path, stop_after=6, **cfg)
+    assert first.steps == 6
+    resumed = _model()
+    res = train_lora(resumed, "a", DrawnData(draw), output_dir=tmp_path, **cfg)
+    assert res.train_loss == pytest.approx(res_full.train_loss, rel=1e-6)
+    for k, v in _weights(full, "a").items():
+        torch.testing.assert_close(_weights(resumed, "a")[k], v, atol=1e-7, rtol=1e-6)
+    with pytest.raises(ValueError, match="epoch 1 has 8 training examples, the first had 16"):
+        train_lora(_model(), "a", DrawnData(lambda e: pools[0] if e == 0 else pools[1][:8]), **cfg)
 
 
 def test_a_resumed_run_counts_every_invocations_seconds(tmp_path):

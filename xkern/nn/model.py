@@ -349,6 +349,32 @@ class XkernModel(nn.Module):
                                                   layer.lora_B[name].detach().cpu().clone(), layer.scales[name])
         return out
 
+    def set_adapter_weights(self, name: str, saved: LoraAdapter, source: str = "the saved adapter") -> None:
+        """Copy ``saved``'s factors into adapter ``name`` in place (its parameters, and an optimizer holding them,
+        stay the same objects): a checkpoint resumed, a trained adapter continued. ``saved`` must target the same
+        modules with the same shapes and scales; if anything differs nothing is copied."""
+        self._check_not_running(f"set the weights of adapter {name!r}")
+        if name not in self.adapter_configs:
+            raise InputKeyError(f"unknown adapter {name!r}; loaded: {self.list_adapters()}")
+        mine = {m for m, layer in self._layers.items() if name in layer.lora_A}
+        if set(saved.modules) != mine:
+            extra, missing = sorted(set(saved.modules) - mine), sorted(mine - set(saved.modules))
+            raise AdapterError(f"{source} targets other modules than adapter {name!r}: "
+                               f"{len(extra)} more (e.g. {extra[:2]}), {len(missing)} fewer (e.g. {missing[:2]})")
+        for module, w in saved.modules.items():
+            layer = self._layers[module]
+            a, b = layer.lora_A[name], layer.lora_B[name]
+            if a.shape != w.A.shape or b.shape != w.B.shape:
+                raise AdapterError(f"{source}: {module} has A {tuple(w.A.shape)}, B {tuple(w.B.shape)}; adapter "
+                                   f"{name!r} has A {tuple(a.shape)}, B {tuple(b.shape)} (another rank?)")
+            if not math.isclose(w.scale, layer.scales[name], rel_tol=1e-6):
+                raise AdapterError(f"{source}: {module} scales its update by {w.scale:g} (lora_alpha / r), adapter "
+                                   f"{name!r} by {layer.scales[name]:g}")
+        with torch.no_grad():
+            for module, w in saved.modules.items():
+                self._layers[module].lora_A[name].copy_(w.A)
+                self._layers[module].lora_B[name].copy_(w.B)
+
     def save_adapter(self, name: str, path: str | os.PathLike) -> Path:
         """Write adapter ``name`` in PEFT's format (``PeftModel.from_pretrained`` loads it)."""
         return write_adapter(self.get_adapter(name), path)

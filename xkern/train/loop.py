@@ -165,9 +165,15 @@ class EpochData(Protocol):
     def order(self, epoch: int, n: int) -> list[int]: ...
 
 
+def seeded_order(seed: int, epoch: int, n: int) -> list[int]:
+    """A ``torch.randperm`` of ``n`` seeded by (seed, epoch): a resumed run replays the same order."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
 @dataclass
 class StaticData:
-    """The same examples every epoch, in a seeded ``torch.randperm`` order per epoch."""
+    """The same examples every epoch, in a seeded order per epoch."""
 
     data: Sequence[Any]
     seed: int = 0
@@ -176,8 +182,22 @@ class StaticData:
         return self.data
 
     def order(self, epoch: int, n: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(n, generator=g).tolist()
+        return seeded_order(self.seed, epoch, n)
+
+
+@dataclass
+class DrawnData:
+    """Examples drawn anew for each epoch by ``draw(epoch)`` (deterministic, so a resumed run redraws the same
+    ones; every epoch as many as the first), in a seeded order per epoch."""
+
+    draw: Callable[[int], Sequence[Any]]
+    seed: int = 0
+
+    def examples(self, epoch: int) -> Sequence[Any]:
+        return self.draw(epoch)
+
+    def order(self, epoch: int, n: int) -> list[int]:
+        return seeded_order(self.seed, epoch, n)
 
 
 class Checkpointer(Protocol):
@@ -336,6 +356,8 @@ class _Run:
         if e not in self._epoch:
             self._epoch.clear()
             examples = self.first if e == 0 else self.data.examples(e)
+            if len(examples) != len(self.first):  # the step -> example map assumes epochs of one size
+                raise InputError(f"epoch {e} has {len(examples)} training examples, the first had {len(self.first)}")
             self._epoch[e] = (examples, self.data.order(e, len(examples)))
         return self._epoch[e]
 

@@ -23,7 +23,7 @@ from xkern.errors import InputError, InputKeyError, InputTypeError
 from xkern.fileio import atomic_write_text
 from xkern.nn.model import XkernModel
 from xkern.train.checkpoint import STATE_NAME, DirectoryCheckpoint, resumable_checkpoint
-from xkern.train.loop import StaticData, TrainConfig, dist_setup, fit, with_overrides
+from xkern.train.loop import DrawnData, StaticData, TrainConfig, dist_setup, fit, with_overrides
 from xkern.train.objectives import OBJECTIVES, Objective, model_pad_id
 
 CHECKPOINT_DIR = "checkpoint"
@@ -89,26 +89,16 @@ class AdapterCheckpoint(DirectoryCheckpoint):
         self.model.save_adapter(self.adapter, folder / "adapter")
 
     def read_params(self, folder: Path) -> None:
-        saved = read_adapter(folder / "adapter")
-        layers = self.model.nf4_layers
-        mine = {m for m, lay in layers.items() if self.adapter in lay.lora_A}
-        if set(saved.modules) != mine:
-            raise InputError(f"checkpoint {folder} holds an adapter for other modules than {self.adapter!r}")
-        with torch.no_grad():
-            for module, w in saved.modules.items():
-                lay = layers[module]
-                if lay.lora_A[self.adapter].shape != w.A.shape or lay.lora_B[self.adapter].shape != w.B.shape:
-                    raise InputError(f"checkpoint {folder}: {module} has other shapes than adapter {self.adapter!r}")
-                lay.lora_A[self.adapter].copy_(w.A)
-                lay.lora_B[self.adapter].copy_(w.B)
+        self.model.set_adapter_weights(self.adapter, read_adapter(folder / "adapter"), f"checkpoint {folder}")
 
 
-def train_lora(model: XkernModel, adapter_name: str, dataset: Sequence[dict[str, Any]], *,
+def train_lora(model: XkernModel, adapter_name: str, dataset: Sequence[dict[str, Any]] | DrawnData, *,
                objective: str | Objective = "causal_lm", eval_dataset: Sequence[dict[str, Any]] | None = None,
                output_dir: str | os.PathLike | None = None, resume: bool = True, config: TrainConfig | None = None,
                stop_after: int | None = None, callback: Callable[[int, float], None] | None = None,
                identity: dict[str, Any] | None = None, **overrides: Any) -> TrainResult:
-    """Train adapter ``adapter_name`` (create it first with ``model.add_adapter``) on ``dataset``.
+    """Train adapter ``adapter_name`` (create it first with ``model.add_adapter``) on ``dataset``: examples, the
+    same every epoch, or a :class:`~xkern.train.loop.DrawnData` that draws each epoch's.
 
     ``objective``: ``"causal_lm"``, ``"candidates"`` (see :mod:`xkern.train.objectives`) or an object
     with ``collate`` and ``loss``. ``output_dir``: where the checkpoint (``checkpoint/``, PEFT adapter
@@ -124,9 +114,10 @@ def train_lora(model: XkernModel, adapter_name: str, dataset: Sequence[dict[str,
         raise InputTypeError(f"model must be an XkernModel (xkern.load_model), got {type(model).__name__}")
     if adapter_name not in model.list_adapters():
         raise InputKeyError(f"unknown adapter {adapter_name!r}: create it with model.add_adapter first")
-    if len(dataset) == 0:
-        raise InputError("the training dataset is empty")
     cfg.validate()
+    data = dataset if isinstance(dataset, DrawnData) else StaticData(dataset, cfg.seed)
+    if len(data.examples(0)) == 0:
+        raise InputError("the training dataset is empty")
     obj = OBJECTIVES[objective]() if isinstance(objective, str) else objective
     rank, world = dist_setup()
     device = model.device
@@ -144,7 +135,7 @@ def train_lora(model: XkernModel, adapter_name: str, dataset: Sequence[dict[str,
     def validate() -> dict[str, float]:
         return {"loss": evaluate_loss(model, adapter_name, eval_dataset, obj, cfg.batch_size)}
 
-    res = fit(model, [{"params": params, "lr": cfg.lr}], StaticData(dataset, cfg.seed), loss_fn, cfg,
+    res = fit(model, [{"params": params, "lr": cfg.lr}], data, loss_fn, cfg,
               validate=validate if eval_dataset is not None else None, checkpointer=checkpointer,
               hf_model=model.model, desc=f"train {adapter_name}", callback=callback, stop_after=stop_after)
     evals = [(int(e["step"]), float(e["loss"])) for e in res.evals]
