@@ -620,7 +620,7 @@ def pairs(rows: list[dict[str, Any]], full: str, n_boot: int, seed: int) -> list
     return out
 
 
-def report(args: argparse.Namespace, runs: dict[str, Run], ranked: list[Row], ranker: Ranker,
+def report(args: argparse.Namespace, runs: dict[str, Run], planned: list[str], ranked: list[Row], ranker: Ranker,
            timings: dict[str, Any], t_start: float) -> Path:
     from xkern.data.evaluate import write_report
 
@@ -628,9 +628,7 @@ def report(args: argparse.Namespace, runs: dict[str, Run], ranked: list[Row], ra
     rows = [r for row in ranked for r in model_rows(ranker, row, runs, args.n_boot, args.seed)]
     rows += baseline_rows(ranker, args.n_boot, args.seed)
     out = Path(args.out or ROOT / "bench" / "results" / f"quality-{args.target}-full.json")
-    expected = [f"{kind}-{fraction_name(f)}" for kind in ("lora", "xcross") for f in args.fractions]
-    missing = [n for n in [*expected, "weave-merge", "plain-merge", "joint", full + SECOND_EPOCH]
-               if n not in {r.name for r in ranked}]
+    missing = [n for n in planned if n not in {r.name for r in ranked}]
     for key, t in timings.items():  # a training's seconds are what its run kept (every invocation's), or unknown
         name = key.removeprefix("train:")
         t["seconds"] = run_info(runs[name], args.runs)["train_seconds"] if name in runs and runs[name].done else None
@@ -749,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[rank] {what.name}", flush=True)
         ranker.scores(what)
         ranked = [r for r in rows.values() if all(runs[p].done for p in r.parts) and ranker.is_scored(r)]
-        report(args, runs, ranked, ranker, timings, t_start)  # after every row: results land as they finish
+        report(args, runs, list(rows), ranked, ranker, timings, t_start)  # after every row: results land as they finish
         if not args.no_publish:
             publish(args, runs)
     if ranker is None:

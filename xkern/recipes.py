@@ -161,7 +161,7 @@ def train_lora_on_domains(recipe: LoraRecipe, train_domains: list[DomainData], t
         identity["init_adapter"] = "-".join(sha256_file(Path(recipe.init_adapter) / f)[:16] for f in ADAPTER_FILES)
     before = evaluate_loss(model, adapter, val, recipe.objective, recipe.train.batch_size)
     out.mkdir(parents=True, exist_ok=True)
-    data = DrawnData(draw, recipe.seed) if recipe.positions == "random" else train
+    data = DrawnData(lambda e: train if e == 0 else draw(e), recipe.seed) if recipe.positions == "random" else train
     res = train_lora(model, adapter, data, objective=recipe.objective, eval_dataset=val, output_dir=out,
                      config=recipe.train, identity=identity)
     summary: dict[str, Any] = {

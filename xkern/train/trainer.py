@@ -115,9 +115,9 @@ def train_lora(model: XkernModel, adapter_name: str, dataset: Sequence[dict[str,
     if adapter_name not in model.list_adapters():
         raise InputKeyError(f"unknown adapter {adapter_name!r}: create it with model.add_adapter first")
     cfg.validate()
-    data = dataset if isinstance(dataset, DrawnData) else StaticData(dataset, cfg.seed)
-    if len(data.examples(0)) == 0:
+    if not isinstance(dataset, DrawnData) and len(dataset) == 0:  # a DrawnData's first epoch: fit checks it
         raise InputError("the training dataset is empty")
+    data = dataset if isinstance(dataset, DrawnData) else StaticData(dataset, cfg.seed)
     obj = OBJECTIVES[objective]() if isinstance(objective, str) else objective
     rank, world = dist_setup()
     device = model.device
