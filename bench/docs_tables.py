@@ -859,6 +859,7 @@ def gpu_compile_table() -> str:
 
 FULL = "quality-Tools-full.json"
 CLAIM_SCORE = "+pmi"  # the claims read the PMI rows: X-Cross trains on that objective (chosen before any run)
+XCROSS_START = "xcross-0"  # X-Cross before training: examples/quality_full.py's control row
 
 
 def _full_run() -> dict | None:
@@ -888,7 +889,7 @@ def _full_rows(run: dict, models: list[str] | None = None) -> list[str]:
         if models is not None and r.get("model", r["method"]) not in models:
             continue
         share = f" ({r['trainable_params'] / full['trainable_params']:.1%} of lora-1.0)" \
-            if full and r.get("model") and r["trainable_params"] != full["trainable_params"] else ""
+            if full and r.get("model") and r["trainable_params"] not in (0, full["trainable_params"]) else ""
         ch = r.get("val_change")
         change = (f"{r['val_loss_start']:.3f} -> {r['val_loss_best']:.3f}: {ch['diff']:+.3f} [{ch['ci_low']:+.3f}, "
                   f"{ch['ci_high']:+.3f}]" if ch else "-")
@@ -1006,6 +1007,26 @@ def _params(run: dict, name: str) -> int | None:
     return next((r["trainable_params"] for r in run["rows"] if r["method"] == name), None)
 
 
+def _xcross_start_claims(run: dict, trained: list[str]) -> list[str]:
+    """X-Cross before training (the source LoRAs mixed equally, no target data) against the target LoRA, and
+    what training on the target added to each X-Cross row: where its gain over the LoRA comes from."""
+    c = _claim(run, XCROSS_START, "lora-1.0")
+    if c is None:
+        return [f"- X-Cross before training against the LoRA on all users: not measured yet (`{XCROSS_START}` or "
+                "`lora-1.0` missing)."]
+    hr, mrr = c
+    out = [f"- X-Cross before training (integrators zero, the two source LoRAs weighted equally, no Tools data) "
+           f"minus the target LoRA on all users (PMI scores): HR@10 {_diff(hr)} ({_verdict(hr)}), MRR {_diff(mrr)} "
+           f"({_verdict(mrr)})."]
+    for name in trained:
+        c = _claim(run, name, XCROSS_START)
+        if c:
+            out.append(f"- What training on {name.removeprefix('xcross-')} of the Tools users added ({name} minus "
+                       f"X-Cross before training, PMI scores): HR@10 {_diff(c[0])} ({_verdict(c[0])}), MRR "
+                       f"{_diff(c[1])} ({_verdict(c[1])}).")
+    return out
+
+
 def quality_tools_full_xcross_claims() -> str:
     """X-Cross's claims answered on the full-scale rows (or what is missing to answer them)."""
     run = _full_run()
@@ -1015,6 +1036,7 @@ def quality_tools_full_xcross_claims() -> str:
     lora = _params(run, "lora-1.0")
     names = {r["model"] for r in run["rows"] if r.get("model", "").startswith("xcross-")}
     names |= {n for n in run["missing_rows"] if n.startswith("xcross-")}
+    names.discard(XCROSS_START)
     for f in sorted((n.removeprefix("xcross-") for n in names), key=float, reverse=True):
         c = _claim(run, f"xcross-{f}", "lora-1.0")
         if c is None:
@@ -1026,6 +1048,7 @@ def quality_tools_full_xcross_claims() -> str:
         out.append(f"- X-Cross on {f} of the Tools training users, with {share:.1%} of the LoRA's trainable "
                    f"parameters, minus the target LoRA on all of them (PMI scores, {hr['n_users']} users): HR@10 "
                    f"{_diff(hr)} ({_verdict(hr)}), MRR {_diff(mrr)} ({_verdict(mrr)}).")
+    out += _xcross_start_claims(run, sorted(names, key=lambda n: float(n.removeprefix("xcross-"))))
     best = [p for p in run["paired"] if p["b"] == "sasrec" and p["metric"] == "HR@10"]
     if best:
         top = max(best, key=lambda p: p["ci_low"])

@@ -18,12 +18,13 @@ with its ``run.json``, is skipped):
   ``--positions random``: each user's target drawn anew from their sequence), ranked as a row of its own.
 
 What it ranks (1 + 29 uniform candidates per test user, seed 0, the harness's candidates): every
-``lora-<f>`` (and ``lora-1.0-ep2``) and ``xcross-<f>``, ``weave-merge`` (uniform task-arithmetic merge of
-``lora-1.0`` and the hybrids), ``plain-merge`` (``lora-1.0`` and the source LoRAs) and ``joint``, each as raw
-mean title log-likelihood and as PMI (minus the title's score after an empty history), and the baselines. Scores
-are saved per chunk of users under ``<runs>/ranks/``, so ranking resumes too. Each model row carries its
-trainable parameters, validation loss at the start and at the end with the paired 95% interval of
-the change over the same validation examples, and the wall time of its training and ranking.
+``lora-<f>`` (and ``lora-1.0-ep2``) and ``xcross-<f>``; ``xcross-0``, the control of every X-Cross row: its
+model before training (integrators zero, the source streams weighted equally, no target data); ``weave-merge``
+(uniform task-arithmetic merge of ``lora-1.0`` and the hybrids), ``plain-merge`` (``lora-1.0`` and the source
+LoRAs) and ``joint``, each as raw mean title log-likelihood and as PMI (minus the title's score after an empty
+history), and the baselines. Scores are saved per chunk of users under ``<runs>/ranks/``, so ranking resumes too.
+Each model row carries its trainable parameters, validation loss at the start and at the end with the paired 95%
+interval of the change over the same validation examples, and the wall time of its training and ranking.
 
 Writes ``bench/results/quality-<target>-full.json`` (``--out``), the learning-curve plots and training
 logs under ``bench/results/{plots,logs}/quality-<target>-full/``, and regenerates the doc blocks
@@ -65,6 +66,9 @@ XCROSS_EVAL_EVERY, XCROSS_VALIDATIONS = 50, 5
 BASELINES = ("random", "popularity", "item-markov", "sasrec")
 VAL_USERS = 200
 SECOND_EPOCH = "-ep2"  # the name of the target LoRA's second-epoch run and row: lora-1.0-ep2
+# X-Cross before any training (fraction 0): what the source LoRAs give on their own, mixed as training starts;
+# each X-Cross row is paired against it, so its gain over the target LoRA splits into the sources' and the training's.
+XCROSS_START = "xcross-0"
 
 
 @dataclass
@@ -91,6 +95,7 @@ class Row:
     parts: list[str]  # the runs it is made of
     fraction: float | str = "-"
     sources: list[str] = field(default_factory=list)
+    start_of: str | None = None  # an untrained row: the model this X-Cross run starts from, before its first step
 
 
 def fraction_name(f: float) -> str:
@@ -144,6 +149,9 @@ def plan(args: argparse.Namespace, n_target_users: int) -> tuple[dict[str, Run],
     rows.update({f"xcross-{fraction_name(f)}": Row(f"xcross-{fraction_name(f)}", "xcross",
                                                    [*(f"src-{s}" for s in args.sources), f"xcross-{fraction_name(f)}"],
                                                    f, list(args.sources)) for f in args.fractions})
+    first = f"xcross-{fraction_name(min(args.fractions))}"
+    rows[XCROSS_START] = Row(XCROSS_START, "xcross", [f"src-{s}" for s in args.sources], 0.0, list(args.sources),
+                             start_of=first)
     rows["weave-merge"] = Row("weave-merge", "merge", [full, *(f"hybrid-{s}" for s in args.sources)], 1.0,
                               list(args.sources))
     rows["plain-merge"] = Row("plain-merge", "merge", [full, *(f"src-{s}" for s in args.sources)], 1.0,
@@ -153,7 +161,7 @@ def plan(args: argparse.Namespace, n_target_users: int) -> tuple[dict[str, Run],
 
     order: list[str] = [full, *(f"src-{s}" for s in args.sources)]
     fr = sorted(args.fractions)
-    order += [f"xcross-{fraction_name(fr[0])}"] + [f"lora-{fraction_name(f)}" for f in fr if f != max(fr)]
+    order += [f"xcross-{fraction_name(fr[0])}", XCROSS_START] + [f"lora-{fraction_name(f)}" for f in fr if f != max(fr)]
     order += [f"xcross-{fraction_name(f)}" for f in fr[1:-1]]
     order += ["weave-merge", "plain-merge", "joint"]
     order += [f"xcross-{fraction_name(fr[-1])}"] if len(fr) > 1 else []
@@ -374,6 +382,8 @@ class Ranker:
         """The bytes of every file the row's model is made of: a retrained part invalidates saved scores."""
         h = hashlib.blake2b(digest_size=16)
         h.update(json.dumps([row.kind, row.parts, self.args.seed, len(self.cands), str(self.dtype)]).encode())
+        if row.start_of:  # built from its run's command, not from files
+            h.update(json.dumps(self.runs[row.start_of].argv[:-2]).encode())
         for part in row.parts:
             folder = self.runs[part].out / ("xcross" if self.runs[part].kind == "xcross" else "adapter")
             for f in sorted(folder.iterdir()):
@@ -393,7 +403,14 @@ class Ranker:
 
             for part in row.parts[:-1]:
                 self.attach(part, part.removeprefix("src-").lower())
-            xc = XCrossModel.load(self.runs[row.parts[-1]].out / "xcross", self.model, tokenizer=self.tok)
+            if row.start_of:
+                from xkern.cli import build_parser
+                from xkern.xcross.cli import build_xcross
+
+                xc = build_xcross(build_parser().parse_args(self.runs[row.start_of].argv), self.model, self.tok,
+                                  self.data)
+            else:
+                xc = XCrossModel.load(self.runs[row.parts[-1]].out / "xcross", self.model, tokenizer=self.tok)
             xc.set_domain(self.data.titles, self.data.name, tokenizer=self.tok, max_history=self.args.max_history)
 
             def score(h: Any, items: np.ndarray) -> np.ndarray:
@@ -553,7 +570,10 @@ def model_rows(ranker: Ranker, row: Row, runs: dict[str, Run], n_boot: int, seed
         "train_seconds": round(sum(seconds), 1) if None not in seconds else None,
         "rank_seconds": rank_seconds(state),
         "rank_load_end": state.get("load_end")}
-    if row.kind == "xcross":
+    if row.start_of:
+        info["untrained"] = (f"{row.start_of}'s model before its first step: integrators zero, the streams weighted "
+                             "equally, no target data")
+    elif row.kind == "xcross":
         log = json.loads((trained[0].out / "train_log.json").read_text())
         val = log.get("val") or []
         best = next((v for v in val if v["step"] == log.get("best_step")), val[-1] if val else None)
@@ -600,7 +620,7 @@ def baseline_rows(ranker: Ranker, n_boot: int, seed: int) -> list[dict[str, Any]
 
 def pairs(rows: list[dict[str, Any]], full: str, n_boot: int, seed: int) -> list[dict[str, Any]]:
     """Each model row against popularity, SASRec and the full target LoRA (same score); the WeaveRec merge
-    against the plain merge; on HR@10 and MRR."""
+    against the plain merge, each X-Cross row against X-Cross before training; on HR@10 and MRR."""
     from xkern.data.confidence import paired_comparison
 
     by = {r["method"]: r for r in rows}
@@ -611,6 +631,7 @@ def pairs(rows: list[dict[str, Any]], full: str, n_boot: int, seed: int) -> list
         suffix = "" if a["score"] == "likelihood" else "+pmi"
         refs = ["popularity", "sasrec", f"{full}{suffix}"] + (["plain-merge" + suffix] if a["model"] == "weave-merge"
                                                               else [])
+        refs += [XCROSS_START + suffix] if a["model"].startswith("xcross-") else []
         for b in refs:
             if b in by and b != a["method"]:
                 for metric in ("HR@10", "MRR"):
@@ -678,7 +699,8 @@ def publish(args: argparse.Namespace, runs: dict[str, Run]) -> None:
 
 # ------------------------------------------------------------------------------------------------------ main
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked and normalised (sources and fractions as lists, paths resolved)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="root of processed domain folders (or 'synthetic')")
     p.add_argument("--target", default="Tools")
@@ -712,6 +734,11 @@ def main(argv: list[str] | None = None) -> int:
         args.data = str(Path(args.data).resolve())
     if not args.sources or not args.fractions or not all(0 < f <= 1 for f in args.fractions):
         raise SystemExit("need at least one source and fractions in (0, 1]")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     from xkern.data.cli import load_domains
 
     target = load_domains(args.data, [args.target], seed=args.seed)[args.target]  # refused before anything runs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.helpers import load_script
@@ -108,7 +109,7 @@ def test_quality_full_trains_skips_what_is_done_and_writes_quality_rows(tmp_path
     assert qf.main(argv) == 0
     q = json.loads(out.read_text())
     methods = [r["method"] for r in q["rows"]]
-    models = ["lora-0.5", "lora-1.0", "xcross-0.5", "xcross-1.0", "weave-merge", "plain-merge", "joint",
+    models = ["lora-0.5", "lora-1.0", "xcross-0.5", "xcross-1.0", "xcross-0", "weave-merge", "plain-merge", "joint",
               "lora-1.0-ep2"]
     assert methods == [m + s for m in models for s in ("", "+pmi")] + list(qf.BASELINES)
     assert q["missing_rows"] == []
@@ -120,11 +121,21 @@ def test_quality_full_trains_skips_what_is_done_and_writes_quality_rows(tmp_path
         json.loads((runs / "hybrid-Toys" / "summary.json").read_text())["trainable_parameters"]
     assert 0 < by["xcross-1.0"]["trainable_params"] < by["lora-1.0"]["trainable_params"]
     for m in models:
+        if m == "xcross-0":  # X-Cross before training: nothing trained, nothing validated
+            assert by[m]["trainable_params"] == by[m]["steps"] == 0 and "val_change" not in by[m]
+            continue
         change = by[m]["val_change"]
         assert change["ci_low"] <= change["diff"] <= change["ci_high"] and change["n"] > 0
     assert {(p["a"], p["b"], p["metric"]) for p in q["paired"]} >= {
         ("weave-merge+pmi", "plain-merge+pmi", "HR@10"), ("xcross-0.5+pmi", "lora-1.0+pmi", "MRR"),
-        ("joint", "sasrec", "HR@10")}
+        ("joint", "sasrec", "HR@10"), ("xcross-1.0+pmi", "xcross-0+pmi", "MRR"), ("xcross-0", "lora-1.0", "HR@10")}
+    # with one source, X-Cross before training is that source's LoRA (its one stream, weighted 1): its scores are
+    # the source LoRA's mean title log-probabilities, scored here by the adapter path (the base's differ by ~1e-3)
+    ranker = qf.Ranker(qf.parse_args(argv), {})
+    ranker.runs = qf.plan(ranker.args, len(ranker.data.train))[0]
+    score, _ = ranker.scorer(qf.Row("src-Toys", "adapter", ["src-Toys"]))
+    start = json.loads((runs / "ranks" / "xcross-0.json").read_text())["scores"]
+    assert np.allclose(score(ranker.cands.histories, ranker.cands.items), start, rtol=0, atol=1e-5)
     assert json.loads((runs / "lora-0.5" / "summary.json").read_text())["recipe"]["fraction"] == 0.5
     second = json.loads((runs / "lora-1.0-ep2" / "summary.json").read_text())  # starts where lora-1.0 ended
     assert second["recipe"]["positions"] == "random" and second["recipe"]["init_adapter"] == str(runs / "lora-1.0"
@@ -172,6 +183,7 @@ def test_quality_full_trains_skips_what_is_done_and_writes_quality_rows(tmp_path
     claims = tables.quality_tools_full_xcross_claims() + tables.quality_tools_full_weave()
     assert "not measured yet" not in claims
     assert all(f"X-Cross on {f} of the Tools training users" in claims for f in ("1.0", "0.5"))
+    assert all(f"What training on {f} of the Tools users added" in claims for f in ("1.0", "0.5"))
     assert "merge minus the plain merge" in claims and "merge minus the target-only LoRA" in claims
 
 

@@ -93,6 +93,18 @@ def write_xcross_run(args: argparse.Namespace, out: Path, data, dtype: str) -> N
     })
 
 
+def build_xcross(args: argparse.Namespace, xm, tokenizer, data):
+    """The X-Cross model ``train-xcross`` trains, at its initial state (integrators zero, streams weighted
+    equally), from the command's options over the adapters already loaded in ``xm``; ``data`` sets the
+    titles and the prompt's domain."""
+    from xkern.xcross import XCrossModel
+
+    return XCrossModel(xm, [n for n, _ in args.adapter], beta=args.beta, gamma=args.gamma, pooling=args.pooling,
+                       bias=args.bias, integrator_norm=args.integrator_norm, likelihood_reduce=args.likelihood_reduce,
+                       scoring=args.scoring, tokenizer=tokenizer, titles=data.titles, domain=data.name,
+                       max_history=args.max_history, max_tokens=args.max_tokens)
+
+
 def cmd_train_xcross(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -103,7 +115,7 @@ def cmd_train_xcross(args: argparse.Namespace) -> int:
     from xkern.nn import load_model, resolve_dtype
     from xkern.nn.pretrained import resolve
     from xkern.train.loop import config_from_args
-    from xkern.xcross import XCrossModel, evaluate, train
+    from xkern.xcross import evaluate, train
     from xkern.xcross.train import XCrossTrainConfig
 
     names = [n for n, _ in args.adapter]
@@ -118,11 +130,7 @@ def cmd_train_xcross(args: argparse.Namespace) -> int:
         xm.load_adapter(path, name)
     tok = _tokenizer(model_path, args.tokenizer)
     data = replace(data, train=subsample_train(data.train, args.fraction, args.seed))
-    xc = XCrossModel(xm, names, beta=args.beta, gamma=args.gamma, pooling=args.pooling, bias=args.bias,
-                     integrator_norm=args.integrator_norm, likelihood_reduce=args.likelihood_reduce,
-                     scoring=args.scoring,
-                     tokenizer=tok, titles=data.titles, domain=data.name, max_history=args.max_history,
-                     max_tokens=args.max_tokens)
+    xc = build_xcross(args, xm, tok, data)
     out = Path(args.out)
     config = config_from_args(XCrossTrainConfig, args, seed=args.seed, progress=not args.no_progress)
     from xkern.train.checkpoint import RunLock, discard
