@@ -401,8 +401,9 @@ class Ranker:
         if row.kind == "xcross":
             from xkern.xcross import XCrossModel
 
-            for part in row.parts[:-1]:
-                self.attach(part, part.removeprefix("src-").lower())
+            for part in row.parts:
+                if part.startswith("src-"):  # the streams, under the names train-xcross gave them
+                    self.attach(part, part.removeprefix("src-").lower())
             if row.start_of:
                 from xkern.cli import build_parser
                 from xkern.xcross.cli import build_xcross

@@ -130,12 +130,16 @@ def test_quality_full_trains_skips_what_is_done_and_writes_quality_rows(tmp_path
         ("weave-merge+pmi", "plain-merge+pmi", "HR@10"), ("xcross-0.5+pmi", "lora-1.0+pmi", "MRR"),
         ("joint", "sasrec", "HR@10"), ("xcross-1.0+pmi", "xcross-0+pmi", "MRR"), ("xcross-0", "lora-1.0", "HR@10")}
     # with one source, X-Cross before training is that source's LoRA (its one stream, weighted 1): its scores are
-    # the source LoRA's mean title log-probabilities, scored here by the adapter path (the base's differ by ~1e-3)
+    # the source LoRA's mean title log-probabilities, scored here by the adapter path (the base's differ by ~1e-3);
+    # a fresh ranker builds it with nothing attached yet
     ranker = qf.Ranker(qf.parse_args(argv), {})
-    ranker.runs = qf.plan(ranker.args, len(ranker.data.train))[0]
-    score, _ = ranker.scorer(qf.Row("src-Toys", "adapter", ["src-Toys"]))
-    start = json.loads((runs / "ranks" / "xcross-0.json").read_text())["scores"]
-    assert np.allclose(score(ranker.cands.histories, ranker.cands.items), start, rtol=0, atol=1e-5)
+    ranker.runs, rows = qf.plan(ranker.args, len(ranker.data.train))[:2]
+    start, _ = ranker.scorer(rows["xcross-0"])
+    lora, _ = ranker.scorer(qf.Row("src-Toys", "adapter", ["src-Toys"]))
+    users = (ranker.cands.histories, ranker.cands.items)
+    saved = json.loads((runs / "ranks" / "xcross-0.json").read_text())["scores"]
+    assert np.allclose(start(*users), saved, rtol=0, atol=1e-6)
+    assert np.allclose(lora(*users), saved, rtol=0, atol=1e-5)
     assert json.loads((runs / "lora-0.5" / "summary.json").read_text())["recipe"]["fraction"] == 0.5
     second = json.loads((runs / "lora-1.0-ep2" / "summary.json").read_text())  # starts where lora-1.0 ended
     assert second["recipe"]["positions"] == "random" and second["recipe"]["init_adapter"] == str(runs / "lora-1.0"
