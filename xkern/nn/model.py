@@ -477,6 +477,14 @@ def _attn_kwargs(attn_implementation: str | None, device: torch.device | None) -
     return {"attn_implementation": _ATTN_DEFAULT}
 
 
+class _PackedGgufAdvice(logging.Filter):
+    """Drops transformers' advice to load a GGUF in float32 to keep its weights packed: xkern dequantizes a
+    GGUF's weights and re-quantizes them to NF4, so the packed kernels it speaks of never run here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "GGUF checkpoint with its weights packed" not in record.getMessage()
+
+
 def _load_hf(source: str | os.PathLike, dtype: torch.dtype, model_class: Any, attn: dict[str, Any]) -> nn.Module:
     from transformers import AutoConfig
 
@@ -504,7 +512,12 @@ def _load_hf(source: str | os.PathLike, dtype: torch.dtype, model_class: Any, at
             import bitsandbytes  # noqa: F401
         except ImportError as e:
             raise ImportError("reading a bitsandbytes NF4 checkpoint needs `pip install bitsandbytes`") from e
-    model = _model_class(config, model_class).from_pretrained(directory, **kwargs)
+    gguf_log, advice = logging.getLogger("transformers.quantizers.quantizer_gguf"), _PackedGgufAdvice()
+    gguf_log.addFilter(advice)
+    try:
+        model = _model_class(config, model_class).from_pretrained(directory, **kwargs)
+    finally:
+        gguf_log.removeFilter(advice)
     cfg = model.config
     if getattr(cfg, "quantization_config", None) is not None and "gguf_file" in kwargs:
         del cfg.quantization_config  # GGUF weights were dequantized on load; xkern re-quantizes them to NF4
