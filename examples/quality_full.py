@@ -56,9 +56,11 @@ FRACTIONS = (0.25, 0.5, 1.0)
 # One epoch over every user's most recent next-item example, rank 8 on every NF4 layer, linear decay.
 LORA_ARGS = ("--r 8 --epochs 1 --batch-size 8 --lr 2e-4 --warmup-steps 20 --keep-best --max-val-users 200 "
              "--eval-every 100 --save-every 50")
-# What the step-size study found usable for the integrators on SmolLM2 (docs/xcross.md).
+# What the step-size study found usable for the integrators on SmolLM2 (docs/xcross.md). No activation
+# checkpointing: a step of 8 users x 2 candidates x 2 streams peaks at ~4.6 GB without it and takes ~27% less time
+# (xcross-0.25 trained with it: the same arithmetic, and a checkpoint resumes across the setting).
 XCROSS_ARGS = ("--scoring likelihood --integrator-norm rms --likelihood-reduce mean --calibrate --lr 1e-5 "
-               "--batch-size 8 --n-neg 1 --val-neg 9 --max-val-users 200 --grad-checkpointing --epochs 1 "
+               "--batch-size 8 --n-neg 1 --val-neg 9 --max-val-users 200 --epochs 1 "
                "--patience 4 --keep-best --save-every 25")
 # X-Cross validates every max(50, steps / 5) steps: a validation (200 users x 10 candidates, PMI, 2 streams)
 # costs about as much as 25 training steps, so a fixed 50 would spend nearly half of the largest run on it.
@@ -216,9 +218,10 @@ def gpu_estimate(args: argparse.Namespace, runs: dict[str, Run], rows: dict[str,
     examples (a LoRA's prompts and titles; X-Cross's prompts and 1 + ``--val-neg`` titles, twice with
     ``--calibrate``), times its validations (those its log records, else one at the start and one per
     ``--eval-every`` steps). Ranking tokens: counted, each user's prompt once and its 30 candidate titles,
-    and the PMI prior's unique titles once. Multipliers of the forward's FLOPs: LoRA training 2 (forward,
-    then the input gradient through the frozen base; no weight gradients), X-Cross training 3 per stream
-    (gradient checkpointing recomputes the forward), validation and ranking 1 per stream."""
+    and the PMI prior's unique titles once. Multipliers of the forward's FLOPs: training 2 per stream
+    (forward, then the input gradient through the frozen base; no weight gradients), 3 with activation
+    checkpointing (it recomputes the forward; as the run's log records it, else as its command sets it),
+    validation and ranking 1 per stream."""
     import xkern
     from xkern.cli import build_parser
     from xkern.data.cli import load_domains
@@ -264,8 +267,12 @@ def gpu_estimate(args: argparse.Namespace, runs: dict[str, Run], rows: dict[str,
     for name, run in runs.items():
         streams = len(args.sources) if run.kind == "xcross" else 1
         tokens = measured[name][0] if name in measured else examples[name] * tokens_per_example
-        mult = 3 * streams if run.kind == "xcross" else 2
         cmd = parser.parse_args(run.argv)
+        log_path = run.out / "train_log.json"
+        log = json.loads(log_path.read_text()) if run.done and log_path.is_file() else None
+        recompute = (log.get("config") or {}).get("grad_checkpointing", cmd.grad_checkpointing) if log \
+            else cmd.grad_checkpointing  # what the run did, where its log says
+        mult = (3 if recompute else 2) * streams
         if run.kind == "xcross":
             val = candidate_examples(data, "val", cmd.val_neg, cmd.seed, -1, None)[: cmd.max_val_users or None]
             val_tokens = sum(len(enc.prompt([data.titles[i] for i in h])) for h, _, _ in val) \
@@ -275,9 +282,7 @@ def gpu_estimate(args: argparse.Namespace, runs: dict[str, Run], rows: dict[str,
             val_enc = PromptEncoder(enc.tokenizer, val_data.name, max_history=args.max_history)
             val = causal_lm_examples(val_enc, cap_users(val_data, "val", cmd.max_val_users, cmd.seed), "val")
             val_tokens = sum(len(e["input_ids"]) for e in val)
-        log_path = run.out / "train_log.json"
-        if run.done and log_path.is_file():
-            log = json.loads(log_path.read_text())
+        if log is not None:
             validations = len(log["val"]) if run.kind == "xcross" else len(log["eval_loss"]) + 1  # + the start's
         else:
             n_steps = cmd.max_steps or math.ceil(cmd.epochs * examples[name] / (cmd.batch_size * cmd.grad_accum))

@@ -68,10 +68,11 @@ def evaluate_loss(model: XkernModel, adapter: str, dataset: Sequence[dict[str, A
     return total / max(count, 1)
 
 
-# training options a resumed run may set anew: they do not change what a step computes. How a step's examples are
-# laid out (processes x batch x accumulation, DDP or FSDP) may change too; fit checks their product is the same.
+# training options a resumed run may set anew: they do not change what a step computes (activation checkpointing
+# recomputes the same forward). How a step's examples are laid out (processes x batch x accumulation, DDP or FSDP)
+# may change too; fit checks their product is the same.
 NOT_IDENTITY = ("progress", "save_every", "log_every", "eval_every", "patience", "max_steps", "epochs",
-                "batch_size", "grad_accum", "parallel")
+                "batch_size", "grad_accum", "parallel", "grad_checkpointing")
 
 
 class AdapterCheckpoint(DirectoryCheckpoint):
