@@ -387,8 +387,11 @@ class Ranker:
         """The bytes of every file the row's model is made of: a retrained part invalidates saved scores."""
         h = hashlib.blake2b(digest_size=16)
         h.update(json.dumps([row.kind, row.parts, self.args.seed, len(self.cands), str(self.dtype)]).encode())
-        if row.start_of:  # built from its run's command, not from files
-            h.update(json.dumps(self.runs[row.start_of].argv[:-2]).encode())
+        if row.start_of:  # built from its run's command, not from files: the options that make the model
+            from xkern.cli import build_parser
+            from xkern.xcross.cli import xcross_options
+
+            h.update(json.dumps(xcross_options(build_parser().parse_args(self.runs[row.start_of].argv))).encode())
         for part in row.parts:
             folder = self.runs[part].out / ("xcross" if self.runs[part].kind == "xcross" else "adapter")
             for f in sorted(folder.iterdir()):

@@ -140,6 +140,12 @@ def test_quality_full_trains_skips_what_is_done_and_writes_quality_rows(tmp_path
     saved = json.loads((runs / "ranks" / "xcross-0.json").read_text())["scores"]
     assert np.allclose(start(*users), saved, rtol=0, atol=1e-6)
     assert np.allclose(lora(*users), saved, rtol=0, atol=1e-5)
+    # its saved scores stand while its run's training options change, not when the options that make its model do
+    key, trains = ranker.fingerprint(rows["xcross-0"]), ranker.runs["xcross-0.5"].argv
+    trains += ["--lr", "1e-3", "--grad-checkpointing"]
+    assert ranker.fingerprint(rows["xcross-0"]) == key
+    trains += ["--integrator-norm", "none"]
+    assert ranker.fingerprint(rows["xcross-0"]) != key
     assert json.loads((runs / "lora-0.5" / "summary.json").read_text())["recipe"]["fraction"] == 0.5
     second = json.loads((runs / "lora-1.0-ep2" / "summary.json").read_text())  # starts where lora-1.0 ended
     assert second["recipe"]["positions"] == "random" and second["recipe"]["init_adapter"] == str(runs / "lora-1.0"

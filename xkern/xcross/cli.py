@@ -93,16 +93,22 @@ def write_xcross_run(args: argparse.Namespace, out: Path, data, dtype: str) -> N
     })
 
 
+def xcross_options(args: argparse.Namespace) -> dict:
+    """What of ``train-xcross``'s options makes its X-Cross model (the streams, the mixing, the scoring, the
+    prompt), as ``XCrossModel``'s keyword arguments: the model before training is a function of these alone."""
+    return {"adapters": [n for n, _ in args.adapter], "beta": args.beta, "gamma": args.gamma,
+            "pooling": args.pooling, "bias": args.bias, "integrator_norm": args.integrator_norm,
+            "likelihood_reduce": args.likelihood_reduce, "scoring": args.scoring, "max_history": args.max_history,
+            "max_tokens": args.max_tokens}
+
+
 def build_xcross(args: argparse.Namespace, xm, tokenizer, data):
     """The X-Cross model ``train-xcross`` trains, at its initial state (integrators zero, streams weighted
     equally), from the command's options over the adapters already loaded in ``xm``; ``data`` sets the
     titles and the prompt's domain."""
     from xkern.xcross import XCrossModel
 
-    return XCrossModel(xm, [n for n, _ in args.adapter], beta=args.beta, gamma=args.gamma, pooling=args.pooling,
-                       bias=args.bias, integrator_norm=args.integrator_norm, likelihood_reduce=args.likelihood_reduce,
-                       scoring=args.scoring, tokenizer=tokenizer, titles=data.titles, domain=data.name,
-                       max_history=args.max_history, max_tokens=args.max_tokens)
+    return XCrossModel(xm, **xcross_options(args), tokenizer=tokenizer, titles=data.titles, domain=data.name)
 
 
 def cmd_train_xcross(args: argparse.Namespace) -> int:
