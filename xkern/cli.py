@@ -275,7 +275,12 @@ def _run(args: argparse.Namespace, given: list[str], debug: bool) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        if "torch.distributed" in sys.modules:  # a command under torchrun started a process group
+            from xkern.distributed import dist_teardown
+
+            dist_teardown()
+        return code
     except (XkernError, ValueError, OSError) as e:  # a mistake, a damaged file, or the file system said no
         if debug:
             raise

@@ -25,6 +25,14 @@ def dist_setup() -> tuple[int, int]:
     return 0, 1
 
 
+def dist_teardown() -> None:
+    """Destroy the process group, if one was started, once the work is done: left to interpreter exit, gloo's
+    worker threads can outlive Python and abort the process (SIGABRT) after a run that succeeded. Not on an
+    error: another rank may still wait in a collective."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def shard_range(n: int, rank: int, world: int) -> range:
     """Rank ``rank``'s contiguous share of ``n`` items; the first ``n % world`` ranks take one more."""
     if world < 1 or not 0 <= rank < world:

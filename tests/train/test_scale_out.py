@@ -111,3 +111,27 @@ def test_a_killed_rank_ends_the_job_and_leaves_a_whole_checkpoint(tmp_path):
     _run(script, 1, "8", str(run), "ddp", "-", "-")  # and it resumes, here in one process, to the same result
     _assert_same_adapter(run, one)
     torch.testing.assert_close(torch.tensor(_losses(run)), torch.tensor(_losses(one)), atol=1e-5, rtol=1e-4)
+
+
+def test_a_command_that_succeeds_destroys_its_process_group(monkeypatch, capsys):
+    """Left to interpreter exit, gloo's worker threads can abort a run that succeeded (SIGABRT, "terminate called
+    without an active exception"); the command line destroys the group once its command returns."""
+    import socket
+
+    import torch.distributed as dist
+
+    from xkern import cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        assert cli.main(["env"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert "torch" in capsys.readouterr().out
