@@ -270,8 +270,8 @@ def gpu_estimate(args: argparse.Namespace, runs: dict[str, Run], rows: dict[str,
         cmd = parser.parse_args(run.argv)
         log_path = run.out / "train_log.json"
         log = json.loads(log_path.read_text()) if run.done and log_path.is_file() else None
-        recompute = (log.get("config") or {}).get("grad_checkpointing", cmd.grad_checkpointing) if log \
-            else cmd.grad_checkpointing  # what the run did, where its log says
+        # what the run did, where its log says
+        recompute = ((log or {}).get("config") or {}).get("grad_checkpointing", cmd.grad_checkpointing)
         mult = (3 if recompute else 2) * streams
         if run.kind == "xcross":
             val = candidate_examples(data, "val", cmd.val_neg, cmd.seed, -1, None)[: cmd.max_val_users or None]
@@ -383,15 +383,20 @@ class Ranker:
             merge_loaded(self.model, row.name, [self.attach(p) for p in row.parts])
         return row.name
 
+    def start_command(self, row: Row) -> argparse.Namespace:
+        """An untrained row's run's ``train-xcross`` command, parsed: what its model is built from."""
+        from xkern.cli import build_parser
+
+        return build_parser().parse_args(self.runs[row.start_of].argv)
+
     def fingerprint(self, row: Row) -> str:
         """The bytes of every file the row's model is made of: a retrained part invalidates saved scores."""
         h = hashlib.blake2b(digest_size=16)
         h.update(json.dumps([row.kind, row.parts, self.args.seed, len(self.cands), str(self.dtype)]).encode())
         if row.start_of:  # built from its run's command, not from files: the options that make the model
-            from xkern.cli import build_parser
             from xkern.xcross.cli import xcross_options
 
-            h.update(json.dumps(xcross_options(build_parser().parse_args(self.runs[row.start_of].argv))).encode())
+            h.update(json.dumps(xcross_options(self.start_command(row))).encode())
         for part in row.parts:
             folder = self.runs[part].out / ("xcross" if self.runs[part].kind == "xcross" else "adapter")
             for f in sorted(folder.iterdir()):
@@ -413,11 +418,9 @@ class Ranker:
                 if part.startswith("src-"):  # the streams, under the names train-xcross gave them
                     self.attach(part, part.removeprefix("src-").lower())
             if row.start_of:
-                from xkern.cli import build_parser
                 from xkern.xcross.cli import build_xcross
 
-                xc = build_xcross(build_parser().parse_args(self.runs[row.start_of].argv), self.model, self.tok,
-                                  self.data)
+                xc = build_xcross(self.start_command(row), self.model, self.tok, self.data)
             else:
                 xc = XCrossModel.load(self.runs[row.parts[-1]].out / "xcross", self.model, tokenizer=self.tok)
             xc.set_domain(self.data.titles, self.data.name, tokenizer=self.tok, max_history=self.args.max_history)
