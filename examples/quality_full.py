@@ -104,11 +104,13 @@ def fraction_name(f: float) -> str:
     return f"{f:g}" if f != 1 else "1.0"
 
 
-def plan(args: argparse.Namespace, n_target_users: int) -> tuple[dict[str, Run], dict[str, Row],
-                                                                 list[tuple[str, Any]]]:
+def plan(args: argparse.Namespace, n_target_users: int, landed: frozenset[str] = frozenset()) \
+        -> tuple[dict[str, Run], dict[str, Row], list[tuple[str, Any]]]:
     """The runs, the ranked rows, and the order of work: ``("train", run)`` and ``("rank", row)`` steps,
     cheapest answers first (the target LoRA on all users, then the sources X-Cross needs, X-Cross at the
-    smallest fraction...)."""
+    smallest fraction...). A ``landed`` row (in the table already) needs no step of its own: its runs train only
+    where a missing row needs them, and it is ranked again as soon as all its runs are here, so that the rows
+    made of the same runs are compared on the same runs."""
     runs_dir = Path(args.runs)
     common = ["--data", str(args.data), "--model", args.model, "--seed", str(args.seed), "--no-progress",
               "--threads", str(args.threads)] + (["--device", args.device] if args.device else [])
@@ -169,10 +171,23 @@ def plan(args: argparse.Namespace, n_target_users: int) -> tuple[dict[str, Run],
     order += [f"xcross-{fraction_name(fr[-1])}"] if len(fr) > 1 else []
     order += [second]
     steps: list[tuple[str, str]] = []
+    here = {name for name, run in runs.items() if run.done}
+
+    def rank_landed() -> None:
+        for name, row in rows.items():
+            if name in landed and ("rank", name) not in steps and all(p in here for p in row.parts):
+                steps.extend(("train", p) for p in row.parts if ("train", p) not in steps)  # here: listed as done
+                steps.append(("rank", name))
+
+    rank_landed()
     for name in dict.fromkeys(order):
+        if name in landed:
+            continue
         for part in (rows[name].parts if name in rows else [name]):
             if ("train", part) not in steps:
                 steps.append(("train", part))
+                here.add(part)
+                rank_landed()
         if name in rows:
             steps.append(("rank", name))
     if args.only:
@@ -315,8 +330,9 @@ def gpu_estimate(args: argparse.Namespace, runs: dict[str, Run], rows: dict[str,
 
 # ------------------------------------------------------------------------------------------------- training
 
-def train(run: Run, runs_dir: Path, timings: dict[str, Any]) -> None:
-    """Run (or resume) one training command; its output goes to ``<runs>/<name>.log``."""
+def train(run: Run, runs_dir: Path, timings: dict[str, Any], archive: Path | None = None) -> None:
+    """Run (or resume) one training command; its output goes to ``<runs>/<name>.log``, the finished run to the
+    archive."""
     if run.done:
         return
     log = runs_dir / f"{run.name}.log"
@@ -335,6 +351,145 @@ def train(run: Run, runs_dir: Path, timings: dict[str, Any]) -> None:
                                     "load_start": prev.get("load_start", round(load0, 2)),
                                     "load_end": round(os.getloadavg()[0], 2), "cpu": cpu_model(),
                                     "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    archive_run(run, archive)
+
+
+# ------------------------------------------------------------------------------------------ what outlives a machine
+
+def archive_dir(args: argparse.Namespace) -> Path | None:
+    """Where finished runs (without their checkpoints) and finished scores are kept in the repository, so that a
+    fresh machine restores them instead of training and ranking again (None: ``--no-archive``)."""
+    if args.no_archive:
+        return None
+    return Path(args.archive or ROOT / "bench" / "results" / "artifacts" / f"quality-{args.target}-full")
+
+
+def archive_key(args: argparse.Namespace) -> dict[str, Any]:
+    """What an archive's runs and scores were made from: restored for another table, they would be wrong rows."""
+    return {"data": Path(str(args.data)).name, "target": args.target, "sources": list(args.sources),
+            "model": args.model, "seed": args.seed, "eval_users": args.eval_users}
+
+
+def check_archive(args: argparse.Namespace) -> None:
+    """Claim the archive for this table, or refuse one that keeps another table's runs."""
+    archive = archive_dir(args)
+    if archive is None:
+        return
+    path = archive / "table.json"
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        if kept != archive_key(args):
+            raise SystemExit(f"{archive} keeps the runs of another table ({kept}); pass --archive DIR for this one "
+                             "(or --no-archive)")
+        return
+    archive.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(archive_key(args), indent=1) + "\n")
+
+
+def _copy_folder(src: Path, dst: Path, skip: tuple[str, ...]) -> None:
+    """``dst`` becomes a copy of ``src`` less ``skip``, swapped in whole (never half a copy at ``dst``)."""
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*skip))
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+def archive_run(run: Run, archive: Path | None, with_checkpoint: bool = False) -> None:
+    """Keep a run's outputs: a finished run without its checkpoint (what ranking reads), or, with
+    ``with_checkpoint``, an unfinished one with it (what resuming reads)."""
+    if archive is None or not run.out.is_dir():
+        return
+    archive.mkdir(parents=True, exist_ok=True)
+    _copy_folder(run.out, archive / run.name, (".xkern.lock",) if with_checkpoint else ("checkpoint", ".xkern.lock"))
+
+
+def archive_file(path: Path, archive: Path | None) -> None:
+    """Keep one file of ``<runs>``: a row's saved scores or validation losses, the baselines, the timings."""
+    if archive is None or not path.is_file():
+        return
+    dst = archive / ("ranks" if path.parent.name == "ranks" else "") / path.name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, dst.with_name(dst.name + ".partial"))
+    dst.with_name(dst.name + ".partial").replace(dst)
+
+
+def restore(args: argparse.Namespace, runs: dict[str, Run]) -> None:
+    """Bring back what the archive keeps and this machine lacks: finished runs (over a local unfinished one),
+    unfinished runs' checkpoints where none is here, saved scores where none are here, timings of other
+    machines' runs."""
+    archive = archive_dir(args)
+    if archive is None or not archive.is_dir():
+        return
+    for run in runs.values():
+        kept = archive / run.name
+        if run.done or not kept.is_dir():
+            continue
+        if (kept / "run.json").is_file() or not (run.out / "checkpoint").is_dir():
+            run.out.parent.mkdir(parents=True, exist_ok=True)
+            _copy_folder(kept, run.out, ())
+            print(f"[restore] {run.name} from {kept}", flush=True)
+    ranks = Path(args.runs) / "ranks"
+    for kept in sorted((archive / "ranks").glob("*.json")):
+        if not (ranks / kept.name).is_file():
+            ranks.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(kept, ranks / kept.name)
+    if (archive / "timings.json").is_file():
+        path = Path(args.runs) / "timings.json"
+        here = json.loads(path.read_text()) if path.is_file() else {}
+        kept_timings = json.loads((archive / "timings.json").read_text())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**kept_timings, **here}, indent=2) + "\n")
+
+
+def save_progress(args: argparse.Namespace, runs: dict[str, Run]) -> None:
+    """Archive the unfinished too, before a machine is given up: each unfinished run with its checkpoint, each
+    row's scores so far."""
+    archive = archive_dir(args)
+    if archive is None:
+        raise SystemExit("--save-progress needs the archive (drop --no-archive)")
+    for run in runs.values():
+        if not run.done and (run.out / "checkpoint" / "state.json").is_file():
+            archive_run(run, archive, with_checkpoint=True)
+            print(f"[archive] {run.name}: unfinished, with its checkpoint", flush=True)
+    for path in sorted((Path(args.runs) / "ranks").glob("*.json")):
+        archive_file(path, archive)
+    archive_file(Path(args.runs) / "timings.json", archive)
+
+
+# Where two tables rank the same users the same way: a row of one stands in the other.
+TABLE_KEYS = ("kind", "domain", "split", "seed", "sources")
+TABLE_CONFIG = ("n_neg", "negatives", "n_boot", "model", "max_history", "compute_dtype", "score", "pmi")
+
+
+def landed_table(args: argparse.Namespace, config: dict[str, Any], n_users: int) -> dict[str, Any]:
+    """The table at ``--out`` where it ranked the same users the same way: its model rows by row name (raw and
+    PMI), its baselines, and what it said of their runs. Its rows stand until this machine ranks them again; a
+    table of other users, candidates or scoring stands for nothing (it is rewritten)."""
+    path = Path(args.out or ROOT / "bench" / "results" / f"quality-{args.target}-full.json")
+    empty: dict[str, Any] = {"rows": {}, "baselines": [], "doc": {}}
+    if not path.is_file():
+        return empty
+    try:
+        doc = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        print(f"[table] {path} is not JSON: its rows are not carried", flush=True)
+        return empty
+    want = {"kind": "xkern-quality", "domain": args.target, "split": "test", "seed": args.seed,
+            "sources": list(args.sources)}
+    same = isinstance(doc, dict) and all(doc.get(k) == want[k] for k in TABLE_KEYS) and \
+        isinstance(doc.get("config"), dict) and all(doc["config"].get(k) == config[k] for k in TABLE_CONFIG)
+    rows = doc.get("rows") if same else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("ranks"), list)
+                                             and len(r["ranks"]) == n_users for r in rows):
+        print(f"[table] {path} ranked other users or scored otherwise: its rows are not carried", flush=True)
+        return empty
+    models: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("model"):
+            models.setdefault(str(r["model"]), []).append(r)
+    baselines = [r for r in rows if r.get("method") in BASELINES]
+    return {"rows": models, "baselines": baselines if len(baselines) == len(BASELINES) else [], "doc": doc}
 
 
 # -------------------------------------------------------------------------------------------------- ranking
@@ -483,8 +638,9 @@ class Ranker:
         items = np.unique(self.cands.items)
         state["prior"] = {"items": items.tolist(), "scores": np.round(prior(items), 6).tolist()}
         state["prior_seconds"] = round(time.perf_counter() - t0, 2)
-        state["load_end"] = round(os.getloadavg()[0], 2)
+        state["load_end"], state["cpu"] = round(os.getloadavg()[0], 2), cpu_model()
         atomic_write_text(path, json.dumps(state))
+        archive_file(path, archive_dir(self.args))
         return state
 
     # ---- validation loss, per example
@@ -514,6 +670,7 @@ class Ranker:
         adapter = BASE if adapter_row is None else self.adapter(adapter_row)
         losses = [round(evaluate_loss(self.model, adapter, [ex], "causal_lm", 1), 6) for ex in self.val_examples()]
         atomic_write_text(path, json.dumps({"fingerprint": key, "losses": losses}))
+        archive_file(path, archive_dir(self.args))
         return losses
 
 
@@ -581,7 +738,8 @@ def model_rows(ranker: Ranker, row: Row, runs: dict[str, Run], n_boot: int, seed
         "steps": sum(i["steps"] or 0 for i in infos), "train_examples": sum(i["train_examples"] or 0 for i in infos),
         "train_seconds": round(sum(seconds), 1) if None not in seconds else None,
         "rank_seconds": rank_seconds(state),
-        "rank_load_end": state.get("load_end")}
+        "rank_load_end": state.get("load_end"), "rank_cpu": state.get("cpu"),
+        "fingerprint": ranker.fingerprint(row)}
     if row.start_of:
         info["untrained"] = (f"{row.start_of}'s model before its first step: integrators zero, the streams weighted "
                              "equally, no target data")
@@ -611,8 +769,10 @@ def model_rows(ranker: Ranker, row: Row, runs: dict[str, Run], n_boot: int, seed
     return out
 
 
-def baseline_rows(ranker: Ranker, n_boot: int, seed: int) -> list[dict[str, Any]]:
-    """The baselines on the same candidates, computed once (SASRec trains) and kept under ``<runs>/ranks``."""
+def baseline_rows(ranker: Ranker, n_boot: int, seed: int, landed: list[dict[str, Any]] | None = None) \
+        -> list[dict[str, Any]]:
+    """The baselines on the same candidates, computed once (SASRec trains) and kept under ``<runs>/ranks``; the
+    landed table's, where it has them (the same users and candidates)."""
     from xkern.data.baselines import baseline_quality_rows
     from xkern.fileio import atomic_write_text
 
@@ -622,11 +782,15 @@ def baseline_rows(ranker: Ranker, n_boot: int, seed: int) -> list[dict[str, Any]
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
             return saved["rows"]
-    t0 = time.perf_counter()
-    rows = baseline_quality_rows(ranker.data, ranker.cands, list(BASELINES), seed, n_boot)
-    for r in rows:
-        r["rank_seconds"] = round(time.perf_counter() - t0, 1)
+    if landed:
+        rows = landed
+    else:
+        t0 = time.perf_counter()
+        rows = baseline_quality_rows(ranker.data, ranker.cands, list(BASELINES), seed, n_boot)
+        for r in rows:
+            r["rank_seconds"], r["rank_cpu"] = round(time.perf_counter() - t0, 1), cpu_model()
     atomic_write_text(path, json.dumps({"key": key, "rows": rows}))
+    archive_file(path, archive_dir(ranker.args))
     return rows
 
 
@@ -653,34 +817,80 @@ def pairs(rows: list[dict[str, Any]], full: str, n_boot: int, seed: int) -> list
     return out
 
 
+def table_config(args: argparse.Namespace) -> dict[str, Any]:
+    """How the table ranks (users' candidates, scores, the base and its compute dtype) and trains."""
+    from xkern.nn import resolve_dtype
+
+    return {"n_neg": 29, "negatives": "uniform", "n_boot": args.n_boot, "model": args.model,
+            "max_history": args.max_history,
+            "compute_dtype": str(resolve_dtype("auto", args.device)[0]).removeprefix("torch."),
+            "score": "mean log-probability of the title after the next-item prompt",
+            "pmi": "the same minus its mean log-probability after the prompt of an empty history",
+            "lora_args": LORA_ARGS + (" " + args.lora_args if args.lora_args else ""),
+            "xcross_args": XCROSS_ARGS + f" --eval-every max({XCROSS_EVAL_EVERY}, steps / "
+                           f"{XCROSS_VALIDATIONS})" + (" " + args.xcross_args if args.xcross_args else "")}
+
+
+def reproduced(rows: list[dict[str, Any]], landed: dict[str, Any], n_boot: int, seed: int) -> list[dict[str, Any]]:
+    """Rows ranked here again from retrained runs (other bytes than the landed row's), each against the landed
+    row on the same users: how far a retraining (another CPU, other rounding) moves a row. Earlier entries stand."""
+    from xkern.data.confidence import paired_comparison
+
+    kept = {(e["row"], e["metric"]): e for e in landed["doc"].get("reproduced", []) if isinstance(e, dict)}
+    old = {r["method"]: r for rs in landed["rows"].values() for r in rs}
+    for r in rows:
+        before = old.get(r["method"])
+        if before is None or "fingerprint" not in r or before.get("fingerprint") == r["fingerprint"]:
+            continue
+        a, b = np.asarray(r["ranks"]), np.asarray(before["ranks"])
+        for metric in ("HR@10", "MRR"):
+            kept[(r["method"], metric)] = {
+                "row": r["method"], **paired_comparison(a, b, metric, n_boot, seed),
+                "same_rank_share": round(float(np.mean(a == b)), 4), "now_cpu": r.get("rank_cpu"),
+                "before_cpu": before.get("rank_cpu"), "before_metric": before["metrics"][metric][0]}
+    return list(kept.values())
+
+
 def report(args: argparse.Namespace, runs: dict[str, Run], planned: list[str], ranked: list[Row], ranker: Ranker,
-           timings: dict[str, Any], t_start: float) -> Path:
+           timings: dict[str, Any], t_start: float, landed: dict[str, Any] | None = None) -> Path:
+    """Write the table: the rows ranked from the runs here, the landed table's other rows as they were."""
     from xkern.data.evaluate import write_report
 
+    landed = landed or {"rows": {}, "baselines": [], "doc": {}}
+    before = landed["doc"]
     full = f"lora-{fraction_name(max(args.fractions))}"
-    rows = [r for row in ranked for r in model_rows(ranker, row, runs, args.n_boot, args.seed)]
-    rows += baseline_rows(ranker, args.n_boot, args.seed)
+    here = {row.name: row for row in ranked}
+    rows, carried = [], []
+    for name in planned:
+        if name in here:
+            rows += model_rows(ranker, here[name], runs, args.n_boot, args.seed)
+        elif name in landed["rows"]:
+            cpu = (before.get("machine") or {}).get("cpu")
+            rows += [{"rank_cpu": cpu, **r} for r in landed["rows"][name]]
+            carried.append(name)
+    rows += baseline_rows(ranker, args.n_boot, args.seed, landed["baselines"])
     out = Path(args.out or ROOT / "bench" / "results" / f"quality-{args.target}-full.json")
-    missing = [n for n in planned if n not in {r.name for r in ranked}]
+    missing = [n for n in planned if n not in here and n not in carried]
     for key, t in timings.items():  # a training's seconds are what its run kept (every invocation's), or unknown
         name = key.removeprefix("train:")
         t["seconds"] = run_info(runs[name], args.runs)["train_seconds"] if name in runs and runs[name].done else None
+    # what the landed table said of runs that are not here: the carried rows' commands, timings and sources
+    gone = {name for name, r in runs.items() if not r.done}
+    commands = {n: c for n, c in (before.get("commands") or {}).items() if n in gone}
+    commands.update({name: "xkern " + shlex.join(r.argv) for name, r in runs.items() if r.done})
+    timings = {**{k: v for k, v in (before.get("timings") or {}).items()
+                  if k.removeprefix("train:") in gone and k not in timings}, **timings}
+    sources = {n: v for n, v in (before.get("source_runs") or {}).items() if n in gone}
+    # X-Cross's frozen streams and the plain merge's parts: validated on their own domain, not ranked
+    sources.update({f"src-{s}": {"domain": s, **run_info(runs[f"src-{s}"], args.runs)} for s in args.sources
+                    if runs[f"src-{s}"].done})
     doc = {
         "kind": "xkern-quality", "domain": args.target, "split": "test", "seed": args.seed,
-        "sources": list(args.sources),
-        "config": {"n_neg": 29, "negatives": "uniform", "n_boot": args.n_boot, "model": args.model,
-                   "max_history": args.max_history, "compute_dtype": str(ranker.dtype).removeprefix("torch."),
-                   "score": "mean log-probability of the title after the next-item prompt",
-                   "pmi": "the same minus its mean log-probability after the prompt of an empty history",
-                   "lora_args": LORA_ARGS + (" " + args.lora_args if args.lora_args else ""),
-                   "xcross_args": XCROSS_ARGS + f" --eval-every max({XCROSS_EVAL_EVERY}, steps / "
-                                  f"{XCROSS_VALIDATIONS})" + (" " + args.xcross_args if args.xcross_args else "")},
-        "commands": {name: "xkern " + shlex.join(r.argv) for name, r in runs.items() if r.done},
-        "rows": rows, "paired": pairs(rows, full, args.n_boot, args.seed),
-        # X-Cross's frozen streams and the plain merge's parts: validated on their own domain, not ranked
-        "source_runs": {f"src-{s}": {"domain": s, **run_info(runs[f"src-{s}"], args.runs)} for s in args.sources
-                        if runs[f"src-{s}"].done},
-        "missing_rows": missing, "timings": timings,
+        "sources": list(args.sources), "config": table_config(args),
+        "commands": commands, "rows": rows, "paired": pairs(rows, full, args.n_boot, args.seed),
+        "reproduced": reproduced(rows, landed, args.n_boot, args.seed),
+        "source_runs": {f"src-{s}": sources[f"src-{s}"] for s in args.sources if f"src-{s}" in sources},
+        "carried_rows": carried, "missing_rows": missing, "timings": timings,
         "machine": {"cpu": cpu_model(), "threads": args.threads, "device": args.device or "cpu"},
         "wall_seconds_this_invocation": round(time.perf_counter() - t_start, 1),
         "command": "python examples/quality_full.py " + shlex.join(sys.argv[1:]),
@@ -732,6 +942,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--xcross-args", default="", help="extra train-xcross flags, after the defaults (they win)")
     p.add_argument("--out", default=None, help="default bench/results/quality-<target>-full.json (with "
                    "--estimate-gpu: bench/results/gpu-estimate-quality-<target>-full.json)")
+    p.add_argument("--archive", default=None, help="where finished runs and scores are kept in the repository, "
+                   "restored on a machine that lacks them (default bench/results/artifacts/quality-<target>-full)")
+    p.add_argument("--no-archive", action="store_true", help="keep nothing outside --runs, restore nothing")
+    p.add_argument("--save-progress", action="store_true", help="archive the unfinished runs with their checkpoints "
+                   "and the scores so far (before this machine is given up), and stop")
     p.add_argument("--no-publish", action="store_true", help="do not copy logs/plots into bench/results or "
                    "regenerate the docs")
     p.add_argument("--dry-run", action="store_true", help="print the plan (what is done, what is to do) and stop")
@@ -754,7 +969,18 @@ def main(argv: list[str] | None = None) -> int:
     from xkern.data.cli import load_domains
 
     target = load_domains(args.data, [args.target], seed=args.seed)[args.target]  # refused before anything runs
-    runs, rows, steps = plan(args, len(target.train))
+    runs = plan(args, len(target.train))[0]
+    if not args.dry_run and not args.estimate_gpu:
+        check_archive(args)
+        if args.save_progress:
+            save_progress(args, runs)
+            return 0
+        restore(args, runs)
+    landed = landed_table(args, table_config(args), len(ranking_candidates(args, target)))
+    runs, rows, steps = plan(args, len(target.train), frozenset(landed["rows"]))
+    for name in rows:
+        if name in landed["rows"] and ("rank", name) not in [(k, getattr(w, "name", w)) for k, w in steps]:
+            print(f"rank  {name:16s} landed (its runs are not here: the table's row stands)", flush=True)
     for kind, what in steps:
         name = what.name if isinstance(what, Row) else what
         state = ("done" if runs[name].done else "to do") if kind == "train" else \
@@ -776,8 +1002,9 @@ def main(argv: list[str] | None = None) -> int:
     ranker = None
     for kind, what in steps:
         if kind == "train":
-            train(runs[what], args.runs, timings)
+            train(runs[what], args.runs, timings, archive_dir(args))
             timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+            archive_file(timings_path, archive_dir(args))
             continue
         if not all(runs[p].done for p in what.parts):
             print(f"[rank] {what.name}: skipped, {[p for p in what.parts if not runs[p].done]} not trained", flush=True)
@@ -786,7 +1013,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[rank] {what.name}", flush=True)
         ranker.scores(what)
         ranked = [r for r in rows.values() if all(runs[p].done for p in r.parts) and ranker.is_scored(r)]
-        report(args, runs, list(rows), ranked, ranker, timings, t_start)  # after every row: results land as they finish
+        report(args, runs, list(rows), ranked, ranker, timings, t_start, landed)  # results land as rows finish
         if not args.no_publish:
             publish(args, runs)
     if ranker is None:

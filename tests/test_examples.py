@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -99,10 +100,10 @@ def test_quality_full_trains_skips_what_is_done_and_writes_quality_rows(tmp_path
     again, it trains and scores nothing and writes the same rows."""
     qf = _load("quality_full")
     base = _tiny_base(tmp_path / "base")
-    out, runs = tmp_path / "quality-Tools-full.json", tmp_path / "runs"
+    out, runs, archive = tmp_path / "quality-Tools-full.json", tmp_path / "runs", tmp_path / "archive"
     argv = ["--data", "synthetic", "--target", "Tools", "--sources", "Toys", "--fractions", "0.5,1.0",
             "--model", str(base), "--runs", str(runs), "--eval-users", "6", "--n-boot", "50", "--threads", "1",
-            "--out", str(out), "--no-publish",
+            "--out", str(out), "--no-publish", "--archive", str(archive),
             "--lora-args", "--max-steps 2 --batch-size 4 --max-val-users 6 --eval-every 1 --save-every 1",
             "--xcross-args", "--max-steps 2 --batch-size 2 --max-val-users 6 --val-neg 3 --eval-every 1 "
                              "--save-every 1 --no-grad-checkpointing"]
@@ -185,6 +186,41 @@ def test_quality_full_trains_skips_what_is_done_and_writes_quality_rows(tmp_path
     assert {p.name: p.stat().st_mtime_ns for p in (runs / "ranks").glob("*.json")} == ranks
     again = json.loads(out.read_text())
     assert [r["ranks"] for r in again["rows"]] == [r["ranks"] for r in q["rows"]]
+    # a fresh machine (no runs here) restores every finished run and every row's scores from the archive, which
+    # keeps no checkpoint: nothing trains, nothing is scored again, the same table
+    assert not list(archive.glob("*/checkpoint")) and (archive / "lora-0.5" / "adapter").is_dir()
+    shutil.rmtree(runs)
+    capsys.readouterr()
+    assert qf.main(argv) == 0
+    said, progress = capsys.readouterr()
+    assert "[train]" not in said and said.count("[restore]") == 8 and "user/s" not in progress
+    assert json.loads(out.read_text())["rows"] == again["rows"]
+    # a machine that has neither the runs nor the archive of a landed row keeps the table's row (its runs train
+    # only where a missing row needs them); a row whose runs are here is ranked again, and where its bytes differ
+    # from the landed row's (here: a row landed before rows kept them) the table says how far it moved
+    shutil.rmtree(runs)
+    for gone in ("lora-0.5", "hybrid-Toys", "ranks/lora-0.5.json", "ranks/weave-merge.json"):
+        (shutil.rmtree if (archive / gone).is_dir() else Path.unlink)(archive / gone)
+    landed = json.loads(out.read_text())
+    landed["rows"] = [r for r in landed["rows"] if r.get("model") != "weave-merge"]
+    for r in landed["rows"]:
+        if r.get("model") == "lora-1.0":
+            del r["fingerprint"]
+    out.write_text(json.dumps(landed))
+    capsys.readouterr()
+    assert qf.main(argv) == 0
+    said = capsys.readouterr().out
+    assert "[train] hybrid-Toys" in said and "[train] lora-0.5" not in said
+    assert "lora-0.5         landed" in said
+    third = json.loads(out.read_text())
+    assert third["carried_rows"] == ["lora-0.5"] and third["missing_rows"] == []
+    assert [r["method"] for r in third["rows"]] == methods
+    assert [r for r in third["rows"] if r.get("model") == "lora-0.5"] == [r for r in again["rows"]
+                                                                            if r.get("model") == "lora-0.5"]
+    assert "lora-0.5" in third["commands"] and "train:lora-0.5" in third["timings"]
+    assert {(e["row"], e["metric"]): (e["diff"], e["same_rank_share"]) for e in third["reproduced"]} == {
+        (m, metric): (0.0, 1.0) for m in ("lora-1.0", "lora-1.0+pmi") for metric in ("HR@10", "MRR")}
+    assert ("weave-merge+pmi", "plain-merge+pmi", "HR@10") in {(p["a"], p["b"], p["metric"]) for p in third["paired"]}
     tables = load_script("bench/docs_tables.py")  # the doc blocks render these rows and answer each claim
     tables.RESULTS = tmp_path
     table = tables.quality_tools_full()
@@ -249,3 +285,38 @@ def test_gpu_estimate_counts_every_matmul_of_the_decoder():
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert qf.forward_flops_per_token(cfg) == 2 * linear
     assert cfg.num_key_value_heads < cfg.num_attention_heads  # the k/v projections are the narrower ones
+
+
+def test_unfinished_runs_and_scores_outlive_the_machine_through_the_archive(tmp_path, capsys):
+    """--save-progress archives an unfinished run with its checkpoint and a row's partial scores; a machine that
+    has none of them gets them back; one with a checkpoint of its own keeps it; a finished run in the archive
+    replaces an unfinished one here."""
+    qf = _load("quality_full")
+    runs, archive = tmp_path / "runs", tmp_path / "archive"
+    argv = ["--data", "synthetic", "--target", "Tools", "--sources", "Toys", "--runs", str(runs),
+            "--archive", str(archive), "--out", str(tmp_path / "q.json")]
+    args = qf.parse_args(argv)
+    plan = qf.plan(args, 40)[0]
+    (plan["joint"].out / "checkpoint").mkdir(parents=True)
+    (plan["joint"].out / "checkpoint" / "state.json").write_text('{"step": 7}')
+    (plan["joint"].out / ".xkern.lock").write_text("")
+    (runs / "ranks").mkdir()
+    (runs / "ranks" / "joint.json").write_text('{"scores": [[1.0]]}')
+    assert qf.main([*argv, "--save-progress"]) == 0
+    assert json.loads((archive / "joint" / "checkpoint" / "state.json").read_text()) == {"step": 7}
+    assert not (archive / "joint" / ".xkern.lock").exists() and (archive / "ranks" / "joint.json").is_file()
+    assert not (archive / "lora-1.0").exists()  # nothing of a run that has not started
+    shutil.rmtree(runs)
+    qf.restore(args, plan)
+    assert json.loads((runs / "joint" / "checkpoint" / "state.json").read_text()) == {"step": 7}
+    assert (runs / "ranks" / "joint.json").read_text() == '{"scores": [[1.0]]}'
+    (runs / "joint" / "checkpoint" / "state.json").write_text('{"step": 9}')  # this machine went further
+    qf.restore(args, plan)
+    assert json.loads((runs / "joint" / "checkpoint" / "state.json").read_text()) == {"step": 9}
+    (archive / "joint" / "run.json").write_text("{}")  # another machine finished it
+    shutil.rmtree(archive / "joint" / "checkpoint")
+    qf.restore(args, plan)
+    assert plan["joint"].done and not (runs / "joint" / "checkpoint").exists()
+    assert "[restore] joint" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="keeps the runs of another table"):  # Tools runs are no Toys runs
+        qf.main([*argv[:3], "Toys", "--sources", "Tools", *argv[6:], "--save-progress"])
