@@ -275,7 +275,8 @@ def test_empty_batch_gives_an_empty_result(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_precision_exact_rounds_once_and_native_stays_in_bf16_bounds(backend):
-    """exact: the float32 result rounded to bf16 once; native: within six bf16 roundings of |x| |W|^T + LoRA;
+    """exact: the float32 result rounded to bf16 once (one step at most where the sum order differs); native:
+    within six bf16 roundings of |x| |W|^T + LoRA;
     float32 activations: both precisions give the same result."""
     x, weight, A, B, s, ids = _problem(40, 48, 256, [4, 4], torch.bfloat16, seed=3)
     x, A, B, s, ids = _dev(x, A, B, s, ids)
@@ -283,7 +284,11 @@ def test_precision_exact_rounds_once_and_native_stays_in_bf16_bounds(backend):
     exact = lora_linear(x, weight, A, B, s, ids, backend=backend, precision="exact")
     native = lora_linear(x, weight, A, B, s, ids, backend=backend, precision="native")
     assert exact.dtype == native.dtype == torch.bfloat16
-    torch.testing.assert_close(exact.float(), f32.to(torch.bfloat16).float(), rtol=2**-8, atol=0)
+    # the two float32 sums may differ in order (AMX tiles vs AVX-512), so a value on a rounding boundary may round
+    # to its neighbour: within one bf16 step everywhere, and identical nearly everywhere
+    rounded = f32.to(torch.bfloat16).float()
+    torch.testing.assert_close(exact.float(), rounded, rtol=2**-7, atol=0)
+    assert (exact.float() != rounded).float().mean() <= 0.01
     w_abs = weight.dequantize(torch.float32).abs()
     abs_ref = dense_lora_reference(x.float().abs().cpu(), w_abs.cpu(), A.abs().cpu(), B.abs().cpu(), s.cpu(), ids.cpu())
     assert ((native.cpu().double() - f32.cpu().double()).abs() <= 2**-6 * abs_ref + 1e-30).all()
