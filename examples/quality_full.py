@@ -457,6 +457,11 @@ def save_progress(args: argparse.Namespace, runs: dict[str, Run]) -> None:
     archive_file(Path(args.runs) / "timings.json", archive)
 
 
+def table_path(args: argparse.Namespace) -> Path:
+    """The table this command writes (and reads back: its landed rows)."""
+    return Path(args.out or ROOT / "bench" / "results" / f"quality-{args.target}-full.json")
+
+
 # Where two tables rank the same users the same way: a row of one stands in the other.
 TABLE_KEYS = ("kind", "domain", "split", "seed", "sources")
 TABLE_CONFIG = ("n_neg", "negatives", "n_boot", "model", "max_history", "compute_dtype", "score", "pmi")
@@ -466,7 +471,7 @@ def landed_table(args: argparse.Namespace, config: dict[str, Any], n_users: int)
     """The table at ``--out`` where it ranked the same users the same way: its model rows by row name (raw and
     PMI), its baselines, and what it said of their runs. Its rows stand until this machine ranks them again; a
     table of other users, candidates or scoring stands for nothing (it is rewritten)."""
-    path = Path(args.out or ROOT / "bench" / "results" / f"quality-{args.target}-full.json")
+    path = table_path(args)
     empty: dict[str, Any] = {"rows": {}, "baselines": [], "doc": {}}
     if not path.is_file():
         return empty
@@ -869,7 +874,7 @@ def report(args: argparse.Namespace, runs: dict[str, Run], planned: list[str], r
             rows += [{"rank_cpu": cpu, **r} for r in landed["rows"][name]]
             carried.append(name)
     rows += baseline_rows(ranker, args.n_boot, args.seed, landed["baselines"])
-    out = Path(args.out or ROOT / "bench" / "results" / f"quality-{args.target}-full.json")
+    out = table_path(args)
     missing = [n for n in planned if n not in here and n not in carried]
     for key, t in timings.items():  # a training's seconds are what its run kept (every invocation's), or unknown
         name = key.removeprefix("train:")
@@ -978,8 +983,9 @@ def main(argv: list[str] | None = None) -> int:
         restore(args, runs)
     landed = landed_table(args, table_config(args), len(ranking_candidates(args, target)))
     runs, rows, steps = plan(args, len(target.train), frozenset(landed["rows"]))
+    to_rank = {what.name for kind, what in steps if kind == "rank"}
     for name in rows:
-        if name in landed["rows"] and ("rank", name) not in [(k, getattr(w, "name", w)) for k, w in steps]:
+        if name in landed["rows"] and name not in to_rank:
             print(f"rank  {name:16s} landed (its runs are not here: the table's row stands)", flush=True)
     for kind, what in steps:
         name = what.name if isinstance(what, Row) else what
