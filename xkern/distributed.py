@@ -7,6 +7,7 @@ carries the data.
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import numpy as np
@@ -17,9 +18,11 @@ from xkern.errors import InputError
 
 
 def dist_setup() -> tuple[int, int]:
-    """(rank, world size); starts the process group under ``torchrun`` (gloo on CPU, nccl on GPUs)."""
+    """(rank, world size); starts the process group under ``torchrun`` (gloo on CPU, nccl on GPUs) and has it
+    destroyed at interpreter exit (:func:`dist_teardown`), whoever called: the command line or a script."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(dist_teardown)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1

@@ -135,3 +135,25 @@ def test_a_command_that_succeeds_destroys_its_process_group(monkeypatch, capsys)
         if dist.is_initialized():
             dist.destroy_process_group()
     assert "torch" in capsys.readouterr().out
+
+
+def test_a_process_group_xkern_starts_is_destroyed_at_exit(monkeypatch):
+    """A script that trains under torchrun through the library (not the command line) exits with its group
+    destroyed: dist_setup registers the teardown when it starts the group, and only then."""
+    import atexit
+
+    import torch.distributed as dist
+
+    from xkern import distributed
+
+    started, registered = [], []
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool(started))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: started.append(backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(atexit, "register", registered.append)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.dist_setup() == (0, 1) and registered == []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.dist_setup() == (0, 2) and distributed.dist_setup() == (0, 2)
+    assert started == ["gloo"] and registered == [distributed.dist_teardown]
