@@ -974,7 +974,8 @@ def quality_tools_full() -> str:
             + f". Training wall time per run (the process's clock, so it includes "
             f"the spans the pipeline was paused for CI and benchmarks): {timing or 'none finished here'}. "
             f"Rows still missing: {', '.join(run['missing_rows']) or 'none'}.")
-    moved = [f"{e['row']} {e['metric']} {e['before_metric']:.3f} ({e['before_cpu']}) -> now {e['diff']:+.3f} "
+    moved = [f"{e['row']} {e['metric']} {e['before_metric']:.3f} "
+             f"(ranked on {e['before_cpu'] or 'a CPU the row did not record'}) -> now {e['diff']:+.3f} "
              f"[{e['ci_low']:+.3f}, {e['ci_high']:+.3f}] ({e['now_cpu']}; the same rank for "
              f"{e['same_rank_share']:.1%} of users)" for e in run.get("reproduced", [])]
     if moved:
