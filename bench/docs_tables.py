@@ -1079,14 +1079,21 @@ def quality_tools_full_weave() -> str:
         return NOT_RUN
     lines = _full_rows(run, ["weave-merge", "plain-merge", "joint", "lora-1.0"])
     claims = []
-    for b, what in (("plain-merge", "the plain merge"), ("lora-1.0", "the target-only LoRA")):
-        c = _claim(run, "weave-merge", b)
+    for a, b, what in (("weave-merge", "plain-merge", "WeaveRec's merge minus the plain merge"),
+                       ("weave-merge", "lora-1.0", "WeaveRec's merge minus the target-only LoRA"),
+                       ("plain-merge", "lora-1.0", "The plain merge minus the target-only LoRA (its degradation)")):
+        c = _claim(run, a, b)
         if c is None:
-            claims.append(f"- WeaveRec's merge against {what}: not measured yet (`weave-merge` or `{b}` missing).")
+            claims.append(f"- {what}: not measured yet (`{a}` or `{b}` missing).")
             continue
         hr, mrr = c
-        claims.append(f"- WeaveRec's merge minus {what} (PMI scores, {hr['n_users']} users): HR@10 {_diff(hr)}, "
-                      f"MRR {_diff(mrr)}: HR@10 {_verdict(hr)}.")
+        line = (f"- {what} (PMI scores, {hr['n_users']} users): HR@10 {_diff(hr)}, MRR {_diff(mrr)}: "
+                f"HR@10 {_verdict(hr)}")
+        plain_hr, plain_mrr = _pair(run, a, b, "HR@10"), _pair(run, a, b, "MRR")
+        if plain_hr and plain_mrr:  # the same comparison on the likelihood rows, where it reads differently
+            line += (f"; likelihood scores: HR@10 {_diff(plain_hr)}, MRR {_diff(plain_mrr)}: HR@10 "
+                     f"{_verdict(plain_hr)}")
+        claims.append(line + ".")
     return "\n".join(lines) + "\n\n" + "\n".join(claims) + "\n"
 
 
