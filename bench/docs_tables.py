@@ -1081,7 +1081,7 @@ def quality_tools_full_weave() -> str:
     claims = []
     for a, b, what in (("weave-merge", "plain-merge", "WeaveRec's merge minus the plain merge"),
                        ("weave-merge", "lora-1.0", "WeaveRec's merge minus the target-only LoRA"),
-                       ("plain-merge", "lora-1.0", "The plain merge minus the target-only LoRA (its degradation)")):
+                       ("plain-merge", "lora-1.0", "The plain merge minus the target-only LoRA, its degradation")):
         c = _claim(run, a, b)
         if c is None:
             claims.append(f"- {what}: not measured yet (`{a}` or `{b}` missing).")
@@ -1089,10 +1089,10 @@ def quality_tools_full_weave() -> str:
         hr, mrr = c
         line = (f"- {what} (PMI scores, {hr['n_users']} users): HR@10 {_diff(hr)}, MRR {_diff(mrr)}: "
                 f"HR@10 {_verdict(hr)}")
-        plain_hr, plain_mrr = _pair(run, a, b, "HR@10"), _pair(run, a, b, "MRR")
-        if plain_hr and plain_mrr:  # the same comparison on the likelihood rows, where it reads differently
-            line += (f"; likelihood scores: HR@10 {_diff(plain_hr)}, MRR {_diff(plain_mrr)}: HR@10 "
-                     f"{_verdict(plain_hr)}")
+        lik_hr, lik_mrr = _pair(run, a, b, "HR@10"), _pair(run, a, b, "MRR")
+        if lik_hr and lik_mrr:  # the same comparison on the likelihood rows, where it reads differently
+            line += (f"; likelihood scores: HR@10 {_diff(lik_hr)}, MRR {_diff(lik_mrr)}: HR@10 "
+                     f"{_verdict(lik_hr)}")
         claims.append(line + ".")
     return "\n".join(lines) + "\n\n" + "\n".join(claims) + "\n"
 
