@@ -1013,8 +1013,9 @@ def _curve_tails() -> list[str]:
     return out
 
 
-def _claim(run: dict, a: str, b: str) -> tuple[dict, dict] | None:
-    hr, mrr = _pair(run, a + CLAIM_SCORE, b + CLAIM_SCORE, "HR@10"), _pair(run, a + CLAIM_SCORE, b + CLAIM_SCORE, "MRR")
+def _claim(run: dict, a: str, b: str, score: str = CLAIM_SCORE) -> tuple[dict, dict] | None:
+    """(HR@10, MRR) paired comparisons of rows ``a`` and ``b`` scored by ``score`` ("" for likelihood)."""
+    hr, mrr = _pair(run, a + score, b + score, "HR@10"), _pair(run, a + score, b + score, "MRR")
     return (hr, mrr) if hr and mrr else None
 
 
@@ -1089,8 +1090,9 @@ def quality_tools_full_weave() -> str:
         hr, mrr = c
         line = (f"- {what} (PMI scores, {hr['n_users']} users): HR@10 {_diff(hr)}, MRR {_diff(mrr)}: "
                 f"HR@10 {_verdict(hr)}")
-        lik_hr, lik_mrr = _pair(run, a, b, "HR@10"), _pair(run, a, b, "MRR")
-        if lik_hr and lik_mrr:  # the same comparison on the likelihood rows, where it reads differently
+        likelihood = _claim(run, a, b, score="")  # the same comparison on the likelihood rows: it reads differently
+        if likelihood is not None:
+            lik_hr, lik_mrr = likelihood
             line += (f"; likelihood scores: HR@10 {_diff(lik_hr)}, MRR {_diff(lik_mrr)}: HR@10 "
                      f"{_verdict(lik_hr)}")
         claims.append(line + ".")
