@@ -801,7 +801,8 @@ def baseline_rows(ranker: Ranker, n_boot: int, seed: int, landed: list[dict[str,
 
 def pairs(rows: list[dict[str, Any]], full: str, n_boot: int, seed: int) -> list[dict[str, Any]]:
     """Each model row against popularity, SASRec and the full target LoRA (same score); the WeaveRec merge
-    against the plain merge, each X-Cross row against X-Cross before training; on HR@10 and MRR."""
+    against the plain merge and joint training, each X-Cross row against X-Cross before training; on HR@10 and
+    MRR."""
     from xkern.data.confidence import paired_comparison
 
     by = {r["method"]: r for r in rows}
@@ -810,8 +811,8 @@ def pairs(rows: list[dict[str, Any]], full: str, n_boot: int, seed: int) -> list
         if "score" not in a:
             continue
         suffix = "" if a["score"] == "likelihood" else "+pmi"
-        refs = ["popularity", "sasrec", f"{full}{suffix}"] + (["plain-merge" + suffix] if a["model"] == "weave-merge"
-                                                              else [])
+        refs = ["popularity", "sasrec", f"{full}{suffix}"]
+        refs += ["plain-merge" + suffix, "joint" + suffix] if a["model"] == "weave-merge" else []
         refs += [XCROSS_START + suffix] if a["model"].startswith("xcross-") else []
         for b in refs:
             if b in by and b != a["method"]:
