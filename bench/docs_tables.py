@@ -1082,8 +1082,7 @@ def quality_tools_full_weave() -> str:
     claims = []
     for a, b, what in (("weave-merge", "plain-merge", "WeaveRec's merge minus the plain merge"),
                        ("weave-merge", "lora-1.0", "WeaveRec's merge minus the target-only LoRA"),
-                       ("weave-merge", "joint", "WeaveRec's merge minus joint training (one LoRA on all three "
-                                                "domains' users)"),
+                       ("weave-merge", "joint", "WeaveRec's merge minus the joint model"),
                        ("plain-merge", "lora-1.0", "The plain merge minus the target-only LoRA, its degradation")):
         c = _claim(run, a, b)
         if c is None:

@@ -228,7 +228,7 @@ def test_quality_full_trains_skips_what_is_done_and_writes_quality_rows(tmp_path
     assert all(f"| {m} |" in table for m in methods) and "Rows still missing: none" in table
     assert f"src-Toys (Toys: {src['train_examples']:,} examples, {src['steps']:,} steps, validation " in table
     claims = tables.quality_tools_full_xcross_claims() + tables.quality_tools_full_weave()
-    assert "not measured yet" not in claims and "WeaveRec's merge minus joint training" in claims
+    assert "not measured yet" not in claims and "WeaveRec's merge minus the joint model" in claims
     assert all(f"X-Cross on {f} of the Tools training users" in claims for f in ("1.0", "0.5"))
     assert all(f"What training on {f} of the Tools users added" in claims for f in ("1.0", "0.5"))
     assert "merge minus the plain merge" in claims and "merge minus the target-only LoRA" in claims
