@@ -801,7 +801,7 @@ def baseline_rows(ranker: Ranker, n_boot: int, seed: int, landed: list[dict[str,
 
 def pairs(rows: list[dict[str, Any]], full: str, n_boot: int, seed: int) -> list[dict[str, Any]]:
     """Each model row against popularity, SASRec and the full target LoRA (same score); the WeaveRec merge
-    against the plain merge and joint training, each X-Cross row against X-Cross before training; on HR@10 and
+    against the plain merge and the joint model, each X-Cross row against X-Cross before training; on HR@10 and
     MRR."""
     from xkern.data.confidence import paired_comparison
 
