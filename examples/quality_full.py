@@ -59,12 +59,15 @@ LORA_ARGS = ("--r 8 --epochs 1 --batch-size 8 --lr 2e-4 --warmup-steps 20 --keep
 # What the step-size study found usable for the integrators on SmolLM2 (docs/xcross.md). No activation
 # checkpointing: a step of 8 users x 2 candidates x 2 streams peaks at ~4.6 GB without it and takes ~27% less time
 # (xcross-0.25 trained with it: the same arithmetic, and a checkpoint resumes across the setting).
-XCROSS_ARGS = ("--scoring likelihood --integrator-norm rms --likelihood-reduce mean --calibrate --lr 1e-5 "
-               "--batch-size 8 --n-neg 1 --val-neg 9 --max-val-users 200 --epochs 1 "
-               "--patience 4 --keep-best --save-every 25")
 # X-Cross validates every max(50, steps / 5) steps: a validation (200 users x 10 candidates, PMI, 2 streams)
 # costs about as much as 25 training steps, so a fixed 50 would spend nearly half of the largest run on it.
 XCROSS_EVAL_EVERY, XCROSS_VALIDATIONS = 50, 5
+# Patience as many as a run's validations, so early stopping never cuts the one epoch short (the best state is
+# kept either way): the validation rises before it falls (2.194 -> 2.225 at xcross-0.5's second), and at 4
+# xcross-1.0 would have stopped at step 792 of 986.
+XCROSS_ARGS = ("--scoring likelihood --integrator-norm rms --likelihood-reduce mean --calibrate --lr 1e-5 "
+               "--batch-size 8 --n-neg 1 --val-neg 9 --max-val-users 200 --epochs 1 "
+               f"--patience {XCROSS_VALIDATIONS} --keep-best --save-every 25")
 BASELINES = ("random", "popularity", "item-markov", "sasrec")
 VAL_USERS = 200
 SECOND_EPOCH = "-ep2"  # the name of the target LoRA's second-epoch run and row: lora-1.0-ep2
