@@ -63,8 +63,8 @@ LORA_ARGS = ("--r 8 --epochs 1 --batch-size 8 --lr 2e-4 --warmup-steps 20 --keep
 # costs about as much as 25 training steps, so a fixed 50 would spend nearly half of the largest run on it.
 XCROSS_EVAL_EVERY, XCROSS_VALIDATIONS = 50, 5
 # Patience as many as a run's validations, so early stopping never cuts the one epoch short (the best state is
-# kept either way): the validation rises before it falls (2.194 -> 2.225 at xcross-0.5's second), and at 4
-# xcross-1.0 would have stopped at step 792 of 986.
+# kept either way): the validation can rise before it falls (xcross-0.5: 2.194 at its start, 2.225 at its second
+# validation, below the start only at its fourth).
 XCROSS_ARGS = ("--scoring likelihood --integrator-norm rms --likelihood-reduce mean --calibrate --lr 1e-5 "
                "--batch-size 8 --n-neg 1 --val-neg 9 --max-val-users 200 --epochs 1 "
                f"--patience {XCROSS_VALIDATIONS} --keep-best --save-every 25")
