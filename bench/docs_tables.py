@@ -880,6 +880,16 @@ def _hours(seconds: float | None) -> str:
     return f"{seconds / 3600:.2f} h" if seconds is not None else "time not recorded (resumed across sessions)"
 
 
+def _where_trained(timing: dict, table_cpu: str) -> str:
+    """The CPU of a training's timing entry: its last invocation's, said as such where the run's total holds
+    earlier invocations (a run resumed from a checkpoint another machine wrote)."""
+    cpu = timing.get("cpu", table_cpu)
+    last, total = timing.get("seconds_last_invocation"), timing.get("seconds")
+    if last is not None and total is not None and total > last + 60:
+        return f"{cpu} for its last {_hours(last)}, the rest in earlier invocations"
+    return cpu
+
+
 def _full_rows(run: dict, models: list[str] | None = None) -> list[str]:
     """Model rows (raw and PMI) and baselines: metrics with intervals, parameters, validation change, wall time."""
     full = next((r for r in run["rows"] if r["method"] == "lora-1.0"), None)
@@ -925,10 +935,11 @@ def quality_tools_full_gpu_estimate() -> str:
              f"tokens counted ({d['rank_users']} users, each prompt once and 30 titles, and the PMI prior's titles). "
              f"H200 at {lo:.0%} and {hi:.0%} of its {d['h200_bf16_tflops']:g} TFLOP/s bf16 peak (assumed, not "
              "measured).", "",
-             "| step | tokens | validation tokens x validations | FLOPs | CPU seconds (measured) | CPU TFLOP/s "
+             "| step | tokens | validation tokens x validations | FLOPs | CPU seconds (measured, on) | CPU TFLOP/s "
              "| H200 seconds |", "|" + "---|" * 7]
     for st in d["steps"]:
-        cpu = f"{st['cpu_seconds']:.0f}" if st["cpu_seconds"] else "-"
+        on = f" ({st['cpu'].replace('(R)', '').removesuffix(' Processor')})" if st.get("cpu") else ""
+        cpu = f"{st['cpu_seconds']:.0f}{on}" if st["cpu_seconds"] else "-"
         rate = f"{st['cpu_tflops_achieved']:.3f}" if st["cpu_tflops_achieved"] else "-"
         est = "" if st["tokens_measured"] else " (estimated)"
         val = f"{st['validation_tokens']:,} x {st['validations']}" if "validations" in st else "-"
@@ -937,7 +948,7 @@ def quality_tools_full_gpu_estimate() -> str:
     cpu_rates = [st["cpu_tflops_achieved"] for st in d["steps"] if st["cpu_tflops_achieved"]]
     cpu_hours = d["total_flops"] / (statistics.mean(cpu_rates) * 1e12) / 3600 if cpu_rates else None
     lines += ["", f"The whole table: {d['total_flops']:.3g} FLOPs, "
-              + (f"about {cpu_hours:.0f} h at this CPU's measured rate, " if cpu_hours else "")
+              + (f"about {cpu_hours:.0f} h at the mean of the CPU rates measured above, " if cpu_hours else "")
               + f"{d['total_gpu_hours'][1] * 60:.0f}-{d['total_gpu_hours'][0] * 60:.0f} min on an H200 by FLOPs. "
               "Batches of 8 short sequences through SmolLM2-135M launch many small kernels per step, so the GPU's "
               "time is more likely bound by launches than by FLOPs; the FLOP estimate is a floor."]
@@ -957,12 +968,14 @@ def quality_tools_full() -> str:
         mrr = _pair(run, p["a"], p["b"], "MRR")
         lines.append(f"| {p['a']} - {p['b']} | {_diff(p)} | {_diff(mrr) if mrr else '-'} |")
     m = run["machine"]
-    timing = "; ".join(f"{k.removeprefix('train:')} {_hours(v['seconds'])} ({v.get('cpu', m['cpu'])}, load "
+    timing = "; ".join(f"{k.removeprefix('train:')} {_hours(v['seconds'])} ({_where_trained(v, m['cpu'])}, load "
                        f"{v['load_start']}-{v['load_end']})" for k, v in run["timings"].items())
     ranked_on: dict[str, list[str]] = {}
     for r in run["rows"]:
         if r.get("score") != "pmi":  # one entry per model (its raw and PMI rows share their scores) and baseline
-            ranked_on.setdefault(r.get("rank_cpu") or m["cpu"], []).append(r.get("model", r["method"]))
+            # not the table's machine: a row carried from an earlier invocation was ranked wherever that one ran
+            cpu = r.get("rank_cpu") or "a CPU the row did not record"
+            ranked_on.setdefault(cpu, []).append(r.get("model", r["method"]))
     note = (f"\nSource: `bench/results/{FULL}` ({run['command']}): {run['domain']} test users, 30 candidates each "
             f"(29 uniform negatives, seed {run['seed']}); intervals: percentile bootstrap over users, "
             f"{run['config']['n_boot']} resamples; validation change: the row's validation loss minus its start, "

@@ -226,7 +226,8 @@ def forward_flops_per_token(config: Any) -> float:
     return 2.0 * (layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + h * config.vocab_size)
 
 
-def gpu_estimate(args: argparse.Namespace, runs: dict[str, Run], rows: dict[str, Row]) -> dict[str, Any]:
+def gpu_estimate(args: argparse.Namespace, runs: dict[str, Run], rows: dict[str, Row],
+                 landed: dict[str, Any] | None = None) -> dict[str, Any]:
     """FLOPs of every training and ranking step (the model's shape x the tokens each step processes), the CPU
     time measured where a step ran, and what those FLOPs take on an H200 at an assumed share of its peak.
 
@@ -239,7 +240,8 @@ def gpu_estimate(args: argparse.Namespace, runs: dict[str, Run], rows: dict[str,
     and the PMI prior's unique titles once. Multipliers of the forward's FLOPs: training 2 per stream
     (forward, then the input gradient through the frozen base; no weight gradients), 3 with activation
     checkpointing (it recomputes the forward; as the run's log records it, else as its command sets it),
-    validation and ranking 1 per stream."""
+    validation and ranking 1 per stream. CPU seconds: what this machine's runs and scores recorded, else the
+    landed table's (a run or row carried from a machine that is gone), each with the CPU that measured it."""
     import xkern
     from xkern.cli import build_parser
     from xkern.data.cli import load_domains
@@ -281,6 +283,9 @@ def gpu_estimate(args: argparse.Namespace, runs: dict[str, Run], rows: dict[str,
     rank_tokens = float(sum(len(enc.prompt([data.titles[i] for i in h])) for h in cands.histories)
                         + title_len[cands.items].sum() + len(enc.prompt([])) + title_len[np.unique(cands.items)].sum())
     parser = build_parser()
+    table = (landed or {}).get("doc") or {}
+    landed_timings = table.get("timings") or {}
+    landed_rows = {r["model"]: r for r in table.get("rows", []) if r.get("model")}
     steps = []
     for name, run in runs.items():
         streams = len(args.sources) if run.kind == "xcross" else 1
@@ -305,17 +310,25 @@ def gpu_estimate(args: argparse.Namespace, runs: dict[str, Run], rows: dict[str,
         else:
             n_steps = cmd.max_steps or math.ceil(cmd.epochs * examples[name] / (cmd.batch_size * cmd.grad_accum))
             validations = 1 + (math.ceil(n_steps / cmd.eval_every) if cmd.eval_every else 1)
+        seconds = run_info(run, args.runs)["train_seconds"] if run.done else None
+        timing = landed_timings.get(f"train:{name}") or {}
+        if seconds is None:
+            seconds = timing.get("seconds")
         steps.append({"step": f"train:{name}", "tokens": round(tokens), "tokens_measured": name in measured,
                       "validation_tokens": round(float(val_tokens)), "validations": validations,
                       "flops": (tokens * mult + val_tokens * validations * streams) * per_token,
-                      "cpu_seconds": run_info(run, args.runs)["train_seconds"] if run.done else None})
+                      "cpu_seconds": seconds, "cpu": timing.get("cpu") if seconds is not None else None})
     for name, row in rows.items():
         streams = len(row.sources) if row.kind == "xcross" else 1
         rk = json.loads((args.runs / "ranks" / f"{name}.json").read_text()) \
             if (args.runs / "ranks" / f"{name}.json").is_file() else {}
         done = len(rk.get("scores", [])) >= len(cands) and rk.get("prior") is not None
+        row_landed = landed_rows.get(name, {})
+        seconds, cpu = (rank_seconds(rk), rk.get("cpu")) if done else \
+            (row_landed.get("rank_seconds"), row_landed.get("rank_cpu"))
         steps.append({"step": f"rank:{name}", "tokens": round(rank_tokens), "tokens_measured": True,
-                      "flops": rank_tokens * per_token * streams, "cpu_seconds": rank_seconds(rk) if done else None})
+                      "flops": rank_tokens * per_token * streams, "cpu_seconds": seconds,
+                      "cpu": cpu if seconds is not None else None})
     peak = H200_BF16_TFLOPS * 1e12
     for st in steps:
         st["flops"] = float(f"{st['flops']:.4g}")
@@ -461,8 +474,12 @@ def save_progress(args: argparse.Namespace, runs: dict[str, Run]) -> None:
 
 
 def table_path(args: argparse.Namespace) -> Path:
-    """The table this command writes (and reads back: its landed rows)."""
-    return Path(args.out or ROOT / "bench" / "results" / f"quality-{args.target}-full.json")
+    """The table this command writes (and reads back: its landed rows); with ``--estimate-gpu``, where ``--out``
+    names the estimate, the table at ``--table`` (the times of the rows it carries)."""
+    default = ROOT / "bench" / "results" / f"quality-{args.target}-full.json"
+    if getattr(args, "estimate_gpu", False):
+        return Path(getattr(args, "table", None) or default)
+    return Path(args.out or default)
 
 
 # Where two tables rank the same users the same way: a row of one stands in the other.
@@ -882,7 +899,10 @@ def report(args: argparse.Namespace, runs: dict[str, Run], planned: list[str], r
     missing = [n for n in planned if n not in here and n not in carried]
     for key, t in timings.items():  # a training's seconds are what its run kept (every invocation's), or unknown
         name = key.removeprefix("train:")
-        t["seconds"] = run_info(runs[name], args.runs)["train_seconds"] if name in runs and runs[name].done else None
+        if name in runs and runs[name].done:
+            t["seconds"] = run_info(runs[name], args.runs)["train_seconds"]
+        else:  # its run is not here (a carried row's): what the landed table said of it
+            t["seconds"] = ((before.get("timings") or {}).get(key) or {}).get("seconds", t.get("seconds"))
     # what the landed table said of runs that are not here: the carried rows' commands, timings and sources
     gone = {name for name, r in runs.items() if not r.done}
     commands = {n: c for n, c in (before.get("commands") or {}).items() if n in gone}
@@ -951,6 +971,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--xcross-args", default="", help="extra train-xcross flags, after the defaults (they win)")
     p.add_argument("--out", default=None, help="default bench/results/quality-<target>-full.json (with "
                    "--estimate-gpu: bench/results/gpu-estimate-quality-<target>-full.json)")
+    p.add_argument("--table", default=None, help="with --estimate-gpu: the table whose carried rows' CPU times "
+                   "it reports (default bench/results/quality-<target>-full.json)")
     p.add_argument("--archive", default=None, help="where finished runs and scores are kept in the repository, "
                    "restored on a machine that lacks them (default bench/results/artifacts/quality-<target>-full)")
     p.add_argument("--no-archive", action="store_true", help="keep nothing outside --runs, restore nothing")
@@ -999,7 +1021,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     if args.estimate_gpu:
-        est = gpu_estimate(args, runs, rows)
+        est = gpu_estimate(args, runs, rows, landed)
         out = Path(args.out or ROOT / "bench" / "results" / f"gpu-estimate-quality-{args.target}-full.json")
         out.write_text(json.dumps(est, indent=1) + "\n")
         print(f"{est['total_flops']:.3g} FLOPs in all; on an H200 at {GPU_UTILIZATION} of its bf16 peak: "

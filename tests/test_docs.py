@@ -113,3 +113,17 @@ def test_the_weave_listwise_prose_holds():
     assert round(vs_target["diff"], 3) == -0.042 and vs_target["ci_high"] < 0
     text = (ROOT / "docs" / "weave.md").read_text()
     assert "for 96-97 of 120 users (the target-only LoRA 65)" in text and "HR@1 falls to random" in text
+
+
+def test_the_full_table_names_where_each_row_ran_and_not_the_last_machine():
+    """A training resumed from another machine's checkpoint is named by its last invocation's CPU as such, and a
+    row that recorded no CPU is not credited to the machine that last wrote the table."""
+    tables = _tables()
+    assert tables._where_trained({"cpu": "AMD EPYC", "seconds": 300.0, "seconds_last_invocation": 290.0},
+                                 "Intel") == "AMD EPYC"
+    assert tables._where_trained({"seconds": 8680.9, "seconds_last_invocation": 5587.5}, "Intel") \
+        == "Intel for its last 1.55 h, the rest in earlier invocations"
+    run = json.loads((ROOT / "bench/results/quality-Tools-full.json").read_text())
+    unrecorded = [r["method"] for r in run["rows"] if not r.get("rank_cpu") and r.get("score") != "pmi"]
+    assert unrecorded, "the committed table has rows ranked before the CPU was recorded"
+    assert f"a CPU the row did not record ({', '.join(unrecorded)})" in tables.quality_tools_full()

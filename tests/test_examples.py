@@ -164,7 +164,7 @@ def test_quality_full_trains_skips_what_is_done_and_writes_quality_rows(tmp_path
     # the GPU estimate counts every validation the commands ran (the start and each of the 2 steps) and the
     # ranking time the rows report
     est_path = tmp_path / "estimate.json"
-    assert qf.main([*argv, "--estimate-gpu", "--out", str(est_path)]) == 0
+    assert qf.main([*argv, "--estimate-gpu", "--out", str(est_path), "--table", str(out)]) == 0
     estimate = json.loads(est_path.read_text())
     est = {st["step"]: st for st in estimate["steps"]}
     trained = ["src-Toys", "lora-0.5", "lora-1.0", "xcross-0.5", "xcross-1.0", "hybrid-Toys", "joint",
@@ -217,11 +217,19 @@ def test_quality_full_trains_skips_what_is_done_and_writes_quality_rows(tmp_path
     assert [r["method"] for r in third["rows"]] == methods
     assert [r for r in third["rows"] if r.get("model") == "lora-0.5"] == [r for r in again["rows"]
                                                                             if r.get("model") == "lora-0.5"]
-    assert "lora-0.5" in third["commands"] and "train:lora-0.5" in third["timings"]
+    assert "lora-0.5" in third["commands"] and third["timings"]["train:lora-0.5"] == again["timings"]["train:lora-0.5"]
     assert {(e["row"], e["metric"]): (e["diff"], e["same_rank_share"]) for e in third["reproduced"]} == {
         (m, metric): (0.0, 1.0) for m in ("lora-1.0", "lora-1.0+pmi") for metric in ("HR@10", "MRR")}
     assert {("weave-merge+pmi", "plain-merge+pmi", "HR@10"), ("weave-merge", "joint", "MRR")} <= \
         {(p["a"], p["b"], p["metric"]) for p in third["paired"]}
+    # the GPU estimate takes a carried row's CPU times (its run and scores gone from here) from the table
+    assert qf.main([*argv, "--estimate-gpu", "--out", str(est_path), "--table", str(out)]) == 0
+    est = {st["step"]: st for st in json.loads(est_path.read_text())["steps"]}
+    carried = next(r for r in third["rows"] if r.get("model") == "lora-0.5")
+    assert (est["train:lora-0.5"]["cpu_seconds"], est["train:lora-0.5"]["cpu"]) == \
+        (third["timings"]["train:lora-0.5"]["seconds"], third["timings"]["train:lora-0.5"]["cpu"])
+    assert (est["rank:lora-0.5"]["cpu_seconds"], est["rank:lora-0.5"]["cpu"]) == \
+        (carried["rank_seconds"], carried["rank_cpu"]) and carried["rank_seconds"] > 0
     tables = load_script("bench/docs_tables.py")  # the doc blocks render these rows and answer each claim
     tables.RESULTS = tmp_path
     table = tables.quality_tools_full()
