@@ -897,17 +897,18 @@ def report(args: argparse.Namespace, runs: dict[str, Run], planned: list[str], r
     rows += baseline_rows(ranker, args.n_boot, args.seed, landed["baselines"])
     out = table_path(args)
     missing = [n for n in planned if n not in here and n not in carried]
+    landed_timings = before.get("timings") or {}
     for key, t in timings.items():  # a training's seconds are what its run kept (every invocation's), or unknown
         name = key.removeprefix("train:")
         if name in runs and runs[name].done:
             t["seconds"] = run_info(runs[name], args.runs)["train_seconds"]
         else:  # its run is not here (a carried row's): what the landed table said of it
-            t["seconds"] = ((before.get("timings") or {}).get(key) or {}).get("seconds", t.get("seconds"))
+            t["seconds"] = (landed_timings.get(key) or {}).get("seconds", t.get("seconds"))
     # what the landed table said of runs that are not here: the carried rows' commands, timings and sources
     gone = {name for name, r in runs.items() if not r.done}
     commands = {n: c for n, c in (before.get("commands") or {}).items() if n in gone}
     commands.update({name: "xkern " + shlex.join(r.argv) for name, r in runs.items() if r.done})
-    timings = {**{k: v for k, v in (before.get("timings") or {}).items()
+    timings = {**{k: v for k, v in landed_timings.items()
                   if k.removeprefix("train:") in gone and k not in timings}, **timings}
     sources = {n: v for n, v in (before.get("source_runs") or {}).items() if n in gone}
     # X-Cross's frozen streams and the plain merge's parts: validated on their own domain, not ranked
